@@ -1,0 +1,95 @@
+"""Optimizer updates as plain tensor arithmetic, so they export with the step.
+
+The arithmetic follows torch.optim.SGD (momentum, no dampening) and torch.optim.AdamW
+(decoupled weight decay, bias correction) so that a lean step matches them to float precision.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import EdgeTLError
+
+Tensor = torch.Tensor
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise EdgeTLError(f"unknown optimizer '{self.name}'; choose one of {', '.join(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise EdgeTLError(f"learning rate must be > 0, got {self.lr}")
+
+    @classmethod
+    def make(cls, name: str = "sgd", lr: float | None = None, **kw) -> "OptimizerConfig":
+        defaults = {"sgd": {"lr": 0.01}, "adamw": {"lr": 1e-3, "weight_decay": 0.01}}
+        if name not in defaults:
+            raise EdgeTLError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
+        args = {**defaults[name], **kw}
+        if lr is not None:
+            args["lr"] = lr
+        return cls(name=name, **args)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def state_names(self, trainable: list[str]) -> list[str]:
+        if self.name == "sgd":
+            return [f"momentum:{t}" for t in trainable]
+        return [f"exp_avg:{t}" for t in trainable] + [f"exp_avg_sq:{t}" for t in trainable] + ["step"]
+
+    def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        state = {n: torch.zeros_like(params[n.split(":", 1)[1]]) for n in self.state_names(list(params)) if ":" in n}
+        if self.name == "adamw":
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        return state
+
+    def update(
+        self, params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Tensor], lr: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return (self._sgd if self.name == "sgd" else self._adamw)(params, grads, state, lr)
+
+    def _sgd(self, params, grads, state, lr):
+        new_p, new_s = {}, {}
+        for t, p in params.items():
+            g = grads[t]
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            buf = state[f"momentum:{t}"] * self.momentum + g
+            new_s[f"momentum:{t}"] = buf
+            new_p[t] = p - lr * buf
+        return new_p, new_s
+
+    def _adamw(self, params, grads, state, lr):
+        step = state["step"] + 1
+        bc1 = 1 - torch.pow(torch.tensor(self.beta1), step)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(self.beta2), step))
+        new_p, new_s = {}, {}
+        for t, p in params.items():
+            g = grads[t]
+            p = p * (1 - lr * self.weight_decay)
+            m = state[f"exp_avg:{t}"] * self.beta1 + g * (1 - self.beta1)
+            v = state[f"exp_avg_sq:{t}"] * self.beta2 + g * g * (1 - self.beta2)
+            new_s[f"exp_avg:{t}"], new_s[f"exp_avg_sq:{t}"] = m, v
+            new_p[t] = p - (lr / bc1) * m / (torch.sqrt(v) / bc2_sqrt + self.eps)
+        new_s["step"] = step
+        return new_p, {n: new_s[n] for n in self.state_names(list(params))}
+
+    def torch_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        """The torch optimizer this config reproduces (the parity reference)."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps, weight_decay=self.weight_decay
+        )

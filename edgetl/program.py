@@ -1,0 +1,145 @@
+"""Executes a lean graph: forward keeping only what each rule declares, then backward.
+
+The schedule is explicit (values are dropped after their last use, kept tensors after their
+node's backward), so the same code gives the eager training step, the exported programs and,
+run on meta tensors with a tracker, the analytic memory model.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .graph import INPUT, LeanGraph
+from .rules import Need
+
+Tensor = torch.Tensor
+
+
+class NullTracker:
+    def hold(self, key: str, t: Tensor, kind: str = "") -> None: ...
+    def release(self, key: str) -> None: ...
+
+
+class Weights(Mapping[str, Tensor]):
+    """The tensors of one node: trainable ones as given, frozen ones fetched (and dequantized)
+    afresh on every access, so no float copy of a frozen weight outlives the op using it."""
+
+    def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[[str], Tensor],
+                 tracker, tag: str):
+        self.roles, self.params, self.frozen, self.tracker, self.tag = roles, params, frozen, tracker, tag
+        self.transients: list[str] = []
+
+    def __getitem__(self, role: str) -> Tensor:
+        name = self.roles[role]
+        if name in self.params:
+            return self.params[name]
+        t = self.frozen(name)
+        key = f"w:{self.tag}:{role}:{len(self.transients)}"
+        self.tracker.hold(key, t, "weights (dequantized, transient)")
+        self.transients.append(key)
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.roles)
+
+    def __len__(self) -> int:
+        return len(self.roles)
+
+    def done(self) -> None:
+        for key in self.transients:
+            self.tracker.release(key)
+        self.transients.clear()
+
+
+class Program:
+    def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor]):
+        self.graph, self.frozen = graph, frozen
+        trainable = set(graph.trainable)
+        self.req = graph.requires_grad()
+        self.need = {
+            n.name: Need(
+                inputs=tuple(self.req[i] for i in n.inputs),
+                params=frozenset(r for r, t in n.params.items() if t in trainable),
+            )
+            for n in graph.nodes
+        }
+        uses = graph.consumers()
+        self.uses = {k: len(v) for k, v in uses.items()}
+
+    def weights(self, node, params, tracker) -> Weights:
+        return Weights(node.params, params, self.frozen, tracker, node.name)
+
+    def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
+                ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
+        tracker = tracker or NullTracker()
+        vals, left = {INPUT: x}, dict(self.uses)
+        kept: dict[str, dict[str, Tensor]] = {}
+        for n in self.graph.nodes:
+            w = self.weights(n, params, tracker)
+            need = self.need[n.name] if train else Need((False,) * len(n.inputs), frozenset())
+            y, k = n.rule.forward([vals[i] for i in n.inputs], w, need)
+            w.done()
+            vals[n.name] = y
+            tracker.hold(f"val:{n.name}", y, "activations (flowing)")
+            for key, t in k.items():
+                tracker.hold(f"kept:{n.name}:{key}", t, "kept for backward")
+            if k:
+                kept[n.name] = k
+            for i in n.inputs:
+                left[i] -= 1
+                if left[i] == 0 and i != INPUT:
+                    del vals[i]
+                    tracker.release(f"val:{i}")
+        logits = vals.pop(self.graph.output)
+        return logits, kept
+
+    def backward(self, g_logits: Tensor, kept: dict[str, dict[str, Tensor]], params: Mapping[str, Tensor],
+                 tracker=None) -> dict[str, Tensor]:
+        tracker = tracker or NullTracker()
+        grads = {self.graph.output: g_logits}
+        tracker.hold(f"grad:{self.graph.output}", g_logits, "gradients (flowing)")
+        pgrads: dict[str, Tensor] = {}
+        for n in reversed(self.graph.nodes):
+            need = self.need[n.name]
+            if not self.req[n.name] or n.name not in grads:
+                continue
+            g = grads.pop(n.name)
+            w = self.weights(n, params, tracker)
+            k = kept.pop(n.name, {})
+            gin, gp = n.rule.backward(g, k, w, need)
+            w.done()
+            for role, t in gp.items():
+                pgrads[n.params[role]] = t
+                tracker.hold(f"pgrad:{n.params[role]}", t, "parameter gradients")
+            for i, gi, needed in zip(n.inputs, gin, need.inputs):
+                if needed and gi is not None:
+                    if i in grads:
+                        tracker.release(f"grad:{i}")
+                        grads[i] = grads[i] + gi
+                    else:
+                        grads[i] = gi
+                    tracker.hold(f"grad:{i}", grads[i], "gradients (flowing)")
+            tracker.release(f"grad:{n.name}")
+            for key in k:
+                tracker.release(f"kept:{n.name}:{key}")
+            del g, k
+        return pgrads
+
+    def loss_and_grads(self, x: Tensor, y: Tensor, params: Mapping[str, Tensor], tracker=None
+                       ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        logits, kept = self.forward(x, params, True, tracker)
+        loss, g = cross_entropy_with_grad(logits, y)
+        if tracker is not None:
+            tracker.hold("logits", logits, "activations (flowing)")
+        return loss, logits, self.backward(g, kept, params, tracker)
+
+
+def cross_entropy_with_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and its gradient w.r.t. the logits, (softmax - onehot) / N."""
+    logp = F.log_softmax(logits, dim=1)
+    onehot = (y.reshape(-1, 1) == torch.arange(logits.shape[1], device=y.device).reshape(1, -1)).to(logits.dtype)
+    n = logits.shape[0]
+    loss = -(logp * onehot).sum() / n
+    return loss, (torch.exp(logp) - onehot) / n

@@ -1,0 +1,74 @@
+"""The interface every layer's backward rule implements.
+
+A rule computes its layer with ordinary torch ops (`compute`), decides what the backward keeps
+(`forward` returns it), and computes input and parameter gradients from only what it kept
+(`backward`). Rules are written in ops that export to ONNX and to ExecuTorch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Need:
+    """Which gradients the backward of one node must produce."""
+
+    inputs: tuple[bool, ...]
+    params: frozenset[str]
+
+    @property
+    def any(self) -> bool:
+        return any(self.inputs) or bool(self.params)
+
+
+class Rule:
+    kind = "rule"
+    quantizable = False  # its "weight" may be stored int8 when frozen
+    approximate = False  # its backward is an approximation of autograd's (documented per rule)
+
+    def bind(self, in_shapes: list[tuple[int, ...]]) -> None:
+        """Remember the per-sample input shapes (fixed at prepare time)."""
+        self.in_shapes = in_shapes
+
+    def compute(self, xs: list[Tensor], w: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def reference(self, xs: list[Tensor], w: Mapping[str, Tensor]) -> Tensor:
+        """The forward as torch autograd should differentiate it (the parity reference)."""
+        return self.compute(xs, w)
+
+    def forward(self, xs: list[Tensor], w: Mapping[str, Tensor], need: Need) -> tuple[Tensor, dict[str, Tensor]]:
+        y = self.compute(xs, w)
+        return y, (self.keep(xs, y, w, need) if need.any else {})
+
+    def keep(self, xs: list[Tensor], y: Tensor, w: Mapping[str, Tensor], need: Need) -> dict[str, Tensor]:
+        return {}
+
+    def backward(
+        self, g: Tensor, kept: dict[str, Tensor], w: Mapping[str, Tensor], need: Need
+    ) -> tuple[list[Tensor | None], dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+def sum_to(g: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sum a broadcast gradient back to a per-sample `shape`."""
+    dims = [i + 1 for i, s in enumerate(shape) if s == 1 and g.shape[i + 1] != 1]
+    return g.sum(dims, keepdim=True) if dims else g
+
+
+def upsample_to(g: Tensor, k: int, hw: tuple[int, int], fill: float = 0.0) -> Tensor:
+    """Repeat each element k×k times (nearest) and pad right/bottom to `hw`."""
+    n, c, ho, wo = g.shape
+    up = g[:, :, :, None, :, None].expand(n, c, ho, k, wo, k).reshape(n, c, ho * k, wo * k)
+    ph, pw = hw[0] - ho * k, hw[1] - wo * k
+    if ph or pw:
+        up = torch.nn.functional.pad(up, (0, pw, 0, ph), value=fill)
+    return up

@@ -1,0 +1,99 @@
+"""Conv2d (incl. depthwise and grouped) with BatchNorm folded in."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .base import Need, Rule, Tensor
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Conv2d(Rule):
+    kind = "conv2d"
+    quantizable = True
+
+    def __init__(self, kernel, stride=1, padding=0, dilation=1, groups=1):
+        self.kernel = _pair(kernel)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        if isinstance(padding, int) or len(padding) == 2:
+            ph, pw = _pair(padding)
+            padding = (ph, ph, pw, pw)
+        self.pads = tuple(padding)  # (top, bottom, left, right)
+
+    @property
+    def symmetric(self) -> bool:
+        t, b, l, r = self.pads
+        return t == b and l == r
+
+    def _padded(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        t, b, l, r = self.pads
+        if self.symmetric:
+            return x, (t, l)
+        return F.pad(x, (l, r, t, b)), (0, 0)
+
+    def compute(self, xs, w):
+        x, pad = self._padded(xs[0])
+        return F.conv2d(x, w["weight"], w.get("bias"), self.stride, pad, self.dilation, self.groups)
+
+    def keep(self, xs, y, w, need):
+        return {"x": xs[0]} if "weight" in need.params else {}
+
+    def backward(self, g, kept, w, need):
+        grads: dict[str, Tensor] = {}
+        if "bias" in need.params:
+            grads["bias"] = g.sum((0, 2, 3))
+        if "weight" in need.params:
+            grads["weight"] = self._weight_grad(kept["x"], g)
+        gx = self._input_grad(g, w["weight"]) if need.inputs[0] else None
+        return [gx], grads
+
+    def _input_grad(self, g: Tensor, weight: Tensor) -> Tensor:
+        h, wd = self.in_shapes[0][1:]
+        (kh, kw), (dh, dw) = self.kernel, self.dilation
+        t, b, l, r = self.pads
+        if self.stride == (1, 1) and self.symmetric and t <= dh * (kh - 1) and l <= dw * (kw - 1):
+            # Exact: a stride-1 conv's input gradient is a conv with the flipped, transposed kernel.
+            # Cheaper than ConvTranspose in onnxruntime, which is slow for depthwise kernels.
+            pad = (dh * (kh - 1) - t, dw * (kw - 1) - l)
+            return F.conv2d(g, self._flip_transpose(weight), None, 1, pad, self.dilation, self.groups)
+        ho, wo = g.shape[2:]
+        sh, sw = self.stride
+        if self.symmetric:
+            oph = h - ((ho - 1) * sh - 2 * t + dh * (kh - 1) + 1)
+            opw = wd - ((wo - 1) * sw - 2 * l + dw * (kw - 1) + 1)
+            return F.conv_transpose2d(g, weight, None, self.stride, (t, l), (oph, opw), self.groups, self.dilation)
+        oph = h + t + b - ((ho - 1) * sh + dh * (kh - 1) + 1)
+        opw = wd + l + r - ((wo - 1) * sw + dw * (kw - 1) + 1)
+        gx = F.conv_transpose2d(g, weight, None, self.stride, 0, (oph, opw), self.groups, self.dilation)
+        return gx[:, :, t : t + h, l : l + wd]
+
+    def _flip_transpose(self, weight: Tensor) -> Tensor:
+        cout, cin_g, kh, kw = weight.shape
+        gr = self.groups
+        wt = weight.reshape(gr, cout // gr, cin_g, kh, kw).transpose(1, 2)
+        return wt.reshape(gr * cin_g, cout // gr, kh, kw).flip(2, 3)
+
+    def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        # dW[o, i] = correlation of input channel i with output gradient o, summed over the batch:
+        # one grouped conv with the batch as channels and stride/dilation swapped.
+        x, pad = self._padded(x)
+        n, cin, h, wd = x.shape
+        cout, ho, wo = g.shape[1:]
+        gr = self.groups
+        cin_g, cout_g = cin // gr, cout // gr
+        inp = x.reshape(n, gr, cin_g, h, wd).permute(2, 1, 0, 3, 4).reshape(cin_g, gr * n, h, wd)
+        ker = g.reshape(n, gr, cout_g, ho, wo).permute(1, 2, 0, 3, 4).reshape(gr * cout_g, n, ho, wo)
+        out = F.conv2d(inp, ker, None, self.dilation, pad, self.stride, gr)
+        kh, kw = self.kernel
+        return out[:, :, :kh, :kw].permute(1, 0, 2, 3)
+
+    def describe(self) -> str:
+        kind = "depthwise " if self.groups > 1 and self.groups == self.in_shapes[0][0] else ""
+        return f"{kind}conv{self.kernel[0]}x{self.kernel[1]}/s{self.stride[0]}"

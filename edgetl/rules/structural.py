@@ -1,0 +1,110 @@
+"""Layers without weights of their own, and a standalone BatchNorm as a per-channel affine."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Rule, sum_to
+
+
+class Identity(Rule):
+    """Dropout (identity in the lean step, which is deterministic) and no-op reshapes."""
+
+    kind = "identity"
+
+    def compute(self, xs, w):
+        return xs[0]
+
+    def backward(self, g, kept, w, need):
+        return [g], {}
+
+
+class Flatten(Rule):
+    kind = "flatten"
+
+    def compute(self, xs, w):
+        return xs[0].reshape(xs[0].shape[0], -1)
+
+    def backward(self, g, kept, w, need):
+        return [g.reshape(g.shape[0], *self.in_shapes[0])], {}
+
+
+class Add(Rule):
+    kind = "add"
+
+    def compute(self, xs, w):
+        return xs[0] + xs[1]
+
+    def backward(self, g, kept, w, need):
+        return [sum_to(g, s) if n else None for s, n in zip(self.in_shapes, need.inputs)], {}
+
+
+class Mul(Rule):
+    """Elementwise product with broadcasting (squeeze-excite gating)."""
+
+    kind = "mul"
+
+    def compute(self, xs, w):
+        return xs[0] * xs[1]
+
+    def keep(self, xs, y, w, need):
+        kept = {}
+        if need.inputs[0]:
+            kept["b"] = xs[1]
+        if need.inputs[1]:
+            kept["a"] = xs[0]
+        return kept
+
+    def backward(self, g, kept, w, need):
+        ga = sum_to(g * kept["b"], self.in_shapes[0]) if need.inputs[0] else None
+        gb = sum_to(g * kept["a"], self.in_shapes[1]) if need.inputs[1] else None
+        return [ga, gb], {}
+
+
+class Concat(Rule):
+    kind = "concat"
+
+    def compute(self, xs, w):
+        return torch.cat(xs, 1)
+
+    def backward(self, g, kept, w, need):
+        parts = torch.split(g, [s[0] for s in self.in_shapes], 1)
+        return [p if n else None for p, n in zip(parts, need.inputs)], {}
+
+
+class Affine(Rule):
+    """A BatchNorm2d that follows no conv: y = x * weight + bias per channel (eval statistics)."""
+
+    kind = "affine"
+
+    def compute(self, xs, w):
+        return xs[0] * w["weight"].reshape(1, -1, 1, 1) + w["bias"].reshape(1, -1, 1, 1)
+
+    def keep(self, xs, y, w, need):
+        return {"x": xs[0]} if "weight" in need.params else {}
+
+    def backward(self, g, kept, w, need):
+        grads = {}
+        if "bias" in need.params:
+            grads["bias"] = g.sum((0, 2, 3))
+        if "weight" in need.params:
+            grads["weight"] = (g * kept["x"]).sum((0, 2, 3))
+        gx = g * w["weight"].reshape(1, -1, 1, 1) if need.inputs[0] else None
+        return [gx], grads
+
+
+class Pad(Rule):
+    """ZeroPad2d that could not be folded into a following conv."""
+
+    kind = "pad"
+
+    def __init__(self, pads: tuple[int, int, int, int]):
+        self.pads = pads  # (left, right, top, bottom) as F.pad takes them
+
+    def compute(self, xs, w):
+        return F.pad(xs[0], self.pads)
+
+    def backward(self, g, kept, w, need):
+        l, r, t, b = self.pads
+        h, wd = g.shape[2:]
+        return [g[:, :, t : h - b, l : wd - r]], {}

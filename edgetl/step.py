@@ -1,0 +1,77 @@
+"""The lean training step as one torch module: forward, cross-entropy, backward and the
+optimizer update, from (batch, labels, lr, params, state) to (loss, logits, new params, new state).
+No autograd is involved, so the module runs eagerly on CPU or CUDA and exports as a plain program."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .optim import OptimizerConfig
+from .program import Program
+from .quant import dequantize_per_channel
+
+Tensor = torch.Tensor
+
+
+class _FrozenStore(nn.Module):
+    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used."""
+
+    def __init__(self, prepared):
+        super().__init__()
+        self.slots: dict[str, tuple[str, ...]] = {}
+        for i, (name, stored) in enumerate(prepared.stored.items()):
+            keys = tuple(f"f{i}_{j}" for j in range(len(stored)))
+            for k, t in zip(keys, stored):
+                self.register_buffer(k, t.clone())
+            self.slots[name] = keys
+
+    def get(self, name: str) -> Tensor:
+        keys = self.slots[name]
+        if len(keys) == 2:
+            return dequantize_per_channel(getattr(self, keys[0]), getattr(self, keys[1]))
+        return getattr(self, keys[0])
+
+
+class LeanStep(nn.Module):
+    def __init__(self, prepared, optimizer: OptimizerConfig):
+        super().__init__()
+        self.prepared = prepared
+        self.optimizer = optimizer
+        self.trainable = prepared.trainable
+        self.state_names = optimizer.state_names(self.trainable)
+        self.store = _FrozenStore(prepared)
+        self.program = Program(prepared.graph, self.store.get)
+
+    def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.optimizer.init_state(params)
+
+    def forward(self, x: Tensor, y: Tensor, lr: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+        n = len(self.trainable)
+        params = dict(zip(self.trainable, flat[:n]))
+        state = dict(zip(self.state_names, flat[n:]))
+        loss, logits, grads = self.program.loss_and_grads(x, y, params)
+        new_p, new_s = self.optimizer.update(params, grads, state, lr)
+        return (loss, logits, *(new_p[t] for t in self.trainable), *(new_s[s] for s in self.state_names))
+
+    def run(self, x: Tensor, y: Tensor, lr: float, params: dict[str, Tensor], state: dict[str, Tensor]
+            ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """One eager step with named tensors; returns (loss, logits, new params, new state, grads)."""
+        p = [params[t] for t in self.trainable]
+        s = [state[k] for k in self.state_names]
+        lr_t = torch.tensor(lr, dtype=torch.float32, device=x.device)
+        loss, logits, grads = self.program.loss_and_grads(x, y, dict(zip(self.trainable, p)))
+        new_p, new_s = self.optimizer.update(dict(zip(self.trainable, p)), grads, dict(zip(self.state_names, s)), lr_t)
+        return loss, logits, new_p, new_s, grads
+
+
+class LeanEval(nn.Module):
+    """Logits from (batch, params): the eval and inference program."""
+
+    def __init__(self, prepared):
+        super().__init__()
+        self.trainable = prepared.trainable
+        self.store = _FrozenStore(prepared)
+        self.program = Program(prepared.graph, self.store.get)
+
+    def forward(self, x: Tensor, *flat: Tensor) -> Tensor:
+        return self.program.forward(x, dict(zip(self.trainable, flat)), train=False)[0]
