@@ -90,8 +90,8 @@ def prepare(
         raise EdgeTLError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
     bb = _as_backbone(model)
     size = input_size or bb.input_size
-    if size < 8:
-        raise EdgeTLError(f"input_size must be at least 8, got {size}")
+    if not isinstance(size, int) or size < 1:
+        raise EdgeTLError(f"input_size must be a positive integer, got {size!r}")
     graph = trace(bb.model, (bb.in_channels, size, size), list(bb.blocks))
     graph.frozen_dtype = frozen_dtype
     head = _find_head(graph, bb.head)

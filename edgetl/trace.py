@@ -2,6 +2,7 @@
 fold BatchNorm into the preceding conv and zero padding into the following conv."""
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -87,6 +88,30 @@ class _Tracer:
             what = type(self.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(
                 getattr(n.target, "__name__", n.target))
             self.unsupported.append((self.path(n) or n.name, what))
+            self._continue_past(n)
+
+    def _continue_past(self, n: fx.Node) -> None:
+        """Give an unsupported node a meta output so the layers after it are checked too."""
+        def meta(a):
+            if isinstance(a, fx.Node):
+                return self.meta.get(self.alias.get(a.name, ""), a.name)
+            if isinstance(a, (list, tuple)):
+                return type(a)(meta(v) for v in a)
+            return a
+
+        args, kwargs = meta(n.args), {k: meta(v) for k, v in n.kwargs.items()}
+        try:
+            if n.op == "call_module":
+                out = copy.deepcopy(self.gm.get_submodule(n.target)).to("meta")(*args, **kwargs)
+            elif n.op == "call_function":
+                out = n.target(*args, **kwargs)
+            else:
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        except Exception:
+            return
+        if isinstance(out, torch.Tensor):
+            self.alias[n.name] = f"?{n.name}"
+            self.meta[f"?{n.name}"] = out
 
     def module(self, n: fx.Node):
         m = self.gm.get_submodule(n.target)

@@ -1,0 +1,73 @@
+"""The analytic memory model, checked against hand-counted small nets."""
+import pytest
+import torch.nn as nn
+
+import edgetl
+
+
+def _tiny():
+    # conv 1->2 (3x3, no bias: edgetl adds a zero one), ReLU, flatten, linear 32->2
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+
+
+def test_tiny_net_bias_by_hand():
+    m = edgetl.prepare(_tiny(), "bias", num_classes=2, input_size=4).memory(batch_size=2)
+    # frozen: conv weight 18 int8 + 2 fp32 scales = 26 B
+    assert m.frozen_weights_bytes == 18 + 2 * 4
+    # trainable: conv bias 2 + head weight 2x32 + head bias 2, fp32
+    assert m.trainable_params_bytes == (2 + 64 + 2) * 4 == 272
+    assert m.optimizer_state_bytes == 272  # one momentum buffer each
+    assert m.input_bytes == 2 * 16 * 4 + 2 * 8  # batch + int64 labels
+    # kept: the ReLU output (2x2x4x4 fp32 = 256 B), shared with the head's kept input
+    assert m.kept_activations_bytes == 256
+    # peak: during the ReLU backward, live are the logits 16, head grads 8+256, ReLU output 256,
+    # incoming gradient 256 and the ReLU's input gradient 256
+    assert m.transient_peak_bytes == 16 + 264 + 256 + 256 + 256
+    assert m.analytic_peak_bytes == 26 + 272 + 272 + 144 + 1048
+
+
+def test_tiny_net_bias_mask_by_hand():
+    m = edgetl.prepare(_tiny(), "bias+mask", num_classes=2, input_size=4).memory(batch_size=2)
+    # kept: a bool mask of 64 elements (64 B) plus the head's fp32 input (256 B)
+    assert m.kept_activations_bytes == 64 + 256
+    # peak: during the head's backward: logits 16 + their gradient 16 + head grads 264 + kept 320
+    # + the head's input gradient 256
+    assert m.transient_peak_bytes == 16 + 16 + 264 + 320 + 256
+    assert m.analytic_peak_bytes == 26 + 272 + 272 + 144 + 872
+
+
+def test_head_only_keeps_only_the_features():
+    m = edgetl.prepare(_tiny(), "head", num_classes=2, input_size=4).memory(batch_size=2)
+    assert [k.node for k in m.kept] == ["_3"] and m.kept_activations_bytes == 256
+    assert m.frozen_weights_bytes == 26 + 8  # the conv bias is frozen too now
+
+
+def test_adamw_state_is_twice_sgd():
+    pm = edgetl.prepare(_tiny(), "bias", num_classes=2, input_size=4)
+    sgd = pm.memory(2)
+    adamw = pm.memory(2, edgetl.OptimizerConfig.make("adamw"))
+    assert adamw.optimizer_state_bytes == 2 * sgd.optimizer_state_bytes + 4  # + the step counter
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return {r: edgetl.prepare("efficientnet_lite0", r, num_classes=10, input_size=128).memory(8)
+            for r in ["full", "bias", "bias+mask", "side", "side+mask"]}
+
+
+def test_recipes_order_as_expected_on_lite0(lite0):
+    peak = {r: m.analytic_peak_bytes for r, m in lite0.items()}
+    assert peak["full"] > peak["bias"] > peak["bias+mask"]
+    assert peak["side"] < peak["bias+mask"]
+    assert lite0["bias+mask"].kept_activations_bytes < lite0["bias"].kept_activations_bytes / 3
+    # int8 frozen weights: about a quarter of fp32
+    assert lite0["bias"].frozen_weights_bytes < 0.3 * lite0["full"].trainable_params_bytes
+
+
+def test_breakdown_is_json_ready(lite0):
+    import json
+
+    d = lite0["bias+mask"].breakdown()
+    json.dumps(d)
+    assert {"frozen_weights_bytes", "kept", "analytic_peak_bytes", "peak_at"} <= set(d)
+    assert all(k["dtype"] == "bool" and k["bits"] == 8 for k in d["kept"] if "mask" in k["layer"])
