@@ -14,7 +14,10 @@ Tensor = torch.Tensor
 
 
 class _FrozenStore(nn.Module):
-    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used."""
+    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used. Exporters
+    replace `dequantize` to emit their runtime's own op (e.g. ONNX DequantizeLinear)."""
+
+    dequantize = staticmethod(dequantize_per_channel)
 
     def __init__(self, prepared):
         super().__init__()
@@ -28,7 +31,7 @@ class _FrozenStore(nn.Module):
     def get(self, name: str) -> Tensor:
         keys = self.slots[name]
         if len(keys) == 2:
-            return dequantize_per_channel(getattr(self, keys[0]), getattr(self, keys[1]))
+            return self.dequantize(getattr(self, keys[0]), getattr(self, keys[1]))
         return getattr(self, keys[0])
 
 

@@ -1,0 +1,61 @@
+"""Writing a bundle: programs, initial state (npz, no pickles), and a manifest with checksums."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256
+
+
+def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, programs: dict[str, str],
+                 extra: dict | None = None, extra_files: list[str] = ()) -> Path:
+    """Complete a bundle in `out`, whose program files are already written. The manifest is
+    written last, atomically, so a half-written bundle never looks valid."""
+    import edgetl
+
+    params = prepared.initial_params()
+    state = optimizer.init_state(params)
+    arrays = {**{t: params[t] for t in prepared.trainable},
+              **{k: state[k] for k in optimizer.state_names(prepared.trainable)}}
+    keys = {name: f"a{i}" for i, name in enumerate(arrays)}
+    np.savez(out / "state.npz", **{keys[n]: v.detach().cpu().numpy() for n, v in arrays.items()})
+    mem = prepared.memory(batch_size, optimizer)
+    rels = list(programs.values()) + ["state.npz", *extra_files]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "edgetl_version": edgetl.__version__,
+        "model": prepared.name,
+        "recipe": prepared.recipe.text,
+        "target": target,
+        "input": {
+            "shape": list(prepared.graph.input_shape),
+            "dtype": "float32",
+            "layout": "NCHW",
+            "batch_size": batch_size,
+            "preprocess": {"range": [0.0, 1.0], "mean": list(prepared.mean), "std": list(prepared.std)},
+        },
+        "num_classes": prepared.num_classes,
+        "programs": programs,
+        "trainable": [{"name": t, "shape": list(params[t].shape), "dtype": "float32"} for t in prepared.trainable],
+        "optimizer": {**optimizer.to_dict(), "state": [
+            {"name": k, "shape": list(state[k].shape), "dtype": "float32"}
+            for k in optimizer.state_names(prepared.trainable)]},
+        "state_file": "state.npz",
+        "state_keys": keys,
+        "frozen_dtype": prepared.graph.frozen_dtype,
+        "summary": prepared.summary(),
+        "analytic_memory": {k: v for k, v in mem.breakdown().items() if k != "kept"},
+        **(extra or {}),
+        "files": {rel: sha256(out / rel) for rel in rels},
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    return out

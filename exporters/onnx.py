@@ -1,0 +1,67 @@
+"""The `onnx` target: the lean step as one ordinary ONNX model (opset 17) that any
+onnxruntime InferenceSession runs, plus an eval program (logits from batch and params).
+Frozen int8 weights are initializers feeding DequantizeLinear."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import onnx
+import torch
+
+from edgetl.quant import dequantize_per_channel
+from edgetl.step import LeanEval, LeanStep
+
+OPSET = 17
+
+
+class _DequantizeLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, scale):
+        return dequantize_per_channel(q, scale)
+
+    @staticmethod
+    def symbolic(g, q, scale):
+        zero = g.op("Constant", value_t=torch.zeros(scale.type().sizes(), dtype=torch.int8))
+        return g.op("DequantizeLinear", q, scale, zero, axis_i=0)
+
+
+def onnx_names(prepared, optimizer) -> tuple[list[str], list[str]]:
+    """Graph input names for trainable tensors and optimizer state (ONNX-safe, stable)."""
+    params = [f"param.{i}" for i in range(len(prepared.trainable))]
+    state = [f"state.{i}" for i in range(len(optimizer.state_names(prepared.trainable)))]
+    return params, state
+
+
+def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
+            dynamic: dict | None = None) -> None:
+    module.store.dequantize = _DequantizeLinear.apply
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, args, buf, input_names=inputs, output_names=outputs, opset_version=OPSET,
+                          do_constant_folding=False, dynamo=False, dynamic_axes=dynamic)
+    model = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
+    params = prepared.initial_params()
+    state = optimizer.init_state(params)
+    pnames, snames = onnx_names(prepared, optimizer)
+    c, h, w = prepared.graph.input_shape
+    x = torch.zeros(batch_size, c, h, w)
+    y = torch.zeros(batch_size, dtype=torch.int64)
+    lr = torch.tensor(optimizer.lr, dtype=torch.float32)
+    flat = [params[t] for t in prepared.trainable] + [state[k] for k in optimizer.state_names(prepared.trainable)]
+    step = LeanStep(prepared, optimizer).eval()
+    _export(step, (x, y, lr, *flat), ["x", "y", "lr", *pnames, *snames],
+            ["loss", "logits", *(f"new_{n}" for n in pnames), *(f"new_{n}" for n in snames)], out / "train_step.onnx")
+    ev = LeanEval(prepared).eval()
+    _export(ev, (x, *flat[: len(pnames)]), ["x", *pnames], ["logits"], out / "eval.onnx",
+            dynamic={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return {
+        "programs": {"train_step": "train_step.onnx", "eval": "eval.onnx"},
+        "extra": {"io": {"params": dict(zip(prepared.trainable, pnames)),
+                         "state": dict(zip(optimizer.state_names(prepared.trainable), snames))}},
+    }

@@ -1,0 +1,18 @@
+"""One backend per bundle target, imported only when used."""
+from __future__ import annotations
+
+from ..bundle import Bundle
+from .base import Backend
+
+
+def make_backend(bundle: Bundle, **options) -> Backend:
+    if bundle.target == "onnx":
+        from .onnx import OnnxBackend as cls
+    elif bundle.target == "ort-training":
+        from .ort_training import OrtTrainingBackend as cls
+    else:
+        from .executorch import ExecuTorchBackend as cls
+    return cls(bundle, **options)
+
+
+__all__ = ["Backend", "make_backend"]

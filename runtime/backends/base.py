@@ -1,0 +1,39 @@
+"""What every runtime backend provides to the Trainer. Backends hold the trainable parameters
+and optimizer state; arrays cross this interface as numpy."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+
+
+class Backend(ABC):
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+
+    @abstractmethod
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        """One training step on a full batch (bundle.batch_size); returns (loss, logits)."""
+
+    @abstractmethod
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits for any number of samples (the backend pads or splits as its programs need)."""
+
+    @abstractmethod
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Trainable parameters and optimizer state, keyed by manifest name (copies)."""
+
+    @abstractmethod
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replace parameters and optimizer state (all names of get_state)."""
+
+    @abstractmethod
+    def export_inference(self, out: Path) -> list[Path]:
+        """Write the trained model as an inference program for the same runtime; return the files."""
+
+    def planned_bytes(self) -> int | None:
+        """Memory the runtime plans for a step ahead of time (e.g. ExecuTorch's arena), if any."""
+        return None

@@ -1,0 +1,63 @@
+"""The `onnx` target on onnxruntime's InferenceSession: the whole lean step is one program,
+parameters and optimizer state go in and come back out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from .base import Backend
+from .onnx_inference import write_inference_model
+
+
+def session_options(arena: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Arena off and priority-based order give the lowest, most stable peak (see BENCHMARKS.md).
+    so.enable_cpu_mem_arena = arena
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxBackend(Backend):
+    def __init__(self, bundle: Bundle, arena: bool = False):
+        super().__init__(bundle)
+        import onnxruntime as ort
+
+        so = session_options(arena)
+        providers = ["CPUExecutionProvider"]
+        self.train = ort.InferenceSession(str(bundle.program("train_step")), so, providers=providers)
+        self.eval = ort.InferenceSession(str(bundle.program("eval")), so, providers=providers)
+        io = bundle.manifest["io"]
+        self.pnames = [io["params"][t] for t in bundle.trainable]
+        self.snames = [io["state"][s] for s in bundle.state_names]
+        self.train_inputs = {i.name for i in self.train.get_inputs()}
+        self.eval_inputs = {i.name for i in self.eval.get_inputs()}
+        self.set_state(bundle.initial_state())
+
+    def train_step(self, x, y, lr):
+        feeds = {"x": x, "y": y, "lr": np.asarray(lr, dtype=np.float32),
+                 **dict(zip(self.pnames, self.params)), **dict(zip(self.snames, self.state))}
+        outs = self.train.run(None, {k: v for k, v in feeds.items() if k in self.train_inputs})
+        n = len(self.params)
+        self.params, self.state = list(outs[2 : 2 + n]), list(outs[2 + n :])
+        return float(outs[0]), outs[1]
+
+    def logits(self, x):
+        feeds = {"x": x, **dict(zip(self.pnames, self.params))}
+        return self.eval.run(["logits"], {k: v for k, v in feeds.items() if k in self.eval_inputs})[0]
+
+    def get_state(self):
+        names = self.bundle.trainable + self.bundle.state_names
+        return {n: np.array(v) for n, v in zip(names, self.params + self.state)}
+
+    def set_state(self, state):
+        self.params = [np.ascontiguousarray(state[t], dtype=np.float32) for t in self.bundle.trainable]
+        self.state = [np.ascontiguousarray(state[s], dtype=np.float32) for s in self.bundle.state_names]
+
+    def export_inference(self, out: Path) -> list[Path]:
+        params = dict(zip(self.pnames, self.params))
+        return [write_inference_model(self.bundle.program("eval"), params, self.bundle.manifest, out)]

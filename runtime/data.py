@@ -1,0 +1,47 @@
+"""Checking what a user hands to fit/evaluate/predict, before anything touches the model."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+
+def check_images(x, shape: tuple[int, ...], what: str = "x") -> np.ndarray:
+    """float images in [0, 1], NCHW with the bundle's (C, H, W); returned as contiguous float32."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{what} must be a numpy array, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise InputError(f"{what} must hold floating-point images in [0, 1], got dtype {x.dtype}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+        raise InputError(f"{what} must have shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    if len(x) == 0:
+        raise InputError(f"{what} is empty")
+    if not np.isfinite(x).all():
+        raise InputError(f"{what} contains NaN or Inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise InputError(f"{what} must be scaled to [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_labels(y, n: int, num_classes: int, what: str = "y") -> np.ndarray:
+    if not isinstance(y, np.ndarray):
+        raise InputError(f"{what} must be a numpy array, got {type(y).__name__}")
+    if y.dtype.kind not in "iu":
+        raise InputError(f"{what} must hold integer class ids, got dtype {y.dtype}")
+    if y.ndim != 1:
+        raise InputError(f"{what} must be 1-D, got shape {tuple(y.shape)}")
+    if len(y) != n:
+        raise InputError(f"x and {what} have different lengths ({n} vs {len(y)})")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise InputError(f"{what} has class ids outside [0, {num_classes - 1}] "
+                         f"(min {int(y.min())}, max {int(y.max())})")
+    return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def normalize(x: np.ndarray, manifest: dict) -> np.ndarray:
+    pre = manifest["input"]["preprocess"]
+    c = x.shape[1]
+    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, c, 1, 1)
+    std = np.asarray(pre["std"], dtype=np.float32).reshape(1, c, 1, 1)
+    return (x - mean) / std
