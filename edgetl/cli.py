@@ -25,16 +25,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frozen-dtype", choices=["int8", "fp32"], default="int8")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9; 0 for ort-training)")
+
+
+def _optimizer(args):
+    from .optim import OptimizerConfig
+
+    kw = {}
+    if args.optimizer == "sgd":
+        # ONNX Runtime's on-device SGD has no momentum, so its target defaults to none
+        default = 0.0 if getattr(args, "target", None) == "ort-training" else 0.9
+        kw["momentum"] = default if args.momentum is None else args.momentum
+    return OptimizerConfig.make(args.optimizer, args.lr, **kw)
 
 
 def cmd_plan(args) -> int:
-    from .optim import OptimizerConfig
     from .prepared import prepare
 
     if args.batch_size < 1:
         raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     pm = prepare(args.model, args.recipe, args.num_classes, args.input_size, args.frozen_dtype)
-    mem = pm.memory(args.batch_size, OptimizerConfig.make(args.optimizer, args.lr))
+    mem = pm.memory(args.batch_size, _optimizer(args))
     out = {**pm.summary(), "batch_size": args.batch_size, "analytic_peak_bytes": mem.analytic_peak_bytes,
            "breakdown": mem.breakdown()}
     if args.json:
@@ -52,6 +63,33 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .exporters import export
+    from .prepared import prepare
+
+    pm = prepare(args.model, args.recipe, args.num_classes, args.input_size, args.frozen_dtype, args.seed)
+    out = export(pm, args.target, args.out, _optimizer(args), args.batch_size)
+    s = pm.summary()
+    print(f"wrote {args.target} bundle to {out} ({s['trainable_params']:,} trainable of {s['total_params']:,} params)")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .datasets import load_dataset, save_npz
+    from .runtime import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    c, h, w = bundle.input_shape
+    ds = load_dataset(args.name, input_size=h, channels=c, seed=args.seed)
+    if ds.num_classes > bundle.num_classes:
+        raise EdgeTLError(f"dataset '{args.name}' has {ds.num_classes} classes but the bundle's head has "
+                          f"{bundle.num_classes}; export with --num-classes {ds.num_classes}")
+    save_npz(ds, args.out)
+    print(f"wrote {args.out}: {len(ds.x_train)} train / {len(ds.x_test)} test images of {c}×{h}×{w}, "
+          f"{ds.num_classes} classes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning on the device.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
+    e = sub.add_parser("export", help="export an on-device training bundle")
+    _model_args(e)
+    e.add_argument("--target", required=True, choices=["onnx", "ort-training", "executorch"])
+    e.add_argument("--seed", type=int, default=0, help="initialisation of new parts (head, side network)")
+    e.add_argument("--out", required=True, help="bundle directory to write")
+    e.set_defaults(func=cmd_export)
+    d = sub.add_parser("data", help="write a built-in dataset as .npz, preprocessed for a bundle's input")
+    d.add_argument("name", help="digits, textures, faces, or a path to an .npz")
+    d.add_argument("--bundle", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data)
     return parser
 
 
@@ -66,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except EdgeTLError as e:
+    except (EdgeTLError, ValueError) as e:
         print(f"edgetl: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,8 +18,9 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
 
     params = prepared.initial_params()
     state = optimizer.init_state(params)
-    arrays = {**{t: params[t] for t in prepared.trainable},
-              **{k: state[k] for k in optimizer.state_names(prepared.trainable)}}
+    # A runtime that keeps its own optimizer state (ONNX Runtime's training API) gets none from us.
+    state_names = [] if (extra or {}).get("optimizer_state_in_runtime") else optimizer.state_names(prepared.trainable)
+    arrays = {**{t: params[t] for t in prepared.trainable}, **{k: state[k] for k in state_names}}
     keys = {name: f"a{i}" for i, name in enumerate(arrays)}
     np.savez(out / "state.npz", **{keys[n]: v.detach().cpu().numpy() for n, v in arrays.items()})
     mem = prepared.memory(batch_size, optimizer)
@@ -42,8 +43,7 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         "programs": programs,
         "trainable": [{"name": t, "shape": list(params[t].shape), "dtype": "float32"} for t in prepared.trainable],
         "optimizer": {**optimizer.to_dict(), "state": [
-            {"name": k, "shape": list(state[k].shape), "dtype": "float32"}
-            for k in optimizer.state_names(prepared.trainable)]},
+            {"name": k, "shape": list(state[k].shape), "dtype": "float32"} for k in state_names]},
         "state_file": "state.npz",
         "state_keys": keys,
         "frozen_dtype": prepared.graph.frozen_dtype,

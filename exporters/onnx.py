@@ -4,6 +4,7 @@ Frozen int8 weights are initializers feeding DequantizeLinear."""
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import onnx
@@ -37,7 +38,8 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
             dynamic: dict | None = None) -> None:
     module.store.dequantize = _DequantizeLinear.apply
     buf = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints: shapes are static by design
         torch.onnx.export(module, args, buf, input_names=inputs, output_names=outputs, opset_version=OPSET,
                           do_constant_folding=False, dynamo=False, dynamic_axes=dynamic)
     model = onnx.load_from_string(buf.getvalue())

@@ -45,3 +45,30 @@ def normalize(x: np.ndarray, manifest: dict) -> np.ndarray:
     mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, c, 1, 1)
     std = np.asarray(pre["std"], dtype=np.float32).reshape(1, c, 1, 1)
     return (x - mean) / std
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """A dataset file as written by `edgetl data`: x_train, y_train, x_test, y_test (no pickles)."""
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file '{path}' does not exist")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"data file '{path}' is not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise InputError(f"data file '{path}' lacks {', '.join(missing)}")
+            return {k: z[k] for k in NPZ_KEYS}
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"data file '{path}' holds pickled objects, which are refused") from None
+    except Exception as e:
+        raise InputError(f"data file '{path}' is corrupt ({type(e).__name__})") from None

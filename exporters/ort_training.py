@@ -1,0 +1,88 @@
+"""The `ort-training` target: standard ONNX Runtime on-device training artifacts
+(`generate_artifacts`: training, eval and optimizer models plus a checkpoint). Exactly the
+recipe's trainable tensors require grad; frozen int8 weights are initializers feeding
+DequantizeLinear, listed as frozen params. ORT derives the backward itself (exact rules; it has
+no mask approximation and keeps what its own gradient graph needs): this is the peer baseline."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn as nn
+
+from edgetl.errors import EdgeTLError
+from edgetl.graph import INPUT
+from edgetl.step import _FrozenStore
+
+from .onnx import OPSET, _DequantizeLinear
+
+
+class _Forward(nn.Module):
+    """Logits from a batch, with trainable tensors as parameters ORT's autodiff can train."""
+
+    def __init__(self, prepared):
+        super().__init__()
+        self.graph = prepared.graph
+        self.store = _FrozenStore(prepared)
+        self.store.dequantize = _DequantizeLinear.apply
+        init = prepared.initial_params()
+        self.params = nn.ParameterList([nn.Parameter(init[t]) for t in prepared.trainable])
+        self.index = {t: i for i, t in enumerate(prepared.trainable)}
+
+    def forward(self, x):
+        vals = {INPUT: x}
+        for n in self.graph.nodes:
+            w = {r: self.params[self.index[t]] if t in self.index else self.store.get(t) for r, t in n.params.items()}
+            vals[n.name] = n.rule.compute([vals[i] for i in n.inputs], w)
+        return vals[self.graph.output]
+
+
+def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict:
+    import onnxruntime
+    from onnxruntime.training import artifacts, onnxblock
+
+    onnxruntime.set_default_logger_severity(3)
+
+    if optimizer.name == "sgd" and optimizer.momentum:
+        raise EdgeTLError("ONNX Runtime's on-device SGD has no momentum: use momentum 0 or the adamw optimizer "
+                          "for the ort-training target")
+    if optimizer.name == "sgd" and optimizer.weight_decay:
+        raise EdgeTLError("ONNX Runtime's on-device SGD has no weight decay: use 0 or the adamw optimizer")
+    fwd = _Forward(prepared).eval()
+    c, h, w = prepared.graph.input_shape
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fwd, (torch.zeros(batch_size, c, h, w),), buf, input_names=["x"], output_names=["logits"],
+                          opset_version=OPSET, do_constant_folding=False, dynamo=False,
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    inits = [i.name for i in model.graph.initializer]
+    pnames = [f"params.{i}" for i in range(len(prepared.trainable))]
+    missing = [p for p in pnames if p not in inits]
+    if missing:
+        raise EdgeTLError(f"internal: trainable tensors {missing[:3]} are not initializers of the ONNX model")
+    frozen = [i for i in inits if i not in pnames]
+    if optimizer.name == "adamw":
+        opt = onnxblock.optim.AdamW(bias_correction=True, betas=(optimizer.beta1, optimizer.beta2),
+                                    eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+    else:
+        opt = artifacts.OptimType.SGD
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifacts.generate_artifacts(model, requires_grad=pnames, frozen_params=frozen,
+                                     loss=artifacts.LossType.CrossEntropyLoss, optimizer=opt,
+                                     artifact_directory=str(out), additional_output_names=["logits"])
+    programs = {"training": "training_model.onnx", "eval": "eval_model.onnx", "optimizer": "optimizer_model.onnx"}
+    for rel in programs.values():
+        if not (out / rel).is_file():
+            raise EdgeTLError(f"internal: generate_artifacts did not write {rel}")
+    return {
+        "programs": programs,
+        "extra": {"io": {"params": dict(zip(prepared.trainable, pnames))},
+                  "optimizer_state_in_runtime": True},
+        "extra_files": ["checkpoint"],
+    }
