@@ -13,6 +13,8 @@ import torch
 from edgetl.quant import dequantize_per_channel
 from edgetl.step import LeanEval, LeanStep
 
+from .onnx_passes import fuse_pad_into_conv
+
 OPSET = 17
 
 
@@ -43,6 +45,7 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
         torch.onnx.export(module, args, buf, input_names=inputs, output_names=outputs, opset_version=OPSET,
                           do_constant_folding=False, dynamo=False, dynamic_axes=dynamic)
     model = onnx.load_from_string(buf.getvalue())
+    fuse_pad_into_conv(model)
     onnx.checker.check_model(model)
     onnx.save(model, path)
 

@@ -12,7 +12,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().cpu() - b.detach().cpu()).abs().max() / (b.detach().cpu().abs().max() + 1e-12))
 
 
-def lean_vs_reference(pm, x, y, optimizer: OptimizerConfig, steps: int = 1, device: str = "cpu"):
+def lean_vs_reference(pm, x, y, optimizer: OptimizerConfig, steps: int = 1, device: str = "cpu",
+                      scale: str = "element"):
     """Run `steps` lean steps and the autograd reference; return (grad errors, param errors) by tensor."""
     step = pm.step_module(optimizer).to(device)
     x, y = x.to(device), y.to(device)
@@ -24,7 +25,8 @@ def lean_vs_reference(pm, x, y, optimizer: OptimizerConfig, steps: int = 1, devi
         first_grads = first_grads or grads
     ref = reference_steps(pm, x, y, optimizer, steps)
     gerr = {t: rel_err(first_grads[t], ref.grads[t]) for t in pm.trainable}
-    perr = {t: param_err(params[t], ref.params[t]) for t in pm.trainable}
+    err = param_err if scale == "element" else rel_err
+    perr = {t: err(params[t], ref.params[t]) for t in pm.trainable}
     return gerr, perr
 
 

@@ -32,8 +32,11 @@ def test_one_step_matches_autograd(model, size, recipe):
 def test_several_steps_with_optimizer_state(model, size, opt):
     pm = edgetl.prepare(model, "bias+mask", num_classes=3, input_size=size)
     cfg = OptimizerConfig.make(opt, lr=0.05 if opt == "sgd" else 1e-3, weight_decay=0.01)
-    gerr, perr = lean_vs_reference(pm, *_batch(pm, seed=1), cfg, steps=3)
-    assert max(perr.values()) < TOL, max(perr.items(), key=lambda kv: kv[1])
+    gerr, perr = lean_vs_reference(pm, *_batch(pm, seed=1), cfg, steps=3, scale="tensor")
+    # After the first step the two sides start from parameters that differ by float rounding;
+    # an activation at a ReLU6 boundary can then flip one mask bit and move one bias element, so
+    # several steps are compared at the tensor's scale with 1e-4 (the cross-runtime bound).
+    assert max(perr.values()) < 1e-4, max(perr.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])

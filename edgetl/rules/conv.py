@@ -40,7 +40,10 @@ class Conv2d(Rule):
 
     def compute(self, xs, w):
         x, pad = self._padded(xs[0])
-        return F.conv2d(x, w["weight"], w.get("bias"), self.stride, pad, self.dilation, self.groups)
+        y = F.conv2d(x, w["weight"], None, self.stride, pad, self.dilation, self.groups)
+        # The bias as a separate add: onnxruntime's depthwise kernel is several times slower with a
+        # fused bias, and XNNPACK would bake a trainable bias into its frozen blob.
+        return y + w["bias"].reshape(1, -1, 1, 1) if "bias" in w else y
 
     def keep(self, xs, y, w, need):
         return {"x": xs[0]} if "weight" in need.params else {}
@@ -77,8 +80,8 @@ class Conv2d(Rule):
     def _flip_transpose(self, weight: Tensor) -> Tensor:
         cout, cin_g, kh, kw = weight.shape
         gr = self.groups
-        wt = weight.reshape(gr, cout // gr, cin_g, kh, kw).transpose(1, 2)
-        return wt.reshape(gr * cin_g, cout // gr, kh, kw).flip(2, 3)
+        wt = weight.reshape(gr, cout // gr, cin_g, kh, kw).transpose(1, 2).reshape(gr * cin_g, cout // gr, kh, kw)
+        return wt if (kh, kw) == (1, 1) else wt.flip(2, 3)
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         # dW[o, i] = correlation of input channel i with output gradient o, summed over the batch:

@@ -9,7 +9,9 @@ from .base import Rule, upsample_to
 
 
 class MaxPool2d(Rule):
-    """Keeps a boolean mask of the window maxima (first maximum on ties, as torch does)."""
+    """Keeps a boolean one-hot of each window's maximum (the first one on ties, as torch does).
+    Windows are laid out as a trailing k*k axis, so forward is a max over it and backward a
+    broadcast multiply: no indices, scatter or upsampling in the exported program."""
 
     kind = "maxpool"
 
@@ -19,18 +21,31 @@ class MaxPool2d(Rule):
     def compute(self, xs, w):
         return F.max_pool2d(xs[0], self.k, self.k)
 
+    def _windows(self, x):
+        n, c, h, w = x.shape
+        k = self.k
+        ho, wo = h // k, w // k
+        if (ho * k, wo * k) != (h, w):
+            x = x[:, :, : ho * k, : wo * k]
+        return x.reshape(n, c, ho, k, wo, k).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, k * k)
+
     def forward(self, xs, w, need):
         if not need.inputs[0]:
             return self.compute(xs, w), {}
-        y, idx = F.max_pool2d(xs[0], self.k, self.k, return_indices=True)
-        hw = tuple(self.in_shapes[0][1:])
-        where = upsample_to(idx, self.k, hw, fill=-1)
-        pos = torch.arange(hw[0] * hw[1], device=idx.device).reshape(1, 1, *hw)
-        return y, {"m": where == pos}
+        win = self._windows(xs[0])
+        first = win.argmax(-1, keepdim=True)
+        onehot = first == torch.arange(self.k * self.k, device=win.device)
+        return win.amax(-1), {"m": onehot}
 
     def backward(self, g, kept, w, need):
-        up = upsample_to(g, self.k, tuple(self.in_shapes[0][1:]))
-        return [up * kept["m"].to(g.dtype)], {}
+        k = self.k
+        n, c, ho, wo = g.shape
+        h, wd = self.in_shapes[0][1:]
+        gw = (g.unsqueeze(-1) * kept["m"].to(g.dtype)).reshape(n, c, ho, wo, k, k)
+        gx = gw.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho * k, wo * k)
+        if ho * k != h or wo * k != wd:
+            gx = F.pad(gx, (0, wd - wo * k, 0, h - ho * k))
+        return [gx], {}
 
     def describe(self) -> str:
         return f"maxpool{self.k}"
