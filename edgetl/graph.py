@@ -89,6 +89,7 @@ class LeanGraph:
             ws = {role: self.tensors[t].to("meta") for role, t in n.params.items()}
             n.rule.bind([tuple(x.shape[1:]) for x in xs])
             y = n.rule.compute(xs, ws)
+            n.rule.bind([tuple(x.shape[1:]) for x in xs], tuple(y.shape[1:]))
             n.in_shapes = [tuple(x.shape[1:]) for x in xs]
             n.out_shape = tuple(y.shape[1:])
             vals[n.name] = y

@@ -31,9 +31,11 @@ class Rule:
     quantizable = False  # its "weight" may be stored int8 when frozen
     approximate = False  # its backward is an approximation of autograd's (documented per rule)
 
-    def bind(self, in_shapes: list[tuple[int, ...]]) -> None:
-        """Remember the per-sample input shapes (fixed at prepare time)."""
+    def bind(self, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...] = ()) -> None:
+        """Remember the per-sample input and output shapes (fixed at prepare time). Rules use
+        them as Python ints so exported programs get static shapes."""
         self.in_shapes = in_shapes
+        self.out_shape = out_shape
 
     def compute(self, xs: list[Tensor], w: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
@@ -64,10 +66,11 @@ def sum_to(g: Tensor, shape: tuple[int, ...]) -> Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def upsample_to(g: Tensor, k: int, hw: tuple[int, int], fill: float = 0.0) -> Tensor:
-    """Repeat each element k×k times (nearest) and pad right/bottom to `hw`."""
-    n, c, ho, wo = g.shape
-    up = g[:, :, :, None, :, None].expand(n, c, ho, k, wo, k).reshape(n, c, ho * k, wo * k)
+def upsample_to(g: Tensor, chw: tuple[int, int, int], k: int, hw: tuple[int, int], fill: float = 0.0) -> Tensor:
+    """Repeat each element of a (N, *chw) tensor k×k times (nearest) and pad right/bottom to `hw`.
+    Only the batch dimension is left to the runtime (-1), so exported shapes stay static."""
+    c, ho, wo = chw
+    up = g[:, :, :, None, :, None].expand(-1, c, ho, k, wo, k).reshape(-1, c, ho * k, wo * k)
     ph, pw = hw[0] - ho * k, hw[1] - wo * k
     if ph or pw:
         up = torch.nn.functional.pad(up, (0, pw, 0, ph), value=fill)

@@ -66,7 +66,7 @@ class Conv2d(Rule):
             # Cheaper than ConvTranspose in onnxruntime, which is slow for depthwise kernels.
             pad = (dh * (kh - 1) - t, dw * (kw - 1) - l)
             return F.conv2d(g, self._flip_transpose(weight), None, 1, pad, self.dilation, self.groups)
-        ho, wo = g.shape[2:]
+        ho, wo = self.out_shape[1:]
         sh, sw = self.stride
         if self.symmetric:
             oph = h - ((ho - 1) * sh - 2 * t + dh * (kh - 1) + 1)
@@ -84,18 +84,24 @@ class Conv2d(Rule):
         return wt if (kh, kw) == (1, 1) else wt.flip(2, 3)
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        # dW[o, i] = correlation of input channel i with output gradient o, summed over the batch:
-        # one grouped conv with the batch as channels and stride/dilation swapped.
+        # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d]:
+        # one strided slice of the input and one batched matmul (einsum) per kernel tap. Shapes
+        # are static Python ints (only the batch is left to the runtime), so it exports cleanly.
         x, pad = self._padded(x)
-        n, cin, h, wd = x.shape
-        cout, ho, wo = g.shape[1:]
+        if pad != (0, 0):
+            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        cin = self.in_shapes[0][0]
+        cout, ho, wo = self.out_shape
         gr = self.groups
         cin_g, cout_g = cin // gr, cout // gr
-        inp = x.reshape(n, gr, cin_g, h, wd).permute(2, 1, 0, 3, 4).reshape(cin_g, gr * n, h, wd)
-        ker = g.reshape(n, gr, cout_g, ho, wo).permute(1, 2, 0, 3, 4).reshape(gr * cout_g, n, ho, wo)
-        out = F.conv2d(inp, ker, None, self.dilation, pad, self.stride, gr)
-        kh, kw = self.kernel
-        return out[:, :, :kh, :kw].permute(1, 0, 2, 3)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        gg = g.reshape(-1, gr, cout_g, ho * wo)
+        taps = []
+        for a in range(kh):
+            for b in range(kw):
+                xs = x[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
+                taps.append(torch.einsum("ngop,ngip->goi", gg, xs.reshape(-1, gr, cin_g, ho * wo)))
+        return torch.stack(taps, -1).reshape(cout, cin_g, kh, kw)
 
     def describe(self) -> str:
         kind = "depthwise " if self.groups > 1 and self.groups == self.in_shapes[0][0] else ""

@@ -22,12 +22,12 @@ class MaxPool2d(Rule):
         return F.max_pool2d(xs[0], self.k, self.k)
 
     def _windows(self, x):
-        n, c, h, w = x.shape
+        c, h, w = self.in_shapes[0]
         k = self.k
         ho, wo = h // k, w // k
         if (ho * k, wo * k) != (h, w):
             x = x[:, :, : ho * k, : wo * k]
-        return x.reshape(n, c, ho, k, wo, k).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, k * k)
+        return x.reshape(-1, c, ho, k, wo, k).permute(0, 1, 2, 4, 3, 5).reshape(-1, c, ho, wo, k * k)
 
     def forward(self, xs, w, need):
         if not need.inputs[0]:
@@ -39,10 +39,10 @@ class MaxPool2d(Rule):
 
     def backward(self, g, kept, w, need):
         k = self.k
-        n, c, ho, wo = g.shape
+        c, ho, wo = self.out_shape
         h, wd = self.in_shapes[0][1:]
-        gw = (g.unsqueeze(-1) * kept["m"].to(g.dtype)).reshape(n, c, ho, wo, k, k)
-        gx = gw.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho * k, wo * k)
+        gw = (g.unsqueeze(-1) * kept["m"].to(g.dtype)).reshape(-1, c, ho, wo, k, k)
+        gx = gw.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, ho * k, wo * k)
         if ho * k != h or wo * k != wd:
             gx = F.pad(gx, (0, wd - wo * k, 0, h - ho * k))
         return [gx], {}
@@ -61,7 +61,7 @@ class AvgPool2d(Rule):
         return F.avg_pool2d(xs[0], self.k, self.k)
 
     def backward(self, g, kept, w, need):
-        return [upsample_to(g / (self.k * self.k), self.k, tuple(self.in_shapes[0][1:]))], {}
+        return [upsample_to(g / (self.k * self.k), self.out_shape, self.k, tuple(self.in_shapes[0][1:]))], {}
 
     def describe(self) -> str:
         return f"avgpool{self.k}"
@@ -75,4 +75,4 @@ class GlobalAvgPool(Rule):
 
     def backward(self, g, kept, w, need):
         c, h, wd = self.in_shapes[0]
-        return [(g / (h * wd)).expand(g.shape[0], c, h, wd)], {}
+        return [(g / (h * wd)).expand(-1, c, h, wd)], {}

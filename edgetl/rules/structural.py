@@ -23,10 +23,10 @@ class Flatten(Rule):
     kind = "flatten"
 
     def compute(self, xs, w):
-        return xs[0].reshape(xs[0].shape[0], -1)
+        return xs[0].flatten(1)
 
     def backward(self, g, kept, w, need):
-        return [g.reshape(g.shape[0], *self.in_shapes[0])], {}
+        return [g.reshape(-1, *self.in_shapes[0])], {}
 
 
 class Add(Rule):
@@ -68,8 +68,11 @@ class Concat(Rule):
         return torch.cat(xs, 1)
 
     def backward(self, g, kept, w, need):
-        parts = torch.split(g, [s[0] for s in self.in_shapes], 1)
-        return [p if n else None for p, n in zip(parts, need.inputs)], {}
+        grads, start = [], 0
+        for shape, needed in zip(self.in_shapes, need.inputs):
+            grads.append(g[:, start : start + shape[0]] if needed else None)
+            start += shape[0]
+        return grads, {}
 
 
 class Affine(Rule):
@@ -106,5 +109,5 @@ class Pad(Rule):
 
     def backward(self, g, kept, w, need):
         l, r, t, b = self.pads
-        h, wd = g.shape[2:]
+        _, h, wd = self.out_shape
         return [g[:, :, t : h - b, l : wd - r]], {}

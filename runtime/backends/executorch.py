@@ -1,0 +1,363 @@
+"""The `executorch` target on ExecuTorch's C++ runtime, without torch.
+
+ExecuTorch's Python bindings (`executorch.extension.pybindings`) cannot run without torch: the
+`portable_lib` wrapper imports torch, and its `_C` extension, although it imports with torch
+blocked, accepts only `torch.Tensor` inputs (numpy arrays, buffers and DLPack objects are refused
+with "Unsupported python type") and returns torch tensors; `executorch.runtime.Runtime` goes
+through the same extension. The wheel's C++ runtime libraries (`libexecutorch*.so`) do not
+depend on torch, and the wheel ships their headers, so this backend drives them through a tiny C
+shim (below, ~120 lines) built once with the system C++ compiler and cached, called via ctypes
+with numpy arrays. Set EDGETL_ET_SHIM to a prebuilt shim to skip the build (e.g. on a device).
+
+`runner="pybindings"` uses ExecuTorch's own Python bindings instead (this imports torch; for
+comparisons only).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import EdgeRuntimeError
+from .base import Backend
+
+_SHIM_SOURCE = r"""
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <executorch/extension/data_loader/buffer_data_loader.h>
+#include <executorch/extension/memory_allocator/malloc_memory_allocator.h>
+#include <executorch/runtime/executor/method.h>
+#include <executorch/runtime/executor/program.h>
+#include <executorch/runtime/platform/runtime.h>
+
+using namespace executorch::runtime;
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::aten::TensorImpl;
+using executorch::extension::BufferDataLoader;
+using executorch::extension::MallocMemoryAllocator;
+
+namespace {
+thread_local std::string g_err;
+int fail(const std::string& msg) { g_err = msg; return -1; }
+
+struct Handle {
+  std::unique_ptr<BufferDataLoader> loader;  // reads the caller's buffer, which must outlive this
+  std::unique_ptr<Program> program;
+  MallocMemoryAllocator method_alloc;
+  MallocMemoryAllocator temp_alloc;
+  std::vector<std::unique_ptr<uint8_t[]>> planned;  // the method's memory plan, one arena per id
+  std::vector<Span<uint8_t>> spans;
+  std::unique_ptr<HierarchicalAllocator> planned_memory;
+  std::unique_ptr<MemoryManager> memory;
+  std::unique_ptr<Method> method;
+  size_t planned_bytes = 0;
+};
+}  // namespace
+
+extern "C" {
+const char* etl_last_error() { return g_err.c_str(); }
+
+void* etl_open(const void* data, size_t size, const char* name) {
+  runtime_init();
+  auto h = std::make_unique<Handle>();
+  h->loader = std::make_unique<BufferDataLoader>(data, size);
+  auto program = Program::load(h->loader.get(), Program::Verification::InternalConsistency);
+  if (!program.ok()) { fail("cannot load the program (error " + std::to_string((int)program.error()) + ")"); return nullptr; }
+  h->program = std::make_unique<Program>(std::move(program.get()));
+  auto meta = h->program->method_meta(name);
+  if (!meta.ok()) { fail(std::string("the program has no method '") + name + "'"); return nullptr; }
+  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+    size_t n = (size_t)meta->memory_planned_buffer_size(i).get();
+    h->planned.emplace_back(new uint8_t[n ? n : 1]);
+    h->spans.emplace_back(h->planned.back().get(), n);
+    h->planned_bytes += n;
+  }
+  h->planned_memory = std::make_unique<HierarchicalAllocator>(Span<Span<uint8_t>>(h->spans.data(), h->spans.size()));
+  h->memory = std::make_unique<MemoryManager>(&h->method_alloc, h->planned_memory.get(), &h->temp_alloc);
+  auto method = h->program->load_method(name, h->memory.get());
+  if (!method.ok()) { fail("cannot load method (error " + std::to_string((int)method.error()) + ")"); return nullptr; }
+  h->method = std::make_unique<Method>(std::move(method.get()));
+  return h.release();
+}
+
+void etl_close(void* p) { delete static_cast<Handle*>(p); }
+size_t etl_planned_bytes(void* p) { return static_cast<Handle*>(p)->planned_bytes; }
+int etl_num_inputs(void* p) { return (int)static_cast<Handle*>(p)->method->inputs_size(); }
+int etl_num_outputs(void* p) { return (int)static_cast<Handle*>(p)->method->outputs_size(); }
+
+int etl_input_meta(void* p, int i, int* dtype, int* ndim, int64_t* sizes) {
+  auto info = static_cast<Handle*>(p)->method->method_meta().input_tensor_meta(i);
+  if (!info.ok()) return fail("input " + std::to_string(i) + " is not a tensor");
+  auto s = info->sizes();
+  if (s.size() > 16) return fail("too many dimensions");
+  *dtype = (int)info->scalar_type();
+  *ndim = (int)s.size();
+  for (size_t d = 0; d < s.size(); ++d) sizes[d] = s[d];
+  return 0;
+}
+
+// Copies a C-contiguous host array into input i (the method's own memory-planned tensor).
+int etl_set_input(void* p, int i, void* data, int dtype, int ndim, const int64_t* sizes) {
+  if (ndim > 16) return fail("too many dimensions");
+  int32_t sz[16], st[16];
+  uint8_t order[16];
+  int32_t stride = 1;
+  for (int d = ndim - 1; d >= 0; --d) { sz[d] = (int32_t)sizes[d]; st[d] = stride; stride *= sz[d]; order[d] = (uint8_t)d; }
+  TensorImpl impl((ScalarType)dtype, ndim, sz, data, order, st);
+  Error e = static_cast<Handle*>(p)->method->set_input(EValue(Tensor(&impl)), i);
+  if (e != Error::Ok) return fail("input " + std::to_string(i) + " was refused (error " + std::to_string((int)e) + ")");
+  return 0;
+}
+
+int etl_execute(void* p) {
+  Error e = static_cast<Handle*>(p)->method->execute();
+  if (e != Error::Ok) return fail("execution failed (error " + std::to_string((int)e) + ")");
+  return 0;
+}
+
+// Output i: dtype, shape and a pointer into the method's arena (valid until the next execute).
+int etl_output(void* p, int i, int* dtype, int* ndim, int64_t* sizes, const void** data, size_t* nbytes) {
+  const EValue& v = static_cast<Handle*>(p)->method->get_output(i);
+  if (!v.isTensor()) return fail("output " + std::to_string(i) + " is not a tensor");
+  const Tensor& t = v.toTensor();
+  if (t.dim() > 16) return fail("too many dimensions");
+  *dtype = (int)t.scalar_type();
+  *ndim = (int)t.dim();
+  for (int d = 0; d < t.dim(); ++d) sizes[d] = t.size(d);
+  *data = t.const_data_ptr();
+  *nbytes = t.nbytes();
+  return 0;
+}
+}
+"""
+
+# ExecuTorch ScalarType codes.
+_DTYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int32): 3, np.dtype(np.int64): 4,
+           np.dtype(np.float32): 6, np.dtype(np.float64): 7, np.dtype(np.bool_): 11}
+_NP = {v: k for k, v in _DTYPES.items()}
+_ALIGN = 64
+
+
+def _executorch_root() -> Path:
+    """The installed executorch package directory, found without importing it (it imports torch)."""
+    spec = importlib.util.find_spec("executorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgeRuntimeError("the executorch target needs the 'executorch' package installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _build_shim() -> Path:
+    prebuilt = os.environ.get("EDGETL_ET_SHIM")
+    if prebuilt:
+        return Path(prebuilt)
+    root = _executorch_root()
+    inc, lib = root / "include", root / "lib"
+    if not (inc / "executorch" / "runtime" / "executor" / "program.h").is_file() or not (lib / "libexecutorch.so").is_file():
+        raise EdgeRuntimeError(f"the executorch package at {root} ships no C++ runtime (include/, lib/libexecutorch.so)")
+    version = (root / "version.py").read_bytes() if (root / "version.py").is_file() else b""
+    key = hashlib.sha256(_SHIM_SOURCE.encode() + version + str(root).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("EDGETL_CACHE", Path.home() / ".cache" / "edgetl"))
+    target = cache / f"libedgetl_executorch_{key}.so"
+    if target.is_file():
+        return target
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise EdgeRuntimeError("the executorch backend needs a C++ compiler once, to build its runtime shim "
+                               "(or set EDGETL_ET_SHIM to a prebuilt one)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src, obj = Path(tmp) / "shim.cpp", Path(tmp) / "shim.so"
+        src.write_text(_SHIM_SOURCE)
+        libs = [f"-l{n}" for n in ("executorch_kernels_optimized", "executorch_backend_xnnpack",
+                                   "executorch_threadpool") if (lib / f"lib{n}.so").is_file()]
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+               "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL", f"-I{inc}",
+               f"-I{inc / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", str(src), "-o", str(obj),
+               f"-L{lib}", "-Wl,--no-as-needed", *libs, "-lexecutorch", "-Wl,--as-needed", f"-Wl,-rpath,{lib}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise EdgeRuntimeError(f"building the ExecuTorch runtime shim failed:\n{r.stderr[-2000:]}")
+        os.replace(obj, target)  # atomic: concurrent builders race harmlessly
+    return target
+
+
+_LIB = None
+
+
+def _lib():
+    global _LIB
+    if _LIB is None:
+        L = ctypes.CDLL(str(_build_shim()))
+        vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
+        ip = ctypes.POINTER(ctypes.c_int)
+        L.etl_last_error.restype = ctypes.c_char_p
+        L.etl_open.restype, L.etl_open.argtypes = vp, [vp, ctypes.c_size_t, ctypes.c_char_p]
+        L.etl_close.argtypes = [vp]
+        L.etl_planned_bytes.restype, L.etl_planned_bytes.argtypes = ctypes.c_size_t, [vp]
+        for f in (L.etl_num_inputs, L.etl_num_outputs, L.etl_execute):
+            f.argtypes = [vp]
+        L.etl_input_meta.argtypes = [vp, i32, ip, ip, i64p]
+        L.etl_set_input.argtypes = [vp, i32, vp, i32, i32, i64p]
+        L.etl_output.argtypes = [vp, i32, ip, ip, i64p, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)]
+        _LIB = L
+    return _LIB
+
+
+class NativeMethod:
+    """One method of a .pte program on ExecuTorch's C++ runtime: numpy in, numpy out."""
+
+    def __init__(self, path: Path, method: str = "forward"):
+        self.L = _lib()
+        data = Path(path).read_bytes()
+        # The runtime reads constants and delegate blobs from this buffer: keep it alive (and aligned).
+        raw = np.empty(len(data) + _ALIGN, np.uint8)
+        off = (-raw.ctypes.data) % _ALIGN
+        self._buffer = raw[off : off + len(data)]
+        self._buffer[:] = np.frombuffer(data, np.uint8)
+        del data
+        self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
+        if not self.h:
+            raise EdgeRuntimeError(f"ExecuTorch cannot load '{Path(path).name}': {self._error()}")
+        self.inputs = []
+        for i in range(self.L.etl_num_inputs(self.h)):
+            dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
+            self._check(self.L.etl_input_meta(self.h, i, dt, nd, sz))
+            self.inputs.append((_NP[dt.value], tuple(sz[: nd.value])))
+        self.num_outputs = self.L.etl_num_outputs(self.h)
+        self.planned_bytes = int(self.L.etl_planned_bytes(self.h))
+
+    def _error(self) -> str:
+        return (self.L.etl_last_error() or b"").decode(errors="replace")
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            raise EdgeRuntimeError(f"ExecuTorch: {self._error()}")
+
+    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) != len(self.inputs):
+            raise EdgeRuntimeError(f"the program takes {len(self.inputs)} inputs, got {len(inputs)}")
+        for i, (a, (dtype, shape)) in enumerate(zip(inputs, self.inputs)):
+            a = np.require(a, dtype=dtype, requirements="C")
+            if a.shape != shape:
+                raise EdgeRuntimeError(f"input {i} must have shape {shape}, got {a.shape}")
+            self._check(self.L.etl_set_input(self.h, i, a.ctypes.data, _DTYPES[a.dtype], a.ndim,
+                                             (ctypes.c_int64 * max(1, a.ndim))(*a.shape)))
+        self._check(self.L.etl_execute(self.h))
+        outs = []
+        dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
+        ptr, nb = ctypes.c_void_p(), ctypes.c_size_t()
+        for i in range(self.num_outputs):
+            self._check(self.L.etl_output(self.h, i, dt, nd, sz, ptr, nb))
+            a = np.empty(tuple(sz[: nd.value]), _NP[dt.value])  # copy: the arena is reused next call
+            if nb.value:
+                ctypes.memmove(a.ctypes.data, ptr.value, nb.value)
+            outs.append(a)
+        return outs
+
+    def __del__(self):
+        h, self.h = getattr(self, "h", None), None
+        if h:
+            self.L.etl_close(h)
+
+
+class PybindMethod:
+    """The same through ExecuTorch's Python bindings (imports torch)."""
+
+    def __init__(self, path: Path, method: str = "forward"):
+        import torch  # noqa: F401  (the bindings need it)
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+        self._buffer = Path(path).read_bytes()  # keep the program's buffer alive
+        self.module = _load_for_executorch_from_buffer(self._buffer)
+        self.method = method
+        meta = self.module.method_meta(method)
+        self.inputs = []
+        self.planned_bytes = None
+        for i in range(meta.num_inputs()):
+            info = meta.input_tensor_meta(i)
+            self.inputs.append((np.dtype({6: np.float32, 4: np.int64}.get(info.dtype(), np.float32)), tuple(info.sizes())))
+
+    def __call__(self, inputs):
+        import torch
+
+        ts = [torch.from_numpy(np.require(a, dtype=dt, requirements="C")) for a, (dt, _) in zip(inputs, self.inputs)]
+        return [o.numpy() for o in self.module.run_method(self.method, ts)]
+
+
+class ExecuTorchBackend(Backend):
+    def __init__(self, bundle: Bundle, runner: str = "native"):
+        super().__init__(bundle)
+        if runner not in ("native", "pybindings"):
+            raise EdgeRuntimeError(f"runner must be 'native' or 'pybindings', got {runner!r}")
+        cls = NativeMethod if runner == "native" else PybindMethod
+        self.train = cls(bundle.program("train_step"))
+        self.eval = cls(bundle.program("eval"))
+        io = bundle.manifest.get("io", {})
+        expect_train = ["x", "y", "lr", *(f"param:{t}" for t in bundle.trainable),
+                        *(f"state:{s}" for s in bundle.state_names)]
+        if io.get("train_step", {}).get("inputs", expect_train) != expect_train or len(self.train.inputs) != len(expect_train):
+            raise EdgeRuntimeError("the train_step program's inputs do not match the manifest")
+        self.batch = int(self.eval.inputs[0][1][0])
+        self.set_state(bundle.initial_state())
+
+    def train_step(self, x, y, lr):
+        outs = self.train([x, y, np.asarray(lr, dtype=np.float32), *self.params, *self.state])
+        n = len(self.params)
+        self.params, self.state = outs[2 : 2 + n], outs[2 + n :]
+        return float(outs[0]), outs[1]
+
+    def logits(self, x):
+        b, out = self.batch, []
+        for i in range(0, len(x), b):
+            chunk = x[i : i + b]
+            k = len(chunk)
+            if k < b:  # the program's batch is static: pad the last chunk, keep only its rows
+                chunk = np.concatenate([chunk, np.zeros((b - k, *chunk.shape[1:]), chunk.dtype)])
+            out.append(self.eval([chunk, *self.params])[0][:k])
+        return np.concatenate(out)
+
+    def get_state(self):
+        names = self.bundle.trainable + self.bundle.state_names
+        return {n: np.array(v) for n, v in zip(names, self.params + self.state)}
+
+    def set_state(self, state):
+        # np.array, not np.ascontiguousarray: the latter turns 0-d state (AdamW's step) into shape (1,).
+        self.params = [np.array(state[t], dtype=np.float32, order="C") for t in self.bundle.trainable]
+        self.state = [np.array(state[s], dtype=np.float32, order="C") for s in self.bundle.state_names]
+
+    def export_inference(self, out: Path) -> list[Path]:
+        """ExecuTorch programs cannot be re-written without torch, so the inference program is the
+        bundle's eval program (`out`, a .pte) with the trained parameters beside it (`out` with
+        suffix .npz) and a JSON sidecar naming the input order, static batch and preprocessing
+        (inputs are normalized images: (x - mean) / std, unlike the onnx target's model)."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.bundle.program("eval"), out)
+        npz, meta = out.with_suffix(".npz"), out.with_suffix(".json")
+        names = self.bundle.trainable
+        np.savez(npz, **{f"a{i}": p for i, p in enumerate(self.params)})
+        m = self.bundle.manifest
+        meta.write_text(json.dumps({
+            "program": out.name, "params_file": npz.name,
+            "inputs": ["x", *names], "params_keys": {n: f"a{i}" for i, n in enumerate(names)},
+            "static_batch": self.batch, "input": m["input"], "num_classes": m["num_classes"],
+            "note": "x must be normalized: (x - mean) / std per channel, x in [0, 1]; pad to the static batch",
+        }, indent=2))
+        return [out, npz, meta]
+
+    def planned_bytes(self):
+        info = self.bundle.manifest.get("executorch", {})
+        return int(info["planned_bytes"]) if "planned_bytes" in info else self.train.planned_bytes
