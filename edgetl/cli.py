@@ -90,6 +90,28 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from .validate import main_validate
+
+    return main_validate(args)
+
+
+def _validate_parser(sub) -> None:
+    v = sub.add_parser("validate", help="run a bundle's step in torch on CUDA/CPU and check parity with the runtime")
+    v.add_argument("bundle")
+    v.add_argument("--data", required=True, help=".npz with x_train, y_train, x_test, y_test (e.g. from `edgetl data`)")
+    v.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (CPU is used, with a warning, without CUDA)")
+    v.add_argument("--epochs", type=int, default=1, help="training passes on the device (0: parity only)")
+    v.add_argument("--steps", type=int, default=5, help="steps compared with the on-device runtime")
+    v.add_argument("--seed", type=int, default=0, help="shuffling seed, as `fit --seed`")
+    v.add_argument("--init-seed", type=int, default=None, help="seed the bundle was exported with (default 0)")
+    v.add_argument("--lr", type=float, default=None, help="constant learning rate (default: the bundle's)")
+    v.add_argument("--model", default=None, help="backbone spec, if the manifest's model name is not loadable")
+    v.add_argument("--tolerance", type=float, default=1e-4, help="max relative parameter error")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=cmd_validate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning on the device.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
+    _validate_parser(sub)
     return parser
 
 

@@ -14,9 +14,11 @@ TinyTL. Unlike TinyTL we count the live set over the whole schedule, not only wh
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .optim import OptimizerConfig
 from .program import Program, cross_entropy_with_grad
@@ -29,41 +31,86 @@ def _sid(t: Tensor) -> int:
 
 
 class Tracker:
+    """Counts live bytes per storage. A storage lives while the program holds it by name
+    (`hold`) or while any tensor object made by an op still refers to it (observed through a
+    dispatch mode): so temporaries inside a rule count for exactly as long as they exist.
+    Views count as their base's storage; rules copy (`clone`) where an exported program copies
+    and a view would otherwise keep a larger base alive (e.g. a crop after a transposed conv)."""
+
     def __init__(self):
         self.holders: dict[str, int] = {}
-        self.storages: dict[int, list] = {}  # sid -> [tensor, holders, bytes, kind]
+        self.storages: dict[int, dict] = {}
         self.live = 0
         self.peak = 0
         self.peak_at = ""
         self.peak_by_kind: dict[str, int] = {}
-        self.where = ""
+        self.where = "start"
+
+    def _entry(self, sid: int, nbytes: int, kind: str) -> dict:
+        e = self.storages.get(sid)
+        if e is None:
+            e = self.storages[sid] = {"bytes": nbytes, "kind": kind, "holders": 0, "objects": 0, "ref": None}
+            self.live += nbytes
+            if self.live > self.peak:
+                self.peak, self.peak_at = self.live, self.where
+                self.peak_by_kind = {}
+                for v in self.storages.values():
+                    self.peak_by_kind[v["kind"]] = self.peak_by_kind.get(v["kind"], 0) + v["bytes"]
+        return e
+
+    def _maybe_free(self, sid: int) -> None:
+        e = self.storages.get(sid)
+        if e is not None and e["holders"] == 0 and e["objects"] == 0:
+            self.live -= e["bytes"]
+            del self.storages[sid]
 
     def hold(self, key: str, t: Tensor, kind: str = "") -> None:
         if key in self.holders:
             self.release(key)
         sid = _sid(t)
+        self.where = key
+        e = self._entry(sid, t.untyped_storage().nbytes(), kind)
+        if e["kind"] == "temporaries" and kind:
+            e["kind"] = kind
+        e["holders"] += 1
+        e["ref"] = t
         self.holders[key] = sid
-        if sid in self.storages:
-            self.storages[sid][1] += 1
-            return
-        nbytes = t.untyped_storage().nbytes()
-        self.storages[sid] = [t, 1, nbytes, kind]
-        self.live += nbytes
-        if self.live > self.peak:
-            self.peak, self.peak_at = self.live, key
-            self.peak_by_kind = {}
-            for _, _, b, k in self.storages.values():
-                self.peak_by_kind[k] = self.peak_by_kind.get(k, 0) + b
 
     def release(self, key: str) -> None:
         sid = self.holders.pop(key, None)
         if sid is None:
             return
-        entry = self.storages[sid]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[2]
-            del self.storages[sid]
+        e = self.storages[sid]
+        e["holders"] -= 1
+        if e["holders"] == 0:
+            e["ref"] = None
+        self._maybe_free(sid)
+
+    def observe(self, t: Tensor) -> None:
+        """A tensor an op just returned: its storage lives at least as long as the object."""
+        sid = _sid(t)
+        e = self._entry(sid, t.untyped_storage().nbytes(), "temporaries")
+        e["objects"] += 1
+        weakref.finalize(t, self._gone, sid)
+
+    def _gone(self, sid: int) -> None:
+        e = self.storages.get(sid)
+        if e is not None:
+            e["objects"] -= 1
+            self._maybe_free(sid)
+
+
+class _Observe(TorchDispatchMode):
+    def __init__(self, tracker: Tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.tracker.observe(t)  # views share their base's storage, so they count once
+        return out
 
 
 @dataclass
@@ -112,25 +159,9 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
     state = {k: v.to(meta) for k, v in optimizer.init_state(prepared.initial_params()).items()}
     program = Program(prepared.graph, lambda name: torch.empty(prepared.graph.tensors[name].shape, device=meta))
     tracker = Tracker()
-    logits, kept = program.forward(x, params, True, tracker)
-    kept_list, kept_storages = [], {}
-    for node, tensors in kept.items():
-        layer = prepared.graph.node(node).rule.describe()
-        for name, t in tensors.items():
-            kept_list.append(KeptTensor(node, layer, name, list(t.shape), str(t.dtype).replace("torch.", ""),
-                                        t.element_size() * 8, _nbytes(t)))
-            kept_storages[_sid(t)] = t.untyped_storage().nbytes()
-    kept_bytes = sum(kept_storages.values())
-    tracker.hold("logits", logits, "activations (flowing)")
-    loss, g = cross_entropy_with_grad(logits, y)
-    grads = program.backward(g, kept, params, tracker)
-    tracker.release("logits")
-    lr = torch.empty((), device=meta)
-    for t in prepared.trainable:  # the update: new tensors appear while the gradients are consumed
-        new_p, new_s = optimizer.update({t: params[t]}, {t: grads[t]}, _state_of(optimizer, state, t), lr)
-        for k, v in {**new_p, **new_s}.items():
-            tracker.hold(f"new:{k}", v, "updated params and state")
-        tracker.release(f"pgrad:{t}")
+    with _Observe(tracker):
+        peak, peak_at, by_kind, kept_list, kept_bytes = _replay(prepared, program, optimizer, x, y, params, state,
+                                                                tracker)
     static = {
         "frozen": sum(_nbytes(s) for stored in prepared.stored.values() for s in stored),
         "params": sum(_nbytes(v) for v in params.values()),
@@ -145,12 +176,40 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
         optimizer_state_bytes=static["state"],
         input_bytes=static["input"],
         kept_activations_bytes=kept_bytes,
-        transient_peak_bytes=tracker.peak,
-        analytic_peak_bytes=sum(static.values()) + tracker.peak,
-        peak_at=tracker.peak_at,
-        peak_by_kind=tracker.peak_by_kind,
+        transient_peak_bytes=peak,
+        analytic_peak_bytes=sum(static.values()) + peak,
+        peak_at=peak_at,
+        peak_by_kind=by_kind,
         kept=kept_list,
     )
+
+
+def _replay(prepared, program, optimizer, x, y, params, state, tracker):
+    """One step on meta tensors, as the program schedules it; returns the tracker's findings."""
+    logits, kept = program.forward(x, params, True, tracker)
+    kept_list, kept_storages = [], {}
+    for node, tensors in kept.items():
+        layer = prepared.graph.node(node).rule.describe()
+        for name, t in tensors.items():
+            kept_list.append(KeptTensor(node, layer, name, list(t.shape), str(t.dtype).replace("torch.", ""),
+                                        t.element_size() * 8, _nbytes(t)))
+            kept_storages[_sid(t)] = t.untyped_storage().nbytes()
+        del tensors
+    kept_bytes = sum(kept_storages.values())
+    t = None  # the loop variables must not keep a kept tensor alive
+    tracker.hold("logits", logits, "activations (flowing)")
+    loss, g = cross_entropy_with_grad(logits, y)
+    grads = program.backward(g, kept, params, tracker)
+    del g
+    tracker.release("logits")
+    lr = torch.empty((), device=logits.device)
+    for t in prepared.trainable:  # the update: new tensors appear while the gradients are consumed
+        new_p, new_s = optimizer.update({t: params[t]}, {t: grads[t]}, _state_of(optimizer, state, t), lr)
+        for k, v in {**new_p, **new_s}.items():
+            tracker.hold(f"new:{k}", v, "updated params and state")
+        tracker.release(f"pgrad:{t}")
+        del new_p, new_s
+    return tracker.peak, tracker.peak_at, tracker.peak_by_kind, kept_list, kept_bytes
 
 
 def _state_of(optimizer: OptimizerConfig, state: dict[str, Tensor], t: str) -> dict[str, Tensor]:

@@ -53,6 +53,23 @@ class Weights(Mapping[str, Tensor]):
         self.transients.clear()
 
 
+class _Anchored(Mapping[str, Tensor]):
+    """A node's tensors with an exact zero, computed from earlier masks, added to its bias."""
+
+    def __init__(self, w: Weights, zero: Tensor):
+        self.w, self.zero = w, zero
+
+    def __getitem__(self, role: str) -> Tensor:
+        t = self.w[role]
+        return t + self.zero if role == "bias" else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.w)
+
+    def __len__(self) -> int:
+        return len(self.w)
+
+
 class Program:
     def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor]):
         self.graph, self.frozen = graph, frozen
@@ -76,11 +93,20 @@ class Program:
         tracker = tracker or NullTracker()
         vals, left = {INPUT: x}, dict(self.uses)
         kept: dict[str, dict[str, Tensor]] = {}
+        pending: list[Tensor] = []  # exact zeros that depend on masks kept since the last bias
         for n in self.graph.nodes:
             w = self.weights(n, params, tracker)
             need = self.need[n.name] if train else Need((False,) * len(n.inputs), frozenset())
-            y, k = n.rule.forward([vals[i] for i in n.inputs], w, need)
+            ws = w
+            if pending and "bias" in n.params:
+                # A data dependency that makes graph runtimes compute each mask in the forward,
+                # right away: left to their scheduler, a mask may be computed just before its use
+                # in the backward, keeping the float activation it is made from alive until then.
+                ws = _Anchored(w, torch.stack(pending).sum() * 0.0)
+                pending = []
+            y, k = n.rule.forward([vals[i] for i in n.inputs], ws, need)
             w.done()
+            pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values() if t.dtype == torch.bool]
             vals[n.name] = y
             tracker.hold(f"val:{n.name}", y, "activations (flowing)")
             for key, t in k.items():
@@ -124,7 +150,10 @@ class Program:
             tracker.release(f"grad:{n.name}")
             for key in k:
                 tracker.release(f"kept:{n.name}:{key}")
-            del g, k
+            # Drop every local reference now, so tensors die where the schedule says (this also
+            # keeps the analytic replay on meta tensors honest).
+            del g, k, gin, gp, w
+            gi = None
         return pgrads
 
     def loss_and_grads(self, x: Tensor, y: Tensor, params: Mapping[str, Tensor], tracker=None

@@ -61,8 +61,30 @@ def cmd_export_inference(args) -> dict:
     return {"files": [str(f) for f in files], "step": t.step}
 
 
+def cmd_profile(args) -> dict:
+    from .profile import apply_budget, plot_profile, profile_trainer
+
+    t = _trainer(args)
+    p = apply_budget(profile_trainer(t, args.steps), args.device, args.budget_mb)
+    out = p.to_dict()
+    if args.plot:
+        out["plot"] = str(plot_profile(p, args.plot))
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2 (like every other error here)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edgetl.runtime", description="edgetl on-device runtime (no torch)")
+    p = _Parser(prog="python -m edgetl.runtime", description="edgetl on-device runtime (no torch)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="train a bundle on x_train/y_train of an .npz")
     f.add_argument("bundle")
@@ -86,21 +108,41 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", default=None)
     x.add_argument("--out", required=True)
     x.set_defaults(func=cmd_export_inference)
-    for s in (f, e, x):
+    pr = sub.add_parser("profile", help="measure training memory and step time against a device budget")
+    pr.add_argument("bundle")
+    pr.add_argument("--steps", type=int, default=5)
+    pr.add_argument("--checkpoint", default=None)
+    budget = pr.add_mutually_exclusive_group()
+    budget.add_argument("--device", default=None, help="a named device profile (see runtime/devices.json)")
+    budget.add_argument("--budget-mb", type=float, default=None)
+    pr.add_argument("--plot", default=None, help="write a PNG of the breakdown here")
+    pr.set_defaults(func=cmd_profile)
+    for s in (f, e, x, pr):
         s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    block_torch()
     args = build_parser().parse_args(argv)
+    if args.command == "profile":
+        from .profile import ensure_allocator_env
+
+        ensure_allocator_env(sys.argv[1:] if argv is None else argv)
+    block_torch()
     from .errors import EdgeRuntimeError
 
     try:
         out = args.func(args)
     except EdgeRuntimeError as err:
-        print(f"edgetl.runtime: error: {err}", file=sys.stderr)
+        print(f"edgetl.runtime: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. an --out path that cannot be written
+        where = f": '{err.filename}'" if getattr(err, "filename", None) else ""
+        print(f"edgetl.runtime: error: {_one_line(err.strerror or err)}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgetl.runtime: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(out))
     else:

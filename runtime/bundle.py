@@ -1,8 +1,14 @@
-"""Reading and verifying a bundle: the manifest is the only contract between host and device."""
+"""Reading and verifying a bundle: the manifest is the only contract between host and device.
+
+Everything the manifest says is checked before it is used: its structure and field types, that
+every file it names lies inside the bundle directory (no `..`, absolute paths or symlinks leading
+out) and matches its sha256. Nothing is ever unpickled (numpy `allow_pickle=False`)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +20,12 @@ FORMAT = "edgetl-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TARGETS = ("onnx", "ort-training", "executorch")
+# The program roles each target's backend opens, and files it reads beyond programs and state.
+REQUIRED_PROGRAMS = {"onnx": ("train_step", "eval"), "ort-training": ("training", "eval", "optimizer"),
+                     "executorch": ("train_step", "eval")}
+REQUIRED_FILES = {"ort-training": ("checkpoint",)}
+MAX_MANIFEST_BYTES = 16 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256(path: Path) -> str:
@@ -26,12 +38,118 @@ def sha256(path: Path) -> str:
 
 def safe_path(root: Path, rel: str) -> Path:
     """`root/rel`, refusing absolute paths and anything that resolves outside `root`."""
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
-        raise BundleError(f"bundle file name {rel!r} is not a relative path")
-    p = (root / rel).resolve()
-    if root.resolve() not in p.parents:
-        raise BundleError(f"bundle file {rel!r} points outside the bundle directory")
+    if not isinstance(rel, str) or not rel or "\x00" in rel or Path(rel).is_absolute():
+        raise BundleError(f"bundle file name {_short(rel)} is not a relative path")
+    try:
+        base = Path(root).resolve()
+        p = (base / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, names too long
+        raise BundleError(f"bundle file {_short(rel)} cannot be resolved ({type(e).__name__})") from None
+    if base not in p.parents:
+        raise BundleError(f"bundle file {_short(rel)} points outside the bundle directory")
     return p
+
+
+def _short(value, limit: int = 80) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# ---- manifest validation ---------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise BundleError(f"{MANIFEST}: {what}")
+
+
+def _check_name_map(m, what: str, names: list[str]) -> None:
+    _need(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in m.items()),
+          f"'{what}' must map names to strings")
+    missing = [n for n in names if n not in m]
+    _need(not missing, f"'{what}' lacks {', '.join(map(_short, missing[:3]))}")
+
+
+def _check_tensors(entries, what: str) -> list[str]:
+    _need(isinstance(entries, list), f"'{what}' must be a list of tensors")
+    names = []
+    for t in entries:
+        _need(isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"],
+              f"'{what}' has an entry without a name")
+        shape = t.get("shape")
+        _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d < 2**31 for d in shape),
+              f"tensor {_short(t['name'])} in '{what}' has an invalid shape {_short(shape)}")
+        names.append(t["name"])
+    _need(len(set(names)) == len(names), f"'{what}' names a tensor twice")
+    return names
+
+
+def validate_manifest(m: dict) -> None:
+    """Check the structure and types of every manifest field the runtime reads."""
+    for key in ("target", "input", "num_classes", "programs", "trainable", "optimizer", "state_file",
+                "state_keys", "files"):
+        _need(key in m, f"lacks '{key}'")
+    target = m["target"]
+    _need(isinstance(target, str), "'target' must be a string")
+    if target not in TARGETS:
+        raise BundleError(f"unknown target {_short(target)}; this runtime runs {', '.join(TARGETS)}")
+
+    inp = m["input"]
+    _need(isinstance(inp, dict), "'input' must be an object")
+    shape = inp.get("shape")
+    _need(isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and 1 <= d <= 1 << 16 for d in shape),
+          f"'input.shape' must be [channels, height, width] of positive integers, got {_short(shape)}")
+    _need(_is_int(inp.get("batch_size")) and 1 <= inp["batch_size"] <= 1 << 20,
+          f"'input.batch_size' must be a positive integer, got {_short(inp.get('batch_size'))}")
+    pre = inp.get("preprocess")
+    _need(isinstance(pre, dict), "'input.preprocess' must be an object")
+    for k in ("mean", "std"):
+        v = pre.get(k)
+        _need(isinstance(v, list) and len(v) == shape[0] and all(_is_number(a) for a in v),
+              f"'input.preprocess.{k}' must be {shape[0]} finite number(s), got {_short(v)}")
+    _need(all(s > 0 for s in pre["std"]), "'input.preprocess.std' must be positive")
+    _need(_is_int(m["num_classes"]) and 1 <= m["num_classes"] <= 1 << 24,
+          f"'num_classes' must be a positive integer, got {_short(m['num_classes'])}")
+
+    programs = m["programs"]
+    _need(isinstance(programs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in programs.items()),
+          "'programs' must map roles to file names")
+    missing = [r for r in REQUIRED_PROGRAMS[target] if r not in programs]
+    _need(not missing, f"a {target} bundle needs the program(s) {', '.join(missing)}")
+
+    trainable = _check_tensors(m["trainable"], "trainable")
+    opt = m["optimizer"]
+    _need(isinstance(opt, dict), "'optimizer' must be an object")
+    _need(_is_number(opt.get("lr")) and opt["lr"] > 0,
+          f"'optimizer.lr' must be a positive number, got {_short(opt.get('lr'))}")
+    state = _check_tensors(opt.get("state", []), "optimizer.state")
+    _need(not set(trainable) & set(state), "'trainable' and 'optimizer.state' share a name")
+    _need(isinstance(m["state_file"], str), "'state_file' must be a file name")
+    _check_name_map(m["state_keys"], "state_keys", trainable + state)
+
+    io = m.get("io", {})
+    _need(isinstance(io, dict), "'io' must be an object")
+    if target == "onnx":
+        _check_name_map(io.get("params"), "io.params", trainable)
+        _check_name_map(io.get("state", {}), "io.state", state)
+    elif target == "ort-training":
+        _check_name_map(io.get("params"), "io.params", trainable)
+
+    files = m["files"]
+    _need(isinstance(files, dict) and all(isinstance(k, str) for k in files),
+          "'files' must map file names to sha256 digests")
+    for rel, digest in files.items():
+        _need(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None,
+              f"'files' gives {_short(rel)} a malformed sha256 {_short(digest)}")
+    for rel in [*programs.values(), m["state_file"], *REQUIRED_FILES.get(target, ())]:
+        if rel not in files:
+            raise BundleError(f"bundle file {_short(rel)} has no checksum in the manifest")
 
 
 @dataclass
@@ -61,7 +179,12 @@ class Bundle:
 
     @property
     def state_names(self) -> list[str]:
-        return [t["name"] for t in self.manifest["optimizer"]["state"]]
+        return [t["name"] for t in self.manifest["optimizer"].get("state", [])]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the trainable parameters and optimizer state, by manifest name."""
+        entries = self.manifest["trainable"] + self.manifest["optimizer"].get("state", [])
+        return {t["name"]: tuple(t["shape"]) for t in entries}
 
     def program(self, role: str) -> Path:
         programs = self.manifest["programs"]
@@ -70,53 +193,64 @@ class Bundle:
         return safe_path(self.root, programs[role])
 
     def initial_state(self) -> dict[str, np.ndarray]:
-        """Initial trainable parameters and optimizer state, keyed by manifest name."""
+        """Initial trainable parameters and optimizer state, keyed by manifest name (checked
+        against the manifest's shapes; finite floats only; never unpickled)."""
         path = safe_path(self.root, self.manifest["state_file"])
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except Exception as e:  # numpy raises several types for corrupt archives
-            raise BundleError(f"cannot read initial state '{path.name}': {e}") from None
+        except Exception as e:  # numpy raises several types for corrupt archives and refused pickles
+            why = "it holds pickled objects, which are refused" if "pickle" in str(e) else type(e).__name__
+            raise BundleError(f"cannot read initial state '{path.name}': {why}") from None
         names = self.manifest["state_keys"]
         missing = [n for n in names.values() if n not in arrays]
         if missing:
             raise BundleError(f"initial state lacks arrays {missing[:3]}")
-        return {name: arrays[key] for name, key in names.items()}
+        state = {}
+        for name, shape in self.tensor_shapes().items():
+            a = arrays[names[name]]
+            if a.dtype.kind != "f" or tuple(a.shape) != shape:
+                raise BundleError(f"initial state '{name}' is {a.dtype}{list(a.shape)}, the manifest says "
+                                  f"float32{list(shape)}")
+            if not np.isfinite(a).all():
+                raise BundleError(f"initial state '{name}' holds NaN or Inf values")
+            state[name] = a
+        return state
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle directory, checking format, version and every file's sha256."""
+    """Read a bundle directory, checking format, version, structure and every file's sha256."""
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"bundle directory '{root}' does not exist")
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise BundleError(f"'{root}' is not an edgetl bundle: no {MANIFEST}")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{MANIFEST} is not valid JSON: {e}") from None
+        if not root.is_dir():
+            raise BundleError(f"bundle directory '{root}' does not exist")
+        mpath = safe_path(root, MANIFEST)
+        if not mpath.is_file():
+            raise BundleError(f"'{root}' is not an edgetl bundle: no {MANIFEST}")
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not an edgetl manifest")
+        raw = mpath.read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read bundle '{root}': {e.strerror or type(e).__name__}") from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
+        raise BundleError(f"{MANIFEST} is not valid JSON: {str(e)[:120]}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST} is not an edgetl bundle manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"bundle format version {manifest.get('format_version')!r} is not supported "
+    version = manifest.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise BundleError(f"bundle format version {_short(version)} is not supported "
                           f"(this runtime reads version {FORMAT_VERSION}); re-export the bundle")
-    for key in ("target", "input", "num_classes", "programs", "trainable", "optimizer", "state_file",
-                "state_keys", "files"):
-        if key not in manifest:
-            raise BundleError(f"{MANIFEST} lacks '{key}'")
-    if manifest["target"] not in TARGETS:
-        raise BundleError(f"unknown target {manifest['target']!r}; this runtime runs {', '.join(TARGETS)}")
-    files = manifest["files"]
-    if not isinstance(files, dict):
-        raise BundleError(f"{MANIFEST} 'files' must map names to sha256 digests")
-    for rel in list(manifest["programs"].values()) + [manifest["state_file"]]:
-        if rel not in files:
-            raise BundleError(f"bundle file '{rel}' has no checksum in the manifest")
-    for rel, digest in files.items():
+    validate_manifest(manifest)
+    for rel, digest in manifest["files"].items():
         p = safe_path(root, rel)
-        if not p.is_file():
-            raise BundleError(f"bundle file '{rel}' is missing")
-        if sha256(p) != digest:
-            raise BundleError(f"bundle file '{rel}' fails its sha256 check (corrupt or altered)")
+        try:
+            if not p.is_file():
+                raise BundleError(f"bundle file {_short(rel)} is missing")
+            ok = sha256(p) == digest
+        except OSError as e:
+            raise BundleError(f"cannot read bundle file {_short(rel)}: {e.strerror or type(e).__name__}") from None
+        if not ok:
+            raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (corrupt or altered)")
     return Bundle(root, manifest)

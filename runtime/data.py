@@ -68,7 +68,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in NPZ_KEYS}
     except InputError:
         raise
-    except ValueError as e:
-        raise InputError(f"data file '{path}' holds pickled objects, which are refused") from None
-    except Exception as e:
+    except Exception as e:  # zip and npy parsers raise many types on corrupt input
+        if isinstance(e, ValueError) and "pickle" in str(e):
+            raise InputError(f"data file '{path}' holds pickled objects, which are refused") from None
         raise InputError(f"data file '{path}' is corrupt ({type(e).__name__})") from None

@@ -3,6 +3,8 @@ Imports numpy and a runtime only, never torch."""
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +15,14 @@ from . import checkpoint as ckpt
 from .backends import Backend, make_backend
 from .bundle import Bundle, load_bundle
 from .data import check_images, check_labels, normalize
-from .errors import CheckpointError, DivergenceError, InputError
+from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError
 from .progress import Progress
 
 SCHEDULES = ("constant", "cosine")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclass
@@ -44,7 +50,14 @@ class Trainer:
     @classmethod
     def load(cls, path: str | Path, **backend_options) -> "Trainer":
         bundle = load_bundle(path)
-        return cls(bundle, make_backend(bundle, **backend_options))
+        try:
+            backend = make_backend(bundle, **backend_options)
+        except EdgeRuntimeError:
+            raise
+        except Exception as e:  # a program the runtime refuses although its checksum matches (foreign file)
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise BundleError(f"the {bundle.target} runtime cannot load bundle '{path}': {msg}") from e
+        return cls(bundle, backend)
 
     # ---- data -------------------------------------------------------------------------------
     def _x(self, x, what="x") -> np.ndarray:
@@ -67,28 +80,41 @@ class Trainer:
         """Train for `epochs` passes over (x, y) in shuffled full batches (a last partial batch is
         dropped). With `checkpoint`, state is saved every `checkpoint_every` steps (0: each epoch)
         and, if the file exists, training resumes from it."""
+        # Everything is checked before anything changes: a rejected call leaves the trainer as it was.
         xs, ys = self._xy(x, y)
         b = self.bundle.batch_size
         if len(xs) < b:
             raise InputError(f"the bundle trains on batches of {b}, but only {len(xs)} samples were given")
-        if not isinstance(epochs, int) or epochs < 1:
+        if not _is_int(epochs) or epochs < 1:
             raise InputError(f"epochs must be a positive integer, got {epochs!r}")
-        if schedule not in SCHEDULES:
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        if lr is not None and not (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+                                   and math.isfinite(lr) and lr > 0):
             raise InputError(f"lr must be a positive number, got {lr!r}")
+        if not _is_int(seed) or seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        if not _is_int(checkpoint_every) or checkpoint_every < 0:
+            raise InputError(f"checkpoint_every must be a non-negative integer, got {checkpoint_every!r}")
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise InputError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
         per_epoch = len(xs) // b
         if checkpoint is not None and Path(checkpoint).exists():
             self.load_checkpoint(checkpoint)
+            if lr is not None:  # an explicit lr wins over the checkpoint's (e.g. lowered after a divergence)
+                self.schedule["lr"] = float(lr)
         else:
             self.schedule = {"name": schedule, "lr": float(lr if lr is not None else self.schedule["lr"]),
-                             "total_steps": self.step + epochs * per_epoch}
+                             "total_steps": self.step + epochs * per_epoch, "start_step": self.step}
         end = self.schedule["total_steps"] if self.schedule["total_steps"] else self.step + epochs * per_epoch
+        # Where this fit began (kept in the checkpoint, so a resume replays the same shuffles even if
+        # it is given another `epochs`); never after the current step.
+        start = min(self.schedule.get("start_step", end - epochs * per_epoch), self.step)
         result = FitResult(steps=self.step)
         bar = Progress(end - self.step, desc="fit", enabled=progress)
         try:
             while self.step < end:
-                epoch, offset = divmod(self.step - (end - epochs * per_epoch), per_epoch)
+                epoch, offset = divmod(self.step - start, per_epoch)
                 order = np.random.default_rng(seed + epoch).permutation(len(xs))
                 for i in range(offset, per_epoch):
                     idx = order[i * b : (i + 1) * b]
@@ -108,10 +134,25 @@ class Trainer:
         result.steps = self.step
         return result
 
+    def _run(self, program: str, fn, *args, restore: dict | None = None):
+        """Call the backend; a failure of the runtime itself (e.g. a program that does not match
+        the manifest, which the runtime only finds when it runs) becomes a BundleError, with the
+        state as it was."""
+        try:
+            return fn(*args)
+        except (EdgeRuntimeError, MemoryError):
+            raise
+        except Exception as e:
+            if restore is not None:
+                self.backend.set_state(restore)
+            msg = " ".join(str(e).split())[:300] or type(e).__name__
+            raise BundleError(f"the {self.bundle.target} runtime failed to run the bundle's '{program}' program "
+                              f"(does the manifest match its programs?): {msg}") from e
+
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         before = self.backend.get_state()
         t0 = time.perf_counter()
-        loss, _ = self.backend.train_step(x, y, self.lr_at(self.step))
+        loss, _ = self._run("train_step", self.backend.train_step, x, y, self.lr_at(self.step), restore=before)
         ms = 1000 * (time.perf_counter() - t0)
         if not math.isfinite(loss) or not all(np.isfinite(v).all() for v in self.backend.get_state().values()):
             self.backend.set_state(before)
@@ -122,8 +163,11 @@ class Trainer:
 
     # ---- inference --------------------------------------------------------------------------
     def predict_logits(self, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+        if not _is_int(chunk) or chunk < 1:
+            raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         xs = self._x(x)
-        return np.concatenate([self.backend.logits(xs[i : i + chunk]) for i in range(0, len(xs), chunk)])
+        return np.concatenate([self._run("eval", self.backend.logits, xs[i : i + chunk])
+                               for i in range(0, len(xs), chunk)])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.predict_logits(x).argmax(1)
@@ -147,8 +191,7 @@ class Trainer:
         arrays, header = ckpt.load_checkpoint(path)
         if header.get("bundle") != self.bundle.manifest["files"]:
             raise CheckpointError(f"checkpoint '{path}' belongs to another bundle")
-        expected = {t["name"]: tuple(t["shape"]) for t in self.bundle.manifest["trainable"]}
-        expected |= {t["name"]: tuple(t["shape"]) for t in self.bundle.manifest["optimizer"]["state"]}
+        expected = self.bundle.tensor_shapes()
         got = {k: tuple(v.shape) for k, v in arrays.items()}
         if got != expected:
             raise CheckpointError(f"checkpoint '{path}' does not match the bundle's tensors")

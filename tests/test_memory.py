@@ -20,20 +20,21 @@ def test_tiny_net_bias_by_hand():
     assert m.input_bytes == 2 * 16 * 4 + 2 * 8  # batch + int64 labels
     # kept: the ReLU output (2x2x4x4 fp32 = 256 B), shared with the head's kept input
     assert m.kept_activations_bytes == 256
-    # peak: during the ReLU backward, live are the logits 16, head grads 8+256, ReLU output 256,
-    # incoming gradient 256 and the ReLU's input gradient 256
-    assert m.transient_peak_bytes == 16 + 264 + 256 + 256 + 256
-    assert m.analytic_peak_bytes == 26 + 272 + 272 + 144 + 1048
+    # peak: inside the ReLU backward g * (y > 0).float(): live are the logits 16, their gradient 16,
+    # the loss 4, head grads 8+256, the kept ReLU output 256, the incoming gradient 256, the mask
+    # cast to float 256 and the product 256
+    assert m.transient_peak_bytes == 16 + 16 + 4 + 264 + 256 + 256 + 256 + 256
+    assert m.analytic_peak_bytes == 26 + 272 + 272 + 144 + 1324
 
 
 def test_tiny_net_bias_mask_by_hand():
     m = edgetl.prepare(_tiny(), "bias+mask", num_classes=2, input_size=4).memory(batch_size=2)
     # kept: a bool mask of 64 elements (64 B) plus the head's fp32 input (256 B)
     assert m.kept_activations_bytes == 64 + 256
-    # peak: during the head's backward: logits 16 + their gradient 16 + head grads 264 + kept 320
-    # + the head's input gradient 256
-    assert m.transient_peak_bytes == 16 + 16 + 264 + 320 + 256
-    assert m.analytic_peak_bytes == 26 + 272 + 272 + 144 + 872
+    # peak: inside the ReLU backward; as above, with the 64 B mask kept instead of the 256 B
+    # output (the head's kept input was freed after the head's backward)
+    assert m.transient_peak_bytes == 16 + 16 + 4 + 264 + 64 + 256 + 256 + 256
+    assert m.analytic_peak_bytes == 26 + 272 + 272 + 144 + 1132
 
 
 def test_head_only_keeps_only_the_features():

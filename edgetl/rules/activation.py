@@ -19,7 +19,8 @@ class _Activation(Rule):
 
     def backward(self, g, kept, w, need):
         if "m" in kept:
-            return [g * kept["m"].to(g.dtype) * self.mask_scale], {}
+            gm = g * kept["m"].to(g.dtype)
+            return [gm * self.mask_scale if self.mask_scale != 1.0 else gm], {}
         return [self._float_backward(g, kept)], {}
 
     mask_scale = 1.0

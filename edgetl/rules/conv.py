@@ -75,7 +75,7 @@ class Conv2d(Rule):
         oph = h + t + b - ((ho - 1) * sh + dh * (kh - 1) + 1)
         opw = wd + l + r - ((wo - 1) * sw + dw * (kw - 1) + 1)
         gx = F.conv_transpose2d(g, weight, None, self.stride, 0, (oph, opw), self.groups, self.dilation)
-        return gx[:, :, t : t + h, l : l + wd]
+        return gx[:, :, t : t + h, l : l + wd].clone()  # a copy, as in the exported Slice: frees gx
 
     def _flip_transpose(self, weight: Tensor) -> Tensor:
         cout, cin_g, kh, kw = weight.shape

@@ -75,4 +75,4 @@ class GlobalAvgPool(Rule):
 
     def backward(self, g, kept, w, need):
         c, h, wd = self.in_shapes[0]
-        return [(g / (h * wd)).expand(-1, c, h, wd)], {}
+        return [(g / (h * wd)).expand(-1, c, h, wd).contiguous()], {}  # materialised, as ONNX Expand is

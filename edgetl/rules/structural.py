@@ -110,4 +110,4 @@ class Pad(Rule):
     def backward(self, g, kept, w, need):
         l, r, t, b = self.pads
         _, h, wd = self.out_shape
-        return [g[:, :, t : h - b, l : wd - r]], {}
+        return [g[:, :, t : h - b, l : wd - r].clone()], {}

@@ -75,7 +75,10 @@ void* etl_open(const void* data, size_t size, const char* name) {
   auto h = std::make_unique<Handle>();
   h->loader = std::make_unique<BufferDataLoader>(data, size);
   auto program = Program::load(h->loader.get(), Program::Verification::InternalConsistency);
-  if (!program.ok()) { fail("cannot load the program (error " + std::to_string((int)program.error()) + ")"); return nullptr; }
+  if (!program.ok()) {
+    fail("cannot load the program (error " + std::to_string((int)program.error()) + ")");
+    return nullptr;
+  }
   h->program = std::make_unique<Program>(std::move(program.get()));
   auto meta = h->program->method_meta(name);
   if (!meta.ok()) { fail(std::string("the program has no method '") + name + "'"); return nullptr; }
@@ -115,7 +118,12 @@ int etl_set_input(void* p, int i, void* data, int dtype, int ndim, const int64_t
   int32_t sz[16], st[16];
   uint8_t order[16];
   int32_t stride = 1;
-  for (int d = ndim - 1; d >= 0; --d) { sz[d] = (int32_t)sizes[d]; st[d] = stride; stride *= sz[d]; order[d] = (uint8_t)d; }
+  for (int d = ndim - 1; d >= 0; --d) {
+    sz[d] = (int32_t)sizes[d];
+    st[d] = stride;
+    stride *= sz[d];
+    order[d] = (uint8_t)d;
+  }
   TensorImpl impl((ScalarType)dtype, ndim, sz, data, order, st);
   Error e = static_cast<Handle*>(p)->method->set_input(EValue(Tensor(&impl)), i);
   if (e != Error::Ok) return fail("input " + std::to_string(i) + " was refused (error " + std::to_string((int)e) + ")");
@@ -165,11 +173,17 @@ def _build_shim() -> Path:
         return Path(prebuilt)
     root = _executorch_root()
     inc, lib = root / "include", root / "lib"
-    if not (inc / "executorch" / "runtime" / "executor" / "program.h").is_file() or not (lib / "libexecutorch.so").is_file():
-        raise EdgeRuntimeError(f"the executorch package at {root} ships no C++ runtime (include/, lib/libexecutorch.so)")
+    if not (inc / "executorch" / "runtime" / "executor" / "program.h").is_file() or \
+            not (lib / "libexecutorch.so").is_file():
+        raise EdgeRuntimeError(f"the executorch package at {root} ships no C++ runtime "
+                               "(include/, lib/libexecutorch.so)")
     version = (root / "version.py").read_bytes() if (root / "version.py").is_file() else b""
     key = hashlib.sha256(_SHIM_SOURCE.encode() + version + str(root).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("EDGETL_CACHE", Path.home() / ".cache" / "edgetl"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir()) / "edgetl-cache"
     target = cache / f"libedgetl_executorch_{key}.so"
     if target.is_file():
         return target
@@ -177,7 +191,6 @@ def _build_shim() -> Path:
     if not cxx:
         raise EdgeRuntimeError("the executorch backend needs a C++ compiler once, to build its runtime shim "
                                "(or set EDGETL_ET_SHIM to a prebuilt one)")
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, obj = Path(tmp) / "shim.cpp", Path(tmp) / "shim.so"
         src.write_text(_SHIM_SOURCE)
@@ -221,13 +234,14 @@ class NativeMethod:
 
     def __init__(self, path: Path, method: str = "forward"):
         self.L = _lib()
-        data = Path(path).read_bytes()
         # The runtime reads constants and delegate blobs from this buffer: keep it alive (and aligned).
-        raw = np.empty(len(data) + _ALIGN, np.uint8)
+        size = Path(path).stat().st_size
+        raw = np.empty(size + _ALIGN, np.uint8)
         off = (-raw.ctypes.data) % _ALIGN
-        self._buffer = raw[off : off + len(data)]
-        self._buffer[:] = np.frombuffer(data, np.uint8)
-        del data
+        self._buffer = raw[off : off + size]
+        with open(path, "rb") as f:
+            if f.readinto(memoryview(self._buffer)) != size:
+                raise EdgeRuntimeError(f"cannot read '{Path(path).name}'")
         self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
         if not self.h:
             raise EdgeRuntimeError(f"ExecuTorch cannot load '{Path(path).name}': {self._error()}")
@@ -288,7 +302,8 @@ class PybindMethod:
         self.planned_bytes = None
         for i in range(meta.num_inputs()):
             info = meta.input_tensor_meta(i)
-            self.inputs.append((np.dtype({6: np.float32, 4: np.int64}.get(info.dtype(), np.float32)), tuple(info.sizes())))
+            dtype = np.dtype({6: np.float32, 4: np.int64}.get(info.dtype(), np.float32))
+            self.inputs.append((dtype, tuple(info.sizes())))
 
     def __call__(self, inputs):
         import torch
@@ -308,7 +323,8 @@ class ExecuTorchBackend(Backend):
         io = bundle.manifest.get("io", {})
         expect_train = ["x", "y", "lr", *(f"param:{t}" for t in bundle.trainable),
                         *(f"state:{s}" for s in bundle.state_names)]
-        if io.get("train_step", {}).get("inputs", expect_train) != expect_train or len(self.train.inputs) != len(expect_train):
+        declared = io.get("train_step", {}).get("inputs", expect_train)
+        if declared != expect_train or len(self.train.inputs) != len(expect_train):
             raise EdgeRuntimeError("the train_step program's inputs do not match the manifest")
         self.batch = int(self.eval.inputs[0][1][0])
         self.set_state(bundle.initial_state())

@@ -1,0 +1,243 @@
+"""`edgetl validate`: run a bundle's training step in torch on a desktop device (CUDA, or CPU)
+and check it against the on-device runtime.
+
+    edgetl validate BUNDLE --data FILE.npz --device cuda [--epochs N] [--steps K] --json
+
+The bundle's manifest names the model, recipe, classes, input, frozen dtype and optimizer; the
+same model is prepared again on the host and the bundle's own initial state (state.npz) is loaded
+into the torch lean step (`LeanStep`), so both sides start from identical numbers. Then:
+
+1. training: `epochs` passes over x_train in the runtime's order (`fit`'s shuffling,
+   `np.random.default_rng(seed + epoch).permutation`, full batches, constant lr), timed per
+   epoch, then train and test accuracy;
+2. parity: the first `steps` steps from the initial state in torch on the device and in the
+   runtime on CPU (`edgetl.runtime.Trainer`, the bundle's own program) with identical batches;
+   every trainable tensor must agree within `tolerance` (max abs difference relative to the
+   tensor's largest magnitude).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import EdgeTLError
+
+TOLERANCE = 1e-4
+_OPT_FIELDS = ("name", "lr", "momentum", "weight_decay", "beta1", "beta2", "eps")
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| (b the reference), with a floor so all-zero tensors compare absolutely."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def resolve_device(device: str) -> tuple[torch.device, str | None]:
+    """The torch device to run on, and a note when CUDA was asked for but is not available."""
+    if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
+        raise EdgeTLError(f"--device must be cuda, cuda:N or cpu, got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu"), "CUDA is not available on this machine (torch " + torch.__version__ + \
+            "); validated on CPU instead"
+    return torch.device(device), None
+
+
+def _optimizer(manifest: dict):
+    from .optim import OptimizerConfig
+
+    o = manifest["optimizer"]
+    return OptimizerConfig(**{k: o[k] for k in _OPT_FIELDS if k in o})
+
+
+def _batches(n: int, b: int, seed: int, start_epoch: int, steps: int):
+    """Index arrays of the first `steps` batches that Trainer.fit takes (from epoch `start_epoch`)."""
+    per_epoch = n // b
+    out, epoch = [], start_epoch
+    while len(out) < steps:
+        order = np.random.default_rng(seed + epoch).permutation(n)
+        out += [order[i * b : (i + 1) * b] for i in range(per_epoch)]
+        epoch += 1
+    return out[:steps]
+
+
+def _accuracy(evaluator, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], chunk: int = 256) -> float:
+    with torch.no_grad():
+        correct = sum(int((evaluator(x[i : i + chunk], *params).argmax(1) == y[i : i + chunk]).sum())
+                      for i in range(0, len(x), chunk))
+    return correct / len(x)
+
+
+def validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs: int = 1, steps: int = 5,
+             seed: int = 0, lr: float | None = None, model: str | None = None, init_seed: int | None = None,
+             tolerance: float = TOLERANCE, warn=None) -> dict:
+    """Validate `bundle` on `device` with `data` (an .npz of x_train, y_train, x_test, y_test in [0, 1]);
+    see the module docstring. `seed` is the shuffling seed (as `fit --seed`); `init_seed` the seed the
+    bundle was prepared with (default: the manifest's "seed", else 0), used only to check that the
+    host re-prepares the same initial parameters. Returns a JSON-able report; report["ok"] is the
+    parity verdict."""
+    from .prepared import prepare
+    from .runtime import Trainer, load_bundle
+    from .runtime.data import check_images, check_labels, load_npz, normalize
+    from .step import LeanEval
+
+    if not isinstance(epochs, int) or epochs < 0:
+        raise EdgeTLError(f"--epochs must be an integer ≥ 0, got {epochs!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise EdgeTLError(f"--steps must be an integer ≥ 1, got {steps!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise EdgeTLError(f"--seed must be an integer ≥ 0, got {seed!r}")
+    if lr is not None and not lr > 0:
+        raise EdgeTLError(f"--lr must be positive, got {lr!r}")
+    if not tolerance > 0:
+        raise EdgeTLError(f"--tolerance must be positive, got {tolerance!r}")
+    dev, note = resolve_device(device)
+    if note and warn is not None:
+        warn(note)
+
+    b = load_bundle(bundle)
+    m = b.manifest
+    for key in ("model", "recipe", "frozen_dtype"):
+        if key not in m:
+            raise EdgeTLError(f"the bundle's manifest lacks '{key}'; re-export it with this edgetl")
+    init_seed = int(m.get("seed", 0) if init_seed is None else init_seed)
+    c, h, w = b.input_shape
+    if h != w:
+        raise EdgeTLError(f"the bundle's input is {h}×{w}; edgetl prepares square inputs only")
+    opt = _optimizer(m)
+    lr = float(opt.lr if lr is None else lr)
+
+    # ---- the same prepared model on the host, started from the bundle's own initial state ----
+    pm = prepare(model or m["model"], m["recipe"], b.num_classes, h, m["frozen_dtype"], init_seed)
+    if pm.trainable != b.trainable:
+        raise EdgeTLError(f"re-preparing {m['model']} with recipe {m['recipe']} gives other trainable tensors than "
+                          f"the bundle has; was it exported from another model (pass --model)?")
+    if (pm.in_channels, pm.input_size) != (c, h):
+        raise EdgeTLError(f"re-prepared input {pm.in_channels}×{pm.input_size}² does not match the bundle's {c}×{h}×{w}")
+    init = b.initial_state()
+    host0 = pm.initial_params()
+    init_diff = max(float(np.abs(host0[t].numpy() - init[t]).max()) for t in b.trainable)
+    step = pm.step_module(opt).to(dev)
+    params0 = {t: torch.from_numpy(np.array(init[t])).to(dev) for t in b.trainable}
+    state0 = {k: v.to(dev) for k, v in step.init_state(params0).items()}
+    for k in b.state_names:  # the bundle's optimizer state, where the bundle carries it
+        state0[k] = torch.from_numpy(np.array(init[k])).to(dev)
+
+    # ---- data, normalised exactly as the runtime does it ----
+    arrays = load_npz(data)
+    xs = normalize(check_images(arrays["x_train"], b.input_shape, "x_train"), m)
+    ys = check_labels(arrays["y_train"], len(xs), b.num_classes, "y_train")
+    xt = normalize(check_images(arrays["x_test"], b.input_shape, "x_test"), m)
+    yt = check_labels(arrays["y_test"], len(xt), b.num_classes, "y_test")
+    bs = b.batch_size
+    if len(xs) < bs:
+        raise EdgeTLError(f"the bundle trains on batches of {bs}, but x_train has only {len(xs)} samples")
+    per_epoch = len(xs) // bs
+    x_dev, y_dev = torch.from_numpy(xs).to(dev), torch.from_numpy(ys).to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    # ---- parity: the first `steps` steps, torch on the device vs the runtime on CPU ----
+    batches = _batches(len(xs), bs, seed, 0, steps)  # what fit(seed=seed) takes from step 0
+    p, s = dict(params0), dict(state0)
+    torch_losses = []
+    with torch.no_grad():
+        for idx in batches:
+            ti = torch.from_numpy(idx).to(dev)
+            loss, _, p, s, _ = step.run(x_dev[ti], y_dev[ti], lr, p, s)
+            torch_losses.append(float(loss))
+    trainer = Trainer.load(b.root)
+    trainer.schedule["lr"] = lr
+    rt_losses, rt_ms = [], []
+    for idx in batches:
+        loss, ms = trainer._train_step(xs[idx], ys[idx])
+        rt_losses.append(loss)
+        rt_ms.append(ms)
+    rt = trainer.backend.get_state()
+    errs = {t: _rel_err(p[t].detach().cpu().numpy(), rt[t]) for t in b.trainable}
+    worst = max(errs, key=errs.get)
+    loss_diff = max(abs(a - r) for a, r in zip(torch_losses, rt_losses))
+    parity = {
+        "steps": steps, "tolerance": tolerance,
+        "metric": "max |torch - runtime| / max |runtime| per trainable tensor, after the steps",
+        "max_rel_err": errs[worst], "worst_tensor": worst,
+        "loss_max_abs_diff": loss_diff, "torch_losses": torch_losses, "runtime_losses": rt_losses,
+        "runtime": f"{b.target} target, {type(trainer.backend).__name__} on CPU",
+        "runtime_step_ms_median": float(np.median(rt_ms)),
+        "ok": bool(errs[worst] <= tolerance),
+    }
+
+    # ---- training on the device: `epochs` passes in fit's order ----
+    p, s = dict(params0), dict(state0)
+    epoch_s, losses = [], []
+    sync()
+    with torch.no_grad():
+        for epoch in range(epochs):
+            order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(len(xs))).to(dev)
+            t0 = time.perf_counter()
+            for i in range(per_epoch):
+                idx = order[i * bs : (i + 1) * bs]
+                loss, _, p, s, _ = step.run(x_dev[idx], y_dev[idx], lr, p, s)
+            sync()
+            epoch_s.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+            if not np.isfinite(losses[-1]):
+                raise EdgeTLError(f"training diverged in epoch {epoch + 1} (loss {losses[-1]}); try a lower --lr")
+    evaluator = LeanEval(pm).to(dev)
+    flat = [p[t] for t in b.trainable]
+    report = {
+        "bundle": str(b.root), "model": m["model"], "recipe": m["recipe"], "target": b.target,
+        "device": str(dev), "device_requested": device,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "cuda_available": torch.cuda.is_available(), "note": note,
+        "seed": seed, "init_seed": init_seed, "init_matches_prepare": init_diff == 0.0, "init_max_abs_diff": init_diff,
+        "batch_size": bs, "lr": lr, "optimizer": opt.name, "epochs": epochs, "steps_per_epoch": per_epoch,
+        "epoch_s": epoch_s, "epoch_s_mean": float(np.mean(epoch_s)) if epoch_s else None,
+        "step_ms": 1000 * float(np.mean(epoch_s)) / per_epoch if epoch_s else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_accuracy": _accuracy(evaluator, x_dev, y_dev, flat),
+        "test_accuracy": _accuracy(evaluator, torch.from_numpy(xt).to(dev), torch.from_numpy(yt).to(dev), flat),
+        "parity": parity, "ok": parity["ok"],
+    }
+    return report
+
+
+def format_report(r: dict) -> str:
+    p = r["parity"]
+    lines = [f"{r['model']} · {r['recipe']} · {r['target']} bundle · validated on {r['device']} ({r['device_name']})"]
+    if r["note"]:
+        lines.append(f"  note: {r['note']}")
+    if not r["init_matches_prepare"]:
+        lines.append(f"  note: prepare(seed={r['init_seed']}) gives other initial parameters than the bundle "
+                     f"(max diff {r['init_max_abs_diff']:.3g}); the bundle's own initial state was used")
+    if r["epochs"]:
+        lines.append(f"  trained {r['epochs']} epoch(s) × {r['steps_per_epoch']} steps, batch {r['batch_size']}, "
+                     f"lr {r['lr']:g}: {r['epoch_s_mean']:.2f} s/epoch ({r['step_ms']:.1f} ms/step), "
+                     f"final loss {r['final_loss']:.4f}")
+    lines.append(f"  accuracy: train {100 * r['train_accuracy']:.1f}%  test {100 * r['test_accuracy']:.1f}%")
+    lines.append(f"  parity over {p['steps']} steps vs {p['runtime']}: max rel err {p['max_rel_err']:.2e} "
+                 f"({p['worst_tensor']}), loss diff {p['loss_max_abs_diff']:.2e}, tolerance {p['tolerance']:g}: "
+                 f"{'OK' if p['ok'] else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def main_validate(args) -> int:
+    """The `edgetl validate` command (see cli.py); exit 0 if parity holds, 1 if not."""
+    import json
+
+    def warn(msg: str) -> None:
+        print(f"edgetl validate: warning: {msg}", file=sys.stderr)
+
+    r = validate(args.bundle, args.data, args.device, args.epochs, args.steps, args.seed, args.lr, args.model,
+                 args.init_seed, args.tolerance, warn)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 0 if r["ok"] else 1

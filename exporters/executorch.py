@@ -1,0 +1,339 @@
+"""The `executorch` target: the lean step as one ExecuTorch program (`train_step.pte`) and the
+eval program (`eval.pte`), both memory-planned with static shapes (batch = the bundle's batch).
+
+Trainable parameters and optimizer state are program inputs; the new values are outputs, as in
+the `onnx` target. With `delegate=True` (the default) the frozen compute is lowered to XNNPACK:
+
+* XNNPACK takes a conv (or linear) only when its weight is a program constant, so for this target
+  frozen weights are stored in the program as fp32 constants, dequantized from int8 at export
+  time (run-time dequantization would leave every conv on the slow portable kernels). Derived
+  constants (the flipped kernels of the backward's input-gradient convs) are folded at export.
+  The price: the .pte holds fp32 weights (forward and flipped copies), ~7x the int8 onnx file.
+* A trainable bias of a frozen-weight conv/linear is emitted as a separate add after the
+  bias-free op, so it is a plain program input, never part of a delegated op (XNNPACK bakes
+  *constant* biases into its packed weights; in ExecuTorch's joint-graph flow that silently
+  freezes them). Measured: with the bias inside the conv XNNPACK also trains correctly here
+  (the bias is an input, not a constant), but the separate add is faster.
+* `g * mask.float()` in the masked backward is rewritten to `where(mask, g, 0)` (exact): the
+  bool→float cast is a slow generic kernel in ExecuTorch and its float copy costs planned memory.
+
+With `delegate=False` only ExecuTorch's own kernels are used and int8 weights stay int8 in the
+program, dequantized where they are used (small file, ~50x slower step).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgetl.rules.conv import Conv2d
+from edgetl.rules.linear import Linear
+from edgetl.step import LeanEval, LeanStep
+
+TRAIN_FILE, EVAL_FILE = "train_step.pte", "eval.pte"
+
+
+def _trainable(w, role: str) -> bool:
+    """Whether the tensor in `role` of a node's Weights is a trainable (input) tensor."""
+    while not hasattr(w, "roles") and hasattr(w, "w"):  # unwrap views such as program._Anchored
+        w = w.w
+    name = w.roles.get(role)
+    return name is not None and name in w.params
+
+
+def _conv_compute(self, xs, w):
+    if not (_trainable(w, "bias") and not _trainable(w, "weight")):
+        return _ORIG_CONV(self, xs, w)
+    x, pad = self._padded(xs[0])
+    y = F.conv2d(x, w["weight"], None, self.stride, pad, self.dilation, self.groups)
+    return y + w["bias"].reshape(1, -1, 1, 1)
+
+
+def _linear_compute(self, xs, w):
+    if not (_trainable(w, "bias") and not _trainable(w, "weight")):
+        return _ORIG_LINEAR(self, xs, w)
+    return F.linear(xs[0], w["weight"]) + w["bias"]
+
+
+_ORIG_CONV, _ORIG_LINEAR = Conv2d.compute, Linear.compute
+
+
+@contextlib.contextmanager
+def bias_as_add():
+    """While tracing: a trainable bias of a frozen-weight conv/linear becomes a separate add, so
+    the delegated op has no bias to bake. (The conv rule already emits its bias as an add; this
+    keeps the guarantee for linear layers and for any rule that fuses it. Not thread-safe: it
+    swaps the rules' `compute` for the duration of an export.)"""
+    Conv2d.compute, Linear.compute = _conv_compute, _linear_compute
+    try:
+        yield
+    finally:
+        Conv2d.compute, Linear.compute = _ORIG_CONV, _ORIG_LINEAR
+
+
+def weights_as_fp32_constants(module: torch.nn.Module) -> int:
+    """Replace the int8+scale buffers of `module.store` by one fp32 buffer each (dequantized
+    now), so the exported program holds them as constants. Returns how many were converted."""
+    store = module.store
+    n = 0
+    for name, keys in list(store.slots.items()):
+        if len(keys) != 2:
+            continue
+        w = store.dequantize(getattr(store, keys[0]), getattr(store, keys[1])).contiguous()
+        delattr(store, keys[0])
+        delattr(store, keys[1])
+        store.register_buffer(keys[0], w)
+        store.slots[name] = (keys[0],)
+        n += 1
+    return n
+
+
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
+
+
+def _is_bool_to_float(node) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target not in _CASTS:
+        return False
+    src, out = node.args[0], node.meta.get("val")
+    return (isinstance(src, torch.fx.Node) and getattr(src.meta.get("val"), "dtype", None) == torch.bool
+            and getattr(out, "dtype", None) == torch.float32)
+
+
+def masks_as_where(ep) -> int:
+    """Rewrite `g * mask.float()` as `where(mask, g, 0)` and drop `x * 1.0`, in place. Exact. On
+    ExecuTorch's CPU kernels a bool→float cast is a slow generic copy (the largest cost of the
+    masked backward) and its float copy of the mask costs planned memory; `where` has an
+    optimized kernel and reads the bool mask directly. Returns the number of rewrites."""
+    g, n_done = ep.graph, 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.mul.Tensor or len(node.args) != 2:
+            continue
+        a, b = node.args
+        if any(u.op == "output" for u in node.users):
+            continue
+        out = node.meta.get("val")
+        if isinstance(b, (int, float)) and float(b) == 1.0 and isinstance(a, torch.fx.Node):
+            va = a.meta.get("val")
+            if va is not None and out is not None and va.dtype == out.dtype and va.shape == out.shape:
+                node.replace_all_uses_with(a)
+                g.erase_node(node)
+                n_done += 1
+            continue
+        if _is_bool_to_float(b) and isinstance(a, torch.fx.Node):
+            cast, other = b, a
+        elif _is_bool_to_float(a) and isinstance(b, torch.fx.Node):
+            cast, other = a, b
+        else:
+            continue
+        if getattr(other.meta.get("val"), "dtype", None) != torch.float32:
+            continue
+        with g.inserting_before(node):
+            w = g.call_function(torch.ops.aten.where.ScalarOther, (cast.args[0], other, 0.0))
+        w.meta = dict(node.meta)
+        node.replace_all_uses_with(w)
+        g.erase_node(node)
+        n_done += 1
+    g.eliminate_dead_code()
+    ep.graph_module.recompile()
+    return n_done
+
+
+_FINITE_FROM_BOOL = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.slice.Tensor,
+                     torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.sum.default,
+                     torch.ops.aten.sum.dim_IntList, torch.ops.aten.stack.default, torch.ops.aten.add.Tensor,
+                     torch.ops.aten.select.int, torch.ops.aten.unsqueeze.default, torch.ops.aten.flatten.using_ints}
+
+
+def _finite_from_bools(node, seen=None) -> bool:
+    """True if `node` is computed from boolean tensors only, by ops that keep values finite."""
+    seen = set() if seen is None else seen
+    if node in seen:
+        return True
+    seen.add(node)
+    if getattr(node.meta.get("val"), "dtype", None) == torch.bool:
+        return True
+    if node.op != "call_function" or node.target not in _FINITE_FROM_BOOL:
+        return False
+    ins = [a for a in node.all_input_nodes]
+    return bool(ins) and all(_finite_from_bools(a, seen) for a in ins)
+
+
+def drop_zero_anchors(ep) -> int:
+    """Remove `a + s * 0.0` where `s` is made from boolean masks only (so the term is an exact
+    zero), in place. The lean program adds such zeros to biases to force graph runtimes with their
+    own scheduler (onnxruntime) to compute masks early; ExecuTorch runs ops in program order, and
+    the term would turn constant biases into computed ones. Returns the number of adds dropped."""
+    g, n_done = ep.graph, 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.mul.Tensor or len(node.args) != 2:
+            continue
+        s, zero = node.args
+        if not (isinstance(zero, (int, float)) and zero == 0 and isinstance(s, torch.fx.Node)
+                and _finite_from_bools(s)):
+            continue
+        for add in list(node.users):
+            if add.op != "call_function" or add.target != torch.ops.aten.add.Tensor or len(add.args) != 2:
+                continue
+            if add.kwargs.get("alpha", 1) != 1 or any(u.op == "output" for u in add.users):
+                continue
+            other = add.args[1] if add.args[0] is node else add.args[0]
+            vo, va = getattr(other, "meta", {}).get("val"), add.meta.get("val")
+            if vo is None or va is None or vo.shape != va.shape or vo.dtype != va.dtype:
+                continue
+            add.replace_all_uses_with(other)
+            g.erase_node(add)
+            n_done += 1
+    g.eliminate_dead_code()
+    ep.graph_module.recompile()
+    return n_done
+
+
+def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
+    """torch.export → (mask rewrite) → edge (→ XNNPACK) → ExecuTorch program manager."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+    with torch.no_grad(), warnings.catch_warnings(), (bias_as_add() if delegate else contextlib.nullcontext()):
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, args, strict=False)
+        drop_zero_anchors(ep)
+        masks_as_where(ep)
+        # ExecuTorch's own exporter warns about experimental APIs; the program is checked by tests.
+        cfg = EdgeCompileConfig(_check_ir_validity=False)
+        if delegate:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+            ep = constant_prop_pass(ep)  # fold flipped/transposed frozen kernels into constants
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], compile_config=cfg)
+        else:
+            edge = to_edge(ep, compile_config=cfg)
+        return edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+
+
+def _delegated_ops(et) -> dict:
+    """Counts of ops left on ExecuTorch's own kernels and of delegate calls, per program."""
+    plan = et.executorch_program.execution_plan[0]
+    counts: dict[str, int] = {}
+    for chain in plan.chains:
+        for ins in chain.instructions:
+            args = ins.instr_args
+            if hasattr(args, "op_index"):
+                op = plan.operators[args.op_index].name
+                counts[op] = counts.get(op, 0) + 1
+            elif hasattr(args, "delegate_index"):
+                counts["<delegate>"] = counts.get("<delegate>", 0) + 1
+    return {"delegate_calls": counts.pop("<delegate>", 0), "portable_ops": sum(counts.values()),
+            "portable_op_kinds": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+
+
+def planned_bytes(et) -> int:
+    return int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
+
+
+def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate: bool = True) -> dict:
+    params = prepared.initial_params()
+    state = optimizer.init_state(params)
+    snames = optimizer.state_names(prepared.trainable)
+    c, h, w = prepared.graph.input_shape
+    x = torch.zeros(batch_size, c, h, w)
+    y = torch.zeros(batch_size, dtype=torch.int64)
+    lr = torch.tensor(optimizer.lr, dtype=torch.float32)
+    flat = [params[t] for t in prepared.trainable] + [state[k] for k in snames]
+    n = len(prepared.trainable)
+
+    step = LeanStep(prepared, optimizer).eval()
+    ev = LeanEval(prepared).eval()
+    if delegate:
+        weights_as_fp32_constants(step)
+        weights_as_fp32_constants(ev)
+    et_step = _lower(step, (x, y, lr, *flat), delegate)
+    (out / TRAIN_FILE).write_bytes(et_step.buffer)
+    et_eval = _lower(ev, (x, *flat[:n]), delegate)
+    (out / EVAL_FILE).write_bytes(et_eval.buffer)
+
+    frozen_int8 = prepared.graph.frozen_dtype == "int8"
+    info = {
+        "delegate": "xnnpack" if delegate else None,
+        "frozen_weights_in_program": ("fp32 (dequantized from int8 at export)" if frozen_int8 else "fp32")
+        if delegate else ("int8 (dequantized in the program)" if frozen_int8 else "fp32"),
+        "trainable_bias_as_separate_add": bool(delegate),
+        "planned_bytes": planned_bytes(et_step),
+        "planned_bytes_note": "ExecuTorch's memory plan for one step (activations, kept tensors, inputs, "
+                              "outputs); XNNPACK's packed weights and scratch are allocated on top",
+        "eval_planned_bytes": planned_bytes(et_eval),
+        "static_batch": batch_size,
+        "train_step_ops": _delegated_ops(et_step),
+        "eval_ops": _delegated_ops(et_eval),
+    }
+    return {
+        "programs": {"train_step": TRAIN_FILE, "eval": EVAL_FILE},
+        "extra": {
+            "io": {
+                "train_step": {"inputs": ["x", "y", "lr", *(f"param:{t}" for t in prepared.trainable),
+                                          *(f"state:{s}" for s in snames)],
+                               "outputs": ["loss", "logits", *(f"param:{t}" for t in prepared.trainable),
+                                           *(f"state:{s}" for s in snames)]},
+                "eval": {"inputs": ["x", *(f"param:{t}" for t in prepared.trainable)], "outputs": ["logits"]},
+            },
+            "executorch": info,
+        },
+    }
+
+
+# ---- peer baseline: ExecuTorch's own training flow (not wired into `export`) ---------------------
+
+class _JointNet(torch.nn.Module):
+    """The prepared model as an ordinary autograd module: trainable tensors are parameters,
+    frozen ones fp32 buffers (dequantized from int8 at export); forward is (loss, logits)."""
+
+    def __init__(self, prepared):
+        super().__init__()
+        self.prepared = prepared
+        self.fqn = {t: f"p{i}" for i, t in enumerate(prepared.trainable)}
+        params = prepared.initial_params()
+        for t, key in self.fqn.items():
+            self.register_parameter(key, torch.nn.Parameter(params[t].clone()))
+        self.frozen = {}
+        for i, t in enumerate(prepared.stored):
+            self.register_buffer(f"f{i}", prepared.frozen(t).clone())
+            self.frozen[t] = f"f{i}"
+
+    def forward(self, x, y):
+        from edgetl.graph import INPUT
+
+        vals = {INPUT: x}
+        for n in self.prepared.graph.nodes:
+            w = {role: getattr(self, self.fqn[t] if t in self.fqn else self.frozen[t]) for role, t in n.params.items()}
+            vals[n.name] = n.rule.reference([vals[i] for i in n.inputs], w)
+        logits = vals[self.prepared.graph.output]
+        return F.cross_entropy(logits, y), logits.detach()
+
+
+def export_executorch_joint(prepared, batch_size: int, out: Path, name: str = "train_joint.pte") -> dict:
+    """ExecuTorch's joint-graph training flow (torch.export → `_export_forward_backward` → to_edge →
+    to_executorch), the peer baseline for the lean step. The program's outputs are [loss, logits,
+    gradients..., parameters...]; it is run by `executorch.extension.training.TrainingModule`
+    (which needs torch) with an optimizer outside the program. Autograd decides what the backward
+    keeps, so recipe modifiers such as `mask` have no effect here; no XNNPACK delegation (the
+    delegate would bake trainable conv biases into its packed weights).
+
+    Known issue (executorch 1.5.1): the portable `max_pool2d_with_indices_backward` does not zero
+    its output (pytorch/executorch#21686, fixed upstream by #21878), so any conv → max-pool model
+    (e.g. mnist_cnn) gets corrupted conv gradients in this flow; the lean step has no such op."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export.experimental import _export_forward_backward
+
+    net = _JointNet(prepared)
+    c, h, w = prepared.graph.input_shape
+    args = (torch.zeros(batch_size, c, h, w), torch.zeros(batch_size, dtype=torch.int64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = _export_forward_backward(torch.export.export(net, args, strict=False))
+        et = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+    (Path(out) / name).write_bytes(et.buffer)
+    return {"programs": {"joint_step": name},
+            "extra": {"executorch_joint": {"param_fqns": {t: k for t, k in net.fqn.items()},
+                                           "planned_bytes": planned_bytes(et)}}}

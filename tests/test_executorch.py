@@ -1,0 +1,163 @@
+"""The `executorch` target: export (XNNPACK-delegated lean step) and the torch-free backend.
+
+Two small bundles (mnist_cnn 28×28, batch 8) are exported once per module: bias+mask with AdamW
+and side+mask with SGD+momentum. Steps go through the backend's train_step on normalized input,
+as the Trainer does."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+import edgetl  # noqa: E402
+from edgetl.exporters import export  # noqa: E402
+from edgetl.optim import OptimizerConfig  # noqa: E402
+from edgetl.runtime import Trainer  # noqa: E402
+from edgetl.runtime.data import normalize  # noqa: E402
+from edgetl.step import LeanEval  # noqa: E402
+
+B = 8
+RECIPES = {
+    "bias+mask": OptimizerConfig.make("adamw", lr=1e-2, weight_decay=0.01),
+    "side+mask": OptimizerConfig.make("sgd", lr=0.05, momentum=0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("et")
+    out = {}
+    for recipe, opt in RECIPES.items():
+        pm = edgetl.prepare("mnist_cnn", recipe, num_classes=10, input_size=28)
+        out[recipe] = (pm, opt, export(pm, "executorch", root / recipe.replace("+", "_"), opt, batch_size=B))
+    return out
+
+
+def _batches(n: int, seed: int = 0):
+    g = np.random.default_rng(seed)
+    return [(g.random((B, 1, 28, 28), dtype=np.float32), g.integers(0, 10, B).astype(np.int64)) for _ in range(n)]
+
+
+def _torch_steps(pm, opt, manifest, batches):
+    step = pm.step_module(opt)
+    params = pm.initial_params()
+    state = step.init_state(params)
+    for x, y in batches:
+        xt = torch.from_numpy(normalize(x, manifest))
+        _, _, params, state, _ = step.run(xt, torch.from_numpy(y), opt.lr, params, state)
+    return {**params, **state}
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float = 1e-4) -> bool:
+    return float(np.abs(a - b).max()) <= tol * max(1.0, float(np.abs(b).max()))
+
+
+def test_manifest_records_the_design(bundles):
+    _, _, out = bundles["bias+mask"]
+    m = json.loads((out / "manifest.json").read_text())
+    et = m["executorch"]
+    assert m["programs"] == {"train_step": "train_step.pte", "eval": "eval.pte"}
+    assert et["delegate"] == "xnnpack"
+    assert et["frozen_weights_in_program"].startswith("fp32")
+    assert et["planned_bytes"] > 0
+    assert et["train_step_ops"]["delegate_calls"] > 0
+    assert Trainer.load(out).backend.planned_bytes() == et["planned_bytes"]
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_five_steps_match_the_torch_lean_step(bundles, recipe):
+    pm, opt, out = bundles[recipe]
+    batches = _batches(5)
+    t = Trainer.load(out)
+    for x, y in batches:
+        loss, logits = t.backend.train_step(normalize(x, t.bundle.manifest), y, opt.lr)
+        assert np.isfinite(loss) and logits.shape == (B, 10)
+    ref = _torch_steps(pm, opt, t.bundle.manifest, batches)
+    got = t.backend.get_state()
+    assert set(got) == set(ref)
+    bad = {k: float(np.abs(got[k] - ref[k].numpy()).max()) for k in got if not _close(got[k], ref[k].numpy())}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_trainable_tensor_changes(bundles, recipe):
+    """Guards against a delegate baking a trainable tensor (XNNPACK folds conv biases)."""
+    pm, opt, out = bundles[recipe]
+    t = Trainer.load(out)
+    before = t.backend.get_state()
+    (x, y), = _batches(1, seed=1)
+    t.backend.train_step(normalize(x, t.bundle.manifest), y, opt.lr)
+    after = t.backend.get_state()
+    frozen = [n for n in pm.trainable if np.array_equal(before[n], after[n])]
+    assert not frozen, f"trainable tensors that did not change: {frozen}"
+    ref = _torch_steps(pm, opt, t.bundle.manifest, [(x, y)])
+    for n in pm.trainable:
+        assert _close(after[n], ref[n].numpy()), n
+
+
+def test_eval_logits_match_lean_eval(bundles):
+    pm, opt, out = bundles["bias+mask"]
+    t = Trainer.load(out)
+    (x, y), = _batches(1, seed=2)
+    t.backend.train_step(normalize(x, t.bundle.manifest), y, opt.lr)
+    params = t.backend.get_state()
+    xs = np.random.default_rng(3).random((2 * B + 3, 1, 28, 28), dtype=np.float32)  # pads the last chunk
+    got = t.predict_logits(xs)
+    ev = LeanEval(pm).eval()
+    with torch.no_grad():
+        ref = ev(torch.from_numpy(normalize(xs, t.bundle.manifest)),
+                 *(torch.from_numpy(params[n]) for n in pm.trainable)).numpy()
+    assert got.shape == ref.shape == (2 * B + 3, 10)
+    assert _close(got, ref), float(np.abs(got - ref).max())
+
+
+def test_torch_free_process_fits_and_exports(bundles, tmp_path):
+    _, _, out = bundles["side+mask"]
+    code = (
+        "from edgetl.runtime.notorch import block_torch; block_torch()\n"
+        "import json, sys, numpy as np\n"
+        "from edgetl.runtime import Trainer\n"
+        "g = np.random.default_rng(0)\n"
+        f"x = g.random((3 * {B}, 1, 28, 28), dtype=np.float32); y = g.integers(0, 10, 3 * {B})\n"
+        f"t = Trainer.load({str(out)!r})\n"
+        "r = t.fit(x, y, epochs=2)\n"
+        "acc = t.evaluate(x, y)['accuracy']\n"
+        f"files = t.export_inference({str(tmp_path / 'model.pte')!r})\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n"
+        "print(json.dumps({'steps': r.steps, 'losses': r.losses, 'acc': acc, 'files': [str(f) for f in files]}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["steps"] == 6
+    losses = res["losses"]
+    assert all(np.isfinite(losses)) and sum(losses[3:]) < sum(losses[:3])  # epoch 2 beats epoch 1
+    names = sorted(p.rsplit("/", 1)[-1] for p in res["files"])
+    assert names == ["model.json", "model.npz", "model.pte"]
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["inputs"][0] == "x" and meta["static_batch"] == B
+
+
+def test_native_runner_reports_planned_memory(bundles):
+    """The runtime's own plan for the step equals what the exporter recorded."""
+    _, _, out = bundles["side+mask"]
+    t = Trainer.load(out)
+    assert t.backend.train.planned_bytes == t.bundle.manifest["executorch"]["planned_bytes"]
+
+
+def test_checkpoint_roundtrip_keeps_zero_dim_state(bundles, tmp_path):
+    """AdamW's `step` is 0-d: it must stay 0-d through get_state/set_state and a checkpoint."""
+    _, opt, out = bundles["bias+mask"]
+    t = Trainer.load(out)
+    (x, y), = _batches(1, seed=4)
+    t.backend.train_step(normalize(x, t.bundle.manifest), y, opt.lr)
+    t.save_checkpoint(tmp_path / "ck.npz")
+    u = Trainer.load(out)
+    u.load_checkpoint(tmp_path / "ck.npz")
+    a, b = t.backend.get_state(), u.backend.get_state()
+    assert a["step"].shape == () and float(a["step"]) == 1.0
+    assert all(np.array_equal(a[k], b[k]) for k in a)
