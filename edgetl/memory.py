@@ -157,7 +157,8 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
     y = torch.empty(batch_size, dtype=torch.int64, device=meta)
     params = {t: v.to(meta) for t, v in prepared.initial_params().items()}
     state = {k: v.to(meta) for k, v in optimizer.init_state(prepared.initial_params()).items()}
-    program = Program(prepared.graph, lambda name: torch.empty(prepared.graph.tensors[name].shape, device=meta))
+    shapes = {name: t.shape for name, t in prepared.graph.tensors.items()}
+    program = Program(prepared.graph, lambda name, zero=None: torch.empty(shapes[name], device=meta))
     tracker = Tracker()
     with _Observe(tracker):
         peak, peak_at, by_kind, kept_list, kept_bytes = _replay(prepared, program, optimizer, x, y, params, state,

@@ -37,8 +37,9 @@ class PreparedModel:
     def trainable(self) -> list[str]:
         return list(self.graph.trainable)
 
-    def frozen(self, name: str) -> torch.Tensor:
-        """A frozen tensor as the step uses it: int8 ones are dequantized afresh on each call."""
+    def frozen(self, name: str, zero: torch.Tensor | None = None) -> torch.Tensor:
+        """A frozen tensor as the step uses it: int8 ones are dequantized afresh on each call.
+        (`zero`, an exact zero the exported programs use for scheduling, changes nothing here.)"""
         stored = self.stored[name]
         return dequantize_per_channel(*stored) if len(stored) == 2 else stored[0]
 

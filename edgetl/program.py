@@ -26,16 +26,17 @@ class Weights(Mapping[str, Tensor]):
     """The tensors of one node: trainable ones as given, frozen ones fetched (and dequantized)
     afresh on every access, so no float copy of a frozen weight outlives the op using it."""
 
-    def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[[str], Tensor],
-                 tracker, tag: str):
+    def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[..., Tensor],
+                 tracker, tag: str, zero: Tensor | None = None):
         self.roles, self.params, self.frozen, self.tracker, self.tag = roles, params, frozen, tracker, tag
+        self.zero = zero  # an exact zero made from the op's input: dequantize no earlier than the op
         self.transients: list[str] = []
 
     def __getitem__(self, role: str) -> Tensor:
         name = self.roles[role]
         if name in self.params:
             return self.params[name]
-        t = self.frozen(name)
+        t = self.frozen(name, self.zero)
         key = f"w:{self.tag}:{role}:{len(self.transients)}"
         self.tracker.hold(key, t, "weights (dequantized, transient)")
         self.transients.append(key)
@@ -84,9 +85,14 @@ class Program:
         }
         uses = graph.consumers()
         self.uses = {k: len(v) for k, v in uses.items()}
+        self.dequantizes = {n.name: any(graph.is_quantized(t) for t in n.params.values()) for n in graph.nodes}
 
-    def weights(self, node, params, tracker) -> Weights:
-        return Weights(node.params, params, self.frozen, tracker, node.name)
+    def weights(self, node, params, tracker, anchor: Tensor | None = None) -> Weights:
+        # Graph runtimes schedule an op with no data inputs (dequantizing a frozen weight) as
+        # early as they like, and then every float copy of the weights is alive at once. An
+        # exact zero made from the op's own input pins each dequantization to its use.
+        zero = anchor.reshape(-1)[:1].sum() * 0.0 if anchor is not None and self.dequantizes[node.name] else None
+        return Weights(node.params, params, self.frozen, tracker, node.name, zero)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
@@ -95,7 +101,7 @@ class Program:
         kept: dict[str, dict[str, Tensor]] = {}
         pending: list[Tensor] = []  # exact zeros that depend on masks kept since the last bias
         for n in self.graph.nodes:
-            w = self.weights(n, params, tracker)
+            w = self.weights(n, params, tracker, vals[n.inputs[0]])
             need = self.need[n.name] if train else Need((False,) * len(n.inputs), frozenset())
             ws = w
             if pending and "bias" in n.params:
@@ -132,7 +138,7 @@ class Program:
             if not self.req[n.name] or n.name not in grads:
                 continue
             g = grads.pop(n.name)
-            w = self.weights(n, params, tracker)
+            w = self.weights(n, params, tracker, g)
             k = kept.pop(n.name, {})
             gin, gp = n.rule.backward(g, k, w, need)
             w.done()

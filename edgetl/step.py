@@ -28,10 +28,11 @@ class _FrozenStore(nn.Module):
                 self.register_buffer(k, t.clone())
             self.slots[name] = keys
 
-    def get(self, name: str) -> Tensor:
+    def get(self, name: str, zero: Tensor | None = None) -> Tensor:
         keys = self.slots[name]
         if len(keys) == 2:
-            return self.dequantize(getattr(self, keys[0]), getattr(self, keys[1]))
+            scale = getattr(self, keys[1])
+            return self.dequantize(getattr(self, keys[0]), scale if zero is None else scale + zero)
         return getattr(self, keys[0])
 
 

@@ -85,8 +85,8 @@ class Conv2d(Rule):
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d]:
-        # one strided slice of the input and one batched matmul (einsum) per kernel tap. Shapes
-        # are static Python ints (only the batch is left to the runtime), so it exports cleanly.
+        # one strided slice of the input and one batched matmul per kernel tap. Shapes are static
+        # Python ints (only the batch is left to the runtime), so it exports cleanly.
         x, pad = self._padded(x)
         if pad != (0, 0):
             x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
@@ -95,12 +95,15 @@ class Conv2d(Rule):
         gr = self.groups
         cin_g, cout_g = cin // gr, cout // gr
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
-        gg = g.reshape(-1, gr, cout_g, ho * wo)
+        # (G, Cout_g, N*P) once, then per tap (G, N*P, Cin_g): explicit copies in torch and in the
+        # exported Transpose alike, so the memory model sees what runtimes allocate.
+        gm = g.reshape(-1, gr, cout_g, ho * wo).permute(1, 2, 0, 3).reshape(gr, cout_g, -1)
         taps = []
         for a in range(kh):
             for b in range(kw):
                 xs = x[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
-                taps.append(torch.einsum("ngop,ngip->goi", gg, xs.reshape(-1, gr, cin_g, ho * wo)))
+                xm = xs.reshape(-1, gr, cin_g, ho * wo).permute(1, 0, 3, 2).reshape(gr, -1, cin_g)
+                taps.append(torch.matmul(gm, xm))
         return torch.stack(taps, -1).reshape(cout, cin_g, kh, kw)
 
     def describe(self) -> str:
