@@ -5,7 +5,10 @@ DequantizeLinear, listed as frozen params. ORT derives the backward itself (exac
 no mask approximation and keeps what its own gradient graph needs): this is the peer baseline."""
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -40,6 +43,21 @@ class _Forward(nn.Module):
         return vals[self.graph.output]
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """generate_artifacts logs every graph transformer at info level from C++, whatever the
+    Python-side severity; silence the process's stderr while it runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict:
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
@@ -71,7 +89,7 @@ def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict
                                     eps=optimizer.eps, weight_decay=optimizer.weight_decay)
     else:
         opt = artifacts.OptimType.SGD
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_stderr():
         warnings.simplefilter("ignore")
         artifacts.generate_artifacts(model, requires_grad=pnames, frozen_params=frozen,
                                      loss=artifacts.LossType.CrossEntropyLoss, optimizer=opt,

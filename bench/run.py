@@ -1,0 +1,219 @@
+"""Training memory and speed, side by side with what users would pick instead. Every row runs in
+its own fresh process on this machine; edgetl's programs and ONNX Runtime's artifacts are
+measured by the torch-free device profiler. Writes BENCHMARKS.md (its memory section) and
+bench/results/memory.json.
+
+    python bench/run.py            # the full comparison (~20-40 min on 2 cores)
+    python bench/run.py --smoke    # one small model, a few rows (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+LEAN_RECIPES = ["bias", "bias+mask", "side", "side+mask", "full"]
+ORT_FOR = {"bias": "bias", "bias+mask": "bias", "side": "side", "side+mask": "side", "full": "full"}
+CONFIGS = {
+    "full": [
+        {"model": "efficientnet_lite0", "size": 224, "batch": 8, "steps": 3, "et": LEAN_RECIPES, "joint": True},
+        {"model": "mobilenet_v2", "size": 224, "batch": 8, "steps": 3, "et": ["bias+mask", "side"], "joint": False},
+        {"model": "mnist_cnn", "size": 28, "batch": 32, "steps": 5, "et": LEAN_RECIPES, "joint": True},
+    ],
+    "smoke": [{"model": "mnist_cnn", "size": 28, "batch": 8, "steps": 2, "et": [], "joint": False,
+               "recipes": ["bias+mask"], "ort": ["bias"]}],
+}
+ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "EDGETL_NO_REEXEC": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(cmd: list[str], timeout: int = 1800) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _export(model: str, recipe: str, target: str, size: int, batch: int, out: Path, **kw) -> Path:
+    import edgetl
+    from edgetl.exporters import export
+
+    momentum = 0.0 if target == "ort-training" else 0.9
+    pm = edgetl.prepare(model, recipe, num_classes=10, input_size=size, **kw)
+    return export(pm, target, out, edgetl.OptimizerConfig.make("sgd", lr=0.01, momentum=momentum), batch)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _profile(bundle: Path, steps: int) -> dict:
+    r = _run([sys.executable, "-m", "edgetl.runtime", "profile", str(bundle), "--steps", str(steps), "--json"])
+    if "error" not in r:
+        r["bundle_bytes"] = _size(bundle)
+    return r
+
+
+def bench_config(cfg: dict, work: Path, log) -> list[dict]:
+    m, size, b, steps = cfg["model"], cfg["size"], cfg["batch"], cfg["steps"]
+    rows = []
+
+    def add(row, result):
+        row |= {"model": m, "size": size, "batch": b} | result
+        rows.append(row)
+        log(row)
+
+    add({"row": "torch eager, full fine-tuning", "system": "torch", "recipe": "full"},
+        _run([sys.executable, "bench/worker.py", "torch-full", m, str(size), str(b), str(steps)]))
+    for recipe in cfg.get("recipes", ["bias", "side"]):
+        add({"row": "torch eager autograd, same trainable set", "system": "torch", "recipe": recipe},
+            _run([sys.executable, "bench/worker.py", "torch-autograd", m, str(size), str(b), str(steps), recipe]))
+    for recipe in cfg.get("ort", ["bias", "side", "full"]):
+        bundle = _export(m, recipe, "ort-training", size, b, work / f"{m}-{recipe}-ort")
+        add({"row": "ONNX Runtime training artifacts", "system": "ort-training", "recipe": recipe},
+            _profile(bundle, steps))
+    if cfg["joint"]:
+        add({"row": "ExecuTorch joint-graph training", "system": "executorch-joint", "recipe": "bias"},
+            _run([sys.executable, "bench/worker.py", "et-joint", m, str(size), str(b), "2", "bias"]))
+    for recipe in cfg.get("recipes", LEAN_RECIPES):
+        bundle = _export(m, recipe, "onnx", size, b, work / f"{m}-{recipe}-onnx")
+        add({"row": "edgetl lean step, onnxruntime", "system": "edgetl-onnx", "recipe": recipe}, _profile(bundle, steps))
+    for recipe in cfg["et"]:
+        bundle = _export(m, recipe, "executorch", size, b, work / f"{m}-{recipe}-et")
+        add({"row": "edgetl lean step, ExecuTorch", "system": "edgetl-executorch", "recipe": recipe},
+            _profile(bundle, steps))
+    if "recipes" not in cfg:  # int8 vs fp32 backbone, same program
+        fp32 = _export(m, "bias+mask", "onnx", size, b, work / f"{m}-fp32-onnx", frozen_dtype="fp32")
+        rows.append({"model": m, "row": "bundle size check", "system": "edgetl-onnx", "recipe": "bias+mask",
+                     "fp32_bundle_bytes": _size(fp32),
+                     "int8_bundle_bytes": _size(work / f"{m}-bias+mask-onnx")})
+    return rows
+
+
+def mcu_row(work: Path) -> dict:
+    """mnist_cnn, bias+mask, batch 1: ExecuTorch's planned memory vs the 256 KB class."""
+    bundle = _export("mnist_cnn", "bias+mask", "executorch", 28, 1, work / "mnist-b1-et")
+    man = json.loads((bundle / "manifest.json").read_text())
+    planned = man["executorch"]["planned_bytes"]
+    mem = man["analytic_memory"]
+    return {"model": "mnist_cnn", "batch": 1, "recipe": "bias+mask", "planned_bytes": planned,
+            "frozen_weights_bytes": mem["frozen_weights_bytes"], "analytic_peak_bytes": mem["analytic_peak_bytes"],
+            "vs_256kb": planned / (256 * 1024)}
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if "measured_peak_bytes" not in r:
+            continue
+        base = next((x for x in rows if x["model"] == r["model"] and x["system"] == "torch"
+                     and x["recipe"] == "full" and "measured_peak_bytes" in x), None)
+        ort = next((x for x in rows if x["model"] == r["model"] and x["system"] == "ort-training"
+                    and x["recipe"] == ORT_FOR.get(r["recipe"]) and "measured_peak_bytes" in x), None)
+        if base:
+            r["x_less_than_torch_full"] = base["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
+        if ort:
+            r["x_less_than_ort_same_set"] = ort["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
+    return rows
+
+
+def _mb(v) -> str:
+    return "–" if v is None else f"{v / 2**20:.1f}"
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -> str:
+    lines = [
+        "<!-- memory:start -->",
+        "## Training memory and step time",
+        "",
+        f"Command: `{command}` ({seconds / 60:.0f} min). Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Linux {platform.release()}, Python {platform.python_version()}. Every row is a fresh process; "
+        "*measured* is the peak resident memory above the level just before the first measured step "
+        "(plus ExecuTorch's planned arena, which it allocates at load), so weights loaded before training "
+        "are not in it. *analytic* is edgetl's model of the same quantity (the step's live set over its "
+        "schedule, minus what is resident before the step). SGD with momentum 0.9, except ONNX Runtime's "
+        "artifacts (its on-device SGD has no momentum). Torch baselines get one warm-up step.",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model and "row" in r and r["row"] != "bundle size check"]
+        if not rs:
+            continue
+        r0 = rs[0]
+        lines += [f"### {model}, {r0['size']}×{r0['size']}, batch {r0['batch']}", "",
+                  "| system | recipe | measured MB | analytic MB | step ms (median) | bundle MB | vs torch full | vs ORT same set |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rs:
+            if "error" in r:
+                lines.append(f"| {r['row']} | {r['recipe']} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            lines.append(
+                f"| {r['row']} | {r['recipe']} | {_mb(r.get('measured_peak_bytes'))} | "
+                f"{_mb(r.get('analytic_step_bytes'))} | {r['step_ms_median']:.0f} | {_mb(r.get('bundle_bytes'))} | "
+                f"{_x(r.get('x_less_than_torch_full'))} | {_x(r.get('x_less_than_ort_same_set'))} |")
+        size = next((r for r in rows if r["model"] == model and r.get("row") == "bundle size check"), None)
+        if size:
+            lines += ["", f"Bundle with an int8 backbone: {_mb(size['int8_bundle_bytes'])} MB, with fp32: "
+                      f"{_mb(size['fp32_bundle_bytes'])} MB ({size['int8_bundle_bytes'] / size['fp32_bundle_bytes']:.2f}×)."]
+        lines.append("")
+    if mcu:
+        lines += ["### Microcontroller class: mnist_cnn, bias+mask, batch 1, ExecuTorch", "",
+                  f"Planned memory of the training step: {mcu['planned_bytes'] / 1024:.0f} KB "
+                  f"({mcu['vs_256kb']:.2f}× the 256 KB budget of Lin et al.), plus {mcu['frozen_weights_bytes'] / 1024:.0f} KB "
+                  "of int8 weights (flash). Analytic peak (all of it): "
+                  f"{mcu['analytic_peak_bytes'] / 1024:.0f} KB.", ""]
+    lines.append("<!-- memory:end -->")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str, start: str, end: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this machine; each section names its command.\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="one small model, a few rows")
+    p.add_argument("--models", nargs="*", default=None, help="subset of models to run")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--json", default=str(RESULTS / "memory.json"))
+    args = p.parse_args(argv)
+    configs = [c for c in CONFIGS["smoke" if args.smoke else "full"] if not args.models or c["model"] in args.models]
+    t0 = time.time()
+    rows: list[dict] = []
+
+    def log(row):
+        keep = {k: row.get(k) for k in ("model", "row", "recipe", "measured_peak_bytes", "step_ms_median", "error")}
+        print(json.dumps(keep), file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as d:
+        for cfg in configs:
+            rows += bench_config(cfg, Path(d), log)
+        mcu = None if args.smoke else mcu_row(Path(d))
+    rows = with_ratios(rows)
+    command = "python bench/run.py" + (" --smoke" if args.smoke else "") + (
+        f" --models {' '.join(args.models)}" if args.models else "")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"command": command, "rows": rows, "mcu": mcu}, indent=1))
+    write_section(Path(args.out), markdown(rows, mcu, command, time.time() - t0),
+                  "<!-- memory:start -->", "<!-- memory:end -->")
+    print(f"wrote {args.out} and {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""One benchmark row in its own process: the torch eager baselines and ExecuTorch's own
+joint-graph training flow. (edgetl's programs and ONNX Runtime's artifacts are measured by
+`python -m edgetl.runtime profile`, torch-free.)
+
+    python bench/worker.py torch-full MODEL SIZE BATCH STEPS
+    python bench/worker.py torch-autograd MODEL SIZE BATCH STEPS RECIPE
+    python bench/worker.py et-joint MODEL SIZE BATCH STEPS RECIPE
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure_steps  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+def _batch(c, size, batch):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, c, size, size, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+
+
+def torch_full(model: str, size: int, batch: int, steps: int) -> dict:
+    """Full fine-tuning as a user would write it: the pretrained model in train mode, a new head."""
+    from edgetl.backbones import load_backbone
+
+    bb = load_backbone(model)
+    net = bb.model.train()
+    parent, _, leaf = bb.head.rpartition(".")
+    owner = net.get_submodule(parent) if parent else net
+    old = getattr(owner, leaf)
+    setattr(owner, leaf, nn.Linear(old.in_features, NUM_CLASSES))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, y = _batch(bb.in_channels, size, batch)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    step()  # optimizer state and allocator warm-up, as a real loop has after its first step
+    return measure_steps(step, steps)
+
+
+def torch_autograd(model: str, size: int, batch: int, steps: int, recipe: str) -> dict:
+    """The same prepared model (BN folded, dequantized frozen weights) and trainable set, trained
+    by autograd: what `requires_grad=False` alone gives."""
+    import edgetl
+    from edgetl.graph import INPUT
+
+    pm = edgetl.prepare(model, recipe, num_classes=NUM_CLASSES, input_size=size)
+    frozen = {t: pm.frozen(t) for t in pm.stored}
+    params = {t: v.requires_grad_(True) for t, v in pm.initial_params().items()}
+    opt = torch.optim.SGD(list(params.values()), lr=0.01, momentum=0.9)
+    x, y = _batch(pm.in_channels, size, batch)
+
+    def forward():
+        vals = {INPUT: x}
+        for n in pm.graph.nodes:
+            w = {r: params[t] if t in params else frozen[t] for r, t in n.params.items()}
+            vals[n.name] = n.rule.compute([vals[i] for i in n.inputs], w)
+        return vals[pm.graph.output]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(), y).backward()
+        opt.step()
+
+    step()
+    return measure_steps(step, steps)
+
+
+def et_joint(model: str, size: int, batch: int, steps: int, recipe: str) -> dict:
+    """ExecuTorch's own training flow: the joint forward-backward program, SGD outside it."""
+    import tempfile
+
+    import edgetl
+    from edgetl.exporters.executorch import export_executorch_joint
+    from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
+
+    pm = edgetl.prepare(model, recipe, num_classes=NUM_CLASSES, input_size=size)
+    with tempfile.TemporaryDirectory() as d:
+        res = export_executorch_joint(pm, batch, Path(d))
+        buf = (Path(d) / res["programs"]["joint_step"]).read_bytes()
+    size_bytes = len(buf)
+    mod = _load_for_executorch_for_training_from_buffer(buf)
+    x, y = _batch(pm.in_channels, size, batch)
+    mod.forward_backward("forward", (x, y))
+    opt = get_sgd_optimizer(mod.named_parameters(), 0.01, 0.9, 0, 0, False)
+
+    def step():
+        mod.forward_backward("forward", (x, y))
+        opt.step(mod.named_gradients())
+
+    step()
+    out = measure_steps(step, steps)
+    out["planned_bytes"] = res["extra"]["executorch_joint"]["planned_bytes"]
+    out["bundle_bytes"] = size_bytes
+    return out
+
+
+def main() -> None:
+    kind, model, size, batch, steps, *rest = sys.argv[1:]
+    args = (model, int(size), int(batch), int(steps), *rest)
+    fn = {"torch-full": torch_full, "torch-autograd": torch_autograd, "et-joint": et_joint}[kind]
+    print(json.dumps(fn(*args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmark runs (one small model, a few rows), so it cannot rot."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke(tmp_path):
+    md, js = tmp_path / "B.md", tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--out", str(md), "--json", str(js)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(js.read_text())["rows"]
+    systems = {row["system"] for row in rows}
+    assert {"torch", "ort-training", "edgetl-onnx"} <= systems
+    assert all("error" not in row for row in rows), [row.get("error") for row in rows]
+    assert all(row["measured_peak_bytes"] > 0 and row["step_ms_median"] > 0 for row in rows)
+    lean = next(row for row in rows if row["system"] == "edgetl-onnx")
+    assert lean["x_less_than_torch_full"] > 0 and lean["x_less_than_ort_same_set"] > 0
+    text = md.read_text()
+    assert "<!-- memory:start -->" in text and "| edgetl lean step, onnxruntime | bias+mask |" in text
