@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256
+from edgetl.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256
 
 
 def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, programs: dict[str, str],
@@ -52,6 +52,7 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         **(extra or {}),
         "files": {rel: sha256(out / rel) for rel in rels},
     }
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     tmp = out / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=2)

@@ -30,10 +30,13 @@ def _trainer(args):
 def cmd_fit(args) -> dict:
     import numpy as np
 
-    from .data import load_npz
+    from .data import check_images, check_labels, load_npz
 
     data = load_npz(args.data)
     t = _trainer(args)
+    # bad test data is refused before training, not after it
+    check_labels(data["y_test"], len(check_images(data["x_test"], t.bundle.input_shape, "x_test")),
+                 t.bundle.num_classes, "y_test")
     r = t.fit(data["x_train"], data["y_train"], epochs=args.epochs, lr=args.lr, schedule=args.schedule,
               seed=args.seed, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
               progress=not args.no_progress)
@@ -65,7 +68,7 @@ def cmd_profile(args) -> dict:
     from .profile import apply_budget, plot_profile, profile_trainer
 
     t = _trainer(args)
-    p = apply_budget(profile_trainer(t, args.steps), args.device, args.budget_mb)
+    p = apply_budget(profile_trainer(t, args.steps, warmup=args.warmup), args.device, args.budget_mb)
     out = p.to_dict()
     if args.plot:
         out["plot"] = str(plot_profile(p, args.plot))
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure training memory and step time against a device budget")
     pr.add_argument("bundle")
     pr.add_argument("--steps", type=int, default=5)
+    pr.add_argument("--warmup", type=int, default=1, help="steps run before measuring (lazy set-up is resident)")
     pr.add_argument("--checkpoint", default=None)
     budget = pr.add_mutually_exclusive_group()
     budget.add_argument("--device", default=None, help="a named device profile (see runtime/devices.json)")

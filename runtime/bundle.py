@@ -1,8 +1,9 @@
 """Reading and verifying a bundle: the manifest is the only contract between host and device.
 
-Everything the manifest says is checked before it is used: its structure and field types, that
-every file it names lies inside the bundle directory (no `..`, absolute paths or symlinks leading
-out) and matches its sha256. Nothing is ever unpickled (numpy `allow_pickle=False`)."""
+Everything the manifest says is checked before it is used: its own checksum (`manifest_sha256`,
+when the exporter wrote one), its structure and field types, that every file it names lies inside
+the bundle directory (no `..`, absolute paths or symlinks leading out) and matches its sha256.
+Nothing is ever unpickled (numpy `allow_pickle=False`)."""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +26,7 @@ REQUIRED_PROGRAMS = {"onnx": ("train_step", "eval"), "ort-training": ("training"
                      "executorch": ("train_step", "eval")}
 REQUIRED_FILES = {"ort-training": ("checkpoint",)}
 MAX_MANIFEST_BYTES = 16 << 20
+MANIFEST_DIGEST = "manifest_sha256"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -34,6 +36,13 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own `manifest_sha256` field (so that
+    formatting does not matter, and any change of a value does)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def safe_path(root: Path, rel: str) -> Path:
@@ -242,6 +251,14 @@ def load_bundle(path: str | Path) -> Bundle:
     if not _is_int(version) or version != FORMAT_VERSION:
         raise BundleError(f"bundle format version {_short(version)} is not supported "
                           f"(this runtime reads version {FORMAT_VERSION}); re-export the bundle")
+    if MANIFEST_DIGEST not in manifest:
+        raise BundleError(f"{MANIFEST} lacks its own checksum '{MANIFEST_DIGEST}'; re-export the bundle")
+    try:
+        ok = manifest[MANIFEST_DIGEST] == manifest_digest(manifest)
+    except (ValueError, TypeError, RecursionError):
+        ok = False
+    if not ok:
+        raise BundleError(f"{MANIFEST} fails its sha256 check (corrupt or altered)")
     validate_manifest(manifest)
     for rel, digest in manifest["files"].items():
         p = safe_path(root, rel)

@@ -5,6 +5,8 @@ the directory fsynced, so a crash (or a full disk) at any moment leaves the prev
 intact; a torn or altered file fails its checksum on load."""
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import io
 import json
@@ -42,7 +44,7 @@ def _tmp_prefix(path: Path) -> str:
 def _remove_stale_temps(path: Path) -> None:
     """Temporary files a killed writer left beside `path` (best effort)."""
     try:
-        for p in path.parent.glob(_tmp_prefix(path) + "*.tmp"):
+        for p in path.parent.glob(glob.escape(_tmp_prefix(path)) + "*.tmp"):
             try:
                 p.unlink()
             except OSError:
@@ -65,7 +67,7 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict)
     directory = path.parent
     try:
         if path.is_dir():
-            raise IsADirectoryError(21, "is a directory")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=directory)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
@@ -128,7 +130,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     path = Path(path)
     try:
         if not path.is_file():
-            raise CheckpointError(f"checkpoint '{path}' does not exist")
+            what = "is not a file" if path.exists() else "does not exist"
+            raise CheckpointError(f"checkpoint '{path}' {what}")
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint '{path}': {e.strerror or e}") from None
     try:

@@ -1,8 +1,11 @@
 """Measure a bundle's training memory and step time on this machine, torch-free.
 
 The measured peak is the process's peak resident memory while K real steps run, above the level
-just before the first step (Linux: VmHWM is reset through /proc/self/clear_refs), plus the
-runtime's own planned arena where it has one (ExecuTorch allocates it before the first step).
+just before the first measured step (Linux: VmHWM is reset through /proc/self/clear_refs), plus
+the runtime's own planned arena where it has one (ExecuTorch allocates it at load). By default
+one warm-up step runs first, as in any training loop after its first step: what runtimes set up
+lazily on a first run (XNNPACK's packed weights, onnxruntime's caches) is then resident, like the
+weights, and not counted as training memory; `--warmup 0` counts it.
 The analytic model is compared on the same footing: its peak minus what is resident before the
 step (frozen weights, parameters, optimizer state).
 """
@@ -50,6 +53,7 @@ class Profile:
     batch_size: int
     input_shape: list[int]
     steps: int
+    warmup: int
     step_ms_median: float
     step_ms_min: float
     step_ms_max: float
@@ -69,15 +73,19 @@ class Profile:
         return asdict(self)
 
 
-def profile_trainer(trainer, steps: int = 5, seed: int = 0) -> Profile:
+def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> Profile:
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise InputError(f"warmup must be a non-negative integer, got {warmup!r}")
     b = trainer.bundle
     rng = np.random.default_rng(seed)
     x = rng.random((b.batch_size, *b.input_shape), dtype=np.float32)
     y = rng.integers(0, b.num_classes, b.batch_size).astype(np.int64)
     xs = trainer._x(x)
     lr = trainer.lr_at(trainer.step)
+    for _ in range(warmup):
+        trainer.backend.train_step(xs, y, lr)
     rss_before = _status_kb("VmRSS") * 1024
     if not _reset_peak():
         raise OSError("cannot reset the peak-RSS counter (/proc/self/clear_refs); Linux only")
@@ -94,7 +102,7 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0) -> Profile:
     step_bytes = mem["analytic_peak_bytes"] - resident
     return Profile(
         model=b.manifest["model"], recipe=b.manifest["recipe"], target=b.target, batch_size=b.batch_size,
-        input_shape=list(b.input_shape), steps=steps, step_ms_median=float(np.median(times)),
+        input_shape=list(b.input_shape), steps=steps, warmup=warmup, step_ms_median=float(np.median(times)),
         step_ms_min=float(np.min(times)), step_ms_max=float(np.max(times)),
         analytic_peak_bytes=int(mem["analytic_peak_bytes"]), analytic_step_bytes=int(step_bytes),
         measured_peak_bytes=int(measured), measured_vs_analytic=measured / max(step_bytes, 1),

@@ -207,6 +207,8 @@ def data_files(tmp_path_factory, digits):
         "empty": dict(x_train=x[:0], y_train=y[:0], x_test=x, y_test=y),
         "missing keys": dict(x_train=x, y_train=y),
         "pickled labels": dict(x_train=x, y_train=y.astype(object), x_test=x, y_test=y),
+        "NaN test images": dict(x_train=x, y_train=y, x_test=np.where(x > 0.5, np.nan, x), y_test=y),
+        "test labels out of range": dict(x_train=x, y_train=y, x_test=x, y_test=y - 1),
     }
     out = {}
     for i, (name, arrays) in enumerate(files.items()):
@@ -222,7 +224,8 @@ CLI_DATA_CASES = {
     "uint8 images": "dtype", "NaN images": "NaN", "wrong shape": "shape", "labels out of range": "class ids",
     "float labels": "integer", "mismatched lengths": "lengths", "too few samples": "batches of 16",
     "empty": "empty", "missing keys": "lacks", "pickled labels": "pickled", "a pickle": "not an .npz",
-    "missing file": "does not exist",
+    "missing file": "does not exist", "NaN test images": "x_test contains NaN",
+    "test labels out of range": "y_test has class ids outside",
 }
 
 

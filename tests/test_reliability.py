@@ -22,6 +22,7 @@ import edgetl
 from edgetl.exporters import export
 from edgetl.runtime import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, Trainer, load_bundle
 from edgetl.runtime import checkpoint as ckpt
+from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest
 
 B = 16
 LR = 0.05
@@ -169,7 +170,14 @@ def _manifest(b: Path) -> dict:
     return json.loads((b / "manifest.json").read_text())
 
 
-def _write_manifest(b: Path, m: dict) -> None:
+def _write_manifest(b: Path, m: dict, seal: bool = True) -> None:
+    """Write a (tampered) manifest; sealed by default with a recomputed checksum, as a careful
+    attacker would, so the checks behind the manifest's own checksum are exercised too."""
+    if seal and isinstance(m, dict):
+        try:
+            m = {**m, MANIFEST_DIGEST: manifest_digest(m)}
+        except (ValueError, TypeError, RecursionError):
+            pass
     (b / "manifest.json").write_text(json.dumps(m))
 
 
@@ -202,7 +210,7 @@ def _flip(b, rel="state.npz"):
 _DELETE = object()
 
 
-def _edit(**changes):
+def _edit(_seal: bool = True, **changes):
     def apply(b):
         m = _manifest(b)
         for path, value in changes.items():
@@ -214,7 +222,7 @@ def _edit(**changes):
                 del node[last]
             else:
                 node[last] = value
-        _write_manifest(b, m)
+        _write_manifest(b, m, _seal)
     return apply
 
 
@@ -290,6 +298,17 @@ def _set_digest(b, rel, value):
     _write_manifest(b, m)
 
 
+def _sealed_then(**changes):
+    """The manifest given its own checksum, then altered."""
+    def apply(b):
+        m = _manifest(b)
+        m[MANIFEST_DIGEST] = manifest_digest(m)
+        _write_manifest(b, m)
+        Trainer.load(b)  # sealed and intact: fine
+        _edit(_seal=False, **changes)(b)
+    return apply
+
+
 def _del_file_entry(b, rel):
     m = _manifest(b)
     del m["files"][rel]
@@ -302,6 +321,9 @@ BUNDLE_CASES = {
     "truncated manifest": (lambda b: (b / "manifest.json").write_bytes((b / "manifest.json").read_bytes()[:500]),
                            ("not valid JSON",)),
     "binary manifest": (lambda b: (b / "manifest.json").write_bytes(os.urandom(300)), ("not valid JSON",)),
+    "altered manifest (batch size)": (_sealed_then(input__batch_size=17), ("manifest.json", "sha256")),
+    "altered manifest (mean)": (_sealed_then(input__preprocess__mean=[0.1308]), ("manifest.json", "sha256")),
+    "altered manifest checksum": (_sealed_then(manifest_sha256="ab" * 32), ("manifest.json", "sha256")),
     "foreign manifest": (lambda b: (b / "manifest.json").write_text('{"name": "left-pad", "version": "1.3.0"}'),
                          ("not an edgetl bundle",)),
     "foreign program": (_foreign_program, ("cannot load",)),
@@ -339,6 +361,32 @@ def test_bad_bundle_is_refused_on_load(bundle, tmp_path, case):
     Trainer.load(b)  # intact before the damage
     damage(b)
     _refused(b, *words)
+
+
+def test_manifest_that_disagrees_with_its_programs(bundle, digits, tmp_path):
+    """A manifest without its own checksum, altered to disagree with the programs (batch size,
+    input size, io names): fit / evaluate / predict fail with a BundleError, state unchanged."""
+    x, y = digits
+    for change, call in [({"input__batch_size": 8}, "fit"), ({"input__shape": [1, 28, 27]}, "predict"),
+                         ({"io__params__head.bias": "param.4"}, "fit"), ({"programs__eval": "train_step.onnx"},
+                                                                       "evaluate")]:
+        b = tmp_path / str(len(list(tmp_path.iterdir())))
+        shutil.copytree(bundle, b)
+        m = _manifest(b)
+        for path, value in change.items():
+            node = m
+            *parents, last = path.split("__")
+            for k in parents:
+                node = node[k]
+            node[last] = value
+        _write_manifest(b, m)
+        t = Trainer.load(b)
+        before = _state(t)
+        xs = x[:, :, :, :27] if call == "predict" else x
+        with pytest.raises(BundleError, match="does the manifest match its programs") as info:
+            {"fit": lambda: t.fit(xs, y), "predict": lambda: t.predict(xs),
+             "evaluate": lambda: t.evaluate(xs, y)}[call]()
+        assert "\n" not in str(info.value) and t.step == 0 and _same(_state(t), before)
 
 
 def test_cli_refuses_a_bad_bundle_with_one_line(bundle, data_file, tmp_path):
