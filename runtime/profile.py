@@ -156,24 +156,27 @@ def plot_profile(p: Profile, path: str | Path) -> Path:
              ("other live tensors at peak", max(p.analytic_peak_bytes - b["frozen_weights_bytes"]
                                                 - b["trainable_params_bytes"] - b["optimizer_state_bytes"]
                                                 - b["kept_activations_bytes"], 0))]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     bottom = 0.0
     colors = ["#4c72b0", "#55a868", "#8172b2", "#c44e52", "#dd8452"]
     for (name, v), c in zip(parts, colors):
         ax.bar(0, v * mb, bottom=bottom, color=c, label=name, width=0.6)
         bottom += v * mb
-    ax.bar(1, p.measured_peak_bytes * mb, color="#937860", width=0.6, label="measured (above pre-step RSS)")
-    ax.bar(2, p.process_peak_bytes * mb, color="#8c8c8c", width=0.6, label="measured (whole process)")
+    resident = sum(v for _, v in parts[:3]) * mb
+    ax.bar(1, resident, color="#cccccc", hatch="//", width=0.6, label="resident before the step (as stored)")
+    ax.bar(1, p.measured_peak_bytes * mb, bottom=resident, color="#937860", width=0.6,
+           label="measured above the pre-step level")
+    ax.bar(2, p.process_peak_bytes * mb, color="#8c8c8c", width=0.6, label="measured, whole process")
     if p.budget_bytes:
         ax.axhline(p.budget_bytes * mb, color="black", ls="--", lw=1)
-        ax.text(2.35, p.budget_bytes * mb, f" budget {p.budget_bytes * mb:.4g} MB"
-                f"{' (' + p.device + ')' if p.device else ''}", va="bottom", ha="right", fontsize=8)
-    ax.set_xticks([0, 1, 2], ["analytic", "measured step", "process"])
+        ax.text(-0.35, p.budget_bytes * mb, f"budget {p.budget_bytes * mb:.4g} MB"
+                f"{' (' + p.device + ')' if p.device else ''}", va="bottom", ha="left", fontsize=8)
+    ax.set_xticks([0, 1, 2], ["analytic", "measured", "process"])
     ax.set_ylabel("MB")
     ax.set_title(f"{p.model} · {p.recipe} · {p.target} · batch {p.batch_size} · "
                  f"{'x'.join(map(str, p.input_shape[1:]))}\nstep {p.step_ms_median:.1f} ms (median of {p.steps})",
                  fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
