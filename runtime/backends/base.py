@@ -37,3 +37,20 @@ class Backend(ABC):
     def planned_bytes(self) -> int | None:
         """Memory the runtime plans for a step ahead of time (e.g. ExecuTorch's arena), if any."""
         return None
+
+
+class HostStateBackend(Backend):
+    """A backend whose programs take parameters and optimizer state as inputs and return new
+    ones: the state lives here, as numpy arrays in manifest order."""
+
+    params: list[np.ndarray]
+    state: list[np.ndarray]
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        names = self.bundle.trainable + self.bundle.state_names
+        return {n: np.array(v) for n, v in zip(names, self.params + self.state)}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        # np.array, not ascontiguousarray, which would turn AdamW's 0-d step counter into shape (1,)
+        self.params = [np.array(state[t], dtype=np.float32, order="C") for t in self.bundle.trainable]
+        self.state = [np.array(state[s], dtype=np.float32, order="C") for s in self.bundle.state_names]

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import EdgeRuntimeError
-from .base import Backend
+from .base import HostStateBackend
 
 _SHIM_SOURCE = r"""
 #include <cstdint>
@@ -312,7 +312,7 @@ class PybindMethod:
         return [o.numpy() for o in self.module.run_method(self.method, ts)]
 
 
-class ExecuTorchBackend(Backend):
+class ExecuTorchBackend(HostStateBackend):
     def __init__(self, bundle: Bundle, runner: str = "native"):
         super().__init__(bundle)
         if runner not in ("native", "pybindings"):
@@ -344,15 +344,6 @@ class ExecuTorchBackend(Backend):
                 chunk = np.concatenate([chunk, np.zeros((b - k, *chunk.shape[1:]), chunk.dtype)])
             out.append(self.eval([chunk, *self.params])[0][:k])
         return np.concatenate(out)
-
-    def get_state(self):
-        names = self.bundle.trainable + self.bundle.state_names
-        return {n: np.array(v) for n, v in zip(names, self.params + self.state)}
-
-    def set_state(self, state):
-        # np.array, not np.ascontiguousarray: the latter turns 0-d state (AdamW's step) into shape (1,).
-        self.params = [np.array(state[t], dtype=np.float32, order="C") for t in self.bundle.trainable]
-        self.state = [np.array(state[s], dtype=np.float32, order="C") for s in self.bundle.state_names]
 
     def export_inference(self, out: Path) -> list[Path]:
         """ExecuTorch programs cannot be re-written without torch, so the inference program is the

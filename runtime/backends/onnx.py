@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
-from .base import Backend
+from .base import HostStateBackend
 from .onnx_inference import write_inference_model
 
 
@@ -28,7 +28,7 @@ def session_options(arena: bool = False):
     return so
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(HostStateBackend):
     def __init__(self, bundle: Bundle, arena: bool = False):
         super().__init__(bundle)
         import onnxruntime as ort
@@ -55,15 +55,6 @@ class OnnxBackend(Backend):
     def logits(self, x):
         feeds = {"x": x, **dict(zip(self.pnames, self.params))}
         return self.eval.run(["logits"], {k: v for k, v in feeds.items() if k in self.eval_inputs})[0]
-
-    def get_state(self):
-        names = self.bundle.trainable + self.bundle.state_names
-        return {n: np.array(v) for n, v in zip(names, self.params + self.state)}
-
-    def set_state(self, state):
-        # np.array, not ascontiguousarray, which would turn AdamW's 0-d step counter into shape (1,)
-        self.params = [np.array(state[t], dtype=np.float32, order="C") for t in self.bundle.trainable]
-        self.state = [np.array(state[s], dtype=np.float32, order="C") for s in self.bundle.state_names]
 
     def export_inference(self, out: Path) -> list[Path]:
         params = dict(zip(self.pnames, self.params))
