@@ -162,7 +162,10 @@ class Trainer:
         return loss, ms
 
     # ---- inference --------------------------------------------------------------------------
-    def predict_logits(self, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    def predict_logits(self, x: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """Logits in chunks of `chunk` samples (default: the training batch, so inference never
+        needs more memory than a training step)."""
+        chunk = self.bundle.batch_size if chunk is None else chunk
         if not _is_int(chunk) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         xs = self._x(x)
