@@ -99,7 +99,8 @@ def cmd_validate(args) -> int:
 def _validate_parser(sub) -> None:
     v = sub.add_parser("validate", help="run a bundle's step in torch on CUDA/CPU and check parity with the runtime")
     v.add_argument("bundle")
-    v.add_argument("--data", required=True, help=".npz with x_train, y_train, x_test, y_test (e.g. from `edgetl data`)")
+    v.add_argument("--data", required=True,
+                   help=".npz with x_train, y_train, x_test, y_test (e.g. from `edgetl data`), or a built-in dataset")
     v.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (CPU is used, with a warning, without CUDA)")
     v.add_argument("--epochs", type=int, default=1, help="training passes on the device (0: parity only)")
     v.add_argument("--steps", type=int, default=5, help="steps compared with the on-device runtime")

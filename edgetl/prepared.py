@@ -31,6 +31,7 @@ class PreparedModel:
     std: tuple[float, ...]
     head: str
     notes: dict = field(default_factory=dict)
+    seed: int = 0  # initialisation of the new parts (head, side network)
     stored: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # frozen: (int8, scale) or (fp32,)
 
     @property
@@ -114,7 +115,7 @@ def prepare(
         if t not in graph.trainable:
             stored[t] = quantize_per_channel(v) if graph.is_quantized(t) else (v,)
     return PreparedModel(graph, recipe, bb.name, num_classes, size, bb.in_channels, tuple(bb.mean), tuple(bb.std),
-                         head.name, ctx.notes, stored)
+                         head.name, ctx.notes, seed, stored)
 
 
 def _as_backbone(model) -> Backbone:

@@ -71,6 +71,17 @@ def _batches(n: int, b: int, seed: int, start_epoch: int, steps: int):
     return out[:steps]
 
 
+def _load_data(data, shape) -> dict[str, np.ndarray]:
+    """An .npz as `edgetl data` writes it, or a built-in dataset's name (prepared for the bundle's input)."""
+    from .datasets import available_datasets, load_dataset
+    from .runtime.data import load_npz
+
+    if not Path(data).is_file() and str(data) in available_datasets():
+        ds = load_dataset(str(data), input_size=shape[1], channels=shape[0])
+        return {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test}
+    return load_npz(data)
+
+
 def _accuracy(evaluator, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], chunk: int = 256) -> float:
     with torch.no_grad():
         correct = sum(int((evaluator(x[i : i + chunk], *params).argmax(1) == y[i : i + chunk]).sum())
@@ -138,14 +149,15 @@ def _parity(b, step, xs, ys, x_dev, y_dev, batches, lr, params0, state0, dev, to
 def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs: int = 1, steps: int = 5,
              seed: int = 0, lr: float | None = None, model: str | None = None, init_seed: int | None = None,
              tolerance: float = TOLERANCE, warn=None) -> dict:
-    """Validate `bundle` on `device` with `data` (an .npz of x_train, y_train, x_test, y_test in [0, 1]);
+    """Validate `bundle` on `device` with `data` (an .npz of x_train, y_train, x_test, y_test in [0, 1],
+    or a built-in dataset's name);
     see the module docstring. `seed` is the shuffling seed (as `fit --seed`); `init_seed` the seed the
     bundle was prepared with (default: the manifest's "seed", else 0), used only to check that the
     host re-prepares the same initial parameters. Returns a JSON-able report; report["ok"] is the
     parity verdict."""
     from .prepared import prepare
     from .runtime import Trainer, load_bundle
-    from .runtime.data import check_images, check_labels, load_npz, normalize
+    from .runtime.data import check_images, check_labels, normalize
     from .step import LeanEval
 
     if not isinstance(epochs, int) or epochs < 0:
@@ -180,7 +192,8 @@ def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs
         raise EdgeTLError(f"re-preparing {m['model']} with recipe {m['recipe']} gives other trainable tensors than "
                           f"the bundle has; was it exported from another model (pass --model)?")
     if (pm.in_channels, pm.input_size) != (c, h):
-        raise EdgeTLError(f"re-prepared input {pm.in_channels}×{pm.input_size}² does not match the bundle's {c}×{h}×{w}")
+        raise EdgeTLError(f"re-prepared input {pm.in_channels}×{pm.input_size}² does not match the bundle's "
+                          f"{c}×{h}×{w}")
     init = b.initial_state()
     host0 = pm.initial_params()
     init_diff = max(float(np.abs(host0[t].numpy() - init[t]).max()) for t in b.trainable)
@@ -191,7 +204,7 @@ def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs
         state0[k] = torch.from_numpy(np.array(init[k])).to(dev)
 
     # ---- data, normalised exactly as the runtime does it ----
-    arrays = load_npz(data)
+    arrays = _load_data(data, b.input_shape)
     xs = normalize(check_images(arrays["x_train"], b.input_shape, "x_train"), m)
     ys = check_labels(arrays["y_train"], len(xs), b.num_classes, "y_train")
     xt = normalize(check_images(arrays["x_test"], b.input_shape, "x_test"), m)
@@ -259,7 +272,8 @@ validate.__doc__ = _validate.__doc__
 
 def format_report(r: dict) -> str:
     p = r["parity"]
-    lines = [f"{r['model']} · {r['recipe']} · {r['target']} bundle · validated on {r['device']} ({r['device_name']})"]
+    lines = [f"{r['model']} · {r['recipe']} · {r['target']} bundle · validated on {r['device']} "
+             f"({r['device_name']})"]
     if r["note"]:
         lines.append(f"  note: {r['note']}")
     if not r["init_matches_prepare"]:
@@ -268,7 +282,7 @@ def format_report(r: dict) -> str:
     if r["epochs"]:
         lines.append(f"  trained {r['epochs']} epoch(s) × {r['steps_per_epoch']} steps, batch {r['batch_size']}, "
                      f"lr {r['lr']:g}: {r['epoch_s_mean']:.2f} s/epoch ({r['step_ms']:.1f} ms/step), "
-                     f"final loss {r['final_loss']:.4f}")
+                     f"final loss {r['final_loss']:.3g}")
     lines.append(f"  accuracy: train {100 * r['train_accuracy']:.1f}%  test {100 * r['test_accuracy']:.1f}%")
     lines.append(f"  parity over {p['steps']} steps vs {p['runtime']}: max rel err {p['max_rel_err']:.2e} "
                  f"({p['worst_tensor']}, step {p['worst_step']}), loss diff {p['loss_max_abs_diff']:.2e}, "

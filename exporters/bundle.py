@@ -47,6 +47,7 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         "state_file": "state.npz",
         "state_keys": keys,
         "frozen_dtype": prepared.graph.frozen_dtype,
+        "seed": prepared.seed,
         "summary": prepared.summary(),
         "analytic_memory": {k: v for k, v in mem.breakdown().items() if k != "kept"},
         **(extra or {}),

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +20,12 @@ def mnist_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("validate")
     data = root / "digits.npz"
-    save_npz(load_dataset("digits", input_size=28, channels=1), data)
+    ds = load_dataset("digits", input_size=28, channels=1)
+    # a slice keeps the eager CPU epoch short: 10 steps of 32
+    save_npz(replace(ds, x_train=ds.x_train[:320], y_train=ds.y_train[:320], x_test=ds.x_test[:270],
+                     y_test=ds.y_test[:270]), data)
     pm = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10)
-    bundle = export(pm, "onnx", root / "bundle", edgetl.OptimizerConfig.make("sgd", lr=0.01), batch_size=32)
+    bundle = export(pm, "onnx", root / "bundle", edgetl.OptimizerConfig.make("sgd", lr=0.02), batch_size=32)
     return bundle, data
 
 
@@ -40,8 +44,8 @@ def test_cpu_parity_and_training(mnist_bundle):
     assert p["ok"] and r["ok"] and p["max_rel_err"] < 1e-4 == p["tolerance"]
     assert p["loss_max_abs_diff"] < 1e-4
     assert p["runtime"].startswith("onnx target")
-    assert len(r["epoch_s"]) == 1 and r["epoch_s"][0] > 0 and r["steps_per_epoch"] == 1257 // 32
-    assert r["test_accuracy"] > 0.9
+    assert len(r["epoch_s"]) == 1 and r["epoch_s"][0] > 0 and r["steps_per_epoch"] == 10
+    assert r["test_accuracy"] > 0.5  # chance: 0.1
 
 
 def test_cli_tolerance_too_tight_exits_1(mnist_bundle):
@@ -57,14 +61,12 @@ def test_cli_tolerance_too_tight_exits_1(mnist_bundle):
         assert "CUDA is not available" in out["note"]
 
 
-def test_bundle_from_another_seed_still_validates(tmp_path, mnist_bundle):
-    _, data = mnist_bundle
-    pm = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10, seed=3)
-    bundle = export(pm, "onnx", tmp_path / "b3", edgetl.OptimizerConfig.make("sgd", lr=0.01), batch_size=32)
-    r = validate(bundle, data, device="cpu", epochs=0, steps=2)
-    assert not r["init_matches_prepare"]  # prepare(seed=0) draws another head...
-    assert r["ok"]  # ...but the bundle's own initial state is what both sides train
-    assert validate(bundle, data, device="cpu", epochs=0, steps=1, init_seed=3)["init_matches_prepare"]
+def test_initial_state_from_another_seed_is_reported_and_the_bundles_is_used(mnist_bundle):
+    bundle, data = mnist_bundle
+    r = validate(bundle, data, device="cpu", epochs=0, steps=2, init_seed=3)
+    assert r["init_seed"] == 3 and not r["init_matches_prepare"]  # prepare(seed=3) draws another head...
+    assert r["ok"]  # ...but both sides train from the bundle's own initial state
+    assert r["epoch_s"] == [] and r["test_accuracy"] < 0.5  # no training: the random head
 
 
 def test_bad_arguments_are_clear_errors(mnist_bundle, tmp_path):
@@ -83,7 +85,7 @@ def test_bad_arguments_are_clear_errors(mnist_bundle, tmp_path):
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_cuda_parity(mnist_bundle):
     bundle, data = mnist_bundle
-    r = validate(bundle, data, device="cuda", epochs=1, steps=5)
+    r = validate(bundle, data, device="cuda", epochs=3, steps=5)
     assert r["device"].startswith("cuda") and r["note"] is None
     assert r["ok"], r["parity"]
-    assert r["test_accuracy"] > 0.9
+    assert r["test_accuracy"] > 0.5
