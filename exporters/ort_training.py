@@ -74,8 +74,11 @@ def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # TRAINING mode: the exporter must not merge trainable tensors that happen to be equal
+        # (e.g. zero biases) into one initializer. The forward has no dropout or batch norm.
         torch.onnx.export(fwd, (torch.zeros(batch_size, c, h, w),), buf, input_names=["x"], output_names=["logits"],
                           opset_version=OPSET, do_constant_folding=False, dynamo=False,
+                          training=torch.onnx.TrainingMode.TRAINING,
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
     model = onnx.load_from_string(buf.getvalue())
     inits = [i.name for i in model.graph.initializer]
