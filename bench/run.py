@@ -169,9 +169,10 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
             if "error" in r:
                 lines.append(f"| {r['row']} | {r['recipe']} | failed: {r['error'][:80]} | | | | | |")
                 continue
+            analytic = r.get("analytic_step_bytes") if r["system"].startswith("edgetl") else None
             lines.append(
                 f"| {r['row']} | {r['recipe']} | {_mb(r.get('measured_peak_bytes'))} | "
-                f"{_mb(r.get('analytic_step_bytes'))} | {r['step_ms_median']:.0f} | {_mb(r.get('bundle_bytes'))} | "
+                f"{_mb(analytic)} | {r['step_ms_median']:.0f} | {_mb(r.get('bundle_bytes'))} | "
                 f"{_x(r.get('x_less_than_torch_full'))} | {_x(r.get('x_less_than_ort_same_set'))} |")
         size = next((r for r in rows if r["model"] == model and r.get("row") == "bundle size check"), None)
         if size:
@@ -233,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=None, help="subset of models to run")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(RESULTS / "memory.json"))
+    p.add_argument("--render", action="store_true", help="rewrite the markdown and plots from --json only")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.json).read_text())
+        plot(saved["rows"], Path(args.json).parent)
+        write_section(Path(args.out), markdown(saved["rows"], saved["mcu"], saved["command"], saved.get("seconds", 0)),
+                      "<!-- memory:start -->", "<!-- memory:end -->")
+        return 0
     configs = [c for c in CONFIGS["smoke" if args.smoke else "full"] if not args.models or c["model"] in args.models]
     t0 = time.time()
     rows: list[dict] = []
@@ -256,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = with_ratios(rows)
     command = "python bench/run.py" + (" --smoke" if args.smoke else "")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"command": command, "rows": rows, "mcu": mcu}, indent=1))
+    Path(args.json).write_text(json.dumps({"command": command, "rows": rows, "mcu": mcu,
+                                           "seconds": time.time() - t0}, indent=1))
+    Path(args.json).with_suffix(".partial.json").unlink(missing_ok=True)
     if not args.smoke:
         plot(rows, Path(args.json).parent)
     write_section(Path(args.out), markdown(rows, mcu, command, time.time() - t0),
