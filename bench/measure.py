@@ -1,22 +1,17 @@
-"""Peak resident memory of a block of code, above the level just before it (Linux)."""
+"""Peak resident memory of a block of code, above the level just before it (Linux), measured
+the way the device profiler measures (edgetl.runtime.profile)."""
 from __future__ import annotations
 
 import time
 
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+from edgetl.runtime.profile import reset_peak, status_kb
 
 
 def measure_steps(step, steps: int) -> dict:
     """Run `step()` `steps` times; peak RSS above the pre-step level and step times."""
     before = status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not reset_peak():
+        raise OSError("cannot reset the peak-RSS counter (/proc/self/clear_refs)")
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

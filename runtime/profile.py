@@ -28,7 +28,7 @@ def devices() -> dict[str, dict]:
     return {k: v for k, v in json.loads(DEVICES_FILE.read_text()).items() if not k.startswith("_")}
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -36,7 +36,7 @@ def _status_kb(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -86,15 +86,15 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     lr = trainer.lr_at(trainer.step)
     for _ in range(warmup):
         trainer.backend.train_step(xs, y, lr)
-    rss_before = _status_kb("VmRSS") * 1024
-    if not _reset_peak():
+    rss_before = status_kb("VmRSS") * 1024
+    if not reset_peak():
         raise OSError("cannot reset the peak-RSS counter (/proc/self/clear_refs); Linux only")
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         trainer.backend.train_step(xs, y, lr)
         times.append(1000 * (time.perf_counter() - t0))
-    hwm = _status_kb("VmHWM") * 1024
+    hwm = status_kb("VmHWM") * 1024
     planned = trainer.backend.planned_bytes()
     measured = max(hwm - rss_before, 0) + (planned or 0)
     mem = b.manifest["analytic_memory"]
