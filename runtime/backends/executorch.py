@@ -8,9 +8,6 @@ through the same extension. The wheel's C++ runtime libraries (`libexecutorch*.s
 depend on torch, and the wheel ships their headers, so this backend drives them through a tiny C
 shim (below, ~120 lines) built once with the system C++ compiler and cached, called via ctypes
 with numpy arrays. Set EDGETL_ET_SHIM to a prebuilt shim to skip the build (e.g. on a device).
-
-`runner="pybindings"` uses ExecuTorch's own Python bindings instead (this imports torch; for
-comparisons only).
 """
 from __future__ import annotations
 
@@ -287,39 +284,11 @@ class NativeMethod:
             self.L.etl_close(h)
 
 
-class PybindMethod:
-    """The same through ExecuTorch's Python bindings (imports torch)."""
-
-    def __init__(self, path: Path, method: str = "forward"):
-        import torch  # noqa: F401  (the bindings need it)
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
-
-        self._buffer = Path(path).read_bytes()  # keep the program's buffer alive
-        self.module = _load_for_executorch_from_buffer(self._buffer)
-        self.method = method
-        meta = self.module.method_meta(method)
-        self.inputs = []
-        self.planned_bytes = None
-        for i in range(meta.num_inputs()):
-            info = meta.input_tensor_meta(i)
-            dtype = np.dtype({6: np.float32, 4: np.int64}.get(info.dtype(), np.float32))
-            self.inputs.append((dtype, tuple(info.sizes())))
-
-    def __call__(self, inputs):
-        import torch
-
-        ts = [torch.from_numpy(np.require(a, dtype=dt, requirements="C")) for a, (dt, _) in zip(inputs, self.inputs)]
-        return [o.numpy() for o in self.module.run_method(self.method, ts)]
-
-
 class ExecuTorchBackend(HostStateBackend):
-    def __init__(self, bundle: Bundle, runner: str = "native"):
+    def __init__(self, bundle: Bundle):
         super().__init__(bundle)
-        if runner not in ("native", "pybindings"):
-            raise EdgeRuntimeError(f"runner must be 'native' or 'pybindings', got {runner!r}")
-        cls = NativeMethod if runner == "native" else PybindMethod
-        self.train = cls(bundle.program("train_step"))
-        self.eval = cls(bundle.program("eval"))
+        self.train = NativeMethod(bundle.program("train_step"))
+        self.eval = NativeMethod(bundle.program("eval"))
         io = bundle.manifest.get("io", {})
         expect_train = ["x", "y", "lr", *(f"param:{t}" for t in bundle.trainable),
                         *(f"state:{s}" for s in bundle.state_names)]
