@@ -16,10 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import measure_steps  # noqa: E402
+from edgetl.runtime import profile
 
 NUM_CLASSES = 10
+
+
+def measure_steps(step, steps: int) -> dict:
+    """Peak RSS above the pre-step level and step times, measured as the device profiler does."""
+    above, times, hwm = profile.measure_steps(step, steps)
+    times.sort()
+    return {"measured_peak_bytes": above, "step_ms_median": times[len(times) // 2], "step_ms_min": times[0],
+            "process_peak_bytes": hwm}
 
 
 def _batch(c, size, batch):

@@ -73,6 +73,21 @@ class Profile:
         return asdict(self)
 
 
+def measure_steps(step, steps: int) -> tuple[int, list[float], int]:
+    """Run `step()` `steps` times: (peak RSS above the pre-step level, step times in ms, process
+    peak RSS), all from /proc (Linux)."""
+    before = status_kb("VmRSS") * 1024
+    if not reset_peak():
+        raise OSError("cannot reset the peak-RSS counter (/proc/self/clear_refs); Linux only")
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t0))
+    hwm = status_kb("VmHWM") * 1024
+    return max(hwm - before, 0), times, hwm
+
+
 def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> Profile:
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
@@ -86,17 +101,9 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     lr = trainer.lr_at(trainer.step)
     for _ in range(warmup):
         trainer.backend.train_step(xs, y, lr)
-    rss_before = status_kb("VmRSS") * 1024
-    if not reset_peak():
-        raise OSError("cannot reset the peak-RSS counter (/proc/self/clear_refs); Linux only")
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        trainer.backend.train_step(xs, y, lr)
-        times.append(1000 * (time.perf_counter() - t0))
-    hwm = status_kb("VmHWM") * 1024
+    above, times, hwm = measure_steps(lambda: trainer.backend.train_step(xs, y, lr), steps)
     planned = trainer.backend.planned_bytes()
-    measured = max(hwm - rss_before, 0) + (planned or 0)
+    measured = above + (planned or 0)
     mem = b.manifest["analytic_memory"]
     resident = mem["frozen_weights_bytes"] + mem["trainable_params_bytes"] + mem["optimizer_state_bytes"]
     step_bytes = mem["analytic_peak_bytes"] - resident
