@@ -72,8 +72,10 @@ class _Anchored(Mapping[str, Tensor]):
 
 
 class Program:
-    def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor]):
-        self.graph, self.frozen = graph, frozen
+    def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor], anchor_masks: bool = False):
+        # anchor_masks: add exact zeros made from kept masks to the next bias, so graph runtimes with
+        # their own scheduler (onnxruntime) compute each mask in the forward (set by the ONNX exporter)
+        self.graph, self.frozen, self.anchor_masks = graph, frozen, anchor_masks
         trainable = set(graph.trainable)
         self.req = graph.requires_grad()
         self.need = {
@@ -112,7 +114,8 @@ class Program:
                 pending = []
             y, k = n.rule.forward([vals[i] for i in n.inputs], ws, need)
             w.done()
-            pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values() if t.dtype == torch.bool]
+            if self.anchor_masks:
+                pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values() if t.dtype == torch.bool]
             vals[n.name] = y
             tracker.hold(f"val:{n.name}", y, "activations (flowing)")
             for key, t in k.items():

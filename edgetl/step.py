@@ -37,14 +37,14 @@ class _FrozenStore(nn.Module):
 
 
 class LeanStep(nn.Module):
-    def __init__(self, prepared, optimizer: OptimizerConfig):
+    def __init__(self, prepared, optimizer: OptimizerConfig, anchor_masks: bool = False):
         super().__init__()
         self.prepared = prepared
         self.optimizer = optimizer
         self.trainable = prepared.trainable
         self.state_names = optimizer.state_names(self.trainable)
         self.store = _FrozenStore(prepared)
-        self.program = Program(prepared.graph, self.store.get)
+        self.program = Program(prepared.graph, self.store.get, anchor_masks)
 
     def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.optimizer.init_state(params)

@@ -38,8 +38,6 @@ TRAIN_FILE, EVAL_FILE = "train_step.pte", "eval.pte"
 
 def _trainable(w, role: str) -> bool:
     """Whether the tensor in `role` of a node's Weights is a trainable (input) tensor."""
-    while not hasattr(w, "roles") and hasattr(w, "w"):  # unwrap views such as program._Anchored
-        w = w.w
     name = w.roles.get(role)
     return name is not None and name in w.params
 
@@ -141,56 +139,6 @@ def masks_as_where(ep) -> int:
     return n_done
 
 
-_FINITE_FROM_BOOL = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.slice.Tensor,
-                     torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.sum.default,
-                     torch.ops.aten.sum.dim_IntList, torch.ops.aten.stack.default, torch.ops.aten.add.Tensor,
-                     torch.ops.aten.select.int, torch.ops.aten.unsqueeze.default, torch.ops.aten.flatten.using_ints}
-
-
-def _finite_from_bools(node, seen=None) -> bool:
-    """True if `node` is computed from boolean tensors only, by ops that keep values finite."""
-    seen = set() if seen is None else seen
-    if node in seen:
-        return True
-    seen.add(node)
-    if getattr(node.meta.get("val"), "dtype", None) == torch.bool:
-        return True
-    if node.op != "call_function" or node.target not in _FINITE_FROM_BOOL:
-        return False
-    ins = [a for a in node.all_input_nodes]
-    return bool(ins) and all(_finite_from_bools(a, seen) for a in ins)
-
-
-def drop_zero_anchors(ep) -> int:
-    """Remove `a + s * 0.0` where `s` is made from boolean masks only (so the term is an exact
-    zero), in place. The lean program adds such zeros to biases to force graph runtimes with their
-    own scheduler (onnxruntime) to compute masks early; ExecuTorch runs ops in program order, and
-    the term would turn constant biases into computed ones. Returns the number of adds dropped."""
-    g, n_done = ep.graph, 0
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.mul.Tensor or len(node.args) != 2:
-            continue
-        s, zero = node.args
-        if not (isinstance(zero, (int, float)) and zero == 0 and isinstance(s, torch.fx.Node)
-                and _finite_from_bools(s)):
-            continue
-        for add in list(node.users):
-            if add.op != "call_function" or add.target != torch.ops.aten.add.Tensor or len(add.args) != 2:
-                continue
-            if add.kwargs.get("alpha", 1) != 1 or any(u.op == "output" for u in add.users):
-                continue
-            other = add.args[1] if add.args[0] is node else add.args[0]
-            vo, va = getattr(other, "meta", {}).get("val"), add.meta.get("val")
-            if vo is None or va is None or vo.shape != va.shape or vo.dtype != va.dtype:
-                continue
-            add.replace_all_uses_with(other)
-            g.erase_node(add)
-            n_done += 1
-    g.eliminate_dead_code()
-    ep.graph_module.recompile()
-    return n_done
-
-
 def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
     """torch.export → (mask rewrite) → edge (→ XNNPACK) → ExecuTorch program manager."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
@@ -199,7 +147,6 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
     with torch.no_grad(), warnings.catch_warnings(), (bias_as_add() if delegate else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, args, strict=False)
-        drop_zero_anchors(ep)
         masks_as_where(ep)
         # ExecuTorch's own exporter warns about experimental APIs; the program is checked by tests.
         cfg = EdgeCompileConfig(_check_ir_validity=False)

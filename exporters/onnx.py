@@ -59,7 +59,7 @@ def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
     y = torch.zeros(batch_size, dtype=torch.int64)
     lr = torch.tensor(optimizer.lr, dtype=torch.float32)
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in optimizer.state_names(prepared.trainable)]
-    step = LeanStep(prepared, optimizer).eval()
+    step = LeanStep(prepared, optimizer, anchor_masks=True).eval()
     _export(step, (x, y, lr, *flat), ["x", "y", "lr", *pnames, *snames],
             ["loss", "logits", *(f"new_{n}" for n in pnames), *(f"new_{n}" for n in snames)], out / "train_step.onnx")
     ev = LeanEval(prepared).eval()
