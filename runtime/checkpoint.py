@@ -111,9 +111,10 @@ def _keep_previous(path: Path, directory: Path) -> bool:
     return False
 
 
-def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict, keep_previous: bool = True) -> Path:
     """Atomically replace `path` with a checkpoint of `arrays` and `meta` (a JSON-able dict); the
-    checkpoint it replaces becomes the previous generation (`path` + '.prev'). Raises
+    checkpoint it replaces becomes the previous generation (`path` + '.prev'), unless
+    `keep_previous` is False (it is known to be bad: the previous generation stays). Raises
     CheckpointError (the previous checkpoint intact) when it cannot be written."""
     path = Path(path)
     keys = {name: f"a{i}" for i, name in enumerate(arrays)}
@@ -147,7 +148,7 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        moved = _keep_previous(path, directory)
+        moved = _keep_previous(path, directory) if keep_previous else False
         os.replace(tmp, path)
     except OSError as e:
         try:

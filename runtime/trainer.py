@@ -95,6 +95,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.seed = 0  # of the last fit (its shuffles), recorded in checkpoints
+        self._unreadable: str | None = None  # a checkpoint whose newest generation failed to load
+        self._guard: _Guard | None = None
         self.schedule = {"name": "constant", "lr": float(bundle.manifest["optimizer"]["lr"]), "total_steps": 0}
 
     @classmethod
@@ -254,7 +256,7 @@ class Trainer:
                               f"(does the manifest match its programs?): {msg}") from e
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        guard = getattr(self, "_guard", None) or _Guard(self)
+        guard = self._guard or _Guard(self)
         before = self.backend.get_state()
         t0 = time.perf_counter()
         loss, _ = self._run("train_step", self.backend.train_step, x, y, self.lr_at(self.step), restore=before)
@@ -302,12 +304,17 @@ class Trainer:
         meta = {"step": self.step, "epoch": self.epoch, "schedule": self.schedule, "seed": self.seed,
                 "bundle": self.bundle.manifest["files"], "bundle_manifest": self.bundle.manifest[MANIFEST_DIGEST],
                 "target": self.bundle.target}
-        return ckpt.save_checkpoint(path, self.backend.get_state(), meta)
+        # After a fall-back to the previous generation, the unreadable newest is not kept as one.
+        keep = self._unreadable != str(path)
+        saved = ckpt.save_checkpoint(path, self.backend.get_state(), meta, keep_previous=keep)
+        self._unreadable = None
+        return saved
 
     def _read_checkpoint(self, path: str | Path) -> tuple[dict, dict, Path]:
         """A checkpoint of this bundle (its newest generation, or the previous one where the newest
         is unreadable): (arrays, header, the file used)."""
         arrays, header, used = ckpt.load_latest(path)
+        self._unreadable = str(path) if used != Path(path) else None
         if header["bundle_manifest"] != self.bundle.manifest[MANIFEST_DIGEST] or \
                 header["bundle"] != self.bundle.manifest["files"]:
             raise CheckpointError(f"checkpoint '{used}' belongs to another bundle")
