@@ -318,7 +318,7 @@ class Trainer:
         if header["bundle_manifest"] != self.bundle.manifest[MANIFEST_DIGEST] or \
                 header["bundle"] != self.bundle.manifest["files"]:
             raise CheckpointError(f"checkpoint '{used}' belongs to another bundle")
-        expected = self.bundle.tensor_shapes()
+        expected = self.backend.state_shapes()
         got = {k: tuple(v.shape) for k, v in arrays.items()}
         if got != expected:
             raise CheckpointError(f"checkpoint '{used}' does not match the bundle's tensors")
