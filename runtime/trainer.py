@@ -227,7 +227,9 @@ class Trainer:
             if checkpoint is None or getattr(err, "kept", None) is None:
                 raise
             try:
-                self.save_checkpoint(checkpoint)
+                # a newest checkpoint saved after the state kept may hold the diverged state: it does
+                # not become the previous generation
+                self._save(checkpoint, keep_previous=saved is None or saved <= self.step)
                 where = f"saved to checkpoint '{checkpoint}'"
             except CheckpointError as e:
                 where = f"not saved ({e})"
@@ -301,11 +303,14 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
+        return self._save(path)
+
+    def _save(self, path: str | Path, keep_previous: bool = True) -> Path:
         meta = {"step": self.step, "epoch": self.epoch, "schedule": self.schedule, "seed": self.seed,
                 "bundle": self.bundle.manifest["files"], "bundle_manifest": self.bundle.manifest[MANIFEST_DIGEST],
                 "target": self.bundle.target}
         # After a fall-back to the previous generation, the unreadable newest is not kept as one.
-        keep = self._unreadable != str(path)
+        keep = keep_previous and self._unreadable != str(path)
         saved = ckpt.save_checkpoint(path, self.backend.get_state(), meta, keep_previous=keep)
         self._unreadable = None
         return saved

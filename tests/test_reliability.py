@@ -109,6 +109,8 @@ def test_divergence_keeps_a_good_state(bundle, digits, tmp_path, lr):
     assert loss < 2 * start_loss, (loss, start_loss)  # finite is not enough: a sane loss
     arrays, header = ckpt.load_checkpoint(ck)
     assert header["step"] == t.step and _same(arrays, kept)
+    prev = ckpt.previous_path(ck)  # the diverged state is no generation either
+    assert not prev.exists() or ckpt.load_checkpoint(prev)[1]["step"] <= t.step
     t2 = Trainer.load(bundle)
     with pytest.warns(RuntimeNotice, match=re.escape(f"at step {t.step} with lr 0.05 instead of its {lr:.3g}")):
         t2.fit(*digits, epochs=5, lr=LR, checkpoint=ck, checkpoint_every=1)
