@@ -25,6 +25,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import EdgeRuntimeError
+from ..programs import check_executorch_programs
 from .base import HostStateBackend
 
 _SHIM_SOURCE = r"""
@@ -295,6 +296,7 @@ class ExecuTorchBackend(HostStateBackend):
         declared = io.get("train_step", {}).get("inputs", expect_train)
         if declared != expect_train or len(self.train.inputs) != len(expect_train):
             raise EdgeRuntimeError("the train_step program's inputs do not match the manifest")
+        check_executorch_programs(bundle.manifest, self.train.inputs, self.eval.inputs, self.train.num_outputs)
         self.batch = int(self.eval.inputs[0][1][0])
         self.set_state(bundle.initial_state())
 
