@@ -217,7 +217,7 @@ class Bundle:
         try:
             members = inspect(path, max_bytes=expected)
         except NpzError as e:
-            raise BundleError(f"initial state {e}") from None
+            raise BundleError(f"initial state '{path.name}' {e}") from None
         for name, shape in shapes.items():
             m = members.get(names[name])
             if m is None:

@@ -67,7 +67,7 @@ def load_npz(path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     try:
         members = inspect(path, max_bytes)
     except NpzError as e:
-        raise InputError(f"data file {e}") from None
+        raise InputError(f"data file '{path}' {e}") from None
     pickled = [k for k in NPZ_KEYS if k in members and members[k].dtype.hasobject]
     if pickled:
         raise InputError(f"data file '{path}' holds pickled objects ('{pickled[0]}'), which are refused")

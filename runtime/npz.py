@@ -54,7 +54,7 @@ def _mb(n: int) -> str:
 
 
 def inspect(path: str | Path, max_bytes: int | None = None) -> dict[str, Member]:
-    """The members of the archive at `path`, checked: total declared size within `max_bytes`
+    """(NpzError messages leave the file's name to the caller.) The members of the archive at `path`, checked: total declared size within `max_bytes`
     (default: default_limit()), every member an .npy whose header fits in its declared size.
     Object (pickled) arrays are listed with their dtype; callers refuse them."""
     path = Path(path)
@@ -63,14 +63,14 @@ def inspect(path: str | Path, max_bytes: int | None = None) -> dict[str, Member]
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
             if len(infos) > MAX_MEMBERS:
-                raise NpzError(f"'{path.name}' has {len(infos)} members; an .npz of arrays has far fewer")
+                raise NpzError(f"has {len(infos)} members; an .npz of arrays has far fewer")
             total = sum(i.file_size for i in infos)
             if total > limit:
                 hint = f" (set ${LIMIT_ENV} to allow more)" if max_bytes is None else ""
-                raise NpzError(f"'{path.name}' would inflate to {_mb(total)}, more than the {_mb(limit)} allowed{hint}")
+                raise NpzError(f"would inflate to {_mb(total)}, more than the {_mb(limit)} allowed{hint}")
             members = {}
             for info in infos:
-                m = _member(z, info, path.name)
+                m = _member(z, info)
                 members[m.name] = m
             return members
     except NpzError:
@@ -78,24 +78,24 @@ def inspect(path: str | Path, max_bytes: int | None = None) -> dict[str, Member]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, NotImplementedError,
             RuntimeError) as e:  # RuntimeError: an encrypted member
         why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:100]
-        raise NpzError(f"'{path.name}' is not a readable .npz archive ({why or type(e).__name__})") from None
+        raise NpzError(f"is not a readable .npz archive ({why or type(e).__name__})") from None
 
 
-def _member(z: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Member:
+def _member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
     if not info.filename.endswith(".npy"):
-        raise NpzError(f"'{where}' holds '{info.filename[:80]}', which is not an .npy array")
+        raise NpzError(f"holds '{info.filename[:80]}', which is not an .npy array")
     name = info.filename[: -len(".npy")]
     with z.open(info) as f:  # reads (and inflates) only the header's few bytes
         version = np.lib.format.read_magic(f)
         read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read is None:
-            raise NpzError(f"'{where}': array '{name}' has an unsupported .npy version {version}")
+            raise NpzError(f"array '{name}' has an unsupported .npy version {version}")
         shape, _, dtype = read(f, max_header_size=MAX_HEADER_BYTES)
         offset = f.tell()
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise NpzError(f"'{where}': array '{name}' has an invalid shape {shape!r}")
+        raise NpzError(f"array '{name}' has an invalid shape {shape!r}")
     nbytes = math.prod(shape) * dtype.itemsize
     if not dtype.hasobject and offset + nbytes > info.file_size:
-        raise NpzError(f"'{where}': array '{name}' declares shape {shape} ({_mb(nbytes)}) but its member holds "
+        raise NpzError(f"array '{name}' declares shape {shape} ({_mb(nbytes)}) but its member holds "
                        f"only {_mb(info.file_size - offset)}; the archive is corrupt")
     return Member(name, dtype, shape, nbytes, info.file_size)

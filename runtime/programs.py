@@ -59,6 +59,7 @@ def _expect(role: str, v: ValueInfo | None, name: str, shape: tuple, what: str, 
 
 def _check_graph(role: str, s: OnnxSummary, manifest: dict, batch: int | None, params: dict[str, tuple],
                  labels: str | None) -> None:
+    """`params`: program input name -> (manifest name, shape)."""
     inputs = {v.name: v for v in s.inputs}
     outputs = {v.name: v for v in s.outputs}
     shape = tuple(manifest["input"]["shape"])
@@ -67,8 +68,8 @@ def _check_graph(role: str, s: OnnxSummary, manifest: dict, batch: int | None, p
         _expect(role, inputs.get(labels), labels, (batch,), "the labels (batch,)", INT64)
     _expect(role, outputs.get("logits"), "logits", (batch, manifest["num_classes"]),
             "the logits (batch, num_classes)", FLOAT)
-    for name, want in params.items():
-        _expect(role, inputs.get(name), name, want, f"tensor {name!r}", FLOAT)
+    for name, (tensor, want) in params.items():
+        _expect(role, inputs.get(name), name, want, f"tensor {tensor!r}", FLOAT)
 
 
 def check_onnx_programs(root: Path, manifest: dict, program_path) -> None:
@@ -77,14 +78,17 @@ def check_onnx_programs(root: Path, manifest: dict, program_path) -> None:
     target = manifest["target"]
     if target not in ONNX_TARGETS:
         return
-    shapes = {t["name"]: tuple(t["shape"]) for t in manifest["trainable"] + manifest["optimizer"].get("state", [])}
     io = manifest.get("io", {})
-    by_io = {io["params"][t["name"]]: shapes[t["name"]] for t in manifest["trainable"]}
+    by_io = {io["params"][t["name"]]: (t["name"], tuple(t["shape"])) for t in manifest["trainable"]}
+    if len(by_io) != len(manifest["trainable"]):
+        raise BundleError("'io.params' gives two parameters the same program input")
     summaries = {role: read_program(program_path(role), role, manifest["files"].get(rel))
                  for role, rel in manifest["programs"].items()}
     b = manifest["input"]["batch_size"]
     if target == "onnx":
-        states = {io["state"][t["name"]]: shapes[t["name"]] for t in manifest["optimizer"].get("state", [])}
+        states = {io["state"][t["name"]]: (t["name"], tuple(t["shape"])) for t in manifest["optimizer"].get("state", [])}
+        if len(states) != len(manifest["optimizer"].get("state", [])) or set(states) & set(by_io):
+            raise BundleError("'io.state' gives two tensors the same program input")
         train = summaries["train_step"]
         _check_graph("train_step", train, manifest, b, {**by_io, **states}, "y")
         # the backend reads outputs by position: loss, logits, new parameters, new state
@@ -93,7 +97,7 @@ def check_onnx_programs(root: Path, manifest: dict, program_path) -> None:
             raise BundleError(f"the 'train_step' program has {len(train.outputs)} outputs; the manifest's "
                               f"{len(by_io)} parameters and {len(states)} state tensors need {n}")
         ev = summaries["eval"]
-        _check_graph("eval", ev, manifest, None, {k: v for k, v in by_io.items()}, None)
+        _check_graph("eval", ev, manifest, None, by_io, None)
         extra = [v.name for v in ev.inputs if v.name != "x" and v.name not in by_io and v.name not in ev.initializers]
         if extra:
             raise BundleError(f"the 'eval' program needs input {extra[0]!r}, which the manifest does not name")
