@@ -107,9 +107,10 @@ def check_onnx_programs(root: Path, manifest: dict, program_path) -> None:
 
 
 def check_executorch_programs(manifest: dict, train_inputs: list[tuple], eval_inputs: list[tuple],
-                              train_outputs: int) -> None:
+                              train_outputs: int, eval_outputs: list[tuple] | None = None) -> None:
     """The ExecuTorch programs' input shapes (static: [(dtype, shape)] as the runtime reports
-    them, in the order x, y, lr, parameters, state; eval: x, parameters) against the manifest."""
+    them, in the order x, y, lr, parameters, state; eval: x, parameters) and, where the runtime
+    reports them, the eval program's logits (batch, num_classes), against the manifest."""
     b, shape = manifest["input"]["batch_size"], tuple(manifest["input"]["shape"])
     params = [tuple(t["shape"]) for t in manifest["trainable"]]
     state = [tuple(t["shape"]) for t in manifest["optimizer"].get("state", [])]
@@ -130,3 +131,8 @@ def check_executorch_programs(manifest: dict, train_inputs: list[tuple], eval_in
         if tuple(eval_inputs[i][1]) != s:
             raise BundleError(f"the manifest gives tensor {n!r} the shape {_fmt(s)}, but the 'eval' program's "
                               f"input {i} is {_fmt(eval_inputs[i][1])}")
+    if eval_outputs is not None:
+        logits = tuple(eval_outputs[0][1]) if eval_outputs else ()
+        if len(logits) != 2 or logits[1] != manifest["num_classes"]:
+            raise BundleError(f"the manifest says num_classes {manifest['num_classes']}, but the 'eval' program's "
+                              f"logits are {_fmt(logits)}")

@@ -163,7 +163,7 @@ def test_checkpoint_roundtrip_keeps_zero_dim_state(bundles, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("lie", ["batch_size", "input", "trainable"])
+@pytest.mark.parametrize("lie", ["num_classes", "batch_size", "input", "trainable"])
 def test_manifest_must_match_the_programs(bundles, tmp_path, lie):
     """A manifest resealed to lie about the programs is refused at load (issue 14, item 7)."""
     import shutil
@@ -174,7 +174,9 @@ def test_manifest_must_match_the_programs(bundles, tmp_path, lie):
     d = tmp_path / "b"
     shutil.copytree(bundles["bias+mask"][2], d)
     m = json.loads((d / "manifest.json").read_text())
-    if lie == "batch_size":
+    if lie == "num_classes":  # the issue's case: trained at loss 0, then crashed
+        m["num_classes"] = 20
+    elif lie == "batch_size":
         m["input"]["batch_size"] = B * 2
     elif lie == "input":
         m["input"]["shape"] = [1, 32, 32]
