@@ -217,7 +217,11 @@ class Bundle:
         try:
             members = inspect(path, max_bytes=expected)
         except NpzError as e:
-            raise BundleError(f"initial state '{path.name}' {e}") from None
+            raise BundleError(f"cannot read initial state '{path.name}': it {e}") from None
+        pickled = [k for k, m in members.items() if m.dtype.hasobject]
+        if pickled:
+            raise BundleError(f"cannot read initial state '{path.name}': it holds pickled objects ('{pickled[0]}'), "
+                              "which are refused")
         for name, shape in shapes.items():
             m = members.get(names[name])
             if m is None:
@@ -257,7 +261,7 @@ def load_bundle(path: str | Path, trusted_key=None) -> Bundle:
     key = signing.resolve_trusted_key(trusted_key)
     try:
         if not root.is_dir():
-            raise BundleError(f"bundle '{root}' is a file, not a bundle directory" if root.exists()
+            raise BundleError(f"bundle '{root}' is a file, not a directory" if root.exists()
                               else f"bundle directory '{root}' does not exist")
         mpath = safe_path(root, MANIFEST)
         if not mpath.is_file():

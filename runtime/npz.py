@@ -42,7 +42,7 @@ def default_limit() -> int:
         try:
             return max(0, int(env))
         except ValueError:
-            raise NpzError(f"${LIMIT_ENV} must be a number of bytes, got {env!r}") from None
+            raise NpzError(f"cannot be checked: ${LIMIT_ENV} must be a number of bytes, got {env!r}") from None
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
@@ -54,7 +54,7 @@ def _mb(n: int) -> str:
 
 
 def inspect(path: str | Path, max_bytes: int | None = None) -> dict[str, Member]:
-    """(NpzError messages leave the file's name to the caller.) The members of the archive at `path`, checked: total declared size within `max_bytes`
+    """(NpzError messages are verb phrases that leave the file's name to the caller.) The members of the archive at `path`, checked: total declared size within `max_bytes`
     (default: default_limit()), every member an .npy whose header fits in its declared size.
     Object (pickled) arrays are listed with their dtype; callers refuse them."""
     path = Path(path)
@@ -89,13 +89,13 @@ def _member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
         version = np.lib.format.read_magic(f)
         read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read is None:
-            raise NpzError(f"array '{name}' has an unsupported .npy version {version}")
+            raise NpzError(f"has an array '{name}' of an unsupported .npy version {version}")
         shape, _, dtype = read(f, max_header_size=MAX_HEADER_BYTES)
         offset = f.tell()
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise NpzError(f"array '{name}' has an invalid shape {shape!r}")
+        raise NpzError(f"has an array '{name}' of an invalid shape {shape!r}")
     nbytes = math.prod(shape) * dtype.itemsize
     if not dtype.hasobject and offset + nbytes > info.file_size:
-        raise NpzError(f"array '{name}' declares shape {shape} ({_mb(nbytes)}) but its member holds "
+        raise NpzError(f"has an array '{name}' that declares shape {shape} ({_mb(nbytes)}) but its member holds "
                        f"only {_mb(info.file_size - offset)}; the archive is corrupt")
     return Member(name, dtype, shape, nbytes, info.file_size)

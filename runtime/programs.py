@@ -31,7 +31,7 @@ def read_program(path: Path, role: str, digest: str | None = None) -> OnnxSummar
     try:
         s = summarize(data)
     except ProtoError as e:
-        raise BundleError(f"the '{role}' program '{path.name}' is not a valid ONNX model ({e})") from None
+        raise BundleError(f"cannot load the '{role}' program '{path.name}': it is not a valid ONNX model ({e})") from None
     if s.external:
         raise BundleError(f"the '{role}' program '{path.name}' keeps tensor {s.external[0]!r} in an external data "
                           "file, which is refused (edgetl bundles hold every tensor in their checksummed programs)")
@@ -45,7 +45,7 @@ def _fmt(shape) -> str:
 def _expect(role: str, v: ValueInfo | None, name: str, shape: tuple, what: str, elem: int | None = None) -> None:
     """`v` must exist and have `shape` (None in `shape` or in the program's shape: any size)."""
     if v is None:
-        raise BundleError(f"the '{role}' program has no input or output {name!r} for {what}; "
+        raise BundleError(f"cannot load the '{role}' program: it has no input or output {name!r} for {what}; "
                           "the manifest does not match its programs")
     if elem is not None and v.elem_type not in (0, elem):
         raise BundleError(f"the '{role}' program's {name!r} ({what}) has element type {v.elem_type}, expected {elem}")
@@ -53,8 +53,8 @@ def _expect(role: str, v: ValueInfo | None, name: str, shape: tuple, what: str, 
         return
     ok = len(v.shape) == len(shape) and all(a is None or b is None or a == b for a, b in zip(v.shape, shape))
     if not ok:
-        raise BundleError(f"the manifest gives {what} the shape {_fmt(shape)}, but the '{role}' program's "
-                          f"{name!r} is {_fmt(v.shape)}")
+        raise BundleError(f"the manifest does not match its programs: it gives {what} the shape {_fmt(shape)}, "
+                          f"but the '{role}' program's {name!r} is {_fmt(v.shape)}")
 
 
 def _check_graph(role: str, s: OnnxSummary, manifest: dict, batch: int | None, params: dict[str, tuple],

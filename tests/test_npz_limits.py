@@ -146,7 +146,7 @@ def test_edgetl_data_on_a_huge_header_is_one_line(tmp_path, capsys):
     m["files"]["state.npz"] = sha256(d / "state.npz")
     m[MANIFEST_DIGEST] = manifest_digest(m)
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=r"'a0' declares shape \(32, 1000000000\)"):
+    with pytest.raises(BundleError, match=r"'a0' that declares shape \(32, 1000000000\)"):
         load_bundle(d).initial_state()
 
 
