@@ -27,7 +27,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
         if head == b"\x93NUMPY":
             raise DatasetError(f"{path.name}: holds a single .npy array; expected an .npz archive with {', '.join(KEYS)}")
         if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle's protocol header
-            raise DatasetError(f"{path.name}: is a Python pickle, which is refused; expected an .npz archive")
+            raise DatasetError(f"{path.name}: not an .npz archive but a Python pickle, which is refused")
         raise DatasetError(f"{path.name}: not an .npz (zip) archive")
     try:
         members = inspect(path)
