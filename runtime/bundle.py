@@ -303,5 +303,5 @@ def load_bundle(path: str | Path, trusted_key=None) -> Bundle:
         if not ok:
             raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (corrupt or altered)")
     bundle = Bundle(root, manifest)
-    check_onnx_programs(root, manifest, bundle.program)
+    check_onnx_programs(manifest, bundle.program)
     return bundle

@@ -72,7 +72,7 @@ def _check_graph(role: str, s: OnnxSummary, manifest: dict, batch: int | None, p
         _expect(role, inputs.get(name), name, want, f"tensor {tensor!r}", FLOAT)
 
 
-def check_onnx_programs(root: Path, manifest: dict, program_path) -> None:
+def check_onnx_programs(manifest: dict, program_path) -> None:
     """Refuse external data and a manifest that does not describe the programs (see module doc).
     `program_path(role)` resolves a program's file inside the bundle."""
     target = manifest["target"]

@@ -101,7 +101,7 @@ def _externalize(path, location: str, where: str) -> None:
         t = numpy_helper.from_array(np.ones(4, np.float32), "edgetl.const")
         g.node.insert(0, helper.make_node("Constant", [], ["edgetl.unused"], value=t))
         t = g.node[0].attribute[0].t
-    target = (path.parent / location) if not location.startswith("/") else __import__("pathlib").Path(location)
+    target = path.parent / location  # an absolute `location` stays absolute
     target.write_bytes(t.raw_data)
     length = len(t.raw_data)
     t.ClearField("raw_data")
