@@ -304,4 +304,10 @@ def load_bundle(path: str | Path, trusted_key=None) -> Bundle:
             raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (corrupt or altered)")
     bundle = Bundle(root, manifest)
     check_onnx_programs(manifest, bundle.program)
+    for rel in REQUIRED_FILES.get(bundle.target, ()):
+        # ONNX Runtime reads a checkpoint's external data from `<checkpoint>.data` beside it
+        sidecar = f"{rel}.data"
+        if safe_path(root, sidecar).exists() and sidecar not in manifest["files"]:
+            raise BundleError(f"bundle file {_short(sidecar)} (external data onnxruntime would read) has no checksum "
+                              "in the manifest; it is refused")
     return bundle

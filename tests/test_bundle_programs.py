@@ -132,6 +132,13 @@ def test_external_data_is_refused_by_data_location_alone(copy):
     _refused(d, "external data", "training")
 
 
+def test_an_unchecked_ort_checkpoint_sidecar_is_refused(copy):
+    """onnxruntime reads an ORT checkpoint's external data from `checkpoint.data` beside it."""
+    d = copy("ort-training")
+    (d / "checkpoint.data").write_bytes(b"\0" * 64)
+    _refused(d, "checkpoint.data", "no checksum")
+
+
 def test_export_inference_of_external_data_is_one_line(copy, tmp_path):
     d = copy()
     _externalize(d / "eval.onnx", "weights.bin", "initializer")
