@@ -96,14 +96,18 @@ def test_a_zip_bomb_is_refused_before_it_inflates(bomb, monkeypatch):
     assert load_npz(bomb)["x_train"].nbytes == 120_000_000 // (28 * 28 * 4) * 28 * 28 * 4
 
 
-def test_the_default_limit_follows_the_machine(bomb, monkeypatch):
+def test_the_default_limit_is_half_the_memory_or_the_environment(monkeypatch):
     import os
 
+    from edgetl.runtime.npz import NpzError, default_limit
+
     monkeypatch.delenv(LIMIT_ENV, raising=False)
-    half = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    if half > 150_000_000:
-        pytest.skip("this machine has the memory to inflate the bomb")
-    assert "would inflate" in str(_peak_mb(lambda: load_npz(bomb))[1])
+    assert default_limit() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    monkeypatch.setenv(LIMIT_ENV, "12345")
+    assert default_limit() == 12345
+    monkeypatch.setenv(LIMIT_ENV, "lots")
+    with pytest.raises(NpzError, match=LIMIT_ENV):
+        default_limit()
 
 
 @pytest.mark.parametrize("shape", [(10**12,), (10**6, 1, 1000, 1000), (2**40, 2**40)])
