@@ -91,10 +91,17 @@ def prepare(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise EdgeTLError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
     bb = _as_backbone(model)
-    size = input_size or bb.input_size
-    if not isinstance(size, int) or size < 1:
+    size = bb.input_size if input_size is None else input_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise EdgeTLError(f"input_size must be a positive integer, got {size!r}")
-    graph = trace(bb.model, (bb.in_channels, size, size), list(bb.blocks))
+    try:
+        graph = trace(bb.model, (bb.in_channels, size, size), list(bb.blocks))
+    except RuntimeError:
+        smallest = _smallest_input_size(bb, size)
+        if smallest is None:
+            raise
+        raise EdgeTLError(f"input_size {size} is too small for {bb.name}: its smallest input is "
+                          f"{smallest}×{smallest}") from None
     graph.frozen_dtype = frozen_dtype
     head = _find_head(graph, bb.head)
     for t in head.params.values():
@@ -116,6 +123,31 @@ def prepare(
             stored[t] = quantize_per_channel(v) if graph.is_quantized(t) else (v,)
     return PreparedModel(graph, recipe, bb.name, num_classes, size, bb.in_channels, tuple(bb.mean), tuple(bb.std),
                          head.name, ctx.notes, seed, stored)
+
+
+def _smallest_input_size(bb: Backbone, failed: int) -> int | None:
+    """The smallest square input the model runs on, if `failed` is too small for it (torch
+    refuses a size whose feature maps shrink below a kernel); None if size is not the problem."""
+    def runs(n: int) -> bool:
+        try:
+            with torch.no_grad():
+                bb.model.eval()(torch.zeros(1, bb.in_channels, n, n))
+            return True
+        except RuntimeError:
+            return False
+
+    if runs(failed):
+        return None
+    hi = max(bb.input_size or 1, failed + 1)
+    while not runs(hi):
+        if hi > 4096:
+            return None
+        hi *= 2
+    lo = failed  # fails; hi runs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    return hi
 
 
 def _as_backbone(model) -> Backbone:
