@@ -109,3 +109,60 @@ class Conv2d(Rule):
     def describe(self) -> str:
         kind = "depthwise " if self.groups > 1 and self.groups == self.in_shapes[0][0] else ""
         return f"{kind}conv{self.kernel[0]}x{self.kernel[1]}/s{self.stride[0]}"
+
+
+class _Weight2d(Mapping[str, Tensor]):
+    """A Conv1d's tensors as its (N, C, 1, L) Conv2d sees them: weight (O, I, K) -> (O, I, 1, K)."""
+
+    def __init__(self, w: Mapping[str, Tensor]):
+        self.w = w
+
+    def __getitem__(self, role: str) -> Tensor:
+        t = self.w[role]
+        return t.unsqueeze(2) if role == "weight" else t
+
+    def __iter__(self):
+        return iter(self.w)
+
+    def __len__(self) -> int:
+        return len(self.w)
+
+    def __getattr__(self, name: str):  # roles/params of the program's Weights (the ExecuTorch exporter reads them)
+        return getattr(self.w, name)
+
+
+class Conv1d(Conv2d):
+    """`aten.convolution` with 1-D arguments: the Conv2d rule on an (N, C, 1, L) view, weight
+    (O, I, K) as (O, I, 1, K). `padding` is p or (left, right). Its in_shapes/out_shape are the
+    2-D view's (C, 1, L); the 1-D ones are `shapes_1d`."""
+
+    kind = "conv1d"
+
+    def __init__(self, kernel, stride=1, padding=0, dilation=1, groups=1):
+        one = lambda v: int(v) if isinstance(v, int) else int(v[0])  # noqa: E731
+        if isinstance(padding, int) or len(padding) == 1:
+            left = right = one(padding)
+        else:
+            left, right = padding
+        super().__init__((1, one(kernel)), (1, one(stride)), (0, 0, left, right), (1, one(dilation)), groups)
+
+    def bind(self, in_shapes, out_shape=()):
+        self.shapes_1d = (in_shapes, out_shape)
+        super().bind([(c, 1, n) for c, n in in_shapes], (out_shape[0], 1, out_shape[1]) if out_shape else ())
+
+    def _2d(self, t: Tensor, shape: tuple[int, int]) -> Tensor:
+        return t.reshape(-1, shape[0], 1, shape[1])
+
+    def compute(self, xs, w):
+        return super().compute([xs[0].unsqueeze(2)], _Weight2d(w)).squeeze(2)
+
+    def backward(self, g, kept, w, need):
+        kept = {"x": self._2d(kept["x"], self.shapes_1d[0][0])} if "x" in kept else kept
+        (gx,), grads = super().backward(self._2d(g, self.shapes_1d[1]), kept, _Weight2d(w), need)
+        if "weight" in grads:
+            grads["weight"] = grads["weight"].squeeze(2)
+        c, n = self.shapes_1d[0][0]
+        return [gx.reshape(-1, c, n) if gx is not None else None], grads
+
+    def describe(self) -> str:
+        return f"conv1d k{self.kernel[1]}/s{self.stride[1]}"
