@@ -29,6 +29,7 @@ MAX_POOLS = {  # name: (rule args, input shape, torch reference)
     "resnet_3s2p1": ((3, 2, 1), X2, lambda x: F.max_pool2d(x, 3, 2, 1)),
     "3s2p1_ceil": ((3, 2, 1, 1, True), X2, lambda x: F.max_pool2d(x, 3, 2, 1, 1, True)),
     "2s2_ceil_edge": ((2, 2, 0, 1, True), X2, lambda x: F.max_pool2d(x, 2, 2, 0, 1, True)),
+    "ceil_drops_window_in_pad": ((2, 2, 1, 1, True), (2, 3, 5, 7), lambda x: F.max_pool2d(x, 2, 2, 1, 1, True)),
     "2s2_floor_tiles": ((2, 2), X2, lambda x: F.max_pool2d(x, 2, 2)),
     "3s1p1_overlap": ((3, 1, 1), X2, lambda x: F.max_pool2d(x, 3, 1, 1)),
     "dilated": ((3, 2, 0, 2), X2, lambda x: F.max_pool2d(x, 3, 2, 0, 2)),
@@ -45,6 +46,7 @@ AVG_POOLS = {
     "3s2p1_ceil": ((3, 2, 1, True), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, True)),
     "3s2p1_ceil_exclude": ((3, 2, 1, True, False), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, True, False)),
     "2s2_ceil_edge": ((2, 2, 0, True), X2, lambda x: F.avg_pool2d(x, 2, 2, 0, True)),
+    "ceil_drops_window_in_pad": ((2, 2, 1, True), (2, 3, 5, 7), lambda x: F.avg_pool2d(x, 2, 2, 1, True)),
     "divisor_override": ((3, 2, 1, False, True, 5), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, False, True, 5)),
     "rect": (((2, 3), (1, 2), (1, 1), True, False), X2, lambda x: F.avg_pool2d(x, (2, 3), (1, 2), (1, 1), True, False)),
     "2s2_tiles": ((2, 2), X2, lambda x: F.avg_pool2d(x, 2)),
@@ -214,7 +216,8 @@ def test_conv1d_matches_autograd(case):
 
 def test_conv1d_asymmetric_padding():
     x, wt, b = _x((2, 3, 10)), _x((4, 3, 4), 1), _x((4,), 2)
-    _conv_parity(R.Conv1d(4, 2, (1, 2)), x, wt, b, lambda x, w, b: F.conv1d(F.pad(x, (1, 2)), w, b, stride=2))
+    _conv_parity(R.Conv1d(4, 1, (1, 2)), x, wt, b, lambda x, w, b: F.conv1d(F.pad(x, (1, 2)), w, b))
+    _conv_parity(R.Conv1d(4, 2, (2, 1)), x, wt, b, lambda x, w, b: F.conv1d(F.pad(x, (2, 1)), w, b, stride=2))
 
 
 CONV2D_HW = {
@@ -316,6 +319,13 @@ def test_bias_mask_q8_quantizes_the_smooth_keeps_and_masks_the_relu():
     for a in ("act0", "act1", "se_act", "gate", "tanh"):
         assert (kept[(a, "q")], kept[(a, "s")], kept[(a, "z")]) == ("uint8", "float32", "float32")
         assert (a, "v") not in kept
+
+
+def test_mask_leaves_smooth_activations_exact():
+    pm = se_cnn("bias+mask")
+    smooth = [n.rule for n in pm.graph.nodes if n.name in ("act0", "act1", "se_act", "gate", "tanh")]
+    assert all(r.quant_bits is None and not r.approximate for r in smooth)
+    assert {k.dtype for k in pm.memory(6).kept if k.node in ("act0", "gate", "tanh")} == {"float32"}
 
 
 def test_q8_and_q4_together_are_refused():
