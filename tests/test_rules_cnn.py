@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetl import rules as R
+from edgetl.rules import Need
 from edgetl.graph import LeanGraph, Node
 from edgetl.optim import OptimizerConfig
 from edgetl.prepared import PreparedModel
@@ -105,6 +106,25 @@ def test_max_pool_all_equal_window_sends_one_gradient():
     rule = bind(R.MaxPool2d(2), torch.zeros(1, 1, 2, 2))
     y, gx, _, _ = lean_grads(rule, torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 1, 1))
     assert gx.sum() == 1 and gx[0, 0, 0, 0] == 1
+
+
+@pytest.mark.parametrize("args", [(3, 1, 1), (3, 2, 1)])
+def test_max_pool_backward_holds_one_tap_gradient_at_a_time(args):
+    """The backward's live memory, as the analytic model counts it, stays a few input sizes
+    (a stack of all k*k masked tap gradients alone would be 9 output sizes)."""
+    from edgetl.memory import Tracker, _Observe
+
+    x = torch.empty(4, 8, 24, 20, device="meta")
+    rule = bind(R.MaxPool(*args), x)
+    g = torch.empty(4, 8, *rule.out_hw, device="meta")
+    idx = torch.empty(g.shape, dtype=torch.uint8, device="meta")
+    tracker = Tracker()
+    with _Observe(tracker):
+        tracker.hold("g", g)
+        tracker.hold("i", idx)
+        (gx,), _ = rule.backward(g, {"i": idx}, {}, Need((True,), frozenset()))
+    inputs = x.numel() * 4
+    assert gx.shape == x.shape and tracker.peak < 6 * inputs, tracker.peak / inputs
 
 
 @pytest.mark.parametrize("case", list(AVG_POOLS))
