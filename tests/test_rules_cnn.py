@@ -171,11 +171,12 @@ def _quant(cls, bits):
     return rule
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (4, 5, 9), (16, 5)])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("name", list(SMOOTH))
-def test_quantized_keep_matches_its_reference_and_is_close_to_exact(name, bits):
+def test_quantized_keep_matches_its_reference_and_is_close_to_exact(name, bits, shape):
     cls, exact = SMOOTH[name]
-    x = _x((4, 5, 6, 7))
+    x = _x(shape)
     rule = _quant(cls, bits)
     # the lean rule is exactly what its autograd reference (quantize/dequantize round trip) defines
     _check(rule, x, lambda t: rule.reference([t], {}))
@@ -185,8 +186,10 @@ def test_quantized_keep_matches_its_reference_and_is_close_to_exact(name, bits):
     err = float((gx - gx_exact).norm() / gx_exact.norm())
     bound = {8: 0.02, 4: 0.3}[bits]
     assert 0 < err < bound, err
-    assert kept["q"].dtype == torch.uint8 and kept["s"].shape == (1, 5, 1, 1) and kept["z"].shape == (1, 5, 1, 1)
-    assert kept["q"].numel() == x.numel() * bits // 8  # q4: two codes per byte
+    per_channel = (1, 5) + (1,) * (len(shape) - 2)
+    assert kept["q"].dtype == torch.uint8 and kept["s"].shape == per_channel and kept["z"].shape == per_channel
+    per_sample = x[0].numel()
+    assert kept["q"].numel() == shape[0] * -(-per_sample * bits // 8)  # q4: two codes per byte
 
 
 @pytest.mark.parametrize("name", list(SMOOTH))
@@ -400,6 +403,11 @@ def _export_cases():
         cases[name] = (cls, X2)
         for bits in (8, 4):
             cases[f"{name}_q{bits}"] = (lambda cls=cls, bits=bits: _quant(cls, bits), (2, 3, 3, 3))
+    cases["silu_q4_1d_odd"] = (lambda: _quant(R.SiLU, 4), (2, 3, 5))
+    cases["sigmoid_q8_features"] = (lambda: _quant(R.Sigmoid, 8), (2, 6))
+    conv_w = {"weight": _x((6, 2, 3), 1), "bias": _x((6,), 2)}
+    cases["conv1d_k3s2p1_grouped"] = (lambda: R.Conv1d(3, 2, 1, 1, 2), (2, 4, 11), conv_w)
+    cases["affine_1d"] = (R.Affine, (2, 4, 11), {"weight": _x((4,), 1), "bias": _x((4,), 2)})
     return cases
 
 
@@ -407,11 +415,12 @@ EXPORT_CASES = _export_cases()
 
 
 def _rule_step(case):
-    make, shape = EXPORT_CASES[case]
+    make, shape, *w = EXPORT_CASES[case]
+    w = w[0] if w else {}
     x = _x(shape)
-    rule = bind(make(), x)
-    g = torch.randn(rule.compute([x], {}).shape, generator=torch.Generator().manual_seed(3))
-    return RuleStep(rule).eval(), x, g
+    rule = bind(make(), x, w)
+    g = torch.randn(rule.compute([x], w).shape, generator=torch.Generator().manual_seed(3))
+    return RuleStep(rule, w).eval(), x, g
 
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))

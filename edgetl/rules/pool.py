@@ -164,7 +164,7 @@ class MaxPool(_Windowed):
             v = self._tap(xp, t // kw, t % kw)
             better = v > m  # strict: the first maximum stays
             m = torch.where(better, v, m)
-            idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype), idx)
+            idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
         return self._nd(m), {"i": idx}
 
     def backward(self, g, kept, w, need):
