@@ -184,8 +184,8 @@ def test_quantized_keep_matches_its_reference_and_is_close_to_exact(name, bits, 
     _, gx_exact, _, _ = lean_grads(bind(cls(), x), x, g)
     _, gx, _, kept = lean_grads(rule, x, g)
     err = float((gx - gx_exact).norm() / gx_exact.norm())
-    bound = {8: 0.02, 4: 0.3}[bits]
-    assert 0 < err < bound, err
+    low, high = {8: (3e-4, 5e-3), 4: (5e-3, 0.06)}[bits]  # about a code step: coarser, or no rounding, fails
+    assert low < err < high, err
     per_channel = (1, 5) + (1,) * (len(shape) - 2)
     assert kept["q"].dtype == torch.uint8 and kept["s"].shape == per_channel and kept["z"].shape == per_channel
     per_sample = x[0].numel()
@@ -381,8 +381,8 @@ def test_quantized_keeps_change_bias_gradients_a_little():
     assert e8["head.bias"] == 0.0  # nothing quantized after the last layer that trains it
     inner8 = [v for t, v in e8.items() if t != "head.bias"]
     inner4 = [v for t, v in e4.items() if t != "head.bias"]
-    assert 0 < max(inner8) < 0.02, e8
-    assert 0 < max(inner4) < 0.3, e4
+    assert 0 < max(inner8) < 0.01, e8
+    assert 0 < max(inner4) < 0.12, e4
     assert max(inner8) < max(inner4)
 
 

@@ -1,6 +1,6 @@
 """`q8` / `q4`: smooth activations (SiLU, Sigmoid, Tanh), whose derivative no mask represents,
-keep what their backward needs as 8-bit (Mesa) or 4-bit (S2A) codes with a per-channel scale
-and zero point instead of fp32, dequantized in the backward. An approximation: the gradient
+keep what their backward needs (their derivative) as 8-bit (Mesa) or 4-bit (S2A) codes with a
+per-channel scale and zero point instead of fp32, dequantized in the backward. An approximation: the gradient
 error against exact is measured in tests/test_rules_cnn.py. Piecewise-linear activations are
 left to `mask` (exact), so `bias+mask+q8` quantizes only what a mask cannot hold."""
 import re

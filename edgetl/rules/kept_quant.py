@@ -2,10 +2,10 @@
 
 Per channel (dim 1) an affine code: q = round((v - lo) / scale) with lo, hi the channel's min and
 max over the batch and positions and scale = (hi - lo) / (2^bits - 1); v ≈ q * scale + lo. The zero
-point lo suits both one-sided values (sigmoid outputs in [0, 1], SiLU inputs) and symmetric ones.
+point lo uses all codes for one-sided values (e.g. sigmoid's derivative in [0, 0.25]).
 8-bit codes are stored one per uint8 byte. 4-bit codes are packed two per byte (hi * 16 + lo),
-built and split with float arithmetic (Mul/Add/Floor, then Cast): ONNX opset 17 has no bitwise
-Or, and runtimes lack integer Mul/Add kernels for uint8."""
+built and split with float arithmetic (Mul/Add/Floor, then Cast): ONNX opset 17 has no BitwiseOr
+(opset 18), and onnxruntime lacks uint8 kernels for some elementwise ops (Equal, measured)."""
 from __future__ import annotations
 
 import math
