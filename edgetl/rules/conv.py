@@ -27,6 +27,10 @@ class Conv2d(Rule):
             padding = (ph, ph, pw, pw)
         self.pads = tuple(padding)  # (top, bottom, left, right)
 
+    def bind(self, in_shapes, out_shape=()):
+        super().bind(in_shapes, out_shape)
+        self.in_chw, self.out_chw = tuple(in_shapes[0]), tuple(out_shape)  # the (C, H, W) it computes on
+
     @property
     def symmetric(self) -> bool:
         t, b, l, r = self.pads
@@ -58,7 +62,7 @@ class Conv2d(Rule):
         return [gx], grads
 
     def _input_grad(self, g: Tensor, weight: Tensor) -> Tensor:
-        h, wd = self.in_shapes[0][1:]
+        h, wd = self.in_chw[1:]
         (kh, kw), (dh, dw) = self.kernel, self.dilation
         t, b, l, r = self.pads
         if self.stride == (1, 1) and self.symmetric and t <= dh * (kh - 1) and l <= dw * (kw - 1):
@@ -66,7 +70,7 @@ class Conv2d(Rule):
             # Cheaper than ConvTranspose in onnxruntime, which is slow for depthwise kernels.
             pad = (dh * (kh - 1) - t, dw * (kw - 1) - l)
             return F.conv2d(g, self._flip_transpose(weight), None, 1, pad, self.dilation, self.groups)
-        ho, wo = self.out_shape[1:]
+        ho, wo = self.out_chw[1:]
         sh, sw = self.stride
         if self.symmetric:
             oph = h - ((ho - 1) * sh - 2 * t + dh * (kh - 1) + 1)
@@ -90,8 +94,8 @@ class Conv2d(Rule):
         x, pad = self._padded(x)
         if pad != (0, 0):
             x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        cin = self.in_shapes[0][0]
-        cout, ho, wo = self.out_shape
+        cin = self.in_chw[0]
+        cout, ho, wo = self.out_chw
         gr = self.groups
         cin_g, cout_g = cin // gr, cout // gr
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
@@ -107,7 +111,7 @@ class Conv2d(Rule):
         return torch.stack(taps, -1).reshape(cout, cin_g, kh, kw)
 
     def describe(self) -> str:
-        kind = "depthwise " if self.groups > 1 and self.groups == self.in_shapes[0][0] else ""
+        kind = "depthwise " if self.groups > 1 and self.groups == self.in_chw[0] else ""
         return f"{kind}conv{self.kernel[0]}x{self.kernel[1]}/s{self.stride[0]}"
 
 
@@ -128,13 +132,14 @@ class _Weight2d(Mapping[str, Tensor]):
         return len(self.w)
 
     def __getattr__(self, name: str):  # roles/params of the program's Weights (the ExecuTorch exporter reads them)
+        if name == "w":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.w, name)
 
 
 class Conv1d(Conv2d):
     """`aten.convolution` with 1-D arguments: the Conv2d rule on an (N, C, 1, L) view, weight
-    (O, I, K) as (O, I, 1, K). `padding` is p or (left, right). Its in_shapes/out_shape are the
-    2-D view's (C, 1, L); the 1-D ones are `shapes_1d`."""
+    (O, I, K) as (O, I, 1, K). `padding` is p or (left, right)."""
 
     kind = "conv1d"
 
@@ -147,21 +152,22 @@ class Conv1d(Conv2d):
         super().__init__((1, one(kernel)), (1, one(stride)), (0, 0, left, right), (1, one(dilation)), groups)
 
     def bind(self, in_shapes, out_shape=()):
-        self.shapes_1d = (in_shapes, out_shape)
-        super().bind([(c, 1, n) for c, n in in_shapes], (out_shape[0], 1, out_shape[1]) if out_shape else ())
-
-    def _2d(self, t: Tensor, shape: tuple[int, int]) -> Tensor:
-        return t.reshape(-1, shape[0], 1, shape[1])
+        Rule.bind(self, in_shapes, out_shape)
+        (c, n), = in_shapes
+        self.in_chw = (c, 1, n)
+        self.out_chw = (out_shape[0], 1, out_shape[1]) if out_shape else ()
 
     def compute(self, xs, w):
-        return super().compute([xs[0].unsqueeze(2)], _Weight2d(w)).squeeze(2)
+        # static sizes (once bound), so exporters' shape inference keeps them
+        y = super().compute([xs[0].reshape(-1, *self.in_chw)], _Weight2d(w))
+        return y.reshape(-1, self.out_chw[0], self.out_chw[2]) if self.out_chw else y.squeeze(2)
 
     def backward(self, g, kept, w, need):
-        kept = {"x": self._2d(kept["x"], self.shapes_1d[0][0])} if "x" in kept else kept
-        (gx,), grads = super().backward(self._2d(g, self.shapes_1d[1]), kept, _Weight2d(w), need)
+        c, _, n = self.in_chw
+        kept = {"x": kept["x"].reshape(-1, c, 1, n)} if "x" in kept else kept
+        (gx,), grads = super().backward(g.reshape(-1, *self.out_chw), kept, _Weight2d(w), need)
         if "weight" in grads:
             grads["weight"] = grads["weight"].squeeze(2)
-        c, n = self.shapes_1d[0][0]
         return [gx.reshape(-1, c, n) if gx is not None else None], grads
 
     def describe(self) -> str:

@@ -63,11 +63,12 @@ class _Windowed(Rule):
         self.out_hw = tuple(pooled_length(n, *a, self.ceil_mode) for n, *a in zip(self.hw, self.k, self.s, self.p, self.d))
         self.taps = self.k[0] * self.k[1]
 
-    def _4d(self, x: Tensor) -> Tensor:
-        return x.unsqueeze(2) if self.nd == 1 else x
+    def _4d(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """(N, C, L) as (N, C, 1, L); static sizes, so exporters' shape inference keeps them."""
+        return x.reshape(-1, self.c, 1, hw[1]) if self.nd == 1 else x
 
-    def _nd(self, y: Tensor) -> Tensor:
-        return y.squeeze(2) if self.nd == 1 else y
+    def _nd(self, y: Tensor, hw: tuple[int, int]) -> Tensor:
+        return y.reshape(-1, self.c, hw[1]) if self.nd == 1 else y
 
     @property
     def tiles(self) -> bool:
@@ -150,13 +151,13 @@ class MaxPool(_Windowed):
         self.index_dtype = torch.uint8 if t <= 256 else torch.int32
 
     def compute(self, xs, w):
-        x = self._4d(xs[0])
-        return self._nd(F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil_mode))
+        x = self._4d(xs[0], self.hw)
+        return self._nd(F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil_mode), self.out_hw)
 
     def forward(self, xs, w, need):
         if not need.inputs[0]:
             return self.compute(xs, w), {}
-        xp = self._pad(self._4d(xs[0]), float("-inf"))
+        xp = self._pad(self._4d(xs[0], self.hw), float("-inf"))
         kh, kw = self.k
         m = self._tap(xp, 0, 0)
         idx = torch.zeros_like(m, dtype=self.index_dtype)
@@ -165,13 +166,13 @@ class MaxPool(_Windowed):
             better = v > m  # strict: the first maximum stays
             m = torch.where(better, v, m)
             idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
-        return self._nd(m), {"i": idx}
+        return self._nd(m, self.out_hw), {"i": idx}
 
     def backward(self, g, kept, w, need):
-        g = self._4d(g)
+        g = self._4d(g, self.out_hw)
         idx = kept["i"].to(g.dtype)  # compared as float: integer Equal kernels are patchy in runtimes
         gx = self._spread(lambda t: torch.where(idx == t, g, 0.0))
-        return [self._nd(gx)], {}
+        return [self._nd(gx, self.hw)], {}
 
     def describe(self) -> str:
         k, s = self.k[-self.nd :], self.s[-self.nd :]
@@ -226,20 +227,20 @@ class AvgPool(_Windowed):
         return not self.ceil_mode and self.divisor_override is None
 
     def compute(self, xs, w):
-        x = self._4d(xs[0])
+        x = self._4d(xs[0], self.hw)
         if self._native:
             y = F.avg_pool2d(x, self.k, self.s, self.p, False, self.count_include_pad)
         else:
             y = self._scale(F.conv2d(self._pad(x, 0.0), self.ones.to(x.device, x.dtype), None, self.s, 0, 1, self.c))
-        return self._nd(y)
+        return self._nd(y, self.out_hw)
 
     def backward(self, g, kept, w, need):
-        g = self._scale(self._4d(g))
+        g = self._scale(self._4d(g, self.out_hw))
         if self.tiles and self.k[0] == self.k[1]:  # one expand + reshape
             gx = upsample_to(g, (self.c, *self.out_hw), self.k[0], self.hw)
         else:
             gx = self._spread(lambda t: g)
-        return [self._nd(gx)], {}
+        return [self._nd(gx, self.hw)], {}
 
     def describe(self) -> str:
         k, s = self.k[-self.nd :], self.s[-self.nd :]
