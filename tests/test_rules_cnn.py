@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from edgetl import rules as R
-from edgetl.rules import Need
+from edgetl.errors import RecipeError
 from edgetl.graph import LeanGraph, Node
 from edgetl.optim import OptimizerConfig
 from edgetl.prepared import PreparedModel
 from edgetl.recipes import PrepareContext, parse_recipe
-from edgetl.errors import RecipeError
+from edgetl.rules import Need
 from helpers import lean_vs_reference, rel_err
 from rule_harness import RuleStep, bind, lean_grads
 
@@ -34,7 +34,8 @@ MAX_POOLS = {  # name: (rule args, input shape, torch reference)
     "2s2_floor_tiles": ((2, 2), X2, lambda x: F.max_pool2d(x, 2, 2)),
     "3s1p1_overlap": ((3, 1, 1), X2, lambda x: F.max_pool2d(x, 3, 1, 1)),
     "dilated": ((3, 2, 0, 2), X2, lambda x: F.max_pool2d(x, 3, 2, 0, 2)),
-    "rect": (((2, 3), (1, 2), (1, 1), (2, 1), True), X2, lambda x: F.max_pool2d(x, (2, 3), (1, 2), (1, 1), (2, 1), True)),
+    "rect": (((2, 3), (1, 2), (1, 1), (2, 1), True), X2,
+             lambda x: F.max_pool2d(x, (2, 3), (1, 2), (1, 1), (2, 1), True)),
     "3s3_ceil_tiles": ((3, 3, 0, 1, True), X2, lambda x: F.max_pool2d(x, 3, 3, 0, 1, True)),
     "1d_3s2p1": (([3], [2], [1]), X1, lambda x: F.max_pool1d(x, 3, 2, 1)),
     "1d_2s2_ceil": ((2, 2, 0, 1, True), X1, lambda x: F.max_pool1d(x, 2, 2, 0, 1, True)),
@@ -288,7 +289,8 @@ def se_cnn(recipe: str, input_shape=(3, 10, 7)) -> PreparedModel:
     tensors: dict[str, torch.Tensor] = {}
 
     def conv(name, rule, cin, cout, k, groups=1):
-        tensors[f"{name}.weight"] = torch.randn(cout, cin // groups, k, k, generator=g) * (2.0 / (cin // groups * k * k)) ** 0.5
+        fan_in = cin // groups * k * k
+        tensors[f"{name}.weight"] = torch.randn(cout, cin // groups, k, k, generator=g) * (2.0 / fan_in) ** 0.5
         tensors[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.1
         return Node(name, rule, [], name, {"weight": f"{name}.weight", "bias": f"{name}.bias"})
 

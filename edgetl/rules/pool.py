@@ -60,7 +60,8 @@ class _Windowed(Rule):
         self.k, self.s, self.p, self.d = lift(k, 1), lift(s, 1), lift(p, 0), lift(d, 1)
         self.c = shape[0]
         self.hw = (1, shape[1]) if nd == 1 else tuple(shape[1:])
-        self.out_hw = tuple(pooled_length(n, *a, self.ceil_mode) for n, *a in zip(self.hw, self.k, self.s, self.p, self.d))
+        geometry = zip(self.hw, self.k, self.s, self.p, self.d)
+        self.out_hw = tuple(pooled_length(n, k, s, p, d, self.ceil_mode) for n, k, s, p, d in geometry)
         self.taps = self.k[0] * self.k[1]
 
     def _4d(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
