@@ -76,12 +76,19 @@ class Concat(Rule):
 
 
 class Affine(Rule):
-    """A BatchNorm2d that follows no conv: y = x * weight + bias per channel (eval statistics)."""
+    """A BatchNorm that follows no conv: y = x * weight + bias per channel (eval statistics),
+    on (N, C), (N, C, L) or (N, C, H, W)."""
 
     kind = "affine"
 
+    def _c(self, t):
+        return t.reshape(1, -1, *([1] * (len(self.in_shapes[0]) - 1)))
+
+    def _sum(self, t):
+        return t.sum((0, *range(2, 1 + len(self.in_shapes[0]))))
+
     def compute(self, xs, w):
-        return xs[0] * w["weight"].reshape(1, -1, 1, 1) + w["bias"].reshape(1, -1, 1, 1)
+        return xs[0] * self._c(w["weight"]) + self._c(w["bias"])
 
     def keep(self, xs, y, w, need):
         return {"x": xs[0]} if "weight" in need.params else {}
@@ -89,10 +96,10 @@ class Affine(Rule):
     def backward(self, g, kept, w, need):
         grads = {}
         if "bias" in need.params:
-            grads["bias"] = g.sum((0, 2, 3))
+            grads["bias"] = self._sum(g)
         if "weight" in need.params:
-            grads["weight"] = (g * kept["x"]).sum((0, 2, 3))
-        gx = g * w["weight"].reshape(1, -1, 1, 1) if need.inputs[0] else None
+            grads["weight"] = self._sum(g * kept["x"])
+        gx = g * self._c(w["weight"]) if need.inputs[0] else None
         return [gx], grads
 
 
