@@ -70,7 +70,7 @@ function checkMeta(name, h) {
 export async function decodeCheckpoint(bytes, name = "checkpoint") {
   let files;
   try {
-    files = await readNpz(bytes, { maxBytes: 16 << 30 });
+    files = await readNpz(bytes, { maxBytes: 16 * 2 ** 30 });
   } catch (e) {
     throw new CheckpointError(`checkpoint '${name}' is corrupt (${e.message}) or not an edgetl checkpoint`);
   }
