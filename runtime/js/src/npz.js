@@ -13,6 +13,9 @@ const MAX_HEADER_BYTES = 10000;
 /** An .npz/.npy problem; the message is a verb phrase that leaves the file's name to the caller. */
 export class NpzError extends Error {}
 
+// A plain Uint8Array view (a Node Buffer's slice() does not copy, a Uint8Array's does).
+const asBytes = (b) => (b instanceof Uint8Array && b.constructor === Uint8Array ? b : new Uint8Array(b.buffer ?? b, b.byteOffset ?? 0, b.byteLength));
+
 const u16 = (b, o) => b[o] | (b[o + 1] << 8);
 const u32 = (b, o) => (b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)) >>> 0;
 const u64 = (b, o) => u32(b, o) + u32(b, o + 4) * 2 ** 32;
@@ -126,6 +129,7 @@ export function npyHeader(bytes, name = "array") {
  * checked before anything is inflated or copied.
  */
 export async function readNpz(bytes, { maxBytes = Infinity } = {}) {
+  bytes = asBytes(bytes);
   const entries = zipEntries(bytes);
   const total = entries.reduce((s, e) => s + e.size, 0);
   if (total > maxBytes) throw new NpzError(`would inflate to ${(total / 1e6).toFixed(1)} MB, more than the ${(maxBytes / 1e6).toFixed(1)} MB allowed`);
@@ -144,6 +148,7 @@ export async function readNpz(bytes, { maxBytes = Infinity } = {}) {
 
 /** One .npy array: {dtype, kind, shape, data}; data null where the dtype is not numeric. */
 export function decodeNpy(raw, name = "array") {
+  raw = asBytes(raw);
   const h = npyHeader(raw, name);
   const n = h.shape.reduce((a, d) => a * d, 1);
   const typeKey = h.kind + String(h.itemsize);

@@ -1,0 +1,47 @@
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import path from "node:path";
+import { test } from "node:test";
+import { BundleError } from "../src/errors.js";
+import { loadBundleFromDir, loadTrainer } from "../src/node.js";
+import { copyBundle, fixtures } from "./fixtures.mjs";
+
+const fx = fixtures();
+
+test("a bundle exported by the host loads and verifies", async () => {
+  const b = await loadBundleFromDir(fx.bundle);
+  assert.equal(b.target, "onnx");
+  const state = await b.initialState();
+  assert.deepEqual(Object.keys(state), [...b.trainable, ...b.stateNames]);
+  assert.equal(state["head.weight"].length, 10 * 256);
+});
+
+test("a tampered program or state file is refused", async () => {
+  for (const file of ["state.npz", "train_step.onnx"]) {
+    const dir = copyBundle(fx.bundle);
+    const p = path.join(dir, file);
+    const bytes = fs.readFileSync(p);
+    bytes[bytes.length - 10] ^= 1;
+    fs.writeFileSync(p, bytes);
+    await assert.rejects(loadTrainer(dir), (e) => e instanceof BundleError && e.message === `bundle file '${file}' fails its sha256 check (corrupt or altered)`);
+  }
+});
+
+test("a manifest altered after export fails its own sha256", async () => {
+  const dir = copyBundle(fx.bundle);
+  const p = path.join(dir, "manifest.json");
+  fs.writeFileSync(p, fs.readFileSync(p, "utf8").replace('"lr": 0.01', '"lr": 0.5'));
+  await assert.rejects(loadBundleFromDir(dir), /manifest.json fails its sha256 check/);
+});
+
+test("a missing file and a path outside the bundle are refused", async () => {
+  const dir = copyBundle(fx.bundle);
+  fs.rmSync(path.join(dir, "eval.onnx"));
+  await assert.rejects(loadBundleFromDir(dir), /bundle file 'eval.onnx' is missing/);
+  await assert.rejects(loadBundleFromDir(path.join(dir, "nope")), /does not exist/);
+});
+
+test("an unsigned bundle is refused when a trusted key is given", async () => {
+  const pem = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
+  await assert.rejects(loadBundleFromDir(fx.bundle, { trustedKey: pem }), /the bundle is not signed/);
+});

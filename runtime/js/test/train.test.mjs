@@ -1,0 +1,117 @@
+// Training parity with the Python runtime (same bundle, data order, seed, cosine schedule), in
+// Node native (onnxruntime-node) and Node WASM (onnxruntime-web); checkpoints across runtimes.
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import { test } from "node:test";
+import { decodeCheckpoint } from "../src/checkpoint.js";
+import { fileCheckpointStore, loadDataFile, loadTrainer } from "../src/node.js";
+import { fixtures, python, tmpFile } from "./fixtures.mjs";
+
+const fx = fixtures();
+const FIT = { epochs: 2, schedule: "cosine", seed: 5, lr: 0.05 };
+
+/** Python's runtime fits the small set and leaves its checkpoint at `ckpt` (resuming one there). */
+function pythonFit(ckpt, epochs = FIT.epochs) {
+  python(["-c", `
+import numpy as np
+from edgetl.runtime import Trainer
+d = np.load(${JSON.stringify(fx.small)})
+t = Trainer.load(${JSON.stringify(fx.bundle)})
+t.fit(d["x_train"], d["y_train"], epochs=${epochs}, schedule="cosine", seed=${FIT.seed}, lr=${FIT.lr}, checkpoint=${JSON.stringify(ckpt)})
+`]);
+  return fs.readFileSync(ckpt);
+}
+
+function maxDiff(a, b) {
+  let m = 0;
+  for (const k of Object.keys(b)) {
+    assert.equal(a[k].length, b[k].length, k);
+    for (let i = 0; i < a[k].length; i++) m = Math.max(m, Math.abs(a[k][i] - b[k][i]));
+  }
+  return m;
+}
+
+const pyRef = tmpFile("py.ckpt");
+let pyState;
+async function pythonState() {
+  if (!pyState) {
+    const { arrays, header } = await decodeCheckpoint(pythonFit(pyRef), pyRef);
+    assert.equal(header.step, 10);
+    pyState = Object.fromEntries(Object.entries(arrays).map(([k, a]) => [k, a.data]));
+  }
+  return pyState;
+}
+
+for (const backend of ["node", "web"]) {
+  test(`fit on onnxruntime-${backend} gives the Python runtime's parameters after 10 steps`, async () => {
+    const d = await loadDataFile(fx.small);
+    const t = await loadTrainer(fx.bundle, { backend });
+    const before = t.getState();
+    const r = await t.fit(d.x_train, d.y_train, FIT);
+    assert.equal(r.steps, 10);
+    const py = await pythonState();
+    assert.ok(maxDiff(before, py) > 1e-3, "training changed nothing: the comparison would be empty");
+    const diff = maxDiff(t.getState(), py);
+    assert.ok(diff <= 1e-5, `max |js - python| = ${diff}`);
+  });
+}
+
+test("a JS checkpoint resumes in Python, and a Python checkpoint in JS, to the same parameters", async () => {
+  const d = await loadDataFile(fx.small);
+  const stateOf = async (bytes, name) => Object.fromEntries(Object.entries((await decodeCheckpoint(bytes, name)).arrays).map(([k, a]) => [k, a.data]));
+  // the reference: Python trains one epoch, then resumes its checkpoint for a second (the cosine
+  // schedule is stretched on resume, in both runtimes)
+  const refCkpt = tmpFile("ref.ckpt");
+  pythonFit(refCkpt, 1);
+  const pyOne = fs.readFileSync(refCkpt);
+  const ref = await stateOf(pythonFit(refCkpt, 2), refCkpt);
+  // JS trains the first epoch; Python resumes it
+  const jsCkpt = tmpFile("js.ckpt");
+  let t = await loadTrainer(fx.bundle);
+  await t.fit(d.x_train, d.y_train, { ...FIT, epochs: 1, checkpoint: fileCheckpointStore(jsCkpt) });
+  assert.equal(t.step, 5);
+  assert.ok(maxDiff(await stateOf(fs.readFileSync(jsCkpt), jsCkpt), await stateOf(pyOne, "py")) <= 1e-5);
+  assert.ok(maxDiff(await stateOf(pythonFit(jsCkpt), jsCkpt), ref) <= 1e-5);
+  // Python's first epoch; JS resumes it
+  const pyCkpt = tmpFile("py1.ckpt");
+  fs.writeFileSync(pyCkpt, pyOne);
+  t = await loadTrainer(fx.bundle);
+  t.notice = () => {};
+  const r = await t.fit(d.x_train, d.y_train, { ...FIT, checkpoint: fileCheckpointStore(pyCkpt) });
+  assert.equal(r.losses.length, 5, "the resumed run takes the remaining 5 steps only");
+  assert.ok(maxDiff(t.getState(), ref) <= 1e-5);
+});
+
+test("a checkpoint of another seed, or one altered, is refused", async () => {
+  const d = await loadDataFile(fx.small);
+  const ckpt = tmpFile("seed.ckpt");
+  let t = await loadTrainer(fx.bundle);
+  await t.fit(d.x_train, d.y_train, { ...FIT, epochs: 1, checkpoint: fileCheckpointStore(ckpt) });
+  t = await loadTrainer(fx.bundle);
+  await assert.rejects(t.fit(d.x_train, d.y_train, { ...FIT, seed: 6, checkpoint: fileCheckpointStore(ckpt) }), /is of a run with seed 5, not 6/);
+  const bytes = fs.readFileSync(ckpt);
+  bytes[bytes.length - 200] ^= 0x40;
+  fs.writeFileSync(ckpt, bytes);
+  await assert.rejects(t.loadCheckpoint(fileCheckpointStore(ckpt)), /fails its checksum|corrupt/);
+});
+
+test("bad data is refused with the Python runtime's messages", async () => {
+  const d = await loadDataFile(fx.small);
+  const t = await loadTrainer(fx.bundle);
+  await assert.rejects(t.fit({ data: new Float32Array(10), shape: [10, 1] }, d.y_train), /x must have shape \(N, 1, 28, 28\), got \(10, 1\)/);
+  const big = { data: d.x_train.data.map((v) => v * 255), shape: d.x_train.shape };
+  await assert.rejects(t.fit(big, d.y_train), /x must be scaled to \[0, 1\]/);
+  const y = { data: d.y_train.data.map(() => 10n), shape: d.y_train.shape };
+  await assert.rejects(t.fit(d.x_train, y), /y has class ids outside \[0, 9\]/);
+  await assert.rejects(t.fit(d.x_train, d.y_train, { epochs: 0 }), /epochs must be a positive integer/);
+});
+
+test("two epochs on digits reach at least 95% test accuracy (onnxruntime-node)", async () => {
+  const d = await loadDataFile(fx.data);
+  const t = await loadTrainer(fx.bundle);
+  await t.fit(d.x_train, d.y_train, { epochs: 2, schedule: "cosine" });
+  const r = await t.evaluate(d.x_test, d.y_test);
+  assert.ok(r.accuracy >= 0.95, `test accuracy ${r.accuracy}`);
+  const pred = await t.predict(d.x_test);
+  assert.equal(pred.length, 540);
+});
