@@ -4,7 +4,7 @@ import path from "node:path";
 import { test } from "node:test";
 import { BundleError } from "../src/errors.js";
 import { loadBundleFromDir, loadTrainer } from "../src/node.js";
-import { copyBundle, fixtures } from "./fixtures.mjs";
+import { copyBundle, fixtures, python } from "./fixtures.mjs";
 
 const fx = fixtures();
 
@@ -39,6 +39,24 @@ test("a missing file and a path outside the bundle are refused", async () => {
   fs.rmSync(path.join(dir, "eval.onnx"));
   await assert.rejects(loadBundleFromDir(dir), /bundle file 'eval.onnx' is missing/);
   await assert.rejects(loadBundleFromDir(path.join(dir, "nope")), /does not exist/);
+  const outside = copyBundle(fx.bundle);
+  fs.symlinkSync(path.join(outside, "eval.onnx"), path.join(dir, "eval.onnx"));
+  await assert.rejects(loadBundleFromDir(dir), /bundle file 'eval.onnx' points outside the bundle directory/);
+});
+
+test("a signed bundle loads with its key and is refused with another key or once its manifest changes", async () => {
+  const dir = copyBundle(fx.bundle);
+  const keys = path.join(dir, "..", path.basename(dir) + "-keys");
+  python(["-m", "edgetl", "keygen", "--out", keys, "--name", "a"]);
+  python(["-m", "edgetl", "keygen", "--out", keys, "--name", "b"]);
+  python(["-c", `from pathlib import Path; from edgetl.runtime import signing
+d = Path(${JSON.stringify(dir)}); (d / "manifest.sig").write_bytes(signing.sign(signing.load_private_key(${JSON.stringify(path.join(keys, "a.key"))}), (d / "manifest.json").read_bytes()))`]);
+  const b = await loadBundleFromDir(dir, { trustedKey: path.join(keys, "a.pub") });
+  assert.equal(b.target, "onnx");
+  await assert.rejects(loadBundleFromDir(dir, { trustedKey: path.join(keys, "b.pub") }), /the bundle is signed by another key/);
+  const m = path.join(dir, "manifest.json");
+  fs.writeFileSync(m, fs.readFileSync(m, "utf8") + " ");
+  await assert.rejects(loadBundleFromDir(dir, { trustedKey: path.join(keys, "a.pub") }), /signature does not match its manifest.json/);
 });
 
 test("an unsigned bundle is refused when a trusted key is given", async () => {
