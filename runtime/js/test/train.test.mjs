@@ -83,6 +83,18 @@ test("a JS checkpoint resumes in Python, and a Python checkpoint in JS, to the s
   assert.ok(maxDiff(t.getState(), ref) <= 1e-5);
 });
 
+test("a run interrupted mid-epoch resumes from its checkpoint to the Python runtime's parameters", async () => {
+  const d = await loadDataFile(fx.small);
+  const ckpt = tmpFile("mid.ckpt");
+  let t = await loadTrainer(fx.bundle);
+  const stop = ({ step }) => { if (step === 7) throw new Error("interrupted"); };
+  await assert.rejects(t.fit(d.x_train, d.y_train, { ...FIT, checkpoint: fileCheckpointStore(ckpt), checkpointEvery: 3, onProgress: stop }), /interrupted/);
+  t = await loadTrainer(fx.bundle);
+  const r = await t.fit(d.x_train, d.y_train, { ...FIT, checkpoint: fileCheckpointStore(ckpt), checkpointEvery: 3 });
+  assert.equal(r.losses.length, 4, "resumed at step 6 of 10");
+  assert.ok(maxDiff(t.getState(), await pythonState()) <= 1e-5);
+});
+
 test("a checkpoint of another seed, or one altered, is refused", async () => {
   const d = await loadDataFile(fx.small);
   const ckpt = tmpFile("seed.ckpt");
