@@ -15,7 +15,9 @@ const HEADER = "__header__";
 const SCHEDULES = ["constant", "cosine"];
 const DTYPE_NAMES = { "<f4": "float32", "<f8": "float64", "|f1": "float8" };
 
-const pyShape = (s) => (s.length === 1 ? `(${s[0]},)` : `(${s.join(", ")})`);
+// str(np.ascontiguousarray(a).shape) as Python's digest writes it: ascontiguousarray makes a 0-d
+// array (AdamW's step counter) 1-d, so "()" never occurs there.
+const pyShape = (s) => (s.length <= 1 ? `(${s.length ? s[0] : 1},)` : `(${s.join(", ")})`);
 
 async function digest(arrays, metaTree) {
   const enc = new TextEncoder();
