@@ -15,18 +15,31 @@ export function python(args, opts = {}) {
 }
 
 export function fixtures() {
-  const key = crypto.createHash("sha256").update(ROOT).digest("hex").slice(0, 12);
+  // a cache per checkout and per version of the exporters that make the fixtures
+  const h = crypto.createHash("sha256").update(ROOT);
+  for (const dir of ["exporters", "runtime"]) {
+    for (const f of fs.readdirSync(path.join(ROOT, dir)).filter((f) => f.endsWith(".py")).sort()) h.update(fs.readFileSync(path.join(ROOT, dir, f)));
+  }
+  const key = h.digest("hex").slice(0, 12);
   const dir = process.env.EDGETL_JS_FIXTURES ?? path.join(os.tmpdir(), `edgetl-js-fixtures-${key}`);
   const bundle = path.join(dir, "bundle"), data = path.join(dir, "digits.npz"), small = path.join(dir, "small.npz");
   if (!fs.existsSync(path.join(dir, "done"))) {
-    fs.rmSync(dir, { recursive: true, force: true });
-    fs.mkdirSync(dir, { recursive: true });
+    // made in a private directory and renamed into place: test files run in parallel processes
+    const tmp = `${dir}.tmp-${process.pid}`;
+    fs.rmSync(tmp, { recursive: true, force: true });
+    fs.mkdirSync(tmp, { recursive: true });
+    const [b, dt, sm] = ["bundle", "digits.npz", "small.npz"].map((f) => path.join(tmp, f));
     python(["-m", "edgetl", "export", "mnist_cnn", "--recipe", "bias+mask", "--target", "onnx", "--num-classes", "10",
-      "--batch-size", "32", "--out", bundle]);
-    python(["-m", "edgetl", "data", "digits", "--bundle", bundle, "--out", data]);
+      "--batch-size", "32", "--out", b]);
+    python(["-m", "edgetl", "data", "digits", "--bundle", b, "--out", dt]);
     // 160 training samples: 5 steps an epoch, for parity runs of a few steps
-    python(["-c", `import numpy as np; d = np.load(${JSON.stringify(data)}); np.savez(${JSON.stringify(small)}, x_train=d["x_train"][:160], y_train=d["y_train"][:160], x_test=d["x_test"][:64], y_test=d["y_test"][:64])`]);
-    fs.writeFileSync(path.join(dir, "done"), "");
+    python(["-c", `import numpy as np; d = np.load(${JSON.stringify(dt)}); np.savez(${JSON.stringify(sm)}, x_train=d["x_train"][:160], y_train=d["y_train"][:160], x_test=d["x_test"][:64], y_test=d["y_test"][:64])`]);
+    fs.writeFileSync(path.join(tmp, "done"), "");
+    try {
+      fs.renameSync(tmp, dir);
+    } catch {
+      fs.rmSync(tmp, { recursive: true, force: true }); // another process was first
+    }
   }
   return { dir, bundle, data, small };
 }
