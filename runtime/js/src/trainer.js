@@ -14,7 +14,18 @@ const LOSS_GROWTH = 10.0;
 const PARAM_GROWTH = 1e3;
 
 const now = () => (globalThis.performance ? performance.now() : Date.now());
-const g3 = (v) => Number(v.toPrecision(3)).toString();
+/** Python's f"{v:.3g}" (the messages match the Python runtime's word for word). */
+export function g3(v) {
+  if (Number.isNaN(v)) return "nan";
+  if (!Number.isFinite(v)) return v > 0 ? "inf" : "-inf";
+  if (v === 0) return Object.is(v, -0) ? "-0" : "0";
+  const [m, e] = v.toExponential(2).split("e");
+  const exp = Number(e);
+  const strip = (t) => (t.includes(".") ? t.replace(/0+$/, "").replace(/\.$/, "") : t);
+  if (exp < -4 || exp >= 3) return `${strip(m)}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
+  return strip(v.toFixed(Math.max(0, 2 - exp)));
+}
+const pyStr = (v) => (Number.isNaN(v) ? "nan" : v === Infinity ? "inf" : v === -Infinity ? "-inf" : String(v));
 const absMax = (a) => { let m = 0; for (const v of a) { const x = Math.abs(v); if (x > m || Number.isNaN(x)) m = x; } return m; };
 const isInt = (v) => Number.isSafeInteger(v);
 const copyState = (s) => Object.fromEntries(Object.entries(s).map(([k, v]) => [k, Float32Array.from(v)]));
@@ -35,7 +46,7 @@ class Guard {
     this.previous = null; // [step, epoch, state] before the last good step
   }
   badLoss(loss) {
-    if (!Number.isFinite(loss)) return `loss ${loss}`;
+    if (!Number.isFinite(loss)) return `loss ${pyStr(loss)}`;
     if (this.lossLimit === null) this.lossLimit = LOSS_GROWTH * Math.max(loss, Math.log(Math.max(this.numClasses, 2)), 1.0);
     else if (loss > this.lossLimit) return `loss ${g3(loss)}, above ${g3(this.lossLimit)}`;
     return null;

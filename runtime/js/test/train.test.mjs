@@ -5,6 +5,7 @@ import fs from "node:fs";
 import { test } from "node:test";
 import { decodeCheckpoint } from "../src/checkpoint.js";
 import { npyFloat32, npyString, readNpz, writeZip } from "../src/npz.js";
+import { DivergenceError } from "../src/errors.js";
 import { fileCheckpointStore, loadDataFile, loadTrainer } from "../src/node.js";
 import { fixtures, python, tmpFile } from "./fixtures.mjs";
 
@@ -109,6 +110,29 @@ test("a checkpoint of another seed, or one altered, is refused", async () => {
   members["a0.npy"] = npyFloat32(arrays.a0.data.map((v, i) => (i === 0 ? v + 1e-3 : v)), arrays.a0.shape);
   fs.writeFileSync(ckpt, writeZip(members));
   await assert.rejects(t.loadCheckpoint(fileCheckpointStore(ckpt)), /checkpoint '.*seed.ckpt' fails its checksum \(corrupt or altered\)/);
+});
+
+test("a diverging run stops with the Python runtime's message and keeps the last good state", async () => {
+  const d = await loadDataFile(fx.small);
+  for (const lr of [1e2, 1e4]) {
+    const py = python(["-c", `
+import numpy as np
+from edgetl.runtime import Trainer
+d = np.load(${JSON.stringify(fx.small)})
+t = Trainer.load(${JSON.stringify(fx.bundle)})
+try:
+    t.fit(d["x_train"], d["y_train"], epochs=2, lr=${lr}, seed=1)
+except Exception as e:
+    print(type(e).__name__, e)
+`]).trim();
+    const t = await loadTrainer(fx.bundle);
+    const start = t.getState();
+    const err = await t.fit(d.x_train, d.y_train, { epochs: 2, lr, seed: 1 }).then(() => null, (e) => e);
+    assert.ok(err instanceof DivergenceError, String(err));
+    assert.equal(`${err.name} ${err.message}`, py);
+    assert.equal(t.step, 0);
+    assert.equal(maxDiff(t.getState(), start), 0);
+  }
 });
 
 test("bad data is refused with the Python runtime's messages", async () => {
