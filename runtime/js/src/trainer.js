@@ -5,6 +5,7 @@ import { Bundle, loadBundle, MANIFEST_DIGEST } from "./bundle.js";
 import { decodeCheckpoint, encodeCheckpoint } from "./checkpoint.js";
 import { checkImages, checkLabels, normalize } from "./data.js";
 import { BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError } from "./errors.js";
+import { externalTensors, ProtoError } from "./onnx_proto.js";
 import { permutation } from "./shuffle.js";
 
 export const SCHEDULES = ["constant", "cosine"];
@@ -92,6 +93,19 @@ export class Trainer {
   static async load(source, { ort, trustedKey = null, sessionOptions = {}, name } = {}) {
     if (!ort || !ort.InferenceSession) throw new EdgeRuntimeError("Trainer.load needs `ort`, an onnxruntime module (onnxruntime-node, -web or -react-native)");
     const bundle = source instanceof Bundle ? source : await loadBundle(source, { trustedKey, name });
+    for (const role of ["train_step", "eval"]) {
+      const file = bundle.manifest.programs[role];
+      let external;
+      try {
+        external = externalTensors(bundle.program(role));
+      } catch (e) {
+        if (!(e instanceof ProtoError)) throw e;
+        throw new BundleError(`cannot load the '${role}' program '${file}': it is not a valid ONNX model (${e.message})`);
+      }
+      if (external.length) {
+        throw new BundleError(`the '${role}' program '${file}' keeps tensor '${external[0]}' in an external data file, which is refused (edgetl bundles hold every tensor in their checksummed programs)`);
+      }
+    }
     const state = await bundle.initialState();
     const options = { ...DEFAULT_SESSION_OPTIONS, ...sessionOptions };
     let train, ev;

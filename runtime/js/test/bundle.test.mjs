@@ -59,6 +59,26 @@ d = Path(${JSON.stringify(dir)}); (d / "manifest.sig").write_bytes(signing.sign(
   await assert.rejects(loadBundleFromDir(dir, { trustedKey: path.join(keys, "a.pub") }), /signature does not match its manifest.json/);
 });
 
+for (const where of ["initializer", "attribute"]) {
+  test(`a program keeping a tensor (${where}) in an external file is refused, with every checksum intact`, async () => {
+    const dir = copyBundle(fx.bundle);
+    python(["-c", `from pathlib import Path
+from tests.test_bundle_programs import _externalize, _reseal
+d = Path(${JSON.stringify(dir)}); _externalize(d / "eval.onnx", "weights.bin", "${where}"); _reseal(d)`]);
+    await assert.rejects(loadTrainer(dir), (e) => e instanceof BundleError &&
+      /^the 'eval' program 'eval.onnx' keeps tensor '.+' in an external data file, which is refused/.test(e.message));
+  });
+}
+
+test("a program that is not protobuf is refused", async () => {
+  const dir = copyBundle(fx.bundle);
+  fs.writeFileSync(path.join(dir, "eval.onnx"), Buffer.from([0x0a, 0xff, 0xff, 0xff, 0x0f, 1, 2]));
+  python(["-c", `from pathlib import Path
+from tests.test_bundle_programs import _reseal
+_reseal(Path(${JSON.stringify(dir)}))`]);
+  await assert.rejects(loadTrainer(dir), /cannot load the 'eval' program 'eval.onnx': it is not a valid ONNX model/);
+});
+
 test("an unsigned bundle is refused when a trusted key is given", async () => {
   const pem = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
   await assert.rejects(loadBundleFromDir(fx.bundle, { trustedKey: pem }), /the bundle is not signed/);
