@@ -59,12 +59,23 @@ d = Path(${JSON.stringify(dir)}); (d / "manifest.sig").write_bytes(signing.sign(
   await assert.rejects(loadBundleFromDir(dir, { trustedKey: path.join(keys, "a.pub") }), /signature does not match its manifest.json/);
 });
 
-for (const where of ["initializer", "attribute"]) {
-  test(`a program keeping a tensor (${where}) in an external file is refused, with every checksum intact`, async () => {
+for (const [where, only] of [["initializer", ""], ["attribute", ""], ["initializer", "external_data"], ["initializer", "data_location"]]) {
+  test(`a program keeping a tensor (${where}${only ? ", marked by " + only + " alone" : ""}) in an external file is refused, with every checksum intact`, async () => {
     const dir = copyBundle(fx.bundle);
     python(["-c", `from pathlib import Path
+import onnx
 from tests.test_bundle_programs import _externalize, _reseal
-d = Path(${JSON.stringify(dir)}); _externalize(d / "eval.onnx", "weights.bin", "${where}"); _reseal(d)`]);
+d = Path(${JSON.stringify(dir)}); _externalize(d / "eval.onnx", "weights.bin", "${where}")
+only = "${only}"
+if only:
+    m = onnx.load(str(d / "eval.onnx"), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.external_data)
+    if only == "external_data":
+        t.data_location = onnx.TensorProto.DEFAULT
+    else:
+        del t.external_data[:]
+    (d / "eval.onnx").write_bytes(m.SerializeToString())
+_reseal(d)`]);
     await assert.rejects(loadTrainer(dir), (e) => e instanceof BundleError &&
       /^the 'eval' program 'eval.onnx' keeps tensor '.+' in an external data file, which is refused/.test(e.message));
   });
