@@ -15,14 +15,15 @@ export function python(args, opts = {}) {
 }
 
 export function fixtures() {
-  // a cache per checkout and per version of the exporters that make the fixtures
-  const h = crypto.createHash("sha256").update(ROOT);
+  // a cache per checkout, per version of this file and of the exporters that make the fixtures
+  const h = crypto.createHash("sha256").update(ROOT).update(fs.readFileSync(fileURLToPath(import.meta.url)));
   for (const dir of ["exporters", "runtime"]) {
     for (const f of fs.readdirSync(path.join(ROOT, dir)).filter((f) => f.endsWith(".py")).sort()) h.update(fs.readFileSync(path.join(ROOT, dir, f)));
   }
   const key = h.digest("hex").slice(0, 12);
   const dir = process.env.EDGETL_JS_FIXTURES ?? path.join(os.tmpdir(), `edgetl-js-fixtures-${key}`);
   const bundle = path.join(dir, "bundle"), data = path.join(dir, "digits.npz"), small = path.join(dir, "small.npz");
+  const adamw = path.join(dir, "adamw");
   if (!fs.existsSync(path.join(dir, "done"))) {
     // made in a private directory and renamed into place: test files run in parallel processes
     const tmp = `${dir}.tmp-${process.pid}`;
@@ -32,6 +33,9 @@ export function fixtures() {
     python(["-m", "edgetl", "export", "mnist_cnn", "--recipe", "bias+mask", "--target", "onnx", "--num-classes", "10",
       "--batch-size", "32", "--out", b]);
     python(["-m", "edgetl", "data", "digits", "--bundle", b, "--out", dt]);
+    // AdamW keeps a 0-d step counter: a shape of [] through state, sessions and checkpoints
+    python(["-m", "edgetl", "export", "mnist_cnn", "--recipe", "head", "--target", "onnx", "--num-classes", "10",
+      "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.01", "--out", path.join(tmp, "adamw")]);
     // 160 training samples: 5 steps an epoch, for parity runs of a few steps
     python(["-c", `import numpy as np; d = np.load(${JSON.stringify(dt)}); np.savez(${JSON.stringify(sm)}, x_train=d["x_train"][:160], y_train=d["y_train"][:160], x_test=d["x_test"][:64], y_test=d["y_test"][:64])`]);
     fs.writeFileSync(path.join(tmp, "done"), "");
@@ -41,7 +45,7 @@ export function fixtures() {
       fs.rmSync(tmp, { recursive: true, force: true }); // another process was first
     }
   }
-  return { dir, bundle, data, small };
+  return { dir, bundle, data, small, adamw };
 }
 
 /** A copy of the bundle in a fresh temp directory, to tamper with. */

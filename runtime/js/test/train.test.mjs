@@ -96,6 +96,26 @@ test("a run interrupted mid-epoch resumes from its checkpoint to the Python runt
   assert.ok(maxDiff(t.getState(), await pythonState()) <= 1e-5);
 });
 
+test("an AdamW bundle (a 0-d step counter) trains to the Python runtime's parameters, and Python reads its checkpoint", async () => {
+  const d = await loadDataFile(fx.small);
+  const jsCkpt = tmpFile("adamw-js.ckpt"), pyCkpt = tmpFile("adamw-py.ckpt");
+  const t = await loadTrainer(fx.adamw);
+  await t.fit(d.x_train, d.y_train, { ...FIT, checkpoint: fileCheckpointStore(jsCkpt) });
+  const out = JSON.parse(python(["-c", `import json
+import numpy as np
+from edgetl.runtime import Trainer
+from runtime.checkpoint import load_checkpoint
+d = np.load(${JSON.stringify(fx.small)})
+t = Trainer.load(${JSON.stringify(fx.adamw)})
+t.fit(d["x_train"], d["y_train"], epochs=${FIT.epochs}, schedule="cosine", seed=${FIT.seed}, lr=${FIT.lr}, checkpoint=${JSON.stringify(pyCkpt)})
+a, _ = load_checkpoint(${JSON.stringify(pyCkpt)})
+b, h = load_checkpoint(${JSON.stringify(jsCkpt)})
+print(json.dumps({"diff": max(float(np.abs(a[k] - b[k]).max()) for k in a), "step": b["step"].tolist(), "shape": list(b["step"].shape), "moved": float(np.abs(a["head.bias"] - t.bundle.initial_state()["head.bias"]).max())}))`]));
+  assert.deepEqual([out.step, out.shape], [10, []]);
+  assert.ok(out.moved > 1e-3, "training changed nothing: the comparison would be empty");
+  assert.ok(out.diff <= 1e-5, `max |js - python| = ${out.diff}`);
+});
+
 test("a checkpoint of another seed, or one altered, is refused", async () => {
   const d = await loadDataFile(fx.small);
   const ckpt = tmpFile("seed.ckpt");
