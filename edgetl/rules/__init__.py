@@ -1,13 +1,15 @@
-"""Backward rules, one family per file. Each declares what its backward keeps."""
+"""Backward rules, one family per file. Each declares what its backward keeps, and registers
+which traced ATen ops it runs (see registry.py)."""
 from .activation import ACTIVATIONS, Hardsigmoid, Hardswish, ReLU, ReLU6
 from .base import Need, Rule
 from .conv import Conv2d
 from .linear import Linear
 from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
-from .structural import Add, Affine, Concat, Flatten, Identity, Mul, Pad
+from .shape import Expand, Mean, Permute, Reshape, Slice
+from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
 
 __all__ = [
-    "ACTIVATIONS", "Add", "Affine", "AvgPool2d", "Concat", "Conv2d", "Flatten", "GlobalAvgPool",
-    "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool2d", "Mul", "Need", "Pad", "ReLU",
-    "ReLU6", "Rule",
+    "ACTIVATIONS", "Add", "Affine", "AvgPool2d", "Concat", "ConstOp", "Conv2d", "Expand", "Flatten",
+    "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool2d", "Mean", "Mul", "Need", "Pad",
+    "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "Slice", "Sub",
 ]

@@ -109,3 +109,21 @@ class Conv2d(Rule):
     def describe(self) -> str:
         kind = "depthwise " if self.groups > 1 and self.groups == self.in_shapes[0][0] else ""
         return f"{kind}conv{self.kernel[0]}x{self.kernel[1]}/s{self.stride[0]}"
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
+
+
+@handles(aten.convolution.default)
+def _convolution(call: Call) -> Lowered:
+    x, w, b = call.act(0), call.const(1), call.const(2)
+    stride, padding, dilation, transposed, _, groups = call.args[3:9]
+    if transposed:
+        raise Unsupported("transposed convolution")
+    if w is None or w.value.dim() != 4:
+        raise Unsupported(f"{w.value.dim() - 2 if w is not None else '?'}-D convolution (only 2-D has a rule)")
+    params = {"weight": w} | ({"bias": b} if b is not None else {})
+    return Lowered(Conv2d(tuple(w.value.shape[2:]), tuple(stride), tuple(padding), tuple(dilation), groups), [x],
+                   params)

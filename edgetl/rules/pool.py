@@ -76,3 +76,53 @@ class GlobalAvgPool(Rule):
     def backward(self, g, kept, w, need):
         c, h, wd = self.in_shapes[0]
         return [(g / (h * wd)).expand(-1, c, h, wd).contiguous()], {}  # materialised, as ONNX Expand is
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
+
+
+def _one(v, n: int = 2) -> int | None:
+    v = [v] * n if isinstance(v, int) else list(v)
+    if len(v) == 1:
+        v = v * n
+    return v[0] if all(e == v[0] for e in v) else None
+
+
+def _non_overlapping(kernel, stride, padding) -> int:
+    k, s = _one(kernel), _one(stride or kernel)
+    if k is None or k != s or any(padding or [0]):
+        raise Unsupported(f"pooling with kernel {list(kernel)}, stride {list(stride or kernel)}, padding "
+                          f"{list(padding or [0])} (only kernel == stride without padding has a rule)")
+    return k
+
+
+@handles(aten.max_pool2d_with_indices.default)
+def _max_pool(call: Call):
+    x = call.act(0)
+    k = _non_overlapping(call.arg(1, "kernel_size"), call.arg(2, "stride"), call.arg(3, "padding"))
+    if any(d != 1 for d in (call.arg(4, "dilation") or [1])) or call.arg(5, "ceil_mode", False):
+        raise Unsupported("max pooling with dilation or ceil_mode")
+    return Lowered(MaxPool2d(k), [x]), None  # (values, indices): nothing may use the indices
+
+
+@handles(aten.avg_pool2d.default)
+def _avg_pool(call: Call) -> Lowered:
+    x = call.act(0)
+    k = _non_overlapping(call.arg(1, "kernel_size"), call.arg(2, "stride"), call.arg(3, "padding"))
+    if call.arg(4, "ceil_mode", False) or call.arg(6, "divisor_override") is not None:
+        raise Unsupported("average pooling with ceil_mode or divisor_override")
+    return Lowered(AvgPool2d(k), [x])
+
+
+@handles(aten._adaptive_avg_pool2d.default)
+def _adaptive_avg_pool(call: Call) -> Lowered:
+    x = call.act(0)
+    _, h, w = x.shape
+    o = _one(call.arg(1, "output_size"))
+    if o == 1:
+        return Lowered(GlobalAvgPool(), [x])
+    if o and h == w and h % o == 0:
+        return Lowered(AvgPool2d(h // o), [x])
+    raise Unsupported(f"adaptive average pooling of {h}x{w} to {list(call.arg(1))}")
