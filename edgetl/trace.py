@@ -1,18 +1,25 @@
 """From a torch nn.Module to a lean graph.
 
 The model is captured with torch.export (non-strict, in eval mode, at a batch of 2): branches that
-depend on shapes are specialised, asserts disappear, and `F.*` calls and modules look alike. The
-graph is decomposed to core ATen except for the composite ops that have lean rules of their own
-(activations, linear), and each op goes through the rule registry (`edgetl.rules.registry`).
-Afterwards BatchNorm is folded into the preceding conv/linear and zero padding into the
-following conv.
+depend on shapes are specialised, asserts disappear, and `F.*` calls and modules look alike. Each
+op goes through the rule registry (`edgetl.rules.registry`). Afterwards BatchNorm is folded into
+the preceding conv/linear and zero padding into the following conv.
+
+Two passes, for speed: the exported (training) IR is walked as it is, mapping in-place ops on
+activations to their functional forms. Only when it holds an op no builder knows, or an in-place
+change of a view, is it decomposed (`run_decompositions`, seconds of fixed cost) to core ATen,
+minus the composite ops with lean rules of their own (KEEP_WHOLE), and walked again: in that
+finite op set an op without a builder is unsupported.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import operator
 import os
 import re
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -38,20 +45,48 @@ class _Poison:
 _POISON = _Poison()
 
 
+class _NeedsCore(Exception):
+    """The training IR holds something only the core ATen pass can handle."""
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.select.int,
+          aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.default, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.alias.default,
+          aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
+          aten.as_strided.default, aten.unflatten.int, aten.view_as.default, aten.expand_as.default,
+          aten.contiguous.default, aten.detach.default, operator.getitem}
+
+
 def export_model(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.ExportedProgram:
-    """torch.export at a batch of BATCH, decomposed to core ATen minus KEEP_WHOLE."""
+    """torch.export at a batch of BATCH (the training IR, not decomposed)."""
     example = torch.zeros(BATCH, *input_shape)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, (example,), strict=False)
-            table = torch.export.default_decompositions()
-            for op in KEEP_WHOLE:
-                table.pop(op, None)
-            return ep.run_decompositions(table)
+            return torch.export.export(model, (example,), strict=False)
     except Exception as e:  # torch's own message says what in the model it could not capture
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeTLError(f"torch.export could not capture the model at input {tuple(input_shape)}: {first}") from e
+
+
+def to_core_aten(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ep.run_decompositions(table)
+
+
+def _functional(op):
+    """The functional form of an in-place ATen op (relu_ -> relu), or None."""
+    if not getattr(op, "_schema", None) or not op._schema.is_mutable:
+        return None
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, op._overloadname, None) if packet is not None else None
 
 
 def _where(node: fx.Node) -> str:
@@ -74,8 +109,9 @@ def _module(node: fx.Node) -> tuple[str, str]:
 
 
 class _Walker:
-    def __init__(self, ep: torch.export.ExportedProgram):
+    def __init__(self, ep: torch.export.ExportedProgram, core: bool):
         self.ep = ep
+        self.core = core  # walking core ATen: an op without a builder is unsupported
         self.nodes: list[Node] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.env: dict[str, Any] = {}
@@ -127,19 +163,33 @@ class _Walker:
                 return
             self.env[n.name] = value
             return
+        target, mutated = n.target, None
+        functional = None if self.core else _functional(target)
+        if functional is not None:  # x.relu_(): later uses of x see the result
+            first = n.args[0]
+            if not isinstance(args[0], Act) or not isinstance(first, fx.Node) or first.op != "call_function" \
+                    or first.target in _VIEWS:
+                raise _NeedsCore()
+            target, mutated = functional, first
         if not _contains(args, Act) and not _contains(kwargs, Act):
+            if not self.core and _functional(target) is not None:
+                raise _NeedsCore()
             self.env[n.name] = self.fold(n, args, kwargs)
             return
-        builder = builder_for(n.target)
+        builder = builder_for(target)
         if builder is None:
+            if not self.core:
+                raise _NeedsCore()
             self.fail(n, "no rule for this op")
             return
         val = n.meta.get("val")
         out = tuple(val.shape[1:]) if isinstance(val, torch.Tensor) else None
         module, _ = _module(n)
         try:
-            result = builder(Call(n.target, args, kwargs, out, module, _where(n)))
+            result = builder(Call(target, args, kwargs, out, module, _where(n)))
             self.env[n.name] = value = self.emit(result, n, module)
+            if mutated is not None:
+                self.env[mutated.name] = value
         except Unsupported as e:
             self.fail(n, str(e))
             return
@@ -240,12 +290,49 @@ def _map(fn, v):
     return fn(v)
 
 
+_CACHE: OrderedDict[str, tuple[nn.Module, LeanGraph]] = OrderedDict()
+_CACHE_SIZE = 8
+_PLAIN = (int, float, bool, str, tuple, list, type(None))
+
+
+def _fingerprint(model: nn.Module, input_shape: tuple[int, ...], blocks) -> str:
+    """What the traced graph depends on: each module's class (by identity), its plain attributes
+    by value and any other (functions, objects) by identity, every parameter and buffer's bytes,
+    the input shape and the blocks. The cache keeps the model alive, so identities stay unique."""
+    h = hashlib.sha1(repr((tuple(input_shape), tuple(blocks or ()))).encode())
+    for name, m in model.named_modules():
+        attrs = sorted((k, repr(v) if isinstance(v, _PLAIN) else f"id:{id(v)}") for k, v in vars(m).items()
+                       if k not in ("training", "_parameters", "_buffers", "_modules") and not isinstance(v, dict))
+        hooks = [id(f) for d in ("_forward_hooks", "_forward_pre_hooks") for f in getattr(m, d, {}).values()]
+        h.update(repr((name, id(type(m)), type(m).__qualname__, attrs, hooks)).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(repr((name, t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def trace(model: nn.Module, input_shape: tuple[int, ...], blocks: list[str] | None = None) -> LeanGraph:
-    """Trace `model` (eval semantics) into a lean graph with BatchNorm folded into convs."""
+    """Trace `model` (eval semantics) into a lean graph with BatchNorm folded into convs.
+    torch.export takes seconds, so graphs are memoised by what they depend on (`_fingerprint`);
+    each call returns its own copy."""
+    key = _fingerprint(model, input_shape, blocks)
+    if key not in _CACHE:
+        _CACHE[key] = (model, _trace(model, input_shape, blocks))
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return copy.deepcopy(_CACHE[key][1])
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...], blocks: list[str] | None) -> LeanGraph:
     ep = export_model(model.eval(), tuple(input_shape))
     with torch.no_grad():
-        walker = _Walker(ep)
-        nodes = walker.run()
+        try:
+            walker = _Walker(ep, core=False)
+            nodes = walker.run()
+        except _NeedsCore:
+            walker = _Walker(to_core_aten(ep), core=True)
+            nodes = walker.run()
     graph = LeanGraph(nodes=nodes, input_shape=tuple(input_shape), tensors=walker.tensors, output=walker.output,
                       blocks=list(blocks or []))
     _fold_batchnorm(graph)

@@ -149,6 +149,11 @@ def _clamp(call: Call) -> Lowered:
     raise Unsupported(f"clamp to [{lo}, {hi}] (only ReLU's [0, inf) and ReLU6's [0, 6] have rules)")
 
 
+@handles(aten.relu6.default)
+def _relu6(call: Call) -> Lowered:
+    return Lowered(ReLU6(), [call.act(0)])
+
+
 @handles(aten.hardswish.default)
 def _hardswish(call: Call) -> Lowered:
     return Lowered(Hardswish(), [call.act(0)])

@@ -10,7 +10,8 @@ from .base import Need, Rule, Tensor
 
 
 def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+    v = (v, v) if isinstance(v, int) else tuple(v)
+    return v * 2 if len(v) == 1 else v
 
 
 class Conv2d(Rule):
@@ -116,14 +117,27 @@ class Conv2d(Rule):
 from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
 
 
+def _conv(x, w, b, stride, padding, dilation, groups) -> Lowered:
+    if w is None or w.value.dim() != 4:
+        raise Unsupported(f"{w.value.dim() - 2 if w is not None else '?'}-D convolution (only 2-D has a rule)")
+    kernel = tuple(w.value.shape[2:])
+    if isinstance(padding, str):  # 'valid' or 'same' (stride 1; torch puts the odd pixel last)
+        total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(_pair(dilation), kernel)]
+        padding = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+    params = {"weight": w} | ({"bias": b} if b is not None else {})
+    padding = tuple(padding) if isinstance(padding, tuple) and len(padding) == 4 else _pair(padding)
+    return Lowered(Conv2d(kernel, _pair(stride), padding, _pair(dilation), groups), [x], params)
+
+
 @handles(aten.convolution.default)
 def _convolution(call: Call) -> Lowered:
-    x, w, b = call.act(0), call.const(1), call.const(2)
     stride, padding, dilation, transposed, _, groups = call.args[3:9]
     if transposed:
         raise Unsupported("transposed convolution")
-    if w is None or w.value.dim() != 4:
-        raise Unsupported(f"{w.value.dim() - 2 if w is not None else '?'}-D convolution (only 2-D has a rule)")
-    params = {"weight": w} | ({"bias": b} if b is not None else {})
-    return Lowered(Conv2d(tuple(w.value.shape[2:]), tuple(stride), tuple(padding), tuple(dilation), groups), [x],
-                   params)
+    return _conv(call.act(0), call.const(1), call.const(2), stride, padding, dilation, groups)
+
+
+@handles(aten.conv2d.default, aten.conv2d.padding, aten.conv1d.default, aten.conv1d.padding)
+def _conv_nd(call: Call) -> Lowered:
+    return _conv(call.act(0), call.const(1), call.const(2, "bias"), call.arg(3, "stride", 1),
+                 call.arg(4, "padding", 0), call.arg(5, "dilation", 1), call.arg(6, "groups", 1))

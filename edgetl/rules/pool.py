@@ -98,12 +98,14 @@ def _non_overlapping(kernel, stride, padding) -> int:
     return k
 
 
-@handles(aten.max_pool2d_with_indices.default)
+@handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
 def _max_pool(call: Call):
     x = call.act(0)
     k = _non_overlapping(call.arg(1, "kernel_size"), call.arg(2, "stride"), call.arg(3, "padding"))
     if any(d != 1 for d in (call.arg(4, "dilation") or [1])) or call.arg(5, "ceil_mode", False):
         raise Unsupported("max pooling with dilation or ceil_mode")
+    if call.op is aten.max_pool2d.default:
+        return Lowered(MaxPool2d(k), [x])
     return Lowered(MaxPool2d(k), [x]), None  # (values, indices): nothing may use the indices
 
 
@@ -116,7 +118,7 @@ def _avg_pool(call: Call) -> Lowered:
     return Lowered(AvgPool2d(k), [x])
 
 
-@handles(aten._adaptive_avg_pool2d.default)
+@handles(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool2d.default)
 def _adaptive_avg_pool(call: Call) -> Lowered:
     x = call.act(0)
     _, h, w = x.shape

@@ -185,7 +185,8 @@ class ConstOp(Rule):
 from .registry import Act, Call, Const, Lowered, Unsupported, aten, handles  # noqa: E402
 
 _IDENTITY = [aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
-             aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default]
+             aten.contiguous.default, aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default,
+             aten.alpha_dropout.default, aten.feature_alpha_dropout.default]
 
 
 @handles(*_IDENTITY)
@@ -195,9 +196,13 @@ def _identity(call: Call):
     return (x, None) if call.op is aten.native_dropout.default else x
 
 
-@handles(aten._to_copy.default)
+@handles(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default)
 def _to_copy(call: Call):
     dtype = call.kwargs.get("dtype")
+    if call.op in (aten.to.dtype, aten.to.device):
+        dtype = next((a for a in call.args[1:] if isinstance(a, torch.dtype)), dtype)
+    elif call.op is aten.type_as.default:
+        dtype = None if isinstance(call.arg(1), Act) else call.arg(1).value.dtype
     if dtype not in (None, torch.float32):
         raise Unsupported(f"a cast to {dtype}")
     return call.arg(0)
@@ -246,10 +251,15 @@ def _arith(call: Call) -> Lowered:
     return Lowered(ConstOp(op, other, reverse and op == "sub"), [act])
 
 
-@handles(aten._native_batch_norm_legit_no_training.default)
+@handles(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
 def _batch_norm(call: Call):
     x, weight, bias, mean, var = (call.arg(i) for i in range(5))
-    eps = call.arg(6, "eps", 1e-5)
+    if call.op is aten.batch_norm.default:
+        if call.arg(5, "training"):
+            _batch_norm_batch_stats(call)
+        eps = call.arg(7, "eps", 1e-5)
+    else:
+        eps = call.arg(6, "eps", 1e-5)
     if not all(isinstance(v, Const) or v is None for v in (weight, bias, mean, var)) or mean is None:
         raise Unsupported("batch norm whose statistics are not constants")
     m, v = mean.value.float(), var.value.float()
@@ -258,7 +268,8 @@ def _batch_norm(call: Call):
     base = (weight or bias or mean).name.rsplit(".", 1)[0]
     params = {"weight": Const(scale, f"{base}.weight" if base else ""),
               "bias": Const(shift, f"{base}.bias" if base else "")}
-    return Lowered(Affine(from_batchnorm=True), [call.act(0)], params), None, None
+    low = Lowered(Affine(from_batchnorm=True), [call.act(0)], params)
+    return low if call.op is aten.batch_norm.default else (low, None, None)
 
 
 @handles(aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats,
@@ -275,11 +286,21 @@ def _cat(call: Call) -> Lowered:
     return Lowered(Concat(call.dim(call.arg(1, "dim", 0), len(xs[0].shape) + 1)), xs)
 
 
-@handles(aten.constant_pad_nd.default)
+@handles(aten.constant_pad_nd.default, aten.pad.default)
 def _pad(call: Call) -> Lowered:
     x, pads = call.act(0), tuple(call.arg(1))
+    if call.op is aten.pad.default:
+        mode = call.arg(2, "mode", "constant")
+        if mode != "constant":
+            raise Unsupported(f"{mode} padding (only constant padding has a rule)")
+        value = call.arg(3, "value")
+        return _pad_rule(x, pads, 0.0 if value is None else value)
+    return _pad_rule(x, pads, call.arg(2, "value", 0.0))
+
+
+def _pad_rule(x, pads, value) -> Lowered:
     if min(pads) < 0:
         raise Unsupported("negative padding (cropping)")
     if len(pads) // 2 > len(x.shape):
         raise Unsupported("padding of the batch dimension")
-    return Lowered(Pad(pads, float(call.arg(2, "value", 0.0))), [x])
+    return Lowered(Pad(pads, float(value)), [x])
