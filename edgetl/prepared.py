@@ -114,7 +114,8 @@ def prepare(
         raise EdgeTLError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got '{frozen_dtype}'")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise EdgeTLError(f"num_classes must be an integer ≥ 2, got {num_classes!r}")
-    bb = _as_backbone(model)
+    channels = input_shape[0] if isinstance(input_shape, (tuple, list)) and input_shape else None
+    bb = _as_backbone(model, channels if isinstance(channels, int) else None)
     shape = _input_shape(bb, input_size, input_shape)
     graph = trace(bb.model, shape, list(bb.blocks))
     graph.frozen_dtype = frozen_dtype
@@ -158,7 +159,7 @@ def _input_shape(bb: Backbone, input_size, input_shape) -> tuple[int, ...]:
     return (bb.in_channels, size, size)
 
 
-def _as_backbone(model) -> Backbone:
+def _as_backbone(model, channels: int | None = None) -> Backbone:
     if isinstance(model, Backbone):
         return model
     if isinstance(model, str):
@@ -167,7 +168,7 @@ def _as_backbone(model) -> Backbone:
         first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
         if first is None:
             raise EdgeTLError("the model has no Conv1d, Conv2d or Linear layer")
-        in_ch = first.in_channels if isinstance(first, (nn.Conv1d, nn.Conv2d)) else 1
+        in_ch = channels or (first.in_channels if isinstance(first, (nn.Conv1d, nn.Conv2d)) else 1)
         return Backbone(name=type(model).__name__, model=model, input_size=32, in_channels=in_ch, num_classes=0,
                         mean=(0.0,) * in_ch, std=(1.0,) * in_ch, head="", pretrained=False, blocks=())
     raise EdgeTLError(f"expected a Backbone, an nn.Module or a model name, got {type(model).__name__}")

@@ -181,12 +181,17 @@ def test_bad_arguments():
 
 
 def test_export_failure_is_an_edgetl_error():
-    class TakesTwo(nn.Module):
-        def forward(self, x, y):
-            return x + y
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
 
-    with pytest.raises(EdgeTLError, match="torch.export could not capture"):
-        edgetl.prepare(nn.Sequential(TakesTwo()), "head", num_classes=2, input_size=4)
+        def forward(self, x):
+            x = x.mean((2, 3))
+            return self.fc(x if x.sum() > 0 else -x)  # a branch on values, not shapes
+
+    with pytest.raises(EdgeTLError, match="torch.export could not capture the model"):
+        edgetl.prepare(DataDependent(), "head", num_classes=2, input_size=4)
 
 
 def test_bound_rules_are_immutable():
