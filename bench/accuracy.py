@@ -72,6 +72,11 @@ _MNIST_FEW = {
     "side": Setting(0.05, 30), "side+mask": Setting(0.05, 30), "bias+last1": Setting(0.05, 30),
     "full": Setting(0.01, 30), SCRATCH: Setting(0.03, 30),
 }
+_MNIST_AFFINE = {
+    "head": Setting(0.05, 5), "bias": Setting(0.1, 5), "bias+mask": Setting(0.1, 5),
+    "side": Setting(0.05, 5), "side+mask": Setting(0.05, 5), "bias+last1": Setting(0.1, 5),
+    "full": Setting(0.03, 5), SCRATCH: Setting(0.03, 5),
+}
 _LITE = {
     "head": Setting(0.05, 3), "bias": Setting(0.02, 3), "bias+mask": Setting(0.02, 3),
     "side": Setting(0.05, 3), "side+mask": Setting(0.05, 3), "bias+last1": Setting(0.02, 3),
@@ -84,7 +89,8 @@ SWEEP = ("Learning rates were picked per recipe by a sweep with seed 0, scored o
          "(diverged)}, `scratch` {0.01, 0.03, 0.05, 0.1}; 10-shot: `head`, `bias+mask`, `side` {0.05, 0.1}, `full` "
          "and `scratch` {0.01, 0.03}; EfficientNet: `bias+mask` {0.02, 0.05}, `side` {0.05, 0.1}, `head` 0.05 only, "
          "`full` {0.0005, 0.001, 0.003} on textures (0.003: 71 %; a constant 0.01 collapsed to chance) and "
-         "{0.002, 0.005} on faces. `bias`, `side+mask` and `bias+last1` share their base recipe's rate.")
+         "{0.002, 0.005} on faces; digits-affine: `head` {0.05, 0.1}, `bias+mask` {0.02, 0.05, 0.1}, `side` "
+         "{0.02, 0.05, 0.1}, `full` {0.01, 0.03}. `bias`, `side+mask` and `bias+last1` share their base recipe's rate.")
 
 TASKS = (
     Task("digits", "mnist_cnn", "digits", 28, 1, 32, _MNIST_FULL, recipes=RECIPES + (SCRATCH,),
@@ -93,6 +99,10 @@ TASKS = (
     Task("digits-10shot", "mnist_cnn", "digits", 28, 1, 16, _MNIST_FEW, per_class=10, recipes=RECIPES + (SCRATCH,),
          note="the same with 10 labelled images per class (100 in all, one fixed subset; the last partial "
               "batch of each epoch is dropped)"),
+    Task("digits-affine", "mnist_cnn", "digits-affine", 28, 1, 32, _MNIST_AFFINE, recipes=RECIPES + (SCRATCH,),
+         note="MNIST-pretrained CNN → the same digits, each warped by its own random affine transform "
+              "(rotation ±40°, scale 0.7-1.1, shear ±0.3 rad, shift ±3 px): the frozen MNIST features no longer "
+              "fit, so the recipes differ by how much of the backbone they adapt"),
     Task("textures", "efficientnet_lite0", "textures", 96, 3, 16, _LITE,
          note="ImageNet EfficientNet-Lite0 → brick/grass/gravel patches (train from the photos' top halves, "
               "test from their bottom halves), gray replicated to RGB"),

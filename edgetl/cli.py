@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="bundle directory to write")
     e.set_defaults(func=cmd_export)
     d = sub.add_parser("data", help="write a built-in dataset as .npz, preprocessed for a bundle's input")
-    d.add_argument("name", help="digits, textures, faces, or a path to an .npz")
+    d.add_argument("name", help="digits, digits-affine, textures, faces, or a path to an .npz")
     d.add_argument("--bundle", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("target", nargs="?", default="onnx", choices=TARGETS)
     p.add_argument("--model", default="mnist_cnn", help="built-in backbone or path/to/file.py:function")
     p.add_argument("--recipe", default="bias+mask", help="e.g. head, bias+mask, side, bias+last1, full")
-    p.add_argument("--data", default="digits", help="digits, textures, faces, a user .npz, or 'none'")
+    p.add_argument("--data", default="digits", help="digits, digits-affine, textures, faces, a user .npz, or 'none'")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)

@@ -16,6 +16,7 @@ from edgetl.datasets.transforms import LUMA, to_channels
 
 EXPECTED = {  # name: (train, test, native side, classes)
     "digits": (1257, 540, 8, 10),
+    "digits-affine": (1257, 540, 28, 10),
     "textures": (315, 315, 64, 3),
     "faces": (140, 60, 25, 2),
 }
@@ -92,6 +93,23 @@ def test_digits_placed_like_mnist():
     assert x.mean() < 0.5  # white digit on black
 
 
+def test_digits_affine_warps_each_digit_differently():
+    """Same split and labels as `digits`; every image is its MNIST-placed digit under its own affine warp."""
+    from edgetl.datasets.digits import place_like_mnist
+
+    plain, warped = load_dataset("digits", seed=2), load_dataset("digits-affine", seed=2)
+    np.testing.assert_array_equal(plain.y_train, warped.y_train)
+    np.testing.assert_array_equal(plain.y_test, warped.y_test)
+    base, x = place_like_mnist(plain.x_test, 28), warped.x_test
+    diff = np.abs(x - base).reshape(len(x), -1).max(1)
+    assert diff.min() > 0.1  # no image left as it was
+    ink = x.reshape(len(x), -1).sum(1) / base.reshape(len(x), -1).sum(1)
+    assert 0.35 < ink.min() and ink.max() < 1.6  # the digit stays inside the frame, scaled by 0.7-1.1
+    # each image has its own transform: warped images are less alike than the plain ones
+    assert np.corrcoef(x[:50].reshape(50, -1)).mean() < np.corrcoef(base[:50].reshape(50, -1)).mean()
+    assert load_dataset("digits-affine", input_size=16).x_train.shape[2:] == (16, 16)
+
+
 def test_resize_and_channels():
     ds = load_dataset("faces", input_size=32, channels=3)
     assert ds.x_train.shape == (140, 3, 32, 32) and ds.x_test.shape == (60, 3, 32, 32)
@@ -107,7 +125,7 @@ def test_resize_and_channels():
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(ValueError, match="digits, faces, textures") as e:
+    with pytest.raises(ValueError, match="digits, digits-affine, faces, textures") as e:
         load_dataset("mnist")
     assert isinstance(e.value, DatasetError)
 

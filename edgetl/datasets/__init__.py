@@ -2,6 +2,7 @@
 
 Built-ins ship inside installed packages, so nothing is downloaded:
   digits    sklearn 8x8 digits, 10 classes, 1257 train / 540 test
+  digits-affine  the same digits at 28x28 (MNIST-like), each warped by its own random affine transform
   textures  skimage brick/grass/gravel 64x64 patches, train from top halves, test from bottom halves, 315 / 315
   faces     skimage LFW subset 25x25, classes ("non-face", "face"), 140 train / 60 test
 Any other spec is read as a path to a user .npz (see `npz`).
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import digits, faces, npz, textures
+from . import digits, digits_affine, faces, npz, textures
 from .errors import DatasetError
 from .transforms import to_channels
 
 __all__ = ["Dataset", "DatasetError", "available_datasets", "few_shot", "load_dataset", "save_npz"]
 
-_BUILTINS = {"digits": digits.load, "faces": faces.load, "textures": textures.load}
+_BUILTINS = {"digits": digits.load, "digits-affine": digits_affine.load, "faces": faces.load,
+             "textures": textures.load}
 
 
 @dataclass(frozen=True, eq=False)
