@@ -41,8 +41,15 @@ class Rule:
         time); rules use them as Python ints so exported programs get static shapes. A bound
         rule is immutable: configure (e.g. `replace(mask=True)`) before binding."""
         bound = self.replace()
-        bound.__dict__.update(in_shapes=[tuple(s) for s in in_shapes], out_shape=tuple(out_shape), _bound=True)
+        bound.on_bind([tuple(s) for s in in_shapes], tuple(out_shape))
+        bound.__dict__["_bound"] = True
         return bound
+
+    def on_bind(self, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> None:
+        """Set the shapes on a fresh copy, before it freezes. Subclasses that derive constants
+        from the shapes extend this (and call super)."""
+        self.in_shapes = in_shapes
+        self.out_shape = out_shape
 
     def replace(self, **changes) -> "Rule":
         """An unbound copy with some attributes changed (how modifiers change a rule)."""
