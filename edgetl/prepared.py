@@ -2,6 +2,7 @@
 step can run eagerly (CPU or CUDA) or be exported for a device."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +154,8 @@ def _input_shape(bb: Backbone, input_size, input_shape) -> tuple[int, ...]:
         if shape[0] != len(bb.mean):
             raise EdgeTLError(f"input_shape has {shape[0]} channels; the model takes {len(bb.mean)}")
         return shape
+    if input_size is None and bb.input_shape is not None:
+        return tuple(bb.input_shape)
     size = input_size or bb.input_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise EdgeTLError(f"input_size must be a positive integer, got {size!r}")
@@ -165,12 +168,16 @@ def _as_backbone(model, channels: int | None = None) -> Backbone:
     if isinstance(model, str):
         return load_backbone(model)
     if isinstance(model, nn.Module):
-        first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
-        if first is None:
+        from .backbones import wrap_module
+
+        if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules()):
             raise EdgeTLError("the model has no Conv1d, Conv2d or Linear layer")
-        in_ch = channels or (first.in_channels if isinstance(first, (nn.Conv1d, nn.Conv2d)) else 1)
-        return Backbone(name=type(model).__name__, model=model, input_size=32, in_channels=in_ch, num_classes=0,
-                        mean=(0.0,) * in_ch, std=(1.0,) * in_ch, head="", pretrained=False, blocks=())
+        bb = wrap_module(model, type(model).__name__)
+        in_ch = channels or bb.in_channels
+        if not isinstance(getattr(model, "input_size", None), int) and bb.input_shape is None:
+            bb = dataclasses.replace(bb, input_size=32)
+        return dataclasses.replace(bb, in_channels=in_ch, mean=(0.0,) * in_ch, std=(1.0,) * in_ch, head="",
+                                   blocks=())
     raise EdgeTLError(f"expected a Backbone, an nn.Module or a model name, got {type(model).__name__}")
 
 

@@ -165,6 +165,8 @@ def test_one_dimensional_input_shape():
     pm = edgetl.prepare(model, "full", num_classes=3, input_shape=(4, 16))
     assert pm.input_shape == (4, 16) and pm.input_size == 16 and pm.summary()["input_shape"] == [4, 16]
     assert pm.memory(2).input_bytes == 2 * 4 * 16 * 4 + 2 * 8
+    model.input_shape = (4, 16)  # a model may carry its own input shape (the family models do)
+    assert edgetl.prepare(model, "bias", num_classes=3).input_shape == (4, 16)
 
 
 def test_bad_arguments():
