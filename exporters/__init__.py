@@ -4,7 +4,10 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from edgetl.errors import EdgeTLError
@@ -15,29 +18,79 @@ from .bundle import write_bundle
 TARGETS = ("onnx", "ort-training", "executorch")
 
 
+def _replaceable(out: Path) -> None:
+    """Refuse an `out` that export may not replace: a file, or a directory holding anything but an
+    edgetl bundle (its manifest, the files it lists, and manifest.* companions such as a signature)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise EdgeTLError(f"'{out}' exists and is not a directory; refusing to overwrite it")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        listed = set(manifest["files"]) if manifest.get("format") == "edgetl-bundle" else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        listed = None
+    if listed is None:
+        raise EdgeTLError(f"'{out}' exists and is not an edgetl bundle; refusing to overwrite it")
+    for p in out.rglob("*"):
+        rel = p.relative_to(out).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            if not any(f.startswith(rel + "/") for f in listed):
+                raise EdgeTLError(f"'{out}' holds '{rel}', which is not part of its edgetl bundle; "
+                                  f"refusing to overwrite it")
+        elif rel not in listed and not rel.startswith("manifest."):
+            raise EdgeTLError(f"'{out}' holds '{rel}', which is not part of its edgetl bundle; "
+                              f"refusing to overwrite it")
+
+
 def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | None = None,
            batch_size: int = 8) -> Path:
-    """Export `prepared` for `target` into the directory `out` (replaced if it exists)."""
+    """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
+    replaced only once the new one is complete; anything else there is refused, never deleted."""
     if target not in TARGETS:
         raise EdgeTLError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EdgeTLError(f"batch_size must be a positive integer, got {batch_size!r}")
     optimizer = optimizer or OptimizerConfig()
     out = Path(out)
-    if out.exists():
-        if not (out / "manifest.json").exists() and any(out.iterdir()):
-            raise EdgeTLError(f"'{out}' exists and is not an edgetl bundle; refusing to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _replaceable(out)
     if target == "onnx":
         from .onnx import export_onnx as run
     elif target == "ort-training":
         from .ort_training import export_ort_training as run
     else:
         from .executorch import export_executorch as run
-    res = run(prepared, optimizer, batch_size, out)
-    return write_bundle(out, prepared, target, optimizer, batch_size, res["programs"], res.get("extra"),
-                        res.get("extra_files", []))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside `out` (same file system, so the swap is two renames), then swapped in.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the bundle's mode
+    old = None
+    try:
+        res = run(prepared, optimizer, batch_size, tmp)
+        write_bundle(tmp, prepared, target, optimizer, batch_size, res["programs"], res.get("extra"),
+                     res.get("extra_files", []))
+        _replaceable(out)  # still only a bundle (nothing was added while exporting)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.replace(old / "bundle")
+            try:
+                tmp.replace(out)
+            except BaseException:
+                (old / "bundle").replace(out)
+                raise
+        else:
+            tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 __all__ = ["TARGETS", "export"]

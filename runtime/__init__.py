@@ -8,8 +8,8 @@
 Imports numpy and a runtime (onnxruntime or ExecuTorch's) only, never torch.
 """
 from .bundle import Bundle, load_bundle
-from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError
+from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError, RuntimeNotice
 from .trainer import FitResult, Trainer
 
 __all__ = ["Bundle", "BundleError", "CheckpointError", "DivergenceError", "EdgeRuntimeError", "FitResult",
-           "InputError", "Trainer", "load_bundle"]
+           "InputError", "RuntimeNotice", "Trainer", "load_bundle"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 
@@ -31,7 +32,10 @@ def cmd_fit(args) -> dict:
     import numpy as np
 
     from .data import check_images, check_labels, load_npz
+    from .errors import InputError
 
+    if args.checkpoint_every > 0 and not args.checkpoint:
+        raise InputError("--checkpoint-every needs --checkpoint (the file to save to)")
     data = load_npz(args.data)
     t = _trainer(args)
     # bad test data is refused before training, not after it
@@ -65,8 +69,10 @@ def cmd_export_inference(args) -> dict:
 
 
 def cmd_profile(args) -> dict:
-    from .profile import apply_budget, plot_profile, profile_trainer
+    from .profile import apply_budget, check_plot_path, plot_profile, profile_trainer
 
+    if args.plot:
+        check_plot_path(args.plot)  # before the measurement, not after it
     t = _trainer(args)
     p = apply_budget(profile_trainer(t, args.steps, warmup=args.warmup), args.device, args.budget_mb)
     out = p.to_dict()
@@ -86,6 +92,22 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def _finite(value):
+    """`value` with every non-finite float as None: the JSON output is strict JSON (no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr."""
+    print(f"edgetl.runtime: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m edgetl.runtime", description="edgetl on-device runtime (no torch)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--checkpoint", default=None, help="save here each epoch; resume from it if it exists")
-    f.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: each epoch)")
+    f.add_argument("--checkpoint", default=None, help="save here each epoch (the previous save is kept as "
+                   "CHECKPOINT.prev); resume from it if it exists")
+    f.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: each epoch); needs --checkpoint")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=cmd_fit)
     e = sub.add_parser("evaluate", help="loss and accuracy on a split of an .npz")
@@ -133,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_allocator_env(sys.argv[1:] if argv is None else argv)
     block_torch()
+    import warnings
+
     from .errors import EdgeRuntimeError
+
+    warnings.showwarning = _show_notice
 
     try:
         out = args.func(args)
@@ -147,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgetl.runtime: interrupted", file=sys.stderr)
         return 130
+    out = _finite(out)
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(out, allow_nan=False))
     else:
         for k, v in out.items():
             print(f"{k}: {v}")

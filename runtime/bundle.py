@@ -233,7 +233,8 @@ def load_bundle(path: str | Path) -> Bundle:
     root = Path(path)
     try:
         if not root.is_dir():
-            raise BundleError(f"bundle directory '{root}' does not exist")
+            raise BundleError(f"bundle '{root}' is not a directory" if root.exists() else
+                              f"bundle directory '{root}' does not exist")
         mpath = safe_path(root, MANIFEST)
         if not mpath.is_file():
             raise BundleError(f"'{root}' is not an edgetl bundle: no {MANIFEST}")

@@ -2,9 +2,13 @@
 header carrying the step count, schedule and a sha256 over the arrays *and* the header's other
 fields. Written to a temporary file in the same directory, fsynced, renamed over the old one and
 the directory fsynced, so a crash (or a full disk) at any moment leaves the previous checkpoint
-intact; a torn or altered file fails its checksum on load."""
+intact; a torn or altered file fails its checksum on load. Two generations are kept (`path` and
+`path`.prev): a newest checkpoint that fails its checks on load falls back to the previous one,
+with a warning. A training run holds a lock on its checkpoint (`locked`), so two runs cannot
+interleave their saves; temporary files a killed writer left are removed before the next write."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -12,18 +16,23 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RuntimeNotice
 
 # 2: the checksum covers the header's metadata too (1 covered the arrays only).
-VERSION = 2
+# 3: the header names its bundle's manifest digest and the run's seed.
+VERSION = 3
 HEADER = "__header__"
 SCHEDULES = ("constant", "cosine")
 MAX_HEADER_CHARS = 1 << 20
+PREVIOUS = ".prev"
+LOCK = ".lock"
 
 
 def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -37,14 +46,35 @@ def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
     return h.hexdigest()
 
 
+def previous_path(path: str | Path) -> Path:
+    """Where the generation before `path`'s newest checkpoint is kept."""
+    path = Path(path)
+    return path.with_name(path.name + PREVIOUS)
+
+
 def _tmp_prefix(path: Path) -> str:
-    return path.name + "."
+    return f"{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Temporary files a killed writer left beside `path` (best effort)."""
+    """Temporary files beside `path` that a killed writer left (best effort). A temporary file is
+    named after its writer's pid; one of a live writer other than this process is left alone."""
+    pattern = re.compile(re.escape(path.name) + r"\.(\d+)\.[^/]*\.tmp")
     try:
-        for p in path.parent.glob(glob.escape(_tmp_prefix(path)) + "*.tmp"):
+        for p in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+            m = pattern.fullmatch(p.name)
+            if m and int(m.group(1)) != os.getpid() and _alive(int(m.group(1))):
+                continue
             try:
                 p.unlink()
             except OSError:
@@ -53,9 +83,39 @@ def _remove_stale_temps(path: Path) -> None:
         pass
 
 
-def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
-    """Atomically replace `path` with a checkpoint of `arrays` and `meta` (a JSON-able dict).
-    Raises CheckpointError (the previous checkpoint intact) when it cannot be written."""
+def _keep_previous(path: Path, directory: Path) -> bool:
+    """Make the current checkpoint at `path` (if any) the previous generation. A hard link keeps
+    `path` in place throughout; where the file system has none, a rename (then `path` is briefly
+    absent, and its previous generation holds the newest checkpoint). True if it was renamed."""
+    prev = previous_path(path)
+    if not path.is_file():
+        return False
+    fd, link = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".prev.tmp", dir=directory)
+    os.close(fd)
+    os.unlink(link)
+    try:
+        os.link(path, link)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT):
+            raise
+        os.replace(path, prev)
+        return True
+    try:
+        os.replace(link, prev)
+    except OSError:
+        try:
+            os.unlink(link)
+        except OSError:
+            pass
+        raise
+    return False
+
+
+def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict, keep_previous: bool = True) -> Path:
+    """Atomically replace `path` with a checkpoint of `arrays` and `meta` (a JSON-able dict); the
+    checkpoint it replaces becomes the previous generation (`path` + '.prev'), unless
+    `keep_previous` is False (it is known to be bad: the previous generation stays). Raises
+    CheckpointError (the previous checkpoint intact) when it cannot be written."""
     path = Path(path)
     keys = {name: f"a{i}" for i, name in enumerate(arrays)}
     arrays = {n: np.asarray(v) for n, v in arrays.items()}
@@ -65,26 +125,47 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict)
     np.savez(buf, **{HEADER: np.array(json.dumps(header))}, **{keys[n]: v for n, v in arrays.items()})
     data = buf.getvalue()
     directory = path.parent
+
+    def failed(e: BaseException) -> CheckpointError:
+        try:
+            kept = "the previous checkpoint is intact" if path.is_file() else "no checkpoint was written"
+        except (OSError, ValueError):
+            kept = "no checkpoint was written"
+        return CheckpointError(f"cannot write checkpoint '{path}': {getattr(e, 'strerror', None) or e}; {kept}")
+
     try:
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)  # before writing: on a full disk they may be what fills it
+        first = not path.is_file()
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=directory)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise CheckpointError(f"cannot write checkpoint '{path}': {getattr(e, 'strerror', None) or e}") from None
+        raise failed(e) from None
+    moved = False
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        moved = _keep_previous(path, directory) if keep_previous else False
         os.replace(tmp, path)
     except OSError as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise CheckpointError(f"cannot write checkpoint '{path}': {e.strerror or e}; "
-                              f"the previous checkpoint is intact") from None
+        if moved:  # the rename fallback of _keep_previous: put the checkpoint back
+            try:
+                os.replace(previous_path(path), path)
+            except OSError:
+                pass
+        raise failed(e) from None
+    if first:  # a previous generation from an earlier run is not this checkpoint's
+        try:
+            previous_path(path).unlink()
+        except OSError:
+            pass
     # The rename is done; make it durable. Some file systems refuse fsync on a directory: the
     # new checkpoint is in place either way, so this is best effort.
     try:
@@ -97,6 +178,84 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict)
         pass
     _remove_stale_temps(path)
     return path
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """Hold an exclusive lock on the checkpoint `path` (a lock file beside it, `path` + '.lock')
+    for one training run: a second run on the same checkpoint is refused instead of interleaving
+    its saves. The lock dies with its process (flock), so a killed run never leaves it held."""
+    path = Path(path)
+    lock = path.with_name(path.name + LOCK)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot write checkpoint '{path}' (its lock file): "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            try:
+                pid = os.pread(fd, 32, 0).decode().strip()
+                holder = f" (process {pid})" if pid.isdigit() else ""
+            except (OSError, UnicodeDecodeError):
+                pass
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"checkpoint '{path}' is in use by another run{holder}; wait for it to end "
+                                      f"or use another checkpoint") from None
+            yield  # a file system without locks: go on unlocked
+            return
+        try:  # the file locked must still be the lock file (a finishing run removes it)
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def load_latest(path: str | Path) -> tuple[dict[str, np.ndarray], dict, Path]:
+    """load_checkpoint(path), or where `path` exists but cannot be read back intact, its previous
+    generation, with a warning; (arrays, header, the file used)."""
+    path = Path(path)
+    try:
+        return (*load_checkpoint(path), path)
+    except CheckpointError as err:
+        prev = previous_path(path)
+        try:
+            if not (path.exists() and prev.is_file()):
+                raise
+        except OSError:
+            raise err from None
+        try:
+            arrays, header = load_checkpoint(prev)
+        except CheckpointError:
+            raise err from None
+        warnings.warn(f"{err}; using the previous checkpoint '{prev}' (step {header['step']}) instead",
+                      RuntimeNotice, stacklevel=3)
+        return arrays, header, prev
 
 
 def _is_int(v) -> bool:
@@ -122,6 +281,8 @@ def _check_meta(path: Path, h: dict) -> None:
     need("start_step" not in s or (_is_int(s["start_step"]) and 0 <= s["start_step"] <= h["step"]),
          "'schedule.start_step' must be an integer between 0 and 'step'")
     need(isinstance(h.get("bundle"), dict), "'bundle' must be an object")
+    need(isinstance(h.get("bundle_manifest"), str), "'bundle_manifest' must be a string")
+    need(_is_int(h.get("seed")) and h["seed"] >= 0, "'seed' must be a non-negative integer")
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -138,8 +299,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         with np.load(path, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
     except Exception as e:  # zip and npy parsers raise many types on corrupt input; pickles are refused
-        why = "holds pickled objects, which are refused" if "pickle" in str(e) else f"is corrupt ({type(e).__name__})"
-        raise CheckpointError(f"checkpoint '{path}' {why}, or is not an edgetl checkpoint") from None
+        if isinstance(e, ValueError) and "pickle" in str(e):
+            raise CheckpointError(f"checkpoint '{path}' holds pickled objects, which are refused") from None
+        raise CheckpointError(f"checkpoint '{path}' is corrupt ({type(e).__name__}) or not an edgetl "
+                              f"checkpoint") from None
     raw = files.pop(HEADER, None)
     if raw is None or raw.dtype.kind != "U" or raw.shape != () or len(str(raw)) > MAX_HEADER_CHARS:
         raise CheckpointError(f"checkpoint '{path}' is not an edgetl checkpoint (no header)")

@@ -59,7 +59,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data file '{path}' does not exist")
+        raise InputError(f"data file '{path}' {'is not a file' if path.exists() else 'does not exist'}")
     if not zipfile.is_zipfile(path):
         raise InputError(f"data file '{path}' is not an .npz archive")
     try:

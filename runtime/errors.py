@@ -19,3 +19,8 @@ class CheckpointError(EdgeRuntimeError):
 
 class DivergenceError(EdgeRuntimeError):
     """A training step produced a non-finite loss or parameters."""
+
+
+class RuntimeNotice(UserWarning):
+    """Something the user should know that does not stop the run (a warning; the CLI prints it as
+    one line on stderr): e.g. a corrupt newest checkpoint replaced by its previous generation."""

@@ -146,8 +146,17 @@ def program_bytes(p: Profile) -> int:
         + p.breakdown["optimizer_state_bytes"])
 
 
+def check_plot_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--plot '{path}' is a directory; give a file name, e.g. '{path / 'memory.png'}'")
+    return path
+
+
 def plot_profile(p: Profile, path: str | Path) -> Path:
-    """A stacked bar of the analytic breakdown beside the measured peak, with the budget."""
+    """A stacked bar of the analytic breakdown beside the measured peak, with the budget, written
+    to exactly `path` (a PNG unless its suffix names another format matplotlib knows)."""
+    path = check_plot_path(path)
     try:
         import matplotlib
 
@@ -185,10 +194,13 @@ def plot_profile(p: Profile, path: str | Path) -> Path:
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fmt = path.suffix[1:].lower() if path.suffix[1:].lower() in fig.canvas.get_supported_filetypes() else "png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:  # a file object: matplotlib appends no suffix to it
+            fig.savefig(f, dpi=120, format=fmt)
+    finally:
+        plt.close(fig)
     return path
 
 

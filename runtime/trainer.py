@@ -2,10 +2,12 @@
 Imports numpy and a runtime only, never torch."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +15,58 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .backends import Backend, make_backend
-from .bundle import Bundle, load_bundle
+from .bundle import MANIFEST_DIGEST, Bundle, load_bundle
 from .data import check_images, check_labels, normalize
-from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError
+from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError, RuntimeNotice
 from .progress import Progress
 
 SCHEDULES = ("constant", "cosine")
+# Divergence, beyond NaN/Inf: a batch loss this many times the run's first (at least ln C, at
+# least 1), or a trainable tensor this many times larger than at the start of the fit (at least 1).
+LOSS_GROWTH = 10.0
+PARAM_GROWTH = 1e3
+
+
+class _Guard:
+    """What one fit needs to tell a diverging step from a good one, and the state to fall back to."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.num_classes = trainer.bundle.num_classes
+        self.trainable = trainer.bundle.trainable
+        state = trainer.backend.get_state()
+        self.limits = {t: PARAM_GROWTH * max(float(np.abs(state[t]).max(initial=0.0)), 1.0) for t in self.trainable}
+        self.loss_limit: float | None = None
+        self.previous: tuple[int, int, dict] | None = None  # (step, epoch, state) before the last good step
+
+    def bad_loss(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"loss {loss}"
+        if self.loss_limit is None:
+            self.loss_limit = LOSS_GROWTH * max(loss, math.log(max(self.num_classes, 2)), 1.0)
+        elif loss > self.loss_limit:
+            return f"loss {loss:.3g}, above {self.loss_limit:.3g}"
+        return None
+
+    def bad_state(self, state: dict) -> str | None:
+        for name, v in state.items():
+            if not np.isfinite(v).all():
+                return f"'{name}' is not finite"
+        for t in self.trainable:
+            top = float(np.abs(state[t]).max(initial=0.0))
+            if top > self.limits[t]:
+                return f"'{t}' grew to {top:.3g}, above {self.limits[t]:.3g}"
+        return None
+
+
+def _diverged(step: int, why: str, kept: int, lr: float, saved: str = "") -> str:
+    return (f"step {step} diverged ({why}); the state is kept at step {kept}{' and ' + saved if saved else ''}. "
+            f"Try a lower learning rate (now {lr:.3g}).")
+
+
+def _divergence(step: int, why: str, kept: int, lr: float) -> DivergenceError:
+    err = DivergenceError(_diverged(step, why, kept, lr))
+    err.step, err.why, err.kept, err.lr = step, why, kept, lr
+    return err
 
 
 def _is_int(v) -> bool:
@@ -32,12 +80,13 @@ class FitResult:
     step_ms: list[float] = field(default_factory=list)
 
     @property
-    def final_loss(self) -> float:
-        return self.losses[-1] if self.losses else float("nan")
+    def final_loss(self) -> float | None:
+        """The last step's loss; None when no step was taken (e.g. a resumed run already done)."""
+        return self.losses[-1] if self.losses else None
 
     @property
-    def step_ms_median(self) -> float:
-        return float(np.median(self.step_ms)) if self.step_ms else float("nan")
+    def step_ms_median(self) -> float | None:
+        return float(np.median(self.step_ms)) if self.step_ms else None
 
 
 class Trainer:
@@ -45,6 +94,9 @@ class Trainer:
         self.bundle, self.backend = bundle, backend
         self.step = 0
         self.epoch = 0
+        self.seed = 0  # of the last fit (its shuffles), recorded in checkpoints
+        self._unreadable: str | None = None  # a checkpoint whose newest generation failed to load
+        self._guard: _Guard | None = None
         self.schedule = {"name": "constant", "lr": float(bundle.manifest["optimizer"]["lr"]), "total_steps": 0}
 
     @classmethod
@@ -79,7 +131,12 @@ class Trainer:
             checkpoint_every: int = 0, progress: bool = False) -> FitResult:
         """Train for `epochs` passes over (x, y) in shuffled full batches (a last partial batch is
         dropped). With `checkpoint`, state is saved every `checkpoint_every` steps (0: each epoch)
-        and, if the file exists, training resumes from it."""
+        and, if the file exists, training resumes from it: up to the larger of its run's length and
+        `epochs` (counted from where that run began), with the same seed and schedule (another one
+        is refused) and an explicit `lr` replacing the checkpoint's (with a warning). The run holds a
+        lock on `checkpoint`; a second run on it is refused. A step whose loss or parameters blow up
+        raises DivergenceError with the last state whose loss was finite and sane kept (and saved
+        to `checkpoint`)."""
         # Everything is checked before anything changes: a rejected call leaves the trainer as it was.
         xs, ys = self._xy(x, y)
         b = self.bundle.batch_size
@@ -98,19 +155,58 @@ class Trainer:
             raise InputError(f"checkpoint_every must be a non-negative integer, got {checkpoint_every!r}")
         if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
             raise InputError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+        if checkpoint is None and checkpoint_every:
+            raise InputError(f"checkpoint_every={checkpoint_every} needs a checkpoint path to save to")
+        seed, epochs, checkpoint_every = int(seed), int(epochs), int(checkpoint_every)
         per_epoch = len(xs) // b
-        if checkpoint is not None and Path(checkpoint).exists():
-            self.load_checkpoint(checkpoint)
-            if lr is not None:  # an explicit lr wins over the checkpoint's (e.g. lowered after a divergence)
-                self.schedule["lr"] = float(lr)
-        else:
-            self.schedule = {"name": schedule, "lr": float(lr if lr is not None else self.schedule["lr"]),
-                             "total_steps": self.step + epochs * per_epoch, "start_step": self.step}
+        with ckpt.locked(checkpoint) if checkpoint is not None else contextlib.nullcontext():
+            if checkpoint is not None and Path(checkpoint).exists():
+                self._resume(checkpoint, per_epoch * epochs, lr, schedule, seed)
+            else:
+                self.schedule = {"name": schedule, "lr": float(lr if lr is not None else self.schedule["lr"]),
+                                 "total_steps": self.step + epochs * per_epoch, "start_step": self.step}
+            self.seed = seed
+            return self._fit(xs, ys, per_epoch, epochs, seed, checkpoint, checkpoint_every, progress)
+
+    def _resume(self, checkpoint, steps: int, lr: float | None, schedule: str, seed: int) -> None:
+        arrays, header, used = self._read_checkpoint(checkpoint)
+        s = dict(header["schedule"])
+        if header["seed"] != seed:
+            raise CheckpointError(f"checkpoint '{used}' is of a run with seed {header['seed']}, not {seed}; "
+                                  f"resume it with that seed, or start over with another checkpoint")
+        if s["name"] != schedule:
+            raise CheckpointError(f"checkpoint '{used}' is of a run with the {s['name']} schedule, not {schedule}; "
+                                  f"resume it with that schedule, or start over with another checkpoint")
+        if lr is not None and float(lr) != s["lr"]:  # e.g. lowered after a divergence
+            warnings.warn(f"resuming checkpoint '{used}' at step {header['step']} with lr {float(lr):.3g} "
+                          f"instead of its {s['lr']:.3g}", RuntimeNotice, stacklevel=3)
+            s["lr"] = float(lr)
+        end = s.get("start_step", 0) + steps
+        if end > s["total_steps"]:  # asked for more epochs than the checkpoint's run: go on
+            if s["name"] == "cosine":
+                warnings.warn(f"checkpoint '{used}' ends its cosine schedule at step {s['total_steps']}; it is "
+                              f"stretched to end at step {end}", RuntimeNotice, stacklevel=3)
+            s["total_steps"] = end
+        self._apply_checkpoint(arrays, header)
+        self.schedule = s
+
+    def _fit(self, xs, ys, per_epoch: int, epochs: int, seed: int, checkpoint, checkpoint_every: int,
+             progress: bool) -> FitResult:
+        b = self.bundle.batch_size
         end = self.schedule["total_steps"] if self.schedule["total_steps"] else self.step + epochs * per_epoch
         # Where this fit began (kept in the checkpoint, so a resume replays the same shuffles even if
         # it is given another `epochs`); never after the current step.
         start = min(self.schedule.get("start_step", end - epochs * per_epoch), self.step)
         result = FitResult(steps=self.step)
+        saved = self.step if checkpoint is not None and Path(checkpoint).exists() else None
+
+        def save() -> None:
+            nonlocal saved
+            if saved != self.step:
+                self.save_checkpoint(checkpoint)
+                saved = self.step
+
+        self._guard = _Guard(self)
         bar = Progress(end - self.step, desc="fit", enabled=progress)
         try:
             while self.step < end:
@@ -123,14 +219,26 @@ class Trainer:
                     result.step_ms.append(ms)
                     bar.update(1, loss=loss, lr=self.lr_at(self.step))
                     if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
-                        self.save_checkpoint(checkpoint)
+                        save()
                 self.epoch += 1
                 if checkpoint is not None and not checkpoint_every:
-                    self.save_checkpoint(checkpoint)
+                    save()
+        except DivergenceError as err:
+            if checkpoint is None or getattr(err, "kept", None) is None:
+                raise
+            try:
+                # a newest checkpoint saved after the state kept may hold the diverged state: it does
+                # not become the previous generation
+                self._save(checkpoint, keep_previous=saved is None or saved <= self.step)
+                where = f"saved to checkpoint '{checkpoint}'"
+            except CheckpointError as e:
+                where = f"not saved ({e})"
+            raise DivergenceError(_diverged(err.step, err.why, err.kept, err.lr, where)) from None
         finally:
             bar.close()
+            self._guard = None
         if checkpoint is not None:
-            self.save_checkpoint(checkpoint)
+            save()
         result.steps = self.step
         return result
 
@@ -150,14 +258,23 @@ class Trainer:
                               f"(does the manifest match its programs?): {msg}") from e
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        guard = self._guard or _Guard(self)
         before = self.backend.get_state()
         t0 = time.perf_counter()
         loss, _ = self._run("train_step", self.backend.train_step, x, y, self.lr_at(self.step), restore=before)
         ms = 1000 * (time.perf_counter() - t0)
-        if not math.isfinite(loss) or not all(np.isfinite(v).all() for v in self.backend.get_state().values()):
+        why = guard.bad_loss(loss)
+        if why and guard.previous is not None:
+            # the loss is that of the state before this step: that state is already bad
+            step, epoch, state = guard.previous
+            self.backend.set_state(state)
+            kept, self.step, self.epoch = self.step, step, epoch
+            raise _divergence(kept + 1, why, step, self.lr_at(step))
+        why = why or guard.bad_state(self.backend.get_state())
+        if why:
             self.backend.set_state(before)
-            raise DivergenceError(f"step {self.step + 1} diverged (loss {loss}); the state is kept at step "
-                                  f"{self.step}. Try a lower learning rate (now {self.lr_at(self.step):.3g}).")
+            raise _divergence(self.step + 1, why, self.step, self.lr_at(self.step))
+        guard.previous = (self.step, self.epoch, before)
         self.step += 1
         return loss, ms
 
@@ -186,22 +303,49 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
-        meta = {"step": self.step, "epoch": self.epoch, "schedule": self.schedule,
-                "bundle": self.bundle.manifest["files"], "target": self.bundle.target}
-        return ckpt.save_checkpoint(path, self.backend.get_state(), meta)
+        return self._save(path)
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        arrays, header = ckpt.load_checkpoint(path)
-        if header.get("bundle") != self.bundle.manifest["files"]:
-            raise CheckpointError(f"checkpoint '{path}' belongs to another bundle")
-        expected = self.bundle.tensor_shapes()
+    def _save(self, path: str | Path, keep_previous: bool = True) -> Path:
+        meta = {"step": self.step, "epoch": self.epoch, "schedule": self.schedule, "seed": self.seed,
+                "bundle": self.bundle.manifest["files"], "bundle_manifest": self.bundle.manifest[MANIFEST_DIGEST],
+                "target": self.bundle.target}
+        # After a fall-back to the previous generation, the unreadable newest is not kept as one.
+        keep = keep_previous and self._unreadable != str(path)
+        saved = ckpt.save_checkpoint(path, self.backend.get_state(), meta, keep_previous=keep)
+        self._unreadable = None
+        return saved
+
+    def _read_checkpoint(self, path: str | Path) -> tuple[dict, dict, Path]:
+        """A checkpoint of this bundle (its newest generation, or the previous one where the newest
+        is unreadable): (arrays, header, the file used)."""
+        arrays, header, used = ckpt.load_latest(path)
+        self._unreadable = str(path) if used != Path(path) else None
+        if header["bundle_manifest"] != self.bundle.manifest[MANIFEST_DIGEST] or \
+                header["bundle"] != self.bundle.manifest["files"]:
+            raise CheckpointError(f"checkpoint '{used}' belongs to another bundle")
+        expected = self.backend.state_shapes()
         got = {k: tuple(v.shape) for k, v in arrays.items()}
         if got != expected:
-            raise CheckpointError(f"checkpoint '{path}' does not match the bundle's tensors")
+            raise CheckpointError(f"checkpoint '{used}' does not match the bundle's tensors")
+        return arrays, header, used
+
+    def _apply_checkpoint(self, arrays: dict, header: dict) -> None:
         self.backend.set_state(arrays)
-        self.step, self.epoch = int(header["step"]), int(header["epoch"])
+        self.step, self.epoch, self.seed = int(header["step"]), int(header["epoch"]), int(header["seed"])
         self.schedule = dict(header["schedule"])
 
+    def load_checkpoint(self, path: str | Path) -> None:
+        self._apply_checkpoint(*self._read_checkpoint(path)[:2])
+
     def export_inference(self, path: str | Path) -> list[Path]:
-        """Write the trained model as an inference program for this runtime (input: images in [0, 1])."""
-        return self.backend.export_inference(Path(path))
+        """Write the trained model as an inference program for this runtime (input: images in [0, 1]).
+        A path inside the bundle is refused: the bundle's own files are never overwritten."""
+        path = Path(path)
+        try:
+            inside = path.resolve().is_relative_to(self.bundle.root.resolve())
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if inside:
+            raise InputError(f"'{path}' is inside the bundle '{self.bundle.root}'; write the inference model "
+                             f"elsewhere (the bundle's files are never overwritten)")
+        return self.backend.export_inference(path)

@@ -34,6 +34,10 @@ class Backend(ABC):
     def export_inference(self, out: Path) -> list[Path]:
         """Write the trained model as an inference program for the same runtime; return the files."""
 
+    def state_shapes(self) -> dict[str, tuple]:
+        """The shape of every array of get_state (what a checkpoint of this bundle holds)."""
+        return self.bundle.tensor_shapes()
+
     def planned_bytes(self) -> int | None:
         """Memory the runtime plans for a step ahead of time (e.g. ExecuTorch's arena), if any."""
         return None

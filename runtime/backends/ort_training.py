@@ -1,8 +1,14 @@
 """The `ort-training` target on ONNX Runtime's training bindings. The Python package
 `onnxruntime.training.api` imports torch, so this talks to the compiled bindings directly.
-ORT keeps the optimizer state inside its checkpoint; get_state/set_state cover the parameters."""
+ORT keeps the optimizer state (AdamW's moments and step) inside its CheckpointState, which the
+bindings do not expose: get_state/set_state carry it through the checkpoint file
+(`ort_checkpoint`), so a resume or a divergence rollback keeps it."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +17,7 @@ from ..bundle import Bundle, safe_path
 from ..errors import BundleError
 from .base import Backend
 from .onnx import session_options
+from .ort_checkpoint import STEP, read_optimizer_state, write_optimizer_state
 
 
 class OrtTrainingBackend(Backend):
@@ -22,14 +29,29 @@ class OrtTrainingBackend(Backend):
         ckpt = safe_path(bundle.root, "checkpoint")
         if not ckpt.is_file():
             raise BundleError("ort-training bundle lacks its 'checkpoint' file")
-        self.state = C.load_checkpoint(str(ckpt))
-        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-        so = session_options(arena)
-        self.module = C.Module(str(bundle.program("training")), self.state, str(bundle.program("eval")), device, so)
-        self.optimizer = C.Optimizer(str(bundle.program("optimizer")), self.state, device, so)
+        self.device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        self.so = session_options(arena)
         self.pnames = [bundle.manifest["io"]["params"][t] for t in bundle.trainable]
-        self.lr = None
+        self.names = dict(zip(self.pnames, bundle.trainable))
+        self.scratch = tempfile.mkdtemp(prefix="edgetl-ort-")
+        weakref.finalize(self, shutil.rmtree, self.scratch, True)
+        self._open(C.load_checkpoint(str(ckpt)))
         self.set_state(bundle.initial_state())
+        self.shapes = {k: tuple(v.shape) for k, v in self.get_state().items()}
+
+    def _open(self, state) -> None:
+        self.state = state
+        program = self.bundle.program
+        self.module = self.C.Module(str(program("training")), state, str(program("eval")), self.device, self.so)
+        self.optimizer = self.C.Optimizer(str(program("optimizer")), state, self.device, self.so)
+        self.lr = None
+
+    def _saved(self) -> bytes:
+        """The CheckpointState as ORT saves it, optimizer state included."""
+        path = os.path.join(self.scratch, "state")
+        self.C.save_checkpoint(self.state, path, True)
+        with open(path, "rb") as f:
+            return f.read()
 
     def _run(self, train: bool, inputs: list[np.ndarray]) -> list[np.ndarray]:
         fetches = self.C.OrtValueVector()
@@ -50,14 +72,27 @@ class OrtTrainingBackend(Backend):
         return self._run(False, [x, np.zeros(len(x), dtype=np.int64)])[1]
 
     def get_state(self):
-        return {t: np.array(self.state.get_parameter(p).data.numpy()) for t, p in zip(self.bundle.trainable, self.pnames)}
+        params = {t: np.array(self.state.get_parameter(p).data.numpy()) for t, p in zip(self.bundle.trainable,
+                                                                                       self.pnames)}
+        return {**params, **read_optimizer_state(self._saved(), self.names)}
 
     def set_state(self, state):
+        """Parameters, and where `state` holds them (all of get_state's names), the optimizer's
+        moments and step; the bundle's initial state has parameters only."""
         from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
 
+        if STEP in state:
+            path = os.path.join(self.scratch, "state")
+            data = write_optimizer_state(self._saved(), self.names, state)
+            with open(path, "wb") as f:
+                f.write(data)
+            self._open(self.C.load_checkpoint(path))
         for t, p in zip(self.bundle.trainable, self.pnames):
             value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(state[t], dtype=np.float32))
             self.state.copy_parameter_from(p, value._ortvalue)
+
+    def state_shapes(self) -> dict[str, tuple]:
+        return dict(self.shapes)
 
     def export_inference(self, out: Path) -> list[Path]:
         out = Path(out)
