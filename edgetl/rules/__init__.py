@@ -5,11 +5,11 @@ from .base import Need, Rule
 from .conv import Conv2d
 from .linear import Linear
 from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
-from .shape import Expand, Mean, Permute, Reshape, Slice
+from .shape import Expand, Mean, Permute, Reshape, Select, Slice
 from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
 
 __all__ = [
     "ACTIVATIONS", "Add", "Affine", "AvgPool2d", "Concat", "ConstOp", "Conv2d", "Expand", "Flatten",
     "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool2d", "Mean", "Mul", "Need", "Pad",
-    "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "Slice", "Sub",
+    "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "Select", "Slice", "Sub",
 ]

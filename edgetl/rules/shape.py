@@ -83,6 +83,25 @@ class Slice(Rule):
         return f"slice {self.start}:{self.end}:{self.step} of dim {self.dim}"
 
 
+class Select(Rule):
+    """x[..., index, ...]: one position of a per-sample dim, the dim dropped (e.g. x[:, 0])."""
+
+    kind = "select"
+
+    def __init__(self, dim: int, index: int):
+        self.dim, self.index = dim, index
+
+    def compute(self, xs, w):
+        return xs[0].select(self.dim + 1, self.index)
+
+    def backward(self, g, kept, w, need):
+        d, size = self.dim + 1, self.in_shapes[0][self.dim]
+        return [F.pad(g.unsqueeze(d), _pad_at(g.dim() + 1, d, self.index, size - self.index - 1))], {}
+
+    def describe(self) -> str:
+        return f"select {self.index} of dim {self.dim}"
+
+
 def _pad_at(ndim: int, dim: int, before: int, after: int) -> tuple[int, ...]:
     """F.pad's pad tuple that pads only `dim` of an `ndim`-D tensor."""
     pads = [0, 0] * (ndim - dim)
@@ -184,6 +203,13 @@ def _slice_op(call: Call):
     x = call.act(0)
     dim = call.dim(call.arg(1, "dim", 0), len(x.shape) + 1)
     return _slice(x, dim, call.arg(2, "start"), call.arg(3, "end"), call.arg(4, "step", 1))
+
+
+@handles(aten.select.int)
+def _select(call: Call) -> Lowered:
+    x = call.act(0)
+    dim = call.dim(call.arg(1, "dim"), len(x.shape) + 1)
+    return Lowered(Select(dim, call.arg(2, "index") % x.shape[dim]), [x])
 
 
 @handles(aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, aten.split_with_sizes_copy.default)
