@@ -202,3 +202,38 @@ def test_bound_rules_are_immutable():
     with pytest.raises(AttributeError, match="immutable"):
         rule.mask = True
     assert rule.replace(mask=True).mask and not rule.mask
+
+
+SQUEEZE_FILE = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(8, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+def build():
+    return Net()
+"""
+
+
+def test_cli_input_shape_and_head(tmp_path, capsys):
+    import json
+
+    from edgetl.cli import main
+
+    path = tmp_path / "squeeze_net.py"
+    path.write_text(SQUEEZE_FILE)
+    args = ["plan", f"{path}:build", "--recipe", "bias", "--num-classes", "3", "--input-shape", "3,8,12", "--json"]
+    assert main(args + ["--head", "classifier.1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_shape"] == [3, 8, 12] and out["input_size"] is None
+    assert main(args + ["--head", "features.0"]) == 2
+    assert "not a 1×1 conv" in capsys.readouterr().err
+    assert main(args[:-3] + ["--input-shape", "3,x", "--json"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
