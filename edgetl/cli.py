@@ -58,8 +58,9 @@ def _prepare(args, seed: int = 0):
 def cmd_plan(args) -> int:
     if args.batch_size < 1:
         raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    optimizer = _optimizer(args)
     pm = _prepare(args)
-    mem = pm.memory(args.batch_size, _optimizer(args))
+    mem = pm.memory(args.batch_size, optimizer)
     out = {**pm.summary(), "batch_size": args.batch_size, "analytic_peak_bytes": mem.analytic_peak_bytes,
            "breakdown": mem.breakdown()}
     if args.json:
@@ -77,13 +78,36 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _refuse_file_as_dir(path: str, flag: str) -> None:
+    from pathlib import Path
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise EdgeTLError(f"{flag} '{path}' is an existing file; give a directory")
+
+
 def cmd_export(args) -> int:
     from .exporters import export
+    from .runtime.signing import load_private_key
 
+    _refuse_file_as_dir(args.out, "--out")
+    if args.sign_key is not None:
+        load_private_key(args.sign_key)  # a bad key is reported before the (long) export
+    optimizer = _optimizer(args)
     pm = _prepare(args, args.seed)
-    out = export(pm, args.target, args.out, _optimizer(args), args.batch_size)
+    out = export(pm, args.target, args.out, optimizer, args.batch_size, sign_key=args.sign_key)
     s = pm.summary()
-    print(f"wrote {args.target} bundle to {out} ({s['trainable_params']:,} trainable of {s['total_params']:,} params)")
+    signed = ", signed" if args.sign_key is not None else ""
+    print(f"wrote {args.target} bundle to {out} ({s['trainable_params']:,} trainable of {s['total_params']:,} "
+          f"params{signed})")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .runtime.signing import generate_keypair, key_id, load_public_key
+
+    priv, pub = generate_keypair(args.out, args.name)
+    print(f"wrote {priv} (private: keep it on the host, mode 0600) and {pub} (for the device: --trusted-key); "
+          f"key id {key_id(load_public_key(pub))}")
     return 0
 
 
@@ -91,6 +115,10 @@ def cmd_data(args) -> int:
     from .datasets import load_dataset, save_npz
     from .runtime import load_bundle
 
+    from pathlib import Path
+
+    if Path(args.out).is_dir():
+        raise EdgeTLError(f"--out '{args.out}' is a directory; give a file name such as data.npz")
     bundle = load_bundle(args.bundle)
     if len(bundle.input_shape) != 3:
         raise EdgeTLError(f"the bundle takes {'×'.join(map(str, bundle.input_shape))} signals; the datasets "
@@ -100,8 +128,9 @@ def cmd_data(args) -> int:
     if ds.num_classes > bundle.num_classes:
         raise EdgeTLError(f"dataset '{args.name}' has {ds.num_classes} classes but the bundle's head has "
                           f"{bundle.num_classes}; export with --num-classes {ds.num_classes}")
-    save_npz(ds, args.out)
-    print(f"wrote {args.out}: {len(ds.x_train)} train / {len(ds.x_test)} test images of {c}×{h}×{w}, "
+    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
+    save_npz(ds, out)
+    print(f"wrote {out}: {len(ds.x_train)} train / {len(ds.x_test)} test images of {c}×{h}×{w}, "
           f"{ds.num_classes} classes")
     return 0
 
@@ -141,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", required=True, choices=["onnx", "ort-training", "executorch"])
     e.add_argument("--seed", type=int, default=0, help="initialisation of new parts (head, side network)")
     e.add_argument("--out", required=True, help="bundle directory to write")
+    e.add_argument("--sign-key", default=None, help="sign the bundle with this Ed25519 private key (edgetl keygen)")
     e.set_defaults(func=cmd_export)
+    k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles")
+    k.add_argument("--out", required=True, help="directory for NAME.key (private, 0600) and NAME.pub (device)")
+    k.add_argument("--name", default="edgetl-signing", help="file name stem of the two keys")
+    k.set_defaults(func=cmd_keygen)
     d = sub.add_parser("data", help="write a built-in dataset as .npz, preprocessed for a bundle's input")
     d.add_argument("name", help="digits, digits-affine, textures, faces, or a path to an .npz")
     d.add_argument("--bundle", required=True)
@@ -157,8 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (EdgeTLError, ValueError) as e:
-        print(f"edgetl: error: {e}", file=sys.stderr)
+        print(f"edgetl: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("edgetl: error: out of memory", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an --out that cannot be written
+        where = f": '{e.filename}'" if getattr(e, "filename", None) else ""
+        print(f"edgetl: error: {_one_line(e.strerror or e)}{where}", file=sys.stderr)
+        return 2
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The arithmetic follows torch.optim.SGD (momentum, no dampening) and torch.optim.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,8 +29,16 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise EdgeTLError(f"unknown optimizer '{self.name}'; choose one of {', '.join(OPTIMIZERS)}")
-        if not self.lr > 0:
-            raise EdgeTLError(f"learning rate must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise EdgeTLError(f"learning rate must be a finite number > 0, got {self.lr}")
+        for name in ("momentum", "beta1", "beta2"):  # 1 and above never decay: the update grows without bound
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise EdgeTLError(f"{name} must lie in [0, 1), got {v}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise EdgeTLError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise EdgeTLError(f"eps must be a finite number > 0, got {self.eps}")
 
     @classmethod
     def make(cls, name: str = "sgd", lr: float | None = None, **kw) -> "OptimizerConfig":

@@ -17,7 +17,7 @@ from .recipes import PrepareContext, Recipe, parse_recipe
 from .graph import INPUT, Node
 from .rules import Conv2d, Flatten, GlobalAvgPool, Linear, Mean, Reshape
 from .rules.activation import _Activation
-from .trace import trace
+from .trace import CaptureError, trace
 
 FROZEN_DTYPES = ("int8", "fp32")
 
@@ -118,7 +118,14 @@ def prepare(
     channels = input_shape[0] if isinstance(input_shape, (tuple, list)) and input_shape else None
     bb = _as_backbone(model, channels if isinstance(channels, int) else None)
     shape = _input_shape(bb, input_size, input_shape)
-    graph = trace(bb.model, shape, list(bb.blocks))
+    try:
+        graph = trace(bb.model, shape, list(bb.blocks))
+    except (CaptureError, RuntimeError):
+        smallest = _smallest_input_size(bb, shape)
+        if smallest is None:
+            raise
+        raise EdgeTLError(f"input_size {shape[1]} is too small for {bb.name}: its smallest input is "
+                          f"{smallest}×{smallest}") from None
     graph.frozen_dtype = frozen_dtype
     head_spec = head
     head = find_head(graph, head or bb.head)
@@ -156,10 +163,40 @@ def _input_shape(bb: Backbone, input_size, input_shape) -> tuple[int, ...]:
         return shape
     if input_size is None and bb.input_shape is not None:
         return tuple(bb.input_shape)
-    size = input_size or bb.input_size
+    size = bb.input_size if input_size is None else input_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise EdgeTLError(f"input_size must be a positive integer, got {size!r}")
     return (bb.in_channels, size, size)
+
+
+def _smallest_input_size(bb: Backbone, shape: tuple[int, ...]) -> int | None:
+    """The smallest square input the model runs on, if the square `shape` is too small for it
+    (torch refuses a size whose feature maps shrink below a kernel); None if size is not the
+    problem or the input is not square."""
+    if len(shape) != 3 or shape[1] != shape[2]:
+        return None
+    c, failed = shape[0], shape[1]
+
+    def runs(n: int) -> bool:
+        try:
+            with torch.no_grad():
+                bb.model.eval()(torch.zeros(1, c, n, n))
+            return True
+        except RuntimeError:
+            return False
+
+    if runs(failed):
+        return None
+    hi = max(bb.input_size or 1, failed + 1)
+    while not runs(hi):
+        if hi > 4096:
+            return None
+        hi *= 2
+    lo = failed  # fails; hi runs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    return hi
 
 
 def _as_backbone(model, channels: int | None = None) -> Backbone:

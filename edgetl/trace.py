@@ -45,6 +45,10 @@ class _Poison:
 _POISON = _Poison()
 
 
+class CaptureError(EdgeTLError):
+    """torch.export could not capture the model at the given input."""
+
+
 class _NeedsCore(Exception):
     """The training IR holds something only the core ATen pass can handle."""
 
@@ -66,7 +70,7 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export
             return torch.export.export(model, (example,), strict=False)
     except Exception as e:  # torch's own message says what in the model it could not capture
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgeTLError(f"torch.export could not capture the model at input {tuple(input_shape)}: {first}") from e
+        raise CaptureError(f"torch.export could not capture the model at input {tuple(input_shape)}: {first}") from e
 
 
 def to_core_aten(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgetl.errors import EdgeTLError
 from edgetl.optim import OptimizerConfig
+from edgetl.runtime import signing
 
 from .bundle import write_bundle
 
@@ -47,14 +48,16 @@ def _replaceable(out: Path) -> None:
 
 
 def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | None = None,
-           batch_size: int = 8) -> Path:
+           batch_size: int = 8, sign_key: str | Path | None = None) -> Path:
     """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
-    replaced only once the new one is complete; anything else there is refused, never deleted."""
+    replaced only once the new one is complete; anything else there is refused, never deleted.
+    With `sign_key` (an Ed25519 private key file from `edgetl keygen`) the bundle is signed."""
     if target not in TARGETS:
         raise EdgeTLError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EdgeTLError(f"batch_size must be a positive integer, got {batch_size!r}")
     optimizer = optimizer or OptimizerConfig()
+    signer = None if sign_key is None else signing.load_private_key(sign_key)  # a bad key fails before any work
     out = Path(out)
     _replaceable(out)
     if target == "onnx":
@@ -73,7 +76,7 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     try:
         res = run(prepared, optimizer, batch_size, tmp)
         write_bundle(tmp, prepared, target, optimizer, batch_size, res["programs"], res.get("extra"),
-                     res.get("extra_files", []))
+                     res.get("extra_files", []), signer=signer)
         _replaceable(out)  # still only a bundle (nothing was added while exporting)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))

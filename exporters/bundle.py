@@ -7,13 +7,24 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.runtime import signing
 from edgetl.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, programs: dict[str, str],
-                 extra: dict | None = None, extra_files: list[str] = ()) -> Path:
+                 extra: dict | None = None, extra_files: list[str] = (), signer=None) -> Path:
     """Complete a bundle in `out`, whose program files are already written. The manifest is
-    written last, atomically, so a half-written bundle never looks valid."""
+    written last, atomically, so a half-written bundle never looks valid; with `signer` (an
+    Ed25519 private key) its signature, `manifest.sig`, is written just before it."""
     import edgetl
 
     params = prepared.initial_params()
@@ -55,10 +66,10 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         "files": {rel: sha256(out / rel) for rel in rels},
     }
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
-    tmp = out / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
+    data = json.dumps(manifest, indent=2).encode()
+    if signer is not None:
+        _write_atomic(out / signing.SIGNATURE, signing.sign(signer, data))
+    elif (out / signing.SIGNATURE).exists():  # a stale signature would only mislead
+        os.remove(out / signing.SIGNATURE)
+    _write_atomic(out / MANIFEST, data)
     return out

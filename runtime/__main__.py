@@ -22,7 +22,7 @@ def _peak_rss_mb() -> float:
 def _trainer(args):
     from .trainer import Trainer
 
-    t = Trainer.load(args.bundle)
+    t = Trainer.load(args.bundle, trusted_key=args.trusted_key)
     if args.checkpoint and args.command != "fit":  # fit resumes from its checkpoint by itself
         t.load_checkpoint(args.checkpoint)
     return t
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
     for s in (f, e, x, pr):
         s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        s.add_argument("--trusted-key", default=None,
+                       help="only load a bundle signed by this Ed25519 public key (*.pub); default $EDGETL_TRUSTED_KEY")
     return p
 
 

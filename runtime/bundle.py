@@ -3,7 +3,10 @@
 Everything the manifest says is checked before it is used: its own checksum (`manifest_sha256`,
 when the exporter wrote one), its structure and field types, that every file it names lies inside
 the bundle directory (no `..`, absolute paths or symlinks leading out) and matches its sha256.
-Nothing is ever unpickled (numpy `allow_pickle=False`)."""
+Nothing is ever unpickled (numpy `allow_pickle=False`). Given a trusted key, the manifest's
+signature is checked first (see signing.py); ONNX programs must hold all their tensors and match
+the manifest (see programs.py); the initial state's declared sizes are checked before it is read
+(see npz.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -205,19 +208,39 @@ class Bundle:
     def initial_state(self) -> dict[str, np.ndarray]:
         """Initial trainable parameters and optimizer state, keyed by manifest name (checked
         against the manifest's shapes; finite floats only; never unpickled)."""
+        from .npz import NpzError, inspect
+
         path = safe_path(self.root, self.manifest["state_file"])
+        names = self.manifest["state_keys"]
+        shapes = self.tensor_shapes()
+        # the headers first: each array must be declared as the manifest says before any is inflated
+        expected = sum(math.prod(s) * 16 for s in shapes.values()) + 4096 * (len(shapes) + 1)
+        try:
+            members = inspect(path, max_bytes=expected)
+        except NpzError as e:
+            raise BundleError(f"cannot read initial state '{path.name}': it {e}") from None
+        pickled = [k for k, m in members.items() if m.dtype.hasobject]
+        if pickled:
+            raise BundleError(f"cannot read initial state '{path.name}': it holds pickled objects ('{pickled[0]}'), "
+                              "which are refused")
+        for name, shape in shapes.items():
+            m = members.get(names[name])
+            if m is None:
+                raise BundleError(f"initial state lacks arrays {[names[name]]}")
+            if m.dtype.kind != "f" or m.shape != shape:
+                raise BundleError(f"initial state '{name}' is {m.dtype}{list(m.shape)}, the manifest says "
+                                  f"float32{list(shape)}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as e:  # numpy raises several types for corrupt archives and refused pickles
             why = "it holds pickled objects, which are refused" if "pickle" in str(e) else type(e).__name__
             raise BundleError(f"cannot read initial state '{path.name}': {why}") from None
-        names = self.manifest["state_keys"]
         missing = [n for n in names.values() if n not in arrays]
         if missing:
             raise BundleError(f"initial state lacks arrays {missing[:3]}")
         state = {}
-        for name, shape in self.tensor_shapes().items():
+        for name, shape in shapes.items():
             a = arrays[names[name]]
             if a.dtype.kind != "f" or tuple(a.shape) != shape:
                 raise BundleError(f"initial state '{name}' is {a.dtype}{list(a.shape)}, the manifest says "
@@ -228,19 +251,27 @@ class Bundle:
         return state
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle directory, checking format, version, structure and every file's sha256."""
+def load_bundle(path: str | Path, trusted_key=None) -> Bundle:
+    """Read a bundle directory, checking format, version, structure, every file's sha256 and the
+    programs' signatures. With `trusted_key` (a *.pub path or an Ed25519 public key; default: the
+    file named by $EDGETL_TRUSTED_KEY, if set) the bundle must be signed by that key."""
+    from . import signing
+    from .programs import check_onnx_programs
+
     root = Path(path)
+    key = signing.resolve_trusted_key(trusted_key)
     try:
         if not root.is_dir():
-            raise BundleError(f"bundle '{root}' is not a directory" if root.exists() else
-                              f"bundle directory '{root}' does not exist")
+            raise BundleError(f"bundle '{root}' is a file, not a directory" if root.exists()
+                              else f"bundle directory '{root}' does not exist")
         mpath = safe_path(root, MANIFEST)
         if not mpath.is_file():
             raise BundleError(f"'{root}' is not an edgetl bundle: no {MANIFEST}")
         if mpath.stat().st_size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not an edgetl manifest")
         raw = mpath.read_bytes()
+        if key is not None:  # authenticity first: nothing unsigned is even parsed
+            signing.verify(raw, signing.read_signature(root), key)
     except OSError as e:
         raise BundleError(f"cannot read bundle '{root}': {e.strerror or type(e).__name__}") from None
     try:
@@ -272,4 +303,12 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"cannot read bundle file {_short(rel)}: {e.strerror or type(e).__name__}") from None
         if not ok:
             raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (corrupt or altered)")
-    return Bundle(root, manifest)
+    bundle = Bundle(root, manifest)
+    check_onnx_programs(manifest, bundle.program)
+    for rel in REQUIRED_FILES.get(bundle.target, ()):
+        # ONNX Runtime reads a checkpoint's external data from `<checkpoint>.data` beside it
+        sidecar = f"{rel}.data"
+        if safe_path(root, sidecar).exists() and sidecar not in manifest["files"]:
+            raise BundleError(f"bundle file {_short(sidecar)} (external data onnxruntime would read) has no checksum "
+                              "in the manifest; it is refused")
+    return bundle

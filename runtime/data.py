@@ -52,16 +52,27 @@ def normalize(x: np.ndarray, manifest: dict) -> np.ndarray:
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
-    """A dataset file as written by `edgetl data`: x_train, y_train, x_test, y_test (no pickles)."""
+def load_npz(path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """A dataset file as written by `edgetl data`: x_train, y_train, x_test, y_test (no pickles).
+    Its declared sizes are checked before anything is inflated: at most `max_bytes` in all
+    (default: $EDGETL_MAX_DATA_BYTES, else half of the physical memory)."""
     import zipfile
     from pathlib import Path
+
+    from .npz import NpzError, inspect
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file '{path}' {'is not a file' if path.exists() else 'does not exist'}")
     if not zipfile.is_zipfile(path):
         raise InputError(f"data file '{path}' is not an .npz archive")
+    try:
+        members = inspect(path, max_bytes)
+    except NpzError as e:
+        raise InputError(f"data file '{path}' {e}") from None
+    pickled = [k for k in NPZ_KEYS if k in members and members[k].dtype.hasobject]
+    if pickled:
+        raise InputError(f"data file '{path}' holds pickled objects ('{pickled[0]}'), which are refused")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]

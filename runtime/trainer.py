@@ -100,8 +100,10 @@ class Trainer:
         self.schedule = {"name": "constant", "lr": float(bundle.manifest["optimizer"]["lr"]), "total_steps": 0}
 
     @classmethod
-    def load(cls, path: str | Path, **backend_options) -> "Trainer":
-        bundle = load_bundle(path)
+    def load(cls, path: str | Path, trusted_key=None, **backend_options) -> "Trainer":
+        """With `trusted_key` (a *.pub path; default $EDGETL_TRUSTED_KEY) only a bundle signed by
+        that key loads."""
+        bundle = load_bundle(path, trusted_key=trusted_key)
         try:
             backend = make_backend(bundle, **backend_options)
         except EdgeRuntimeError:

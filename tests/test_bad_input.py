@@ -253,7 +253,8 @@ def test_cli_refuses_bad_arguments_with_one_line(bundle, data_files, tmp_path):
         (["evaluate", bundle, "--data", data_files["labels out of range"], "--split", "train"], "class ids"),
         (["evaluate", bundle, "--data", good, "--checkpoint", tmp_path / "nope.npz"], "does not exist"),
         (["evaluate", bundle, "--data", good, "--checkpoint", good], "not an edgetl checkpoint"),
-        (["export-inference", bundle, "--out", tmp_path / "file" / "model.onnx"], ""),
+        # the message names what is in the way: the file where a directory should be
+        (["export-inference", bundle, "--out", tmp_path / "file" / "model.onnx"], str(tmp_path / "file") + "'"),
         (["nonsense"], "invalid choice"),
     ]
     for (args, word), r in zip(cases, _run_many([a for a, _ in cases])):

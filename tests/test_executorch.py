@@ -161,3 +161,29 @@ def test_checkpoint_roundtrip_keeps_zero_dim_state(bundles, tmp_path):
     a, b = t.backend.get_state(), u.backend.get_state()
     assert a["step"].shape == () and float(a["step"]) == 1.0
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lie", ["num_classes", "batch_size", "input", "trainable"])
+def test_manifest_must_match_the_programs(bundles, tmp_path, lie):
+    """A manifest resealed to lie about the programs is refused at load (issue 14, item 7)."""
+    import shutil
+
+    from edgetl.runtime import BundleError
+    from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest
+
+    d = tmp_path / "b"
+    shutil.copytree(bundles["bias+mask"][2], d)
+    m = json.loads((d / "manifest.json").read_text())
+    if lie == "num_classes":  # the issue's case: trained at loss 0, then crashed
+        m["num_classes"] = 20
+    elif lie == "batch_size":
+        m["input"]["batch_size"] = B * 2
+    elif lie == "input":
+        m["input"]["shape"] = [1, 32, 32]
+    else:  # two same-sized parameters' shapes told transposed
+        m["trainable"][-1]["shape"] = m["trainable"][-1]["shape"][::-1] + [1]
+    m[MANIFEST_DIGEST] = manifest_digest(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as info:
+        Trainer.load(d)
+    assert "manifest" in str(info.value) and "\n" not in str(info.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import edgetl
@@ -282,6 +282,9 @@ def test_fuzz_manifest_into_the_trainer(fuzz_bundle, report):
 
     @settings(FUZZ, max_examples=examples(80))
     @given(st.sampled_from(SEMANTIC), near)
+    # the case: a 10-class program resealed as 20 classes trained at loss 0, then crashed
+    @example(("num_classes",), 11)
+    @example(("io", "params", "head.bias"), "param.4")
     def run(where, value):
         m = json.loads(original)
         node = m
@@ -291,13 +294,18 @@ def test_fuzz_manifest_into_the_trainer(fuzz_bundle, report):
         _write_sealed(d, m)
         try:
             t = Trainer.load(d)
-            t.predict(x[:3])
-            t.fit(x, y, epochs=1)
-            t.evaluate(x, y)
+            logits = t.predict_logits(x[:3])
+            r = t.fit(x, y, epochs=1)
+            ev = t.evaluate(x, y)
         except EdgeRuntimeError as e:
             assert str(e) and "\n" not in str(e)
             counts[f"refused ({type(e).__name__})"] += 1
             return
+        # accepted: then the trainer does what the (mutated) manifest says, and works
+        assert logits.shape == (3, m["num_classes"]), (where, value, logits.shape)
+        assert r.steps == len(x) // m["input"]["batch_size"] and all(np.isfinite(r.losses)), (where, value)
+        assert {k: v.shape for k, v in t.backend.get_state().items()} == t.bundle.tensor_shapes(), (where, value)
+        assert t.schedule["lr"] == m["optimizer"]["lr"] and ev["n"] == len(x) and np.isfinite(ev["loss"])
         counts["accepted"] += 1
 
     run()

@@ -311,7 +311,7 @@ def test_cli_json_never_holds_nan(bundle, data_file, tmp_path):
 # ---- arguments -------------------------------------------------------------------------------
 def test_arguments_that_were_ignored_or_misreported(bundle, digits, data_file, tmp_path):
     _one_line_error(_cli("fit", bundle, "--data", tmp_path, "--no-progress"), "is not a file")
-    _one_line_error(_cli("fit", data_file, "--data", data_file, "--no-progress"), "is not a directory")
+    _one_line_error(_cli("fit", data_file, "--data", data_file, "--no-progress"), "is a file, not a directory")
     _one_line_error(_cli("fit", bundle, "--data", data_file, "--checkpoint-every", "5", "--no-progress"),
                     "--checkpoint-every needs --checkpoint")
     with pytest.raises(InputError, match="needs a checkpoint"):

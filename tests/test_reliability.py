@@ -390,7 +390,7 @@ BUNDLE_CASES = {
     "symlink leading out": (_outside("", make_link=True), ("eval.onnx", "outside the bundle")),
     "symlink loop": (_symlink_loop, ("loop",)),
     "manifest symlink leading out": (_manifest_link, ("outside the bundle",)),
-    "not a directory": (lambda b: shutil.rmtree(b) or b.write_text("x"), ("is not a directory",)),
+    "not a directory": (lambda b: shutil.rmtree(b) or b.write_text("x"), ("is a file, not a directory",)),
 }
 
 
@@ -403,13 +403,13 @@ def test_bad_bundle_is_refused_on_load(bundle, tmp_path, case):
     _refused(b, *words)
 
 
-def test_manifest_that_disagrees_with_its_programs(bundle, digits, tmp_path):
+def test_manifest_that_disagrees_with_its_programs(bundle, tmp_path):
     """A manifest without its own checksum, altered to disagree with the programs (batch size,
-    input size, io names): fit / evaluate / predict fail with a BundleError, state unchanged."""
-    x, y = digits
-    for change, call in [({"input__batch_size": 8}, "fit"), ({"input__shape": [1, 28, 27]}, "predict"),
-                         ({"io__params__head.bias": "param.4"}, "fit"), ({"programs__eval": "train_step.onnx"},
-                                                                       "evaluate")]:
+    input size, io names, program roles), is refused when the bundle loads, before any training."""
+    for change, words in [({"input__batch_size": 8}, "does not match its programs"),
+                          ({"input__shape": [1, 28, 27]}, "does not match its programs"),
+                          ({"io__params__head.bias": "param.4"}, "two parameters the same program input"),
+                          ({"programs__eval": "train_step.onnx"}, "the 'eval' program")]:
         b = tmp_path / str(len(list(tmp_path.iterdir())))
         shutil.copytree(bundle, b)
         m = _manifest(b)
@@ -420,13 +420,9 @@ def test_manifest_that_disagrees_with_its_programs(bundle, digits, tmp_path):
                 node = node[k]
             node[last] = value
         _write_manifest(b, m)
-        t = Trainer.load(b)
-        before = _state(t)
-        xs = x[:, :, :, :27] if call == "predict" else x
-        with pytest.raises(BundleError, match="does the manifest match its programs") as info:
-            {"fit": lambda: t.fit(xs, y), "predict": lambda: t.predict(xs),
-             "evaluate": lambda: t.evaluate(xs, y)}[call]()
-        assert "\n" not in str(info.value) and t.step == 0 and _same(_state(t), before)
+        with pytest.raises(BundleError, match=words) as info:
+            Trainer.load(b)
+        assert "\n" not in str(info.value)
 
 
 def test_cli_refuses_a_bad_bundle_with_one_line(bundle, data_file, tmp_path):
@@ -492,7 +488,7 @@ def test_pickled_state_is_not_unpickled(bundle, tmp_path, kind):
         _savez(state, **arrays)
     _rehash(b, "state.npz")
     load_bundle(b)  # the checksum is right
-    _refused(b, "state.npz", "holds pickled objects, which are refused")
+    _refused(b, "state.npz", "not a readable .npz archive" if kind == "raw pickle" else "holds pickled objects (")
     assert not marker.exists()
 
 

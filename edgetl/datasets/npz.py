@@ -17,28 +17,41 @@ KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of the archive without unpickling anything."""
+    """Read every array of the archive without unpickling anything, after checking what its zip
+    directory and .npy headers declare (nothing is inflated past what they allow)."""
+    from edgetl.runtime.npz import NpzError, inspect
+
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
-            if f.read(6) == b"\x93NUMPY":
-                raise DatasetError(f"{path.name}: holds a single .npy array; expected an .npz archive with {', '.join(KEYS)}")
-        raise DatasetError(f"{path.name}: not an .npz (zip) archive; pickles and other formats are refused")
+            head = f.read(6)
+        if head == b"\x93NUMPY":
+            raise DatasetError(f"{path.name}: holds a single .npy array; expected an .npz archive with {', '.join(KEYS)}")
+        if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle's protocol header
+            raise DatasetError(f"{path.name}: not an .npz archive but a Python pickle, which is refused")
+        raise DatasetError(f"{path.name}: not an .npz (zip) archive")
+    try:
+        members = inspect(path)
+    except NpzError as e:
+        raise DatasetError(f"{path.name}: {e}") from None
+    missing = [k for k in KEYS if k not in members]
+    if missing:
+        raise DatasetError(f"{path.name}: missing keys {', '.join(missing)} (expected {', '.join(KEYS)})")
+    for k in (*KEYS, "class_names"):
+        if k in members and members[k].dtype.hasobject:
+            raise DatasetError(f"{path.name}: '{k}' is a pickled object array; refusing to unpickle it")
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DatasetError(f"{path.name}: unreadable .npz archive ({_one_line(e)})") from None
     with z:
-        missing = [k for k in KEYS if k not in z.files]
-        if missing:
-            raise DatasetError(f"{path.name}: missing keys {', '.join(missing)} (expected {', '.join(KEYS)})")
         out = {}
         for k in (*KEYS, "class_names"):
             if k not in z.files:
                 continue
             try:
                 out[k] = z[k]
-            except ValueError:
-                raise DatasetError(f"{path.name}: '{k}' is a pickled object array; refusing to unpickle it") from None
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DatasetError(f"{path.name}: '{k}' cannot be read ({_one_line(e)})") from None
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from . import bias, full, head, last, mask, side  # noqa: F401  (registers the parts)
+from . import bias, full, head, last, mask, quant, side  # noqa: F401  (registers the parts)
 from .base import Part, PrepareContext, known_tokens, part_from_token
 
 BASE_PARTS = ("full", "head", "bias", "side")

@@ -2,14 +2,16 @@
 which traced ATen ops it runs (see registry.py)."""
 from .activation import ACTIVATIONS, Hardsigmoid, Hardswish, ReLU, ReLU6
 from .base import Need, Rule
-from .conv import Conv2d
+from .conv import Conv1d, Conv2d
 from .linear import Linear
-from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
+from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d
 from .shape import Expand, Mean, Permute, Reshape, Select, Slice
+from .smooth import SMOOTH, SiLU, Sigmoid, Tanh
 from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
 
 __all__ = [
-    "ACTIVATIONS", "Add", "Affine", "AvgPool2d", "Concat", "ConstOp", "Conv2d", "Expand", "Flatten",
-    "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool2d", "Mean", "Mul", "Need", "Pad",
-    "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "Select", "Slice", "Sub",
+    "ACTIVATIONS", "AdaptiveAvgPool", "Add", "Affine", "AvgPool", "AvgPool2d", "Concat", "ConstOp", "Conv1d",
+    "Conv2d", "Expand", "Flatten", "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool",
+    "MaxPool2d", "Mean", "Mul", "Need", "Pad", "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "SMOOTH", "Select",
+    "SiLU", "Sigmoid", "Slice", "Sub", "Tanh",
 ]

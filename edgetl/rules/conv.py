@@ -10,8 +10,7 @@ from .base import Need, Rule, Tensor
 
 
 def _pair(v) -> tuple[int, int]:
-    v = (v, v) if isinstance(v, int) else tuple(v)
-    return v * 2 if len(v) == 1 else v
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 class Conv2d(Rule):
@@ -27,6 +26,10 @@ class Conv2d(Rule):
             ph, pw = _pair(padding)
             padding = (ph, ph, pw, pw)
         self.pads = tuple(padding)  # (top, bottom, left, right)
+
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
+        self.in_chw, self.out_chw = tuple(in_shapes[0]), tuple(out_shape)  # the (C, H, W) it computes on
 
     @property
     def symmetric(self) -> bool:
@@ -59,7 +62,7 @@ class Conv2d(Rule):
         return [gx], grads
 
     def _input_grad(self, g: Tensor, weight: Tensor) -> Tensor:
-        h, wd = self.in_shapes[0][1:]
+        h, wd = self.in_chw[1:]
         (kh, kw), (dh, dw) = self.kernel, self.dilation
         t, b, l, r = self.pads
         if self.stride == (1, 1) and self.symmetric and t <= dh * (kh - 1) and l <= dw * (kw - 1):
@@ -67,7 +70,7 @@ class Conv2d(Rule):
             # Cheaper than ConvTranspose in onnxruntime, which is slow for depthwise kernels.
             pad = (dh * (kh - 1) - t, dw * (kw - 1) - l)
             return F.conv2d(g, self._flip_transpose(weight), None, 1, pad, self.dilation, self.groups)
-        ho, wo = self.out_shape[1:]
+        ho, wo = self.out_chw[1:]
         sh, sw = self.stride
         if self.symmetric:
             oph = h - ((ho - 1) * sh - 2 * t + dh * (kh - 1) + 1)
@@ -91,8 +94,8 @@ class Conv2d(Rule):
         x, pad = self._padded(x)
         if pad != (0, 0):
             x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        cin = self.in_shapes[0][0]
-        cout, ho, wo = self.out_shape
+        cin = self.in_chw[0]
+        cout, ho, wo = self.out_chw
         gr = self.groups
         cin_g, cout_g = cin // gr, cout // gr
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
@@ -108,8 +111,67 @@ class Conv2d(Rule):
         return torch.stack(taps, -1).reshape(cout, cin_g, kh, kw)
 
     def describe(self) -> str:
-        kind = "depthwise " if self.groups > 1 and self.groups == self.in_shapes[0][0] else ""
+        kind = "depthwise " if self.groups > 1 and self.groups == self.in_chw[0] else ""
         return f"{kind}conv{self.kernel[0]}x{self.kernel[1]}/s{self.stride[0]}"
+
+
+class _Weight2d(Mapping[str, Tensor]):
+    """A Conv1d's tensors as its (N, C, 1, L) Conv2d sees them: weight (O, I, K) -> (O, I, 1, K)."""
+
+    def __init__(self, w: Mapping[str, Tensor]):
+        self.w = w
+
+    def __getitem__(self, role: str) -> Tensor:
+        t = self.w[role]
+        return t.unsqueeze(2) if role == "weight" else t
+
+    def __iter__(self):
+        return iter(self.w)
+
+    def __len__(self) -> int:
+        return len(self.w)
+
+    def __getattr__(self, name: str):  # roles/params of the program's Weights (the ExecuTorch exporter reads them)
+        if name == "w":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.w, name)
+
+
+class Conv1d(Conv2d):
+    """`aten.convolution` with 1-D arguments: the Conv2d rule on an (N, C, 1, L) view, weight
+    (O, I, K) as (O, I, 1, K). `padding` is p or (left, right)."""
+
+    kind = "conv1d"
+
+    def __init__(self, kernel, stride=1, padding=0, dilation=1, groups=1):
+        one = lambda v: int(v) if isinstance(v, int) else int(v[0])  # noqa: E731
+        if isinstance(padding, int) or len(padding) == 1:
+            left = right = one(padding)
+        else:
+            left, right = padding
+        super().__init__((1, one(kernel)), (1, one(stride)), (0, 0, left, right), (1, one(dilation)), groups)
+
+    def on_bind(self, in_shapes, out_shape):
+        Rule.on_bind(self, in_shapes, out_shape)
+        (c, n), = in_shapes
+        self.in_chw = (c, 1, n)
+        self.out_chw = (out_shape[0], 1, out_shape[1]) if out_shape else ()
+
+    def compute(self, xs, w):
+        # static sizes (once bound), so exporters' shape inference keeps them
+        y = super().compute([xs[0].reshape(-1, *self.in_chw)], _Weight2d(w))
+        return y.reshape(-1, self.out_chw[0], self.out_chw[2]) if self.out_chw else y.squeeze(2)
+
+    def backward(self, g, kept, w, need):
+        c, _, n = self.in_chw
+        kept = {"x": kept["x"].reshape(-1, c, 1, n)} if "x" in kept else kept
+        (gx,), grads = super().backward(g.reshape(-1, *self.out_chw), kept, _Weight2d(w), need)
+        if "weight" in grads:
+            grads["weight"] = grads["weight"].squeeze(2)
+        return [gx.reshape(-1, c, n) if gx is not None else None], grads
+
+    def describe(self) -> str:
+        return f"conv1d k{self.kernel[1]}/s{self.stride[1]}"
 
 
 # ---- which traced ops these rules run ------------------------------------------------------------
@@ -118,13 +180,19 @@ from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
 
 
 def _conv(x, w, b, stride, padding, dilation, groups) -> Lowered:
-    if w is None or w.value.dim() != 4:
-        raise Unsupported(f"{w.value.dim() - 2 if w is not None else '?'}-D convolution (only 2-D has a rule)")
+    if w is None or w.value.dim() not in (3, 4):
+        raise Unsupported(f"{w.value.dim() - 2 if w is not None else '?'}-D convolution (1-D and 2-D have rules)")
+    params = {"weight": w} | ({"bias": b} if b is not None else {})
     kernel = tuple(w.value.shape[2:])
-    if isinstance(padding, str):  # 'valid' or 'same' (stride 1; torch puts the odd pixel last)
+    one = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+    if w.value.dim() == 3:
+        if isinstance(padding, str):  # 'valid' or 'same' (stride 1; torch puts the odd sample last)
+            total = 0 if padding == "valid" else one(dilation) * (kernel[0] - 1)
+            padding = (total // 2, total - total // 2)
+        return Lowered(Conv1d(kernel[0], one(stride), padding, one(dilation), groups), [x], params)
+    if isinstance(padding, str):
         total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(_pair(dilation), kernel)]
         padding = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
-    params = {"weight": w} | ({"bias": b} if b is not None else {})
     padding = tuple(padding) if isinstance(padding, tuple) and len(padding) == 4 else _pair(padding)
     return Lowered(Conv2d(kernel, _pair(stride), padding, _pair(dilation), groups), [x], params)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import EdgeRuntimeError
+from ..programs import check_executorch_programs
 from .base import HostStateBackend
 
 _SHIM_SOURCE = r"""
@@ -101,6 +102,17 @@ int etl_num_outputs(void* p) { return (int)static_cast<Handle*>(p)->method->outp
 int etl_input_meta(void* p, int i, int* dtype, int* ndim, int64_t* sizes) {
   auto info = static_cast<Handle*>(p)->method->method_meta().input_tensor_meta(i);
   if (!info.ok()) return fail("input " + std::to_string(i) + " is not a tensor");
+  auto s = info->sizes();
+  if (s.size() > 16) return fail("too many dimensions");
+  *dtype = (int)info->scalar_type();
+  *ndim = (int)s.size();
+  for (size_t d = 0; d < s.size(); ++d) sizes[d] = s[d];
+  return 0;
+}
+
+int etl_output_meta(void* p, int i, int* dtype, int* ndim, int64_t* sizes) {
+  auto info = static_cast<Handle*>(p)->method->method_meta().output_tensor_meta(i);
+  if (!info.ok()) return fail("output " + std::to_string(i) + " is not a tensor");
   auto s = info->sizes();
   if (s.size() > 16) return fail("too many dimensions");
   *dtype = (int)info->scalar_type();
@@ -220,6 +232,8 @@ def _lib():
         for f in (L.etl_num_inputs, L.etl_num_outputs, L.etl_execute):
             f.argtypes = [vp]
         L.etl_input_meta.argtypes = [vp, i32, ip, ip, i64p]
+        if hasattr(L, "etl_output_meta"):  # a prebuilt shim (EDGETL_ET_SHIM) may predate it
+            L.etl_output_meta.argtypes = [vp, i32, ip, ip, i64p]
         L.etl_set_input.argtypes = [vp, i32, vp, i32, i32, i64p]
         L.etl_output.argtypes = [vp, i32, ip, ip, i64p, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)]
         _LIB = L
@@ -248,6 +262,15 @@ class NativeMethod:
             self._check(self.L.etl_input_meta(self.h, i, dt, nd, sz))
             self.inputs.append((_NP[dt.value], tuple(sz[: nd.value])))
         self.num_outputs = self.L.etl_num_outputs(self.h)
+        self.outputs = None  # [(dtype, sizes)] where the shim reports them
+        if hasattr(self.L, "etl_output_meta"):
+            self.outputs = []
+            for i in range(self.num_outputs):
+                dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
+                if self.L.etl_output_meta(self.h, i, dt, nd, sz) != 0:
+                    self.outputs = None
+                    break
+                self.outputs.append((_NP.get(dt.value), tuple(sz[: nd.value])))
         self.planned_bytes = int(self.L.etl_planned_bytes(self.h))
 
     def _error(self) -> str:
@@ -295,6 +318,8 @@ class ExecuTorchBackend(HostStateBackend):
         declared = io.get("train_step", {}).get("inputs", expect_train)
         if declared != expect_train or len(self.train.inputs) != len(expect_train):
             raise EdgeRuntimeError("the train_step program's inputs do not match the manifest")
+        check_executorch_programs(bundle.manifest, self.train.inputs, self.eval.inputs, self.train.num_outputs,
+                                  self.eval.outputs)
         self.batch = int(self.eval.inputs[0][1][0])
         self.set_state(bundle.initial_state())
 

@@ -1,0 +1,136 @@
+"""Smooth activations: SiLU, Sigmoid, Tanh. No mask can represent their derivative, so the `mask`
+modifier leaves them exact. Each keeps the one float tensor torch autograd keeps (SiLU its input,
+Sigmoid and Tanh their output). With the `q8` / `q4` modifiers (Mesa, S2A) each keeps instead its
+derivative dy/dx, computed in the forward, as 8- or 4-bit codes with a per-channel scale and zero
+point; the backward is g * dequantized derivative. The derivative has a small fixed range (SiLU
+[-0.1, 1.1], Sigmoid [0, 0.25], Tanh [0, 1]) where the input SiLU would keep is unbounded: on the
+tests' squeeze-excite CNN the worst bias-gradient error is 0.56% (q8) and 6.3% (q4) against 1.2%
+and 17% when the value autograd keeps is quantized, and the backward is a single multiply."""
+from __future__ import annotations
+
+import torch
+
+from .base import Rule, Tensor
+from .kept_quant import dequantize, quantize
+
+
+class _QuantizedKeep(torch.autograd.Function):
+    """Reference for a quantized rule: the exact forward, the backward g * derivative after the
+    same quantize/dequantize round trip the lean step does."""
+
+    @staticmethod
+    def forward(ctx, x, rule):
+        y = rule.compute([x], {})
+        d = rule._derivative(x, y)
+        ctx.save_for_backward(dequantize(quantize(d, rule.quant_bits), tuple(d.shape[1:]), rule.quant_bits, d.dtype))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (d,) = ctx.saved_tensors
+        return g * d, None
+
+
+class _Smooth(Rule):
+    quant_bits: int | None = None  # set by the q8 / q4 recipe modifiers
+
+    @property
+    def approximate(self) -> bool:
+        return self.quant_bits is not None
+
+    def reference(self, xs, w):
+        return _QuantizedKeep.apply(xs[0], self) if self.quant_bits else self.compute(xs, w)
+
+    def keep(self, xs, y, w, need):
+        if not need.inputs[0]:
+            return {}
+        if self.quant_bits:
+            return quantize(self._derivative(xs[0], y), self.quant_bits)
+        return {"v": self._keep_value(xs[0], y)}
+
+    def backward(self, g, kept, w, need):
+        if self.quant_bits:
+            return [g * dequantize(kept, tuple(self.in_shapes[0]), self.quant_bits, g.dtype)], {}
+        return [self._grad(g, kept["v"])], {}
+
+    def _keep_value(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _grad(self, g: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _derivative(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.kind}{f' ({self.quant_bits}-bit kept)' if self.quant_bits else ''}"
+
+
+class SiLU(_Smooth):
+    """`aten.silu`. Keeps its input x; dy/dx = s (1 + x (1 - s)), s = sigmoid(x)."""
+
+    kind = "silu"
+
+    def compute(self, xs, w):
+        return torch.nn.functional.silu(xs[0])
+
+    def _keep_value(self, x, y):
+        return x
+
+    def _grad(self, g, x):
+        s = torch.sigmoid(x)
+        return g * (s * (1.0 + x * (1.0 - s)))
+
+    def _derivative(self, x, y):
+        s = torch.sigmoid(x)
+        return s + y * (1.0 - s)
+
+
+class Sigmoid(_Smooth):
+    """`aten.sigmoid`. Keeps its output y; dy/dx = y (1 - y)."""
+
+    kind = "sigmoid"
+
+    def compute(self, xs, w):
+        return torch.sigmoid(xs[0])
+
+    def _keep_value(self, x, y):
+        return y
+
+    def _grad(self, g, y):
+        return g * (y * (1.0 - y))
+
+    def _derivative(self, x, y):
+        return y * (1.0 - y)
+
+
+class Tanh(_Smooth):
+    """`aten.tanh`. Keeps its output y; dy/dx = 1 - y²."""
+
+    kind = "tanh"
+
+    def compute(self, xs, w):
+        return torch.tanh(xs[0])
+
+    def _keep_value(self, x, y):
+        return y
+
+    def _grad(self, g, y):
+        return g * (1.0 - y * y)
+
+    def _derivative(self, x, y):
+        return 1.0 - y * y
+
+
+SMOOTH = {"silu": SiLU, "sigmoid": Sigmoid, "tanh": Tanh}
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, aten, handles  # noqa: E402
+
+
+@handles(aten.silu.default, aten.sigmoid.default, aten.tanh.default)
+def _smooth(call: Call) -> Lowered:
+    rule = {aten.silu.default: SiLU, aten.sigmoid.default: Sigmoid, aten.tanh.default: Tanh}[call.op]()
+    return Lowered(rule, [call.act(0)])

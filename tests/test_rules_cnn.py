@@ -1,0 +1,548 @@
+"""The CNN rules (general max / average / adaptive pooling, SiLU / Sigmoid / Tanh and their q8 / q4
+kept codes, Conv1d, Conv2d with H != W, a per-channel affine on (N, C, L)) against torch autograd
+of torch's own ops, and their forward + backward exported to ONNX (run in onnxruntime) and lowered
+with torch.export. Rules are driven directly (bind / forward / backward), with no tracer."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetl import rules as R
+from edgetl.errors import RecipeError
+from edgetl.graph import LeanGraph, Node
+from edgetl.optim import OptimizerConfig
+from edgetl.prepared import PreparedModel
+from edgetl.recipes import PrepareContext, parse_recipe
+from edgetl.rules import Need
+from helpers import lean_vs_reference, rel_err
+from rule_harness import RuleStep, bind, lean_grads
+
+X2 = (2, 3, 9, 7)  # H != W, odd sizes: ceil_mode and floor leave edge windows
+X1 = (2, 3, 11)
+
+MAX_POOLS = {  # name: (rule args, input shape, torch reference)
+    "resnet_3s2p1": ((3, 2, 1), X2, lambda x: F.max_pool2d(x, 3, 2, 1)),
+    "3s2p1_ceil": ((3, 2, 1, 1, True), X2, lambda x: F.max_pool2d(x, 3, 2, 1, 1, True)),
+    "2s2_ceil_edge": ((2, 2, 0, 1, True), X2, lambda x: F.max_pool2d(x, 2, 2, 0, 1, True)),
+    "ceil_drops_window_in_pad": ((2, 2, 1, 1, True), (2, 3, 5, 7), lambda x: F.max_pool2d(x, 2, 2, 1, 1, True)),
+    "2s2_floor_tiles": ((2, 2), X2, lambda x: F.max_pool2d(x, 2, 2)),
+    "3s1p1_overlap": ((3, 1, 1), X2, lambda x: F.max_pool2d(x, 3, 1, 1)),
+    "dilated": ((3, 2, 0, 2), X2, lambda x: F.max_pool2d(x, 3, 2, 0, 2)),
+    "rect": (((2, 3), (1, 2), (1, 1), (2, 1), True), X2,
+             lambda x: F.max_pool2d(x, (2, 3), (1, 2), (1, 1), (2, 1), True)),
+    "3s3_ceil_tiles": ((3, 3, 0, 1, True), X2, lambda x: F.max_pool2d(x, 3, 3, 0, 1, True)),
+    "1d_3s2p1": (([3], [2], [1]), X1, lambda x: F.max_pool1d(x, 3, 2, 1)),
+    "1d_2s2_ceil": ((2, 2, 0, 1, True), X1, lambda x: F.max_pool1d(x, 2, 2, 0, 1, True)),
+    "1d_dilated": ((3, 1, 1, 2), X1, lambda x: F.max_pool1d(x, 3, 1, 1, 2)),
+}
+
+AVG_POOLS = {
+    "3s2p1": ((3, 2, 1), X2, lambda x: F.avg_pool2d(x, 3, 2, 1)),
+    "3s2p1_exclude_pad": ((3, 2, 1, False, False), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, False, False)),
+    "3s2p1_ceil": ((3, 2, 1, True), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, True)),
+    "3s2p1_ceil_exclude": ((3, 2, 1, True, False), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, True, False)),
+    "2s2_ceil_edge": ((2, 2, 0, True), X2, lambda x: F.avg_pool2d(x, 2, 2, 0, True)),
+    "ceil_drops_window_in_pad": ((2, 2, 1, True), (2, 3, 5, 7), lambda x: F.avg_pool2d(x, 2, 2, 1, True)),
+    "divisor_override": ((3, 2, 1, False, True, 5), X2, lambda x: F.avg_pool2d(x, 3, 2, 1, False, True, 5)),
+    "rect": (((2, 3), (1, 2), (1, 1), True, False), X2, lambda x: F.avg_pool2d(x, (2, 3), (1, 2), (1, 1), True, False)),
+    "2s2_tiles": ((2, 2), X2, lambda x: F.avg_pool2d(x, 2)),
+    "1x2_tiles": (((1, 2), (1, 2)), X2, lambda x: F.avg_pool2d(x, (1, 2))),
+    "1d_3s2p1_ceil": (([3], [2], [1], True), X1, lambda x: F.avg_pool1d(x, 3, 2, 1, True)),
+    "1d_exclude_pad": ((3, 2, 1, False, False), X1, lambda x: F.avg_pool1d(x, 3, 2, 1, False, False)),
+}
+
+ADAPTIVE = {
+    "3x2_non_divisible": ((3, 2), X2, lambda x: F.adaptive_avg_pool2d(x, (3, 2))),
+    "4x4_upsampling_cols": ((4, 4), (2, 3, 9, 3), lambda x: F.adaptive_avg_pool2d(x, (4, 4))),
+    "none_keeps_rows": ((None, 3), X2, lambda x: F.adaptive_avg_pool2d(x, (None, 3))),
+    "global": (1, X2, lambda x: F.adaptive_avg_pool2d(x, 1)),
+    "1d_non_divisible": (4, X1, lambda x: F.adaptive_avg_pool1d(x, 4)),
+    "1d_global": (1, X1, lambda x: F.adaptive_avg_pool1d(x, 1)),
+}
+
+SMOOTH = {"silu": (R.SiLU, F.silu), "sigmoid": (R.Sigmoid, torch.sigmoid), "tanh": (R.Tanh, torch.tanh)}
+
+
+def _check(rule, x, ref, tol: float = 1e-5):
+    """Forward and input gradient of the lean rule against torch autograd of `ref`."""
+    rule = bind(rule, x)
+    xr = x.clone().requires_grad_(True)
+    yr = ref(xr)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
+    yr.backward(g)
+    y, gx, _, kept = lean_grads(rule, x, g)
+    assert y.shape == yr.shape and rel_err(y, yr) <= tol
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) <= tol, rel_err(gx, xr.grad)
+    return kept
+
+
+def _x(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("case", list(MAX_POOLS))
+def test_max_pool_matches_autograd_and_keeps_a_byte_per_output(case):
+    args, shape, ref = MAX_POOLS[case]
+    rule = R.MaxPool(*args)
+    kept = _check(rule, _x(shape), ref)
+    assert list(kept) == ["i"] and kept["i"].dtype == torch.uint8
+    assert kept["i"].numel() == ref(_x(shape)).numel()  # one byte per output, never the float input
+
+
+@pytest.mark.parametrize("case", ["resnet_3s2p1", "3s2p1_ceil", "rect", "1d_3s2p1"])
+def test_max_pool_ties_go_to_the_first_maximum_as_torch(case):
+    """ReLU outputs before a pool are full of equal zeros: the gradient must go where torch sends it."""
+    args, shape, ref = MAX_POOLS[case]
+    x = F.relu(torch.randint(-2, 2, shape, generator=torch.Generator().manual_seed(1)).float())
+    _check(R.MaxPool(*args), x, ref, tol=1e-6)  # a misrouted tie is off by a whole g
+
+
+def test_max_pool_all_equal_window_sends_one_gradient():
+    rule = bind(R.MaxPool2d(2), torch.zeros(1, 1, 2, 2))
+    y, gx, _, _ = lean_grads(rule, torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 1, 1))
+    assert gx.sum() == 1 and gx[0, 0, 0, 0] == 1
+
+
+@pytest.mark.parametrize("args", [(3, 1, 1), (3, 2, 1)])
+def test_max_pool_backward_holds_one_tap_gradient_at_a_time(args):
+    """The backward's live memory, as the analytic model counts it, stays a few input sizes
+    (a stack of all k*k masked tap gradients alone would be 9 output sizes)."""
+    from edgetl.memory import Tracker, _Observe
+
+    x = torch.empty(4, 8, 24, 20, device="meta")
+    rule = bind(R.MaxPool(*args), x)
+    g = torch.empty(4, 8, *rule.out_hw, device="meta")
+    idx = torch.empty(g.shape, dtype=torch.uint8, device="meta")
+    tracker = Tracker()
+    with _Observe(tracker):
+        tracker.hold("g", g)
+        tracker.hold("i", idx)
+        (gx,), _ = rule.backward(g, {"i": idx}, {}, Need((True,), frozenset()))
+    inputs = x.numel() * 4
+    assert gx.shape == x.shape and tracker.peak < 6 * inputs, tracker.peak / inputs
+
+
+@pytest.mark.parametrize("case", list(AVG_POOLS))
+def test_avg_pool_matches_autograd_and_keeps_nothing(case):
+    args, shape, ref = AVG_POOLS[case]
+    assert _check(R.AvgPool(*args), _x(shape), ref) == {}
+
+
+@pytest.mark.parametrize("case", list(ADAPTIVE))
+def test_adaptive_avg_pool_matches_autograd(case):
+    size, shape, ref = ADAPTIVE[case]
+    assert _check(R.AdaptiveAvgPool(size), _x(shape), ref) == {}
+
+
+def test_legacy_pool_interfaces_still_work():
+    x = _x(X2)
+    _check(R.MaxPool2d(2), x, lambda t: F.max_pool2d(t, 2))
+    _check(R.AvgPool2d(3), x, lambda t: F.avg_pool2d(t, 3))
+    _check(R.GlobalAvgPool(), x, lambda t: t.mean((2, 3), keepdim=True))
+    _check(R.GlobalAvgPool(), _x(X1), lambda t: t.mean(2, keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [X2, X1, (4, 6)])
+@pytest.mark.parametrize("name", list(SMOOTH))
+def test_smooth_activation_matches_autograd_keeping_one_float_tensor(name, shape):
+    cls, ref = SMOOTH[name]
+    kept = _check(cls(), _x(shape), ref)
+    assert list(kept) == ["v"] and kept["v"].dtype == torch.float32 and kept["v"].shape == shape
+
+
+def test_silu_keeps_its_input_sigmoid_and_tanh_their_output():
+    x = _x(X2)
+    for cls, expect in ((R.SiLU, x), (R.Sigmoid, torch.sigmoid(x)), (R.Tanh, torch.tanh(x))):
+        kept = _check(cls(), x, SMOOTH[cls.kind][1])
+        assert torch.equal(kept["v"], expect)
+
+
+# --- q8 / q4 kept codes -------------------------------------------------------------------------
+
+
+def _quant(cls, bits):
+    rule = cls()
+    rule.quant_bits = bits
+    return rule
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (4, 5, 9), (16, 5)])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", list(SMOOTH))
+def test_quantized_keep_matches_its_reference_and_is_close_to_exact(name, bits, shape):
+    cls, exact = SMOOTH[name]
+    x = _x(shape)
+    rule = _quant(cls, bits)
+    # the lean rule is exactly what its autograd reference (quantize/dequantize round trip) defines
+    _check(rule, x, lambda t: rule.reference([t], {}))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    _, gx_exact, _, _ = lean_grads(bind(cls(), x), x, g)
+    _, gx, _, kept = lean_grads(bind(rule, x), x, g)
+    err = float((gx - gx_exact).norm() / gx_exact.norm())
+    low, high = {8: (3e-4, 5e-3), 4: (5e-3, 0.06)}[bits]  # about a code step: coarser, or no rounding, fails
+    assert low < err < high, err
+    per_channel = (1, 5) + (1,) * (len(shape) - 2)
+    assert kept["q"].dtype == torch.uint8 and kept["s"].shape == per_channel and kept["z"].shape == per_channel
+    per_sample = x[0].numel()
+    assert kept["q"].numel() == shape[0] * -(-per_sample * bits // 8)  # q4: two codes per byte
+
+
+@pytest.mark.parametrize("name", list(SMOOTH))
+def test_q4_is_coarser_than_q8_and_packs_odd_sizes(name):
+    cls, _ = SMOOTH[name]
+    x = _x((3, 5, 3, 3))  # 45 values per sample: one pad code
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    exact = lean_grads(bind(cls(), x), x, g)[1]
+    errs = {b: float((lean_grads(bind(_quant(cls, b), x), x, g)[1] - exact).norm() / exact.norm()) for b in (8, 4)}
+    assert 0 < errs[8] < errs[4]
+    assert lean_grads(bind(_quant(cls, 4), x), x, g)[3]["q"].shape == (3, 23)
+
+
+def test_quantized_keep_is_per_channel():
+    """A channel of tiny values next to one of huge values keeps its own precision."""
+    x = _x((2, 2, 8, 8))
+    x[:, 0] *= 1e-3
+    x[:, 1] *= 1e3
+    rule = bind(_quant(R.Tanh, 8), x * 0 + torch.tanh(x))
+    g = torch.ones_like(x)
+    _, gx, _, _ = lean_grads(bind(_quant(R.SiLU, 8), x), x, g)
+    exact = lean_grads(bind(R.SiLU(), x), x, g)[1]
+    small = (gx[:, 0] - exact[:, 0]).abs().max() / exact[:, 0].abs().max()
+    assert small < 1e-2
+    del rule
+
+
+# --- convolutions and the affine -----------------------------------------------------------------
+
+CONV1D = {  # name: (rule args, torch conv1d kwargs, Cin, Cout, groups)
+    "k3s2p1": ((3, 2, 1), dict(stride=2, padding=1), 4, 6, 1),
+    "dilated": ((3, 1, 2, 2), dict(padding=2, dilation=2), 4, 6, 1),
+    "depthwise": ((5, 1, 2, 1, 4), dict(padding=2, groups=4), 4, 4, 4),
+    "grouped_s3": ((3, 3, 0, 1, 2), dict(stride=3, groups=2), 4, 6, 2),
+    "pointwise": ((1,), dict(), 4, 6, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV1D))
+def test_conv1d_matches_autograd(case):
+    args, kw, cin, cout, groups = CONV1D[case]
+    x = _x((3, cin, 13))
+    wt = _x((cout, cin // groups, args[0]), 1) * 0.3
+    b = _x((cout,), 2)
+    _conv_parity(R.Conv1d(*args), x, wt, b, lambda x, w, b: F.conv1d(x, w, b, **kw))
+
+
+def test_conv1d_asymmetric_padding():
+    x, wt, b = _x((2, 3, 10)), _x((4, 3, 4), 1), _x((4,), 2)
+    _conv_parity(R.Conv1d(4, 1, (1, 2)), x, wt, b, lambda x, w, b: F.conv1d(F.pad(x, (1, 2)), w, b))
+    _conv_parity(R.Conv1d(4, 2, (2, 1)), x, wt, b, lambda x, w, b: F.conv1d(F.pad(x, (2, 1)), w, b, stride=2))
+
+
+CONV2D_HW = {
+    "3x3s2p1": ((3, 2, 1), dict(stride=2, padding=1), 1),
+    "5x3_rect_s21": (((5, 3), (2, 1), (2, 1)), dict(stride=(2, 1), padding=(2, 1)), 1),
+    "depthwise_s2": ((3, 2, 1, 1, 4), dict(stride=2, padding=1, groups=4), 4),
+    "dilated_s1": ((3, 1, 2, 2), dict(padding=2, dilation=2), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV2D_HW))
+def test_conv2d_with_unequal_height_and_width(case):
+    args, kw, groups = CONV2D_HW[case]
+    k = args[0] if isinstance(args[0], tuple) else (args[0], args[0])
+    x, wt, b = _x((2, 4, 11, 6)), _x((4, 4 // groups, *k), 1) * 0.3, _x((4,), 2)
+    _conv_parity(R.Conv2d(*args), x, wt, b, lambda x, w, b: F.conv2d(x, w, b, **kw))
+
+
+def _conv_parity(rule, x, wt, b, ref):
+    rule = bind(rule, x, {"weight": wt, "bias": b})
+    leaves = [t.clone().requires_grad_(True) for t in (x, wt, b)]
+    yr = ref(*leaves)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    y, gx, gp, _ = lean_grads(rule, x, g, {"weight": wt, "bias": b}, frozenset({"weight", "bias"}))
+    assert rel_err(y, yr) < 1e-5
+    assert gx.shape == x.shape and rel_err(gx, leaves[0].grad) < 1e-5
+    assert gp["weight"].shape == wt.shape and rel_err(gp["weight"], leaves[1].grad) < 1e-5
+    assert rel_err(gp["bias"], leaves[2].grad) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 4, 9), (3, 4, 5, 6)])
+def test_affine_on_any_rank(shape):
+    x, wt, b = _x(shape), _x((4,), 1), _x((4,), 2)
+    per_c = (1, 4) + (1,) * (len(shape) - 2)
+    _conv_parity(R.Affine(), x, wt, b, lambda x, w, b: x * w.reshape(per_c) + b.reshape(per_c))
+
+
+# --- recipes: mask + q8 on a squeeze-excite CNN built by hand --------------------------------------
+
+def se_cnn(recipe: str, input_shape=(3, 10, 7)) -> PreparedModel:
+    """conv-SiLU, depthwise conv-SiLU, a squeeze-excite gate (SiLU, Sigmoid), conv-ReLU,
+    max pool 3/2/1, conv-Tanh, adaptive pool to a non-divisible 2x3... head. Frozen weights fp32."""
+    g = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def conv(name, rule, cin, cout, k, groups=1):
+        fan_in = cin // groups * k * k
+        tensors[f"{name}.weight"] = torch.randn(cout, cin // groups, k, k, generator=g) * (2.0 / fan_in) ** 0.5
+        tensors[f"{name}.bias"] = torch.randn(cout, generator=g) * 0.1
+        return Node(name, rule, [], name, {"weight": f"{name}.weight", "bias": f"{name}.bias"})
+
+    nodes = [
+        conv("stem", R.Conv2d(3, 1, 1), 3, 8, 3), Node("act0", R.SiLU(), []),
+        conv("dw", R.Conv2d(3, 1, 1, 1, 8), 8, 8, 3, 8), Node("act1", R.SiLU(), []),
+        Node("se_pool", R.GlobalAvgPool(), []), conv("se_fc1", R.Conv2d(1), 8, 4, 1), Node("se_act", R.SiLU(), []),
+        conv("se_fc2", R.Conv2d(1), 4, 8, 1), Node("gate", R.Sigmoid(), []),
+        Node("se_mul", R.Mul(), ["act1", "gate"]),
+        conv("pw", R.Conv2d(1), 8, 8, 1), Node("relu", R.ReLU(), []),
+        Node("pool", R.MaxPool(3, 2, 1), []),
+        conv("pw2", R.Conv2d(1), 8, 8, 1), Node("tanh", R.Tanh(), []),
+        Node("apool", R.AdaptiveAvgPool((2, 3)), []), Node("flat", R.Flatten(), []),
+    ]
+    prev = "input"
+    for n in nodes:
+        n.inputs = n.inputs or [prev]
+        prev = n.name
+    tensors["head.weight"] = torch.randn(4, 48, generator=g) * 0.1
+    tensors["head.bias"] = torch.zeros(4)
+    nodes.append(Node("head", R.Linear(), ["flat"], "head", {"weight": "head.weight", "bias": "head.bias"}))
+    return _prepared(nodes, tensors, input_shape, recipe, "fp32")
+
+
+def _prepared(nodes, tensors, input_shape, recipe: str, frozen_dtype: str) -> PreparedModel:
+    """What prepare() does after tracing: recipe parts, head, modifiers, shapes, frozen storage."""
+    from edgetl.quant import quantize_per_channel
+
+    graph = LeanGraph(nodes, input_shape, tensors, "head", "flat", frozen_dtype=frozen_dtype)
+    rec = parse_recipe(recipe)
+    ctx = PrepareContext(head="head", backbone_params=graph.total_params())
+    for part in rec.ordered():
+        if part.kind == "part":
+            part.apply(graph, ctx)
+    graph.trainable += ["head.weight", "head.bias"]
+    for part in rec.ordered():
+        if part.kind == "modifier":
+            part.apply(graph, ctx)
+    graph.infer_shapes()
+    stored = {t: quantize_per_channel(v) if graph.is_quantized(t) else (v,)
+              for t, v in tensors.items() if t not in graph.trainable}
+    c = input_shape[0]
+    return PreparedModel(graph, rec, "handmade", 4, (0.0,) * c, (1.0,) * c, "head", ctx.notes, 0, stored)
+
+
+def kws_cnn(recipe: str, input_shape=(5, 24)) -> PreparedModel:
+    """A keyword-spotting-like 1-D CNN: Conv1d, a standalone per-channel affine (BatchNorm1d after
+    an add), ReLU, max pool 3/2/1, grouped Conv1d, SiLU, average pool with ceil_mode, adaptive
+    pool to a non-divisible 3, head. Frozen weights int8."""
+    g = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def layer(name, rule, shape_w, inputs=None, std=0.3):
+        tensors[f"{name}.weight"] = torch.randn(*shape_w, generator=g) * std
+        tensors[f"{name}.bias"] = torch.randn(shape_w[0], generator=g) * 0.1
+        return Node(name, rule, inputs or [], name, {"weight": f"{name}.weight", "bias": f"{name}.bias"})
+
+    nodes = [
+        layer("c1", R.Conv1d(5, 1, 2), (8, 5, 5)), layer("c2", R.Conv1d(3, 1, 1), (8, 8, 3)),
+        Node("add", R.Add(), ["c1", "c2"]), layer("bn", R.Affine(), (8,), std=1.0), Node("relu", R.ReLU(), []),
+        Node("pool", R.MaxPool([3], [2], [1]), []), layer("c3", R.Conv1d(3, 2, 1, 1, 2), (12, 4, 3)),
+        Node("silu", R.SiLU(), []), Node("avg", R.AvgPool([2], [2], [0], True), []),
+        Node("apool", R.AdaptiveAvgPool(3), []), Node("flat", R.Flatten(), []),
+    ]
+    prev = "input"
+    for n in nodes:
+        n.inputs = n.inputs or [prev]
+        prev = n.name
+    nodes[1].inputs = ["c1"]
+    tensors["head.weight"] = torch.randn(4, 36, generator=g) * 0.1
+    tensors["head.bias"] = torch.zeros(4)
+    nodes.append(Node("head", R.Linear(), ["flat"], "head", {"weight": "head.weight", "bias": "head.bias"}))
+    return _prepared(nodes, tensors, input_shape, recipe, "int8")
+
+
+def _batch(pm, n=6):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, *pm.graph.input_shape, generator=g) * 2, torch.arange(n) % 4
+
+
+def test_bias_mask_q8_quantizes_the_smooth_keeps_and_masks_the_relu():
+    pm = se_cnn("bias+mask+q8")
+    rules = {n.name: n.rule for n in pm.graph.nodes}
+    assert all(rules[a].quant_bits == 8 for a in ("act0", "act1", "se_act", "gate", "tanh"))
+    assert rules["relu"].mask
+    assert pm.notes["quantized_keeps"] == {"bits": 8, "layers": 5}
+    kept = {(k.node, k.name): k.dtype for k in pm.memory(6).kept}
+    assert kept[("relu", "m")] == "bool"
+    for a in ("act0", "act1", "se_act", "gate", "tanh"):
+        assert (kept[(a, "q")], kept[(a, "s")], kept[(a, "z")]) == ("uint8", "float32", "float32")
+        assert (a, "v") not in kept
+
+
+def test_mask_leaves_smooth_activations_exact():
+    pm = se_cnn("bias+mask")
+    smooth = [n.rule for n in pm.graph.nodes if n.name in ("act0", "act1", "se_act", "gate", "tanh")]
+    assert all(r.quant_bits is None and not r.approximate for r in smooth)
+    assert {k.dtype for k in pm.memory(6).kept if k.node in ("act0", "gate", "tanh")} == {"float32"}
+
+
+def test_q8_and_q4_together_are_refused():
+    with pytest.raises(RecipeError, match="q8.*q4|q4.*q8"):
+        se_cnn("bias+q8+q4")
+
+
+@pytest.mark.parametrize("recipe", ["bias+mask", "full", "bias+mask+q8", "full+q4"])
+@pytest.mark.parametrize("model", ["se_cnn", "kws_cnn"])
+def test_cnn_step_matches_its_autograd_reference(model, recipe):
+    pm = {"se_cnn": se_cnn, "kws_cnn": kws_cnn}[model](recipe)
+    x, y = _batch(pm)
+    gerr, perr = lean_vs_reference(pm, x, y, OptimizerConfig.make("sgd", lr=0.1))
+    assert max(gerr.values()) < 1e-5, max(gerr.items(), key=lambda kv: kv[1])
+    assert max(perr.values()) < 1e-5
+
+
+def bias_grad_errors(bits: int) -> dict[str, float]:
+    """Relative error (L2) of each bias gradient of bias+mask+q{bits} against exact bias+mask."""
+    exact, quant = se_cnn("bias+mask"), se_cnn(f"bias+mask+q{bits}")
+    x, y = _batch(exact, 16)
+    grads = []
+    for pm in (exact, quant):
+        prog = pm.program()
+        grads.append(prog.loss_and_grads(x, y, pm.initial_params())[2])
+    return {t: float((grads[1][t] - grads[0][t]).norm() / grads[0][t].norm()) for t in grads[0] if t.endswith("bias")}
+
+
+def test_quantized_keeps_change_bias_gradients_a_little():
+    e8, e4 = bias_grad_errors(8), bias_grad_errors(4)
+    assert e8["head.bias"] == 0.0  # nothing quantized after the last layer that trains it
+    inner8 = [v for t, v in e8.items() if t != "head.bias"]
+    inner4 = [v for t, v in e4.items() if t != "head.bias"]
+    assert 0 < max(inner8) < 0.01, e8
+    assert 0 < max(inner4) < 0.12, e4
+    assert max(inner8) < max(inner4)
+
+
+def test_quantized_keeps_shrink_kept_memory():
+    smooth = ("act0", "act1", "se_act", "gate", "tanh")
+    kept = {b: sum(k.bytes for k in se_cnn(f"bias+mask{b}").memory(8).kept if k.node in smooth)
+            for b in ("", "+q8", "+q4")}
+    assert kept["+q8"] < kept[""] * 0.3 and kept["+q4"] < kept[""] * 0.16, kept
+
+
+# --- exportability -------------------------------------------------------------------------------
+
+def _export_cases():
+    cases = {f"max_{k}": (lambda a=a: R.MaxPool(*a), s) for k, (a, s, _) in MAX_POOLS.items()}
+    cases |= {f"avg_{k}": (lambda a=a: R.AvgPool(*a), s) for k, (a, s, _) in AVG_POOLS.items()}
+    cases |= {f"adaptive_{k}": (lambda a=a: R.AdaptiveAvgPool(a), s) for k, (a, s, _) in ADAPTIVE.items()}
+    for name, (cls, _) in SMOOTH.items():
+        cases[name] = (cls, X2)
+        for bits in (8, 4):
+            cases[f"{name}_q{bits}"] = (lambda cls=cls, bits=bits: _quant(cls, bits), (2, 3, 3, 3))
+    cases["silu_q4_1d_odd"] = (lambda: _quant(R.SiLU, 4), (2, 3, 5))
+    cases["sigmoid_q8_features"] = (lambda: _quant(R.Sigmoid, 8), (2, 6))
+    conv_w = {"weight": _x((6, 2, 3), 1), "bias": _x((6,), 2)}
+    cases["conv1d_k3s2p1_grouped"] = (lambda: R.Conv1d(3, 2, 1, 1, 2), (2, 4, 11), conv_w)
+    cases["affine_1d"] = (R.Affine, (2, 4, 11), {"weight": _x((4,), 1), "bias": _x((4,), 2)})
+    return cases
+
+
+EXPORT_CASES = _export_cases()
+
+
+def _rule_step(case):
+    make, shape, *w = EXPORT_CASES[case]
+    w = w[0] if w else {}
+    x = _x(shape)
+    rule = bind(make(), x, w)
+    g = torch.randn(rule.compute([x], w).shape, generator=torch.Generator().manual_seed(3))
+    return RuleStep(rule, w).eval(), x, g
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_rule_exports_to_onnx_and_runs_in_onnxruntime(case):
+    step, x, g = _rule_step(case)
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, (x, g), buf, input_names=["x", "g"], output_names=["y", "gx"], opset_version=17,
+                          do_constant_folding=False, dynamo=False)
+    y, gx = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy(), "g": g.numpy()})
+    yt, gt = step(x, g)
+    np.testing.assert_allclose(y, yt.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx, gt.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_rule_lowers_with_torch_export_without_scatter(case):
+    step, x, g = _rule_step(case)
+    ep = torch.export.export(step, (x, g), strict=False).run_decompositions({})
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not [o for o in ops if "scatter" in o or "index" in o], ops
+    y, gx = ep.module()(x, g)
+    yt, gt = step(x, g)
+    assert torch.allclose(y, yt) and torch.allclose(gx, gt, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["se_cnn", "kws_cnn"])
+def test_cnn_step_exports_to_onnx_and_matches_the_torch_step(model, tmp_path):
+    """The whole hand-built CNN with bias+mask+q8, as the `onnx` target exports it."""
+    from edgetl.exporters.onnx import export_onnx
+
+    from edgetl.exporters.onnx import _export, onnx_names
+    from edgetl.step import LeanStep
+
+    pm = {"se_cnn": se_cnn, "kws_cnn": kws_cnn}[model]("bias+mask+q8")
+    opt = OptimizerConfig.make("sgd", lr=0.1)
+    x, y = _batch(pm)
+    params = pm.initial_params()
+    step = pm.step_module(opt)
+    state = step.init_state(params)
+    flat = [params[t].numpy() for t in pm.trainable] + [state[k].numpy() for k in opt.state_names(pm.trainable)]
+    if len(pm.graph.input_shape) == 3:
+        export_onnx(pm, opt, 6, tmp_path)
+    else:  # export_onnx (and memory, the runtime's input checks) still assume (C, H, W) inputs
+        pnames, snames = onnx_names(pm, opt)
+        args = (x, y, torch.tensor(0.1), *map(torch.from_numpy, flat))
+        _export(LeanStep(pm, opt, anchor_masks=True).eval(), args, ["x", "y", "lr", *pnames, *snames],
+                ["loss", "logits", *(f"new_{n}" for n in pnames + snames)], tmp_path / "train_step.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "train_step.onnx"))
+    names = [i.name for i in sess.get_inputs()]
+    out = sess.run(None, dict(zip(names, [x.numpy(), y.numpy(), np.array(0.1, np.float32), *flat])))
+    loss, logits, new, _, _ = step.run(x, y, 0.1, params, state)
+    assert abs(out[0] - float(loss)) < 1e-5
+    for i, t in enumerate(pm.trainable):
+        np.testing.assert_allclose(out[2 + i], new[t].numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _Steps(torch.nn.Module):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = torch.nn.ModuleList(steps)
+
+    def forward(self, *xg):
+        return tuple(t for i, s in enumerate(self.steps) for t in s(xg[2 * i], xg[2 * i + 1]))
+
+
+@pytest.mark.slow
+def test_rules_run_as_one_executorch_program(tmp_path):
+    """Max pooling (2-D, 1-D ceil), average pooling (ceil, excluded padding), adaptive pooling and
+    q8/q4 keeps lowered to ExecuTorch (its own kernels) and run by its C++ runtime."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    cases = ["max_resnet_3s2p1", "max_1d_2s2_ceil", "avg_3s2p1_ceil_exclude", "adaptive_3x2_non_divisible",
+             "sigmoid_q8", "silu_q4", "tanh"]
+    built = [_rule_step(c) for c in cases]
+    module = _Steps([b[0] for b in built]).eval()
+    args = tuple(t for _, x, g in built for t in (x, g))
+    (tmp_path / "rules.pte").write_bytes(_lower(module, args, delegate=False).buffer)
+    outs = NativeMethod(tmp_path / "rules.pte")([a.numpy() for a in args])
+    for got, want in zip(outs, module(*args)):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
