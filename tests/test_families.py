@@ -61,16 +61,15 @@ def test_family_heads_and_blocks():
         assert len(pm.notes["trainable_blocks"]) == 2, name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_exports_and_steps_on_the_runtime(tmp_path, name):
+def _runtime_matches_torch(tmp_path, name: str, recipe: str, target: str) -> None:
+    """Two steps of the exported program on the torch-free runtime match two torch lean steps."""
     from edgetl.exporters import export
     from edgetl.runtime import Trainer
     from edgetl.runtime.data import normalize
 
-    pm = _prepare(name, "bias+mask")
+    pm = _prepare(name, recipe)
     opt = OptimizerConfig.make("sgd", lr=0.05, momentum=0.9)
-    trainer = Trainer.load(export(pm, "onnx", tmp_path / "b", opt, batch_size=2))
+    trainer = Trainer.load(export(pm, target, tmp_path / "b", opt, batch_size=2))
     g = np.random.default_rng(0)
     x = g.random((2, *pm.input_shape), dtype=np.float32)
     y = g.integers(0, 5, 2)
@@ -85,3 +84,22 @@ def test_family_exports_and_steps_on_the_runtime(tmp_path, name):
     for t in pm.trainable:
         ref = params[t].numpy()
         assert np.abs(got[t] - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), t
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_exports_for_onnx_and_steps_on_the_runtime(tmp_path, name):
+    _runtime_matches_torch(tmp_path, name, "bias+mask", "onnx")
+
+
+# One family per hard case (the others share their ops): padded max pooling, smooth activations with
+# q8 keeps, channel plumbing, ceil-mode pooling with a conv classifier, 1-D.
+EXECUTORCH = {"resnet18": "bias+mask", "efficientnet_b0": "bias+mask+q8", "shufflenet_v2": "side",
+              "squeezenet": "full", "kws1d": "bias+last2"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXECUTORCH))
+def test_family_exports_for_executorch_and_steps_on_the_runtime(tmp_path, name):
+    pytest.importorskip("executorch")
+    _runtime_matches_torch(tmp_path, name, EXECUTORCH[name], "executorch")
