@@ -92,10 +92,11 @@ def test_family_exports_for_onnx_and_steps_on_the_runtime(tmp_path, name):
     _runtime_matches_torch(tmp_path, name, "bias+mask", "onnx")
 
 
-# One family per hard case (the others share their ops): padded max pooling, smooth activations with
-# q8 keeps, channel plumbing, ceil-mode pooling with a conv classifier, 1-D.
-EXECUTORCH = {"resnet18": "bias+mask", "efficientnet_b0": "bias+mask+q8", "shufflenet_v2": "side",
-              "squeezenet": "full", "kws1d": "bias+last2"}
+# ExecuTorch lowering takes minutes on CI's cores, so two families stand for the rest: smooth activations
+# with q8 keeps and SE gates, and 1-D. (Padded/ceil-mode pooling runs as one ExecuTorch program in
+# test_rules_cnn.py, channel plumbing in test_shape_rules.py; resnet18 bias+mask, shufflenet_v2 side and
+# squeezenet full passed here too when this was written.)
+EXECUTORCH = {"efficientnet_b0": "bias+mask+q8", "kws1d": "bias+last2"}
 
 
 @pytest.mark.slow
