@@ -60,7 +60,7 @@ def torch_autograd(model: str, size: int, batch: int, steps: int, recipe: str) -
     """The same prepared model (BN folded, dequantized frozen weights) and trainable set, trained
     by autograd: what `requires_grad=False` alone gives."""
     import edgetl
-    from edgetl.graph import INPUT
+    from edgetl.interpret import computing, interpret, weights_from
 
     pm = edgetl.prepare(model, recipe, num_classes=NUM_CLASSES, input_size=size)
     frozen = {t: pm.frozen(t) for t in pm.stored}
@@ -69,11 +69,7 @@ def torch_autograd(model: str, size: int, batch: int, steps: int, recipe: str) -
     x, y = _batch(pm.in_channels, size, batch)
 
     def forward():
-        vals = {INPUT: x}
-        for n in pm.graph.nodes:
-            w = {r: params[t] if t in params else frozen[t] for r, t in n.params.items()}
-            vals[n.name] = n.rule.compute([vals[i] for i in n.inputs], w)
-        return vals[pm.graph.output]
+        return interpret(pm.graph, x, computing(weights_from(params, frozen.__getitem__)))
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -21,6 +21,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="e.g. bias+mask, side, full, bias+last2")
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
+    p.add_argument("--input-shape", default=None,
+                   help="one sample's shape, C,H,W or C,L (e.g. 3,96,128 or 1,16000); instead of --input-size")
+    p.add_argument("--head", default=None, help="module path of the classifier head, when edgetl cannot tell")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--frozen-dtype", choices=["int8", "fp32"], default="int8")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
@@ -39,20 +42,31 @@ def _optimizer(args):
     return OptimizerConfig.make(args.optimizer, args.lr, **kw)
 
 
-def cmd_plan(args) -> int:
+def _prepare(args, seed: int = 0):
     from .prepared import prepare
 
+    shape = None
+    if args.input_shape is not None:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.replace("x", ",").split(","))
+        except ValueError:
+            raise EdgeTLError(f"--input-shape must be C,H,W or C,L integers, got '{args.input_shape}'") from None
+    return prepare(args.model, args.recipe, args.num_classes, args.input_size, args.frozen_dtype, seed,
+                   input_shape=shape, head=args.head)
+
+
+def cmd_plan(args) -> int:
     if args.batch_size < 1:
         raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     optimizer = _optimizer(args)
-    pm = prepare(args.model, args.recipe, args.num_classes, args.input_size, args.frozen_dtype)
+    pm = _prepare(args)
     mem = pm.memory(args.batch_size, optimizer)
     out = {**pm.summary(), "batch_size": args.batch_size, "analytic_peak_bytes": mem.analytic_peak_bytes,
            "breakdown": mem.breakdown()}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{pm.name} · recipe {pm.recipe.text} · input {pm.input_size}×{pm.input_size} · batch {args.batch_size}")
+    print(f"{pm.name} · recipe {pm.recipe.text} · input {'×'.join(map(str, pm.input_shape))} · batch {args.batch_size}")
     print(f"  trainable      {out['trainable_params']:,} of {out['total_params']:,} params "
           f"({100 * out['trainable_fraction']:.2f}%)")
     rows = [("frozen weights", mem.frozen_weights_bytes), ("trainable params", mem.trainable_params_bytes),
@@ -73,14 +87,13 @@ def _refuse_file_as_dir(path: str, flag: str) -> None:
 
 def cmd_export(args) -> int:
     from .exporters import export
-    from .prepared import prepare
     from .runtime.signing import load_private_key
 
     _refuse_file_as_dir(args.out, "--out")
     if args.sign_key is not None:
         load_private_key(args.sign_key)  # a bad key is reported before the (long) export
     optimizer = _optimizer(args)
-    pm = prepare(args.model, args.recipe, args.num_classes, args.input_size, args.frozen_dtype, args.seed)
+    pm = _prepare(args, args.seed)
     out = export(pm, args.target, args.out, optimizer, args.batch_size, sign_key=args.sign_key)
     s = pm.summary()
     signed = ", signed" if args.sign_key is not None else ""
@@ -107,6 +120,9 @@ def cmd_data(args) -> int:
     if Path(args.out).is_dir():
         raise EdgeTLError(f"--out '{args.out}' is a directory; give a file name such as data.npz")
     bundle = load_bundle(args.bundle)
+    if len(bundle.input_shape) != 3:
+        raise EdgeTLError(f"the bundle takes {'×'.join(map(str, bundle.input_shape))} signals; the datasets "
+                          "`edgetl data` writes are images")
     c, h, w = bundle.input_shape
     ds = load_dataset(args.name, input_size=h, channels=c, seed=args.seed)
     if ds.num_classes > bundle.num_classes:

@@ -6,12 +6,18 @@ class EdgeTLError(ValueError):
 
 
 class UnsupportedLayerError(EdgeTLError):
-    """The model uses layers the lean training step has no backward rule for."""
+    """The model uses an op the lean training step has no backward rule for. Names the first
+    one (the op, why, its module and its place in the user's source) and counts the others that
+    do not merely depend on it."""
 
-    def __init__(self, found: list[tuple[str, str]]):
-        self.found = found
-        where = "; ".join(f"{kind} at '{path}'" for path, kind in found)
-        super().__init__(f"unsupported layers ({len(found)}): {where}")
+    def __init__(self, op: str, reason: str, module: str = "", module_type: str = "", where: str = "",
+                 others: int = 0):
+        self.op, self.reason, self.module, self.module_type, self.where, self.others = (
+            op, reason, module, module_type, where, others)
+        at = f" in {module_type or 'module'} '{module}'" if module else ""
+        src = f" at {where}" if where else ""
+        more = f"; and {others} other unsupported op{'s' if others != 1 else ''}" if others else ""
+        super().__init__(f"unsupported op {op}{at}{src}: {reason}{more}")
 
 
 class RecipeError(EdgeTLError):

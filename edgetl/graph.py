@@ -25,7 +25,7 @@ class Node:
 @dataclass
 class LeanGraph:
     nodes: list[Node]
-    input_shape: tuple[int, ...]  # (C, H, W)
+    input_shape: tuple[int, ...]  # per sample: (C, H, W) or (C, L)
     tensors: dict[str, torch.Tensor]  # fp32 value of every parameter tensor
     output: str  # node producing the logits
     features: str = ""  # node whose output feeds the classifier head
@@ -87,10 +87,10 @@ class LeanGraph:
                 return
             xs = [vals[i] for i in n.inputs]
             ws = {role: self.tensors[t].to("meta") for role, t in n.params.items()}
-            n.rule.bind([tuple(x.shape[1:]) for x in xs])
-            y = n.rule.compute(xs, ws)
-            n.rule.bind([tuple(x.shape[1:]) for x in xs], tuple(y.shape[1:]))
-            n.in_shapes = [tuple(x.shape[1:]) for x in xs]
+            shapes = [tuple(x.shape[1:]) for x in xs]
+            y = n.rule.bind(shapes).compute(xs, ws)
+            n.rule = n.rule.bind(shapes, tuple(y.shape[1:]))
+            n.in_shapes = shapes
             n.out_shape = tuple(y.shape[1:])
             vals[n.name] = y
 

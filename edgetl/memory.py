@@ -152,8 +152,7 @@ def _nbytes(t: Tensor) -> int:
 def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None) -> MemoryReport:
     optimizer = optimizer or OptimizerConfig()
     meta = torch.device("meta")
-    c, h, w = prepared.graph.input_shape
-    x = torch.empty(batch_size, c, h, w, device=meta)
+    x = torch.empty(batch_size, *prepared.graph.input_shape, device=meta)
     y = torch.empty(batch_size, dtype=torch.int64, device=meta)
     params = {t: v.to(meta) for t, v in prepared.initial_params().items()}
     state = {k: v.to(meta) for k, v in optimizer.init_state(prepared.initial_params()).items()}

@@ -11,7 +11,8 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from .graph import INPUT, LeanGraph
+from .graph import LeanGraph
+from .interpret import interpret
 from .rules import Need
 
 Tensor = torch.Tensor
@@ -99,11 +100,12 @@ class Program:
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
         tracker = tracker or NullTracker()
-        vals, left = {INPUT: x}, dict(self.uses)
         kept: dict[str, dict[str, Tensor]] = {}
         pending: list[Tensor] = []  # exact zeros that depend on masks kept since the last bias
-        for n in self.graph.nodes:
-            w = self.weights(n, params, tracker, vals[n.inputs[0]])
+
+        def op(n, xs: list[Tensor]) -> Tensor:
+            nonlocal pending
+            w = self.weights(n, params, tracker, xs[0])
             need = self.need[n.name] if train else Need((False,) * len(n.inputs), frozenset())
             ws = w
             if pending and "bias" in n.params:
@@ -112,22 +114,18 @@ class Program:
                 # in the backward, keeping the float activation it is made from alive until then.
                 ws = _Anchored(w, torch.stack(pending).sum() * 0.0)
                 pending = []
-            y, k = n.rule.forward([vals[i] for i in n.inputs], ws, need)
+            y, k = n.rule.forward(xs, ws, need)
             w.done()
             if self.anchor_masks:
                 pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values() if t.dtype == torch.bool]
-            vals[n.name] = y
             tracker.hold(f"val:{n.name}", y, "activations (flowing)")
             for key, t in k.items():
                 tracker.hold(f"kept:{n.name}:{key}", t, "kept for backward")
             if k:
                 kept[n.name] = k
-            for i in n.inputs:
-                left[i] -= 1
-                if left[i] == 0 and i != INPUT:
-                    del vals[i]
-                    tracker.release(f"val:{i}")
-        logits = vals.pop(self.graph.output)
+            return y
+
+        logits = interpret(self.graph, x, op, lambda name: tracker.release(f"val:{name}"))
         return logits, kept
 
     def backward(self, g_logits: Tensor, kept: dict[str, dict[str, Tensor]], params: Mapping[str, Tensor],

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .graph import INPUT
+from .interpret import computing, interpret, weights_from
 from .optim import OptimizerConfig
 
 
@@ -19,11 +19,8 @@ class ReferenceRun:
 
 
 def reference_logits(prepared, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    vals = {INPUT: x}
-    for n in prepared.graph.nodes:
-        w = {role: params[t] if t in params else prepared.frozen(t).to(x.device) for role, t in n.params.items()}
-        vals[n.name] = n.rule.reference([vals[i] for i in n.inputs], w)
-    return vals[prepared.graph.output]
+    weights = weights_from(params, lambda t: prepared.frozen(t).to(x.device))
+    return interpret(prepared.graph, x, computing(weights, reference=True))
 
 
 def reference_steps(prepared, x: torch.Tensor, y: torch.Tensor, optimizer: OptimizerConfig, steps: int = 1,

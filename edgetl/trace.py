@@ -1,259 +1,343 @@
-"""From a torch nn.Module to a lean graph: trace with torch.fx, map each layer to its rule,
-fold BatchNorm into the preceding conv and zero padding into the following conv."""
+"""From a torch nn.Module to a lean graph.
+
+The model is captured with torch.export (non-strict, in eval mode, at a batch of 2): branches that
+depend on shapes are specialised, asserts disappear, and `F.*` calls and modules look alike. Each
+op goes through the rule registry (`edgetl.rules.registry`). Afterwards BatchNorm is folded into
+the preceding conv/linear and zero padding into the following conv.
+
+Two passes, for speed: the exported (training) IR is walked as it is, mapping in-place ops on
+activations to their functional forms. Only when it holds an op no builder knows, or an in-place
+change of a view, is it decomposed (`run_decompositions`, seconds of fixed cost) to core ATen,
+minus the composite ops with lean rules of their own (KEEP_WHOLE), and walked again: in that
+finite op set an op without a builder is unsupported.
+"""
 from __future__ import annotations
 
 import copy
+import hashlib
 import operator
+import os
+import re
+import warnings
+from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import rules as R
 from .errors import EdgeTLError, UnsupportedLayerError
 from .graph import INPUT, LeanGraph, Node
+from .rules.registry import BATCH, Act, Call, Const, Lowered, Unsupported, builder_for
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
-_ACT_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
-              F.hardsigmoid: "hardsigmoid"}
-_SUPPORTED = ("Conv2d, BatchNorm2d, Linear, ReLU, ReLU6, Hardswish, Hardsigmoid, MaxPool2d/AvgPool2d "
-              "(kernel == stride), AdaptiveAvgPool2d, Flatten, Dropout, ZeroPad2d, residual add, mul")
+aten = torch.ops.aten
+
+# Composite ops kept whole by the decomposition, because they have lean rules of their own.
+KEEP_WHOLE = (aten.linear.default, aten.hardswish.default, aten.hardsigmoid.default, aten.silu.default,
+              aten.hardtanh.default, aten.relu6.default, aten.sigmoid.default, aten.tanh.default)
 
 
-class _Tracer:
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]):
-        self.model = model
-        self.gm = fx.symbolic_trace(model)
+class _Poison:
+    """The output of an unsupported op: whatever depends on it is not reported again."""
+
+
+_POISON = _Poison()
+
+
+class CaptureError(EdgeTLError):
+    """torch.export could not capture the model at the given input."""
+
+
+class _NeedsCore(Exception):
+    """The training IR holds something only the core ATen pass can handle."""
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.select.int,
+          aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.default, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.alias.default,
+          aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default,
+          aten.as_strided.default, aten.unflatten.int, aten.view_as.default, aten.expand_as.default,
+          aten.contiguous.default, aten.detach.default, operator.getitem}
+
+
+def export_model(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.ExportedProgram:
+    """torch.export at a batch of BATCH (the training IR, not decomposed)."""
+    example = torch.zeros(BATCH, *input_shape)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, (example,), strict=False)
+    except Exception as e:  # torch's own message says what in the model it could not capture
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"torch.export could not capture the model at input {tuple(input_shape)}: {first}") from e
+
+
+def to_core_aten(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ep.run_decompositions(table)
+
+
+def _functional(op):
+    """The functional form of an in-place ATen op (relu_ -> relu), or None."""
+    if not getattr(op, "_schema", None) or not op._schema.is_mutable:
+        return None
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, op._overloadname, None) if packet is not None else None
+
+
+def _where(node: fx.Node) -> str:
+    """file:line of the innermost frame of the user's own code that produced `node`."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    mine = [f for f in frames if not f[0].startswith(torch_dir)]
+    f = (mine or frames or [None])[-1]
+    return f"{f[0]}:{f[1]}" if f else ""
+
+
+def _module(node: fx.Node) -> tuple[str, str]:
+    """(path, class name) of the innermost nn.Module the op ran in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    kind = kind.rsplit(".", 1)[-1] if isinstance(kind, str) else getattr(kind, "__name__", "")
+    return path, kind
+
+
+class _Walker:
+    def __init__(self, ep: torch.export.ExportedProgram, core: bool):
+        self.ep = ep
+        self.core = core  # walking core ATen: an op without a builder is unsupported
         self.nodes: list[Node] = []
         self.tensors: dict[str, torch.Tensor] = {}
-        self.alias: dict[str, str] = {}  # fx node name -> lean node name
-        self.meta: dict[str, torch.Tensor] = {INPUT: torch.empty((2, *input_shape), device="meta")}
-        self.unsupported: list[tuple[str, str]] = []
+        self.env: dict[str, Any] = {}
+        self.meta: dict[str, torch.Tensor] = {}
+        self.taken = {INPUT}
+        self.unsupported: list[tuple[fx.Node, str]] = []
         self.output = ""
 
+    # -- placeholders -------------------------------------------------------------------------------
+    def placeholder(self, n: fx.Node) -> None:
+        sig = self.ep.graph_signature
+        for table, store in ((sig.inputs_to_parameters, self.ep.state_dict), (sig.inputs_to_buffers, None),
+                             (sig.inputs_to_lifted_tensor_constants, self.ep.constants)):
+            if n.name in table:
+                name = table[n.name]
+                value = self.ep.state_dict.get(name) if store is None else store.get(name)
+                if value is None:
+                    value = self.ep.constants.get(name)
+                self.env[n.name] = Const(value.detach(), name)
+                return
+        if n.name in sig.user_inputs:
+            if any(isinstance(v, Act) for v in self.env.values()):
+                raise EdgeTLError("the model's forward must take exactly one input tensor")
+            shape = tuple(n.meta["val"].shape[1:])
+            self.env[n.name] = Act(INPUT, shape)
+            self.meta[INPUT] = torch.empty((BATCH, *shape), device="meta")
+            return
+        raise EdgeTLError(f"internal: placeholder '{n.name}' is neither an input nor a parameter")
+
+    # -- ops ----------------------------------------------------------------------------------------
+    def resolve(self, a):
+        if isinstance(a, fx.Node):
+            return self.env[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.resolve(v) for v in a)
+        if isinstance(a, dict):
+            return {k: self.resolve(v) for k, v in a.items()}
+        return a
+
+    def call(self, n: fx.Node) -> None:
+        args, kwargs = self.resolve(n.args), self.resolve(n.kwargs)
+        if _contains(args, _Poison) or _contains(kwargs, _Poison):
+            self.env[n.name] = _POISON
+            return
+        if n.target is operator.getitem:
+            value = args[0][args[1]]
+            if value is None:
+                self.fail(n, "it uses the indices of a max pooling")
+                return
+            self.env[n.name] = value
+            return
+        target, mutated = n.target, None
+        functional = None if self.core else _functional(target)
+        if functional is not None:  # x.relu_(): later uses of x see the result
+            first = n.args[0]
+            if not isinstance(args[0], Act) or not isinstance(first, fx.Node) or first.op != "call_function" \
+                    or first.target in _VIEWS:
+                raise _NeedsCore()
+            target, mutated = functional, first
+        if not _contains(args, Act) and not _contains(kwargs, Act):
+            if not self.core and _functional(target) is not None:
+                raise _NeedsCore()
+            self.env[n.name] = self.fold(n, args, kwargs)
+            return
+        builder = builder_for(target)
+        if builder is None:
+            if not self.core:
+                raise _NeedsCore()
+            self.fail(n, "no rule for this op")
+            return
+        val = n.meta.get("val")
+        out = tuple(val.shape[1:]) if isinstance(val, torch.Tensor) else None
+        module, _ = _module(n)
+        try:
+            result = builder(Call(target, args, kwargs, out, module, _where(n)))
+            self.env[n.name] = value = self.emit(result, n, module)
+            if mutated is not None:
+                self.env[mutated.name] = value
+        except Unsupported as e:
+            self.fail(n, str(e))
+            return
+        if isinstance(value, Act) and out is not None and value.shape != out:
+            raise EdgeTLError(f"internal: {n.target} gives {value.shape} in the lean graph, {out} in the model")
+
+    def fold(self, n: fx.Node, args, kwargs):
+        """An op on constants only (e.g. a weight reshaped in forward): computed now."""
+        plain = _map(lambda v: v.value if isinstance(v, Const) else v, (args, kwargs))
+        names = [v.name for v in _leaves((args, kwargs)) if isinstance(v, Const) and v.name]
+        out = n.target(*plain[0], **plain[1])
+        return _map(lambda v: Const(v.detach(), names[0] if names else "") if isinstance(v, torch.Tensor) else v,
+                    out)
+
+    def fail(self, n: fx.Node, reason: str) -> None:
+        self.unsupported.append((n, reason))
+        self.env[n.name] = _POISON
+
+    def emit(self, result, n: fx.Node, module: str):
+        if isinstance(result, Lowered):
+            return self.add(result, n, module)
+        if isinstance(result, (list, tuple)):
+            return type(result)(self.emit(r, n, module) for r in result)
+        return result
+
+    def add(self, low: Lowered, n: fx.Node, module: str) -> Act:
+        base = module.replace(".", "_") or str(n.target).split(".")[1]
+        name = base if base not in self.taken else f"{base}_{low.rule.kind}"
+        k = 1
+        while name in self.taken:
+            name, k = f"{base}_{low.rule.kind}_{k}", k + 1
+        self.taken.add(name)
+        roles = {}
+        for role, c in low.params.items():
+            tname = c.name or f"{module or name}.{role}"
+            while tname in self.tensors and self.tensors[tname] is not c.value:
+                tname = f"{tname}_"
+            self.tensors[tname] = c.value.detach().clone().float()
+            roles[role] = tname
+        srcs = [a.name for a in low.inputs]
+        shapes = [a.shape for a in low.inputs]
+        ws = {r: self.tensors[t].to("meta") for r, t in roles.items()}
+        y = low.rule.bind(shapes).compute([self.meta[s] for s in srcs], ws)
+        out = tuple(y.shape[1:])
+        self.meta[name] = y
+        self.nodes.append(Node(name, low.rule, srcs, module, roles))
+        return Act(name, out)
+
+    def report(self) -> None:
+        if not self.unsupported:
+            return
+        node, reason = self.unsupported[0]
+        path, kind = _module(node)
+        op = str(node.target)
+        raise UnsupportedLayerError(op, reason, path, kind, _where(node), len(self.unsupported) - 1)
+
     def run(self) -> list[Node]:
-        for n in self.gm.graph.nodes:
+        for n in self.ep.graph.nodes:
             if n.op == "placeholder":
-                if self.alias:
-                    raise EdgeTLError("the model's forward must take exactly one input tensor")
-                self.alias[n.name] = INPUT
+                self.placeholder(n)
+            elif n.op == "call_function":
+                self.call(n)
             elif n.op == "output":
-                out = n.args[0]
-                if not isinstance(out, fx.Node):
-                    raise EdgeTLError("the model's forward must return one tensor (the logits)")
-                self.output = self.alias.get(out.name, "")
-            elif n.op == "get_attr":
-                self.unsupported.append((n.target, "parameter used directly in forward"))
+                self.finish(n)
             else:
-                self.visit(n)
-        if self.unsupported:
-            raise UnsupportedLayerError(self.unsupported)
+                raise EdgeTLError(f"internal: unexpected {n.op} node in the exported graph")
         return self.nodes
 
-    def path(self, n: fx.Node) -> str:
-        if n.op == "call_module":
-            return n.target
-        stack = n.meta.get("nn_module_stack") or {}
-        return next(reversed(stack), "") if stack else ""
-
-    def src(self, a) -> str:
-        if isinstance(a, fx.Node) and a.name in self.alias:
-            return self.alias[a.name]
-        raise KeyError(a)
-
-    def add(self, n: fx.Node, rule: R.Rule, inputs: list, params: dict[str, torch.Tensor] | None = None,
-            name: str | None = None) -> str:
-        name = name or n.name
-        module = self.path(n)
-        roles = {}
-        for role, t in (params or {}).items():
-            tname = f"{module}.{role}" if module else f"{name}.{role}"
-            self.tensors[tname] = t.detach().clone().float()
-            roles[role] = tname
-        srcs = [self.src(a) for a in inputs]
-        rule.bind([tuple(self.meta[s].shape[1:]) for s in srcs])
-        ws = {r: self.tensors[t].to("meta") for r, t in roles.items()}
-        self.meta[name] = rule.compute([self.meta[s] for s in srcs], ws)
-        self.nodes.append(Node(name, rule, srcs, module, roles))
-        self.alias[n.name] = name
-        return name
-
-    def visit(self, n: fx.Node) -> None:
-        try:
-            ok = {"call_module": self.module, "call_function": self.function, "call_method": self.method}[n.op](n)
-        except KeyError:
-            ok = False
-        if ok is False:
-            what = type(self.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(
-                getattr(n.target, "__name__", n.target))
-            self.unsupported.append((self.path(n) or n.name, what))
-            self._continue_past(n)
-
-    def _continue_past(self, n: fx.Node) -> None:
-        """Give an unsupported node a meta output so the layers after it are checked too."""
-        def meta(a):
-            if isinstance(a, fx.Node):
-                return self.meta.get(self.alias.get(a.name, ""), a.name)
-            if isinstance(a, (list, tuple)):
-                return type(a)(meta(v) for v in a)
-            return a
-
-        args, kwargs = meta(n.args), {k: meta(v) for k, v in n.kwargs.items()}
-        try:
-            if n.op == "call_module":
-                out = copy.deepcopy(self.gm.get_submodule(n.target)).to("meta")(*args, **kwargs)
-            elif n.op == "call_function":
-                out = n.target(*args, **kwargs)
-            else:
-                out = getattr(args[0], n.target)(*args[1:], **kwargs)
-        except Exception:
-            return
-        if isinstance(out, torch.Tensor):
-            self.alias[n.name] = f"?{n.name}"
-            self.meta[f"?{n.name}"] = out
-
-    def module(self, n: fx.Node):
-        m = self.gm.get_submodule(n.target)
-        x = n.args[0]
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
-                return False
-            pad = 0 if m.padding == "valid" else m.padding
-            rule = R.Conv2d(m.kernel_size, m.stride, pad, m.dilation, m.groups)
-            params = {"weight": m.weight} | ({"bias": m.bias} if m.bias is not None else {})
-            self.add(n, rule, [x], params)
-        elif isinstance(m, nn.BatchNorm2d):
-            if not m.track_running_stats or m.running_var is None:
-                return False
-            scale = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
-            shift = (m.bias if m.affine else torch.zeros_like(m.running_mean)) - m.running_mean * scale
-            rule = R.Affine()
-            rule.from_batchnorm = True
-            self.add(n, rule, [x], {"weight": scale, "bias": shift})
-        elif isinstance(m, nn.Linear):
-            params = {"weight": m.weight} | ({"bias": m.bias} if m.bias is not None else {})
-            self.add(n, R.Linear(), [x], params)
-        elif type(m) in _ACT_MODULES:
-            self.add(n, R.ACTIVATIONS[_ACT_MODULES[type(m)]](), [x])
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            k = _square(m.kernel_size)
-            s = _square(m.stride if m.stride is not None else m.kernel_size)
-            if k is None or k != s or _square(m.padding) != 0 or m.ceil_mode:
-                return False
-            if isinstance(m, nn.MaxPool2d):
-                if _square(m.dilation) != 1:
-                    return False
-                self.add(n, R.MaxPool2d(k), [x])
-            else:
-                if m.divisor_override is not None:
-                    return False
-                self.add(n, R.AvgPool2d(k), [x])
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            return self.adaptive_pool(n, x, m.output_size)
-        elif isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                return False
-            self.add(n, R.Flatten(), [x])
-        elif isinstance(m, (nn.Dropout, nn.Identity)):
-            self.add(n, R.Identity(), [x])
-        elif isinstance(m, nn.ZeroPad2d):
-            self.add(n, R.Pad(tuple(m.padding)), [x])
-        else:
-            return False
-
-    def adaptive_pool(self, n: fx.Node, x, size) -> bool | None:
-        c, h, w = self.meta[self.src(x)].shape[1:]
-        o = _square(size)
-        if o is None:
-            return False
-        if o == 1:
-            self.add(n, R.GlobalAvgPool(), [x])
-        elif h == w and h % o == 0:
-            self.add(n, R.AvgPool2d(h // o), [x])
-        else:
-            return False
-
-    def function(self, n: fx.Node):
-        f = n.target
-        args = n.args
-        if f in (operator.add, torch.add, operator.mul, torch.mul):
-            if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args) or n.kwargs:
-                return False
-            self.add(n, R.Add() if f in (operator.add, torch.add) else R.Mul(), list(args))
-        elif f in _ACT_FUNCS:
-            self.add(n, R.ACTIVATIONS[_ACT_FUNCS[f]](), [args[0]])
-        elif f is torch.flatten:
-            if _arg(n, 1, "start_dim", 0) != 1 or _arg(n, 2, "end_dim", -1) != -1:
-                return False
-            self.add(n, R.Flatten(), [args[0]])
-        elif f is torch.cat:
-            if _arg(n, 1, "dim", 0) != 1:
-                return False
-            self.add(n, R.Concat(), list(args[0]))
-        elif f is F.dropout:
-            self.add(n, R.Identity(), [args[0]])
-        elif f is F.adaptive_avg_pool2d:
-            return self.adaptive_pool(n, args[0], args[1])
-        elif f is getattr:  # x.shape
-            self.alias[n.name] = "shape"
-        elif f is operator.getitem and self.alias.get(getattr(args[0], "name", ""), "") == "shape":
-            self.alias[n.name] = "size"
-        else:
-            return False
-
-    def method(self, n: fx.Node):
-        name, args = n.target, n.args
-        if name == "size":
-            self.alias[n.name] = "size"
-        elif name in ("view", "reshape"):
-            shape = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else tuple(args[1])
-            if len(shape) == 2 and shape[1] == -1 and (shape[0] == -1 or getattr(shape[0], "name", None) in self.alias):
-                self.add(n, R.Flatten(), [args[0]])
-            else:
-                return False
-        elif name == "flatten":
-            if _arg(n, 1, "start_dim", 0) != 1 or _arg(n, 2, "end_dim", -1) != -1:
-                return False
-            self.add(n, R.Flatten(), [args[0]])
-        elif name == "contiguous":
-            self.add(n, R.Identity(), [args[0]])
-        elif name in ("relu", "hardswish", "hardsigmoid"):
-            self.add(n, R.ACTIVATIONS[name](), [args[0]])
-        elif name == "mean":
-            dims = _arg(n, 1, "dim", None)
-            if dims is None or sorted(d % 4 for d in dims) != [2, 3]:
-                return False
-            pooled = self.add(n, R.GlobalAvgPool(), [args[0]], name=f"{n.name}_pool")
-            if not _arg(n, 2, "keepdim", False):
-                rule = R.Flatten()
-                rule.bind([tuple(self.meta[pooled].shape[1:])])
-                self.meta[n.name] = rule.compute([self.meta[pooled]], {})
-                self.nodes.append(Node(n.name, rule, [pooled], self.path(n)))
-                self.alias[n.name] = n.name
-        else:
-            return False
+    def finish(self, n: fx.Node) -> None:
+        self.report()
+        outs = self.resolve(n.args[0])
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        if len(outs) != 1 or not isinstance(outs[0], Act) or outs[0].name == INPUT:
+            raise EdgeTLError("the model's forward must return one tensor (the logits)")
+        self.output = outs[0].name
 
 
-def _square(v) -> int | None:
-    if isinstance(v, int):
-        return v
-    v = tuple(v)
-    return v[0] if len(v) == 2 and v[0] == v[1] and v[0] is not None else None
+def _leaves(v):
+    if isinstance(v, (list, tuple)):
+        for e in v:
+            yield from _leaves(e)
+    elif isinstance(v, dict):
+        for e in v.values():
+            yield from _leaves(e)
+    else:
+        yield v
 
 
-def _arg(n: fx.Node, pos: int, key: str, default):
-    if len(n.args) > pos:
-        return n.args[pos]
-    return n.kwargs.get(key, default)
+def _contains(v, kind) -> bool:
+    return any(isinstance(e, kind) for e in _leaves(v))
+
+
+def _map(fn, v):
+    if isinstance(v, (list, tuple)):
+        return type(v)(_map(fn, e) for e in v)
+    if isinstance(v, dict):
+        return {k: _map(fn, e) for k, e in v.items()}
+    return fn(v)
+
+
+_CACHE: OrderedDict[str, tuple[nn.Module, LeanGraph]] = OrderedDict()
+_CACHE_SIZE = 8
+_PLAIN = (int, float, bool, str, tuple, list, type(None))
+
+
+def _fingerprint(model: nn.Module, input_shape: tuple[int, ...], blocks) -> str:
+    """What the traced graph depends on: each module's class (by identity), its plain attributes
+    by value and any other (functions, objects) by identity, every parameter and buffer's bytes,
+    the input shape and the blocks. The cache keeps the model alive, so identities stay unique."""
+    h = hashlib.sha1(repr((tuple(input_shape), tuple(blocks or ()))).encode())
+    for name, m in model.named_modules():
+        attrs = sorted((k, repr(v) if isinstance(v, _PLAIN) else f"id:{id(v)}") for k, v in vars(m).items()
+                       if k not in ("training", "_parameters", "_buffers", "_modules") and not isinstance(v, dict))
+        hooks = [id(f) for d in ("_forward_hooks", "_forward_pre_hooks") for f in getattr(m, d, {}).values()]
+        h.update(repr((name, id(type(m)), type(m).__qualname__, attrs, hooks)).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(repr((name, t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...], blocks: list[str] | None = None) -> LeanGraph:
-    """Trace `model` (eval semantics) into a lean graph with BatchNorm folded into convs."""
+    """Trace `model` (eval semantics) into a lean graph with BatchNorm folded into convs.
+    torch.export takes seconds, so graphs are memoised by what they depend on (`_fingerprint`);
+    each call returns its own copy."""
+    key = _fingerprint(model, input_shape, blocks)
+    if key not in _CACHE:
+        _CACHE[key] = (model, _trace(model, input_shape, blocks))
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return copy.deepcopy(_CACHE[key][1])
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...], blocks: list[str] | None) -> LeanGraph:
+    ep = export_model(model.eval(), tuple(input_shape))
     with torch.no_grad():
-        t = _Tracer(model.eval(), input_shape)
-        nodes = t.run()
-    graph = LeanGraph(nodes=nodes, input_shape=tuple(input_shape), tensors=t.tensors, output=t.output,
+        try:
+            walker = _Walker(ep, core=False)
+            nodes = walker.run()
+        except _NeedsCore:
+            walker = _Walker(to_core_aten(ep), core=True)
+            nodes = walker.run()
+    graph = LeanGraph(nodes=nodes, input_shape=tuple(input_shape), tensors=walker.tensors, output=walker.output,
                       blocks=list(blocks or []))
     _fold_batchnorm(graph)
     _fold_padding(graph)
@@ -276,12 +360,12 @@ def _fold_batchnorm(graph: LeanGraph) -> None:
     for bn in [n for n in graph.nodes if getattr(n.rule, "from_batchnorm", False)]:
         src = bn.inputs[0]
         conv = next((n for n in graph.nodes if n.name == src), None)
-        if conv is None or not isinstance(conv.rule, R.Conv2d) or len(uses[src]) != 1:
+        if conv is None or not isinstance(conv.rule, (R.Conv2d, R.Linear)) or len(uses[src]) != 1:
             continue
         scale = graph.tensors.pop(bn.params["weight"])
         shift = graph.tensors.pop(bn.params["bias"])
         w = graph.tensors[conv.params["weight"]]
-        graph.tensors[conv.params["weight"]] = w * scale.reshape(-1, 1, 1, 1)
+        graph.tensors[conv.params["weight"]] = w * scale.reshape(-1, *[1] * (w.dim() - 1))
         bias_name = conv.params.get("bias") or f"{conv.module or conv.name}.bias"
         b = graph.tensors.get(bias_name, torch.zeros_like(scale))
         graph.tensors[bias_name] = b * scale + shift
@@ -293,14 +377,14 @@ def _fold_padding(graph: LeanGraph) -> None:
     uses = graph.consumers()
     for pad in [n for n in graph.nodes if isinstance(n.rule, R.Pad)]:
         users = uses[pad.name]
-        if len(users) != 1:
+        if len(users) != 1 or len(pad.rule.pads) != 4 or pad.rule.value != 0:
             continue
         conv = graph.node(users[0])
         if not isinstance(conv.rule, R.Conv2d):
             continue
         l, r, t, b = pad.rule.pads
         ct, cb, cl, cr = conv.rule.pads
-        conv.rule.pads = (ct + t, cb + b, cl + l, cr + r)
+        conv.rule = conv.rule.replace(pads=(ct + t, cb + b, cl + l, cr + r))
         conv.inputs = [pad.inputs[0]]
         graph.nodes.remove(pad)
 

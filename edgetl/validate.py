@@ -180,20 +180,18 @@ def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs
         if key not in m:
             raise EdgeTLError(f"the bundle's manifest lacks '{key}'; re-export it with this edgetl")
     init_seed = int(m.get("seed", 0) if init_seed is None else init_seed)
-    c, h, w = b.input_shape
-    if h != w:
-        raise EdgeTLError(f"the bundle's input is {h}×{w}; edgetl prepares square inputs only")
     opt = _optimizer(m)
     lr = float(opt.lr if lr is None else lr)
 
     # ---- the same prepared model on the host, started from the bundle's own initial state ----
-    pm = prepare(model or m["model"], m["recipe"], b.num_classes, h, m["frozen_dtype"], init_seed)
+    pm = prepare(model or m["model"], m["recipe"], b.num_classes, None, m["frozen_dtype"], init_seed,
+                 input_shape=tuple(b.input_shape), head=m.get("head") or None)
     if pm.trainable != b.trainable:
         raise EdgeTLError(f"re-preparing {m['model']} with recipe {m['recipe']} gives other trainable tensors than "
                           f"the bundle has; was it exported from another model (pass --model)?")
-    if (pm.in_channels, pm.input_size) != (c, h):
-        raise EdgeTLError(f"re-prepared input {pm.in_channels}×{pm.input_size}² does not match the bundle's "
-                          f"{c}×{h}×{w}")
+    if pm.input_shape != tuple(b.input_shape):
+        raise EdgeTLError(f"re-prepared input {'×'.join(map(str, pm.input_shape))} does not match the bundle's "
+                          f"{'×'.join(map(str, b.input_shape))}")
     init = b.initial_state()
     host0 = pm.initial_params()
     init_diff = max(float(np.abs(host0[t].numpy() - init[t]).max()) for t in b.trainable)

@@ -46,7 +46,7 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         "input": {
             "shape": list(prepared.graph.input_shape),
             "dtype": "float32",
-            "layout": "NCHW",
+            "layout": "NCHW" if len(prepared.graph.input_shape) == 3 else "NCL",
             "batch_size": batch_size,
             "preprocess": {"range": [0.0, 1.0], "mean": list(prepared.mean), "std": list(prepared.std)},
         },
@@ -59,6 +59,7 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         "state_keys": keys,
         "frozen_dtype": prepared.graph.frozen_dtype,
         "seed": prepared.seed,
+        **({"head": prepared.head_spec} if prepared.head_spec else {}),
         "summary": prepared.summary(),
         "analytic_memory": {k: v for k, v in mem.breakdown().items() if k != "kept"},
         **(extra or {}),

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgetl.interpret import computing, interpret, weights_from
 from edgetl.rules.conv import Conv2d
 from edgetl.rules.linear import Linear
 from edgetl.step import LeanEval, LeanStep
@@ -184,8 +185,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     snames = optimizer.state_names(prepared.trainable)
-    c, h, w = prepared.graph.input_shape
-    x = torch.zeros(batch_size, c, h, w)
+    x = torch.zeros(batch_size, *prepared.graph.input_shape)
     y = torch.zeros(batch_size, dtype=torch.int64)
     lr = torch.tensor(optimizer.lr, dtype=torch.float32)
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in snames]
@@ -249,13 +249,9 @@ class _JointNet(torch.nn.Module):
             self.frozen[t] = f"f{i}"
 
     def forward(self, x, y):
-        from edgetl.graph import INPUT
-
-        vals = {INPUT: x}
-        for n in self.prepared.graph.nodes:
-            w = {role: getattr(self, self.fqn[t] if t in self.fqn else self.frozen[t]) for role, t in n.params.items()}
-            vals[n.name] = n.rule.reference([vals[i] for i in n.inputs], w)
-        logits = vals[self.prepared.graph.output]
+        params = {t: getattr(self, key) for t, key in self.fqn.items()}
+        weights = weights_from(params, lambda t: getattr(self, self.frozen[t]))
+        logits = interpret(self.prepared.graph, x, computing(weights, reference=True))
         return F.cross_entropy(logits, y), logits.detach()
 
 
@@ -274,8 +270,7 @@ def export_executorch_joint(prepared, batch_size: int, out: Path, name: str = "t
     from torch.export.experimental import _export_forward_backward
 
     net = _JointNet(prepared)
-    c, h, w = prepared.graph.input_shape
-    args = (torch.zeros(batch_size, c, h, w), torch.zeros(batch_size, dtype=torch.int64))
+    args = (torch.zeros(batch_size, *prepared.graph.input_shape), torch.zeros(batch_size, dtype=torch.int64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = _export_forward_backward(torch.export.export(net, args, strict=False))

@@ -54,8 +54,7 @@ def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     pnames, snames = onnx_names(prepared, optimizer)
-    c, h, w = prepared.graph.input_shape
-    x = torch.zeros(batch_size, c, h, w)
+    x = torch.zeros(batch_size, *prepared.graph.input_shape)
     y = torch.zeros(batch_size, dtype=torch.int64)
     lr = torch.tensor(optimizer.lr, dtype=torch.float32)
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in optimizer.state_names(prepared.trainable)]

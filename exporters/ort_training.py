@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from edgetl.errors import EdgeTLError
-from edgetl.graph import INPUT
+from edgetl.interpret import computing, interpret, weights_from
 from edgetl.step import _FrozenStore
 
 from .onnx import OPSET, _DequantizeLinear
@@ -36,11 +36,8 @@ class _Forward(nn.Module):
         self.index = {t: i for i, t in enumerate(prepared.trainable)}
 
     def forward(self, x):
-        vals = {INPUT: x}
-        for n in self.graph.nodes:
-            w = {r: self.params[self.index[t]] if t in self.index else self.store.get(t) for r, t in n.params.items()}
-            vals[n.name] = n.rule.compute([vals[i] for i in n.inputs], w)
-        return vals[self.graph.output]
+        params = {t: self.params[i] for t, i in self.index.items()}
+        return interpret(self.graph, x, computing(weights_from(params, self.store.get)))
 
 
 @contextlib.contextmanager
@@ -70,13 +67,12 @@ def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict
     if optimizer.name == "sgd" and optimizer.weight_decay:
         raise EdgeTLError("ONNX Runtime's on-device SGD has no weight decay: use 0 or the adamw optimizer")
     fwd = _Forward(prepared).eval()
-    c, h, w = prepared.graph.input_shape
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # TRAINING mode: the exporter must not merge trainable tensors that happen to be equal
         # (e.g. zero biases) into one initializer. The forward has no dropout or batch norm.
-        torch.onnx.export(fwd, (torch.zeros(batch_size, c, h, w),), buf, input_names=["x"], output_names=["logits"],
+        torch.onnx.export(fwd, (torch.zeros(batch_size, *prepared.graph.input_shape),), buf, input_names=["x"], output_names=["logits"],
                           opset_version=OPSET, do_constant_folding=False, dynamo=False,
                           training=torch.onnx.TrainingMode.TRAINING,
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})

@@ -115,8 +115,9 @@ def validate_manifest(m: dict) -> None:
     inp = m["input"]
     _need(isinstance(inp, dict), "'input' must be an object")
     shape = inp.get("shape")
-    _need(isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and 1 <= d <= 1 << 16 for d in shape),
-          f"'input.shape' must be [channels, height, width] of positive integers, got {_short(shape)}")
+    _need(isinstance(shape, list) and len(shape) in (2, 3) and all(_is_int(d) and 1 <= d <= 1 << 16 for d in shape),
+          f"'input.shape' must be [channels, height, width] or [channels, length] of positive integers, "
+          f"got {_short(shape)}")
     _need(_is_int(inp.get("batch_size")) and 1 <= inp["batch_size"] <= 1 << 20,
           f"'input.batch_size' must be a positive integer, got {_short(inp.get('batch_size'))}")
     pre = inp.get("preprocess")

@@ -7,12 +7,13 @@ from .errors import InputError
 
 
 def check_images(x, shape: tuple[int, ...], what: str = "x") -> np.ndarray:
-    """float images in [0, 1], NCHW with the bundle's (C, H, W); returned as contiguous float32."""
+    """float samples in [0, 1] of the bundle's shape, (C, H, W) images or (C, L) signals;
+    returned as contiguous float32."""
     if not isinstance(x, np.ndarray):
         raise InputError(f"{what} must be a numpy array, got {type(x).__name__}")
     if x.dtype.kind != "f":
         raise InputError(f"{what} must hold floating-point images in [0, 1], got dtype {x.dtype}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
         raise InputError(f"{what} must have shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
     if len(x) == 0:
         raise InputError(f"{what} is empty")
@@ -42,8 +43,9 @@ def check_labels(y, n: int, num_classes: int, what: str = "y") -> np.ndarray:
 def normalize(x: np.ndarray, manifest: dict) -> np.ndarray:
     pre = manifest["input"]["preprocess"]
     c = x.shape[1]
-    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, c, 1, 1)
-    std = np.asarray(pre["std"], dtype=np.float32).reshape(1, c, 1, 1)
+    per_channel = (1, c, *[1] * (x.ndim - 2))
+    mean = np.asarray(pre["mean"], dtype=np.float32).reshape(per_channel)
+    std = np.asarray(pre["std"], dtype=np.float32).reshape(per_channel)
     return (x - mean) / std
 
 

@@ -10,10 +10,8 @@ def bind(rule: Rule, x: torch.Tensor, w: dict[str, torch.Tensor] | None = None) 
     """Bind `rule` to x's per-sample shape, and its output's, as LeanGraph.infer_shapes does."""
     w = w or {}
     meta = x.to("meta")
-    rule.bind([tuple(x.shape[1:])])
-    y = rule.compute([meta], {k: v.to("meta") for k, v in w.items()})
-    rule.bind([tuple(x.shape[1:])], tuple(y.shape[1:]))
-    return rule
+    y = rule.bind([tuple(x.shape[1:])]).compute([meta], {k: v.to("meta") for k, v in w.items()})
+    return rule.bind([tuple(x.shape[1:])], tuple(y.shape[1:]))
 
 
 def lean_grads(rule: Rule, x: torch.Tensor, g: torch.Tensor, w: dict[str, torch.Tensor] | None = None,

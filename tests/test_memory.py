@@ -39,7 +39,7 @@ def test_tiny_net_bias_mask_by_hand():
 
 def test_head_only_keeps_only_the_features():
     m = edgetl.prepare(_tiny(), "head", num_classes=2, input_size=4).memory(batch_size=2)
-    assert [k.node for k in m.kept] == ["_3"] and m.kept_activations_bytes == 256
+    assert [k.node for k in m.kept] == ["3"] and m.kept_activations_bytes == 256
     assert m.frozen_weights_bytes == 26 + 8  # the conv bias is frozen too now
 
 

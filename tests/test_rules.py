@@ -98,8 +98,7 @@ def test_maxpool_ties_route_gradient_to_first_maximum():
     """A window of equal values (ReLU zeros) must send its gradient to one element only."""
     from edgetl.rules import MaxPool2d, Need
 
-    rule = MaxPool2d(2)
-    rule.bind([(1, 2, 2)], (1, 1, 1))
+    rule = MaxPool2d(2).bind([(1, 2, 2)], (1, 1, 1))
     x = torch.zeros(1, 1, 2, 2)
     y, kept = rule.forward([x], {}, Need((True,), frozenset()))
     (gx,), _ = rule.backward(torch.ones_like(y), kept, {}, Need((True,), frozenset()))

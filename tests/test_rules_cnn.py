@@ -71,7 +71,7 @@ SMOOTH = {"silu": (R.SiLU, F.silu), "sigmoid": (R.Sigmoid, torch.sigmoid), "tanh
 
 def _check(rule, x, ref, tol: float = 1e-5):
     """Forward and input gradient of the lean rule against torch autograd of `ref`."""
-    bind(rule, x)
+    rule = bind(rule, x)
     xr = x.clone().requires_grad_(True)
     yr = ref(xr)
     g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
@@ -183,7 +183,7 @@ def test_quantized_keep_matches_its_reference_and_is_close_to_exact(name, bits, 
     _check(rule, x, lambda t: rule.reference([t], {}))
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     _, gx_exact, _, _ = lean_grads(bind(cls(), x), x, g)
-    _, gx, _, kept = lean_grads(rule, x, g)
+    _, gx, _, kept = lean_grads(bind(rule, x), x, g)
     err = float((gx - gx_exact).norm() / gx_exact.norm())
     low, high = {8: (3e-4, 5e-3), 4: (5e-3, 0.06)}[bits]  # about a code step: coarser, or no rounding, fails
     assert low < err < high, err
@@ -261,7 +261,7 @@ def test_conv2d_with_unequal_height_and_width(case):
 
 
 def _conv_parity(rule, x, wt, b, ref):
-    bind(rule, x, {"weight": wt, "bias": b})
+    rule = bind(rule, x, {"weight": wt, "bias": b})
     leaves = [t.clone().requires_grad_(True) for t in (x, wt, b)]
     yr = ref(*leaves)
     g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
@@ -333,8 +333,7 @@ def _prepared(nodes, tensors, input_shape, recipe: str, frozen_dtype: str) -> Pr
     stored = {t: quantize_per_channel(v) if graph.is_quantized(t) else (v,)
               for t, v in tensors.items() if t not in graph.trainable}
     c = input_shape[0]
-    return PreparedModel(graph, rec, "handmade", 4, input_shape[1], c, (0.0,) * c, (1.0,) * c,
-                         "head", ctx.notes, 0, stored)
+    return PreparedModel(graph, rec, "handmade", 4, (0.0,) * c, (1.0,) * c, "head", ctx.notes, 0, stored)
 
 
 def kws_cnn(recipe: str, input_shape=(5, 24)) -> PreparedModel:

@@ -23,7 +23,7 @@ def _infer_blocks(model: nn.Module, head: str) -> tuple[str, ...]:
     blocks: list[str] = []
     for child_name, child in model.named_children():
         layers = [f"{child_name}.{n}" if n else child_name for n, m in child.named_modules()
-                  if isinstance(m, (nn.Conv2d, nn.Linear))]
+                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
         if head in layers:
             blocks += [name for name in layers if name != head]
         elif layers:
@@ -34,27 +34,29 @@ def _infer_blocks(model: nn.Module, head: str) -> tuple[str, ...]:
 def wrap_module(model: nn.Module, name: str, pretrained: bool = False) -> Backbone:
     """Describe a plain classifier module as a Backbone.
 
-    The head is the last nn.Linear. Optional attributes on the module override the defaults:
-    `input_size` (224), `in_channels` (that of the first Conv2d, else 3), `mean` (0s), `std` (1s).
+    The head is the last nn.Linear; without one, prepare looks for a 1×1-conv classifier. Optional
+    attributes on the module override the defaults: `input_shape` (one sample, (C, H, W) or (C, L)),
+    or `input_size` (224) and `in_channels` (that of the first conv, else 3); `mean` (0s), `std` (1s).
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
     linears = [(n, m) for n, m in layers if isinstance(m, nn.Linear)]
-    if not linears:
-        raise EdgeTLError(f"backbone '{name}': the model has no nn.Linear to serve as the classifier head")
-    head, fc = linears[-1]
-    convs = [m for _, m in layers if isinstance(m, nn.Conv2d)]
-    in_channels = int(getattr(model, "in_channels", convs[0].in_channels if convs else 3))
+    head, fc = linears[-1] if linears else ("", None)
+    convs = [m for _, m in layers if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    shape = getattr(model, "input_shape", None)
+    shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) and len(shape) in (2, 3) else None
+    in_channels = shape[0] if shape else int(getattr(model, "in_channels", convs[0].in_channels if convs else 3))
     return Backbone(
         name=name,
         model=model.eval(),
-        input_size=int(getattr(model, "input_size", 224)),
+        input_size=shape[-1] if shape else int(getattr(model, "input_size", 224)),
         in_channels=in_channels,
-        num_classes=fc.out_features,
+        num_classes=fc.out_features if fc is not None else 0,
         mean=tuple(float(v) for v in getattr(model, "mean", (0.0,) * in_channels)),
         std=tuple(float(v) for v in getattr(model, "std", (1.0,) * in_channels)),
         head=head,
         pretrained=pretrained,
         blocks=_infer_blocks(model, head),
+        input_shape=shape,
     )
 
 

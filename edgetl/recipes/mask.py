@@ -15,7 +15,7 @@ class Mask(Part):
         graph.mask_activations = True
         for n in graph.nodes:
             if isinstance(n.rule, _Activation):
-                n.rule.mask = True
+                n.rule = n.rule.replace(mask=True)
 
 
 @register

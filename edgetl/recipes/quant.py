@@ -18,12 +18,13 @@ class QuantizedKeep(Part):
         self.name = f"q{bits}"
 
     def apply(self, graph, ctx: PrepareContext) -> None:
-        rules = [n.rule for n in graph.nodes if isinstance(n.rule, _Smooth)]
+        nodes = [n for n in graph.nodes if isinstance(n.rule, _Smooth)]
+        rules = [n.rule for n in nodes]
         other = next((r.quant_bits for r in rules if r.quant_bits not in (None, self.bits)), None)
         if other is not None:
             raise RecipeError(f"'{self.name}' and 'q{other}' both quantize the kept activations; keep one")
-        for r in rules:
-            r.quant_bits = self.bits
+        for n in nodes:
+            n.rule = n.rule.replace(quant_bits=self.bits)
         ctx.notes["quantized_keeps"] = {"bits": self.bits, "layers": len(rules)}
 
 

@@ -1,9 +1,12 @@
 """`side`: a ladder side network (LST). Taps at the last feature map of each backbone
-resolution are average-pooled to the smallest tap resolution, projected by a trainable 1×1
-conv, summed into a side stream refined by a trainable 3×3 depthwise conv and ReLU. The side
+resolution are average-pooled to the smallest tap resolution (adaptively when it does not
+divide), projected by a trainable 1×1 conv, summed into a side stream refined by a trainable
+3×3 depthwise conv and ReLU (1-D convs on (C, L) feature maps). The side
 stream's pooled output joins the backbone's pooled features at the head. The backbone itself
 gets no gradient, so nothing of it is kept for backward except the pooled taps."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -27,16 +30,16 @@ class Side(Part):
         head = graph.node(ctx.head)
         taps = _taps(graph, head)
         if not taps:
-            raise RecipeError("'side' needs a backbone with 4-D feature maps before its head")
+            raise RecipeError("'side' needs a backbone with (C, H, W) or (C, L) feature maps before its head")
         channels = sum(graph.node(t).out_shape[0] for t in taps)
         d = self.width or int(min(128, max(8, round(TARGET_FRACTION * ctx.backbone_params / (channels + 10) / 8) * 8)))
-        hs, ws = graph.node(taps[-1]).out_shape[1:]
+        size = tuple(graph.node(taps[-1]).out_shape[1:])
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(ctx.seed)
         try:
             prev = None
             for i, tap in enumerate(taps):
-                prev = _stage(graph, i, tap, prev, d, (hs, ws))
+                prev = _stage(graph, i, tap, prev, d, size)
         finally:
             torch.random.set_rng_state(gen_state)
         feats = head.inputs[0]
@@ -47,38 +50,45 @@ class Side(Part):
         graph.nodes[idx:idx] = [gap, flat, cat]
         head.inputs = [cat.name]
         graph.infer_shapes(until=head.name)
-        ctx.notes["side"] = {"taps": taps, "width": d, "resolution": [hs, ws]}
+        ctx.notes["side"] = {"taps": taps, "width": d, "resolution": list(size)}
 
 
 def _taps(graph: LeanGraph, head: Node) -> list[str]:
     """The last feature map (larger than 1×1) at each spatial resolution before the head, in
-    schedule order; 1×1 maps are pooled vectors (e.g. squeeze-excite), not taps."""
-    last: dict[tuple[int, int], int] = {}
+    schedule order, of the input's rank; 1×1 maps are pooled vectors (e.g. squeeze-excite), not
+    taps, and maps that grow again are left out (the taps must pool down to the last one)."""
+    rank = len(graph.input_shape)
+    last: dict[tuple[int, ...], int] = {}
     nodes = graph.nodes[: graph.nodes.index(head)]
     for i, n in enumerate(nodes):
-        if len(n.out_shape) == 3 and n.out_shape[1] * n.out_shape[2] > 1:
+        if len(n.out_shape) == rank and math.prod(n.out_shape[1:]) > 1:
             last[tuple(n.out_shape[1:])] = i
-    return [nodes[i].name for i in sorted(last.values())][-MAX_TAPS:]
+    taps = [nodes[i].name for i in sorted(last.values())][-MAX_TAPS:]
+    size = graph.node(taps[-1]).out_shape[1:] if taps else ()
+    return [t for t in taps if all(a >= b for a, b in zip(graph.node(t).out_shape[1:], size))]
 
 
-def _stage(graph: LeanGraph, i: int, tap: str, prev: str | None, d: int, hw: tuple[int, int]) -> str:
-    c, h, w = graph.node(tap).out_shape
-    f = h // hw[0]
-    if f < 1 or h // f != hw[0] or w // f != hw[1]:
-        raise RecipeError(f"'side': cannot pool tap '{tap}' ({h}x{w}) to {hw[0]}x{hw[1]}")
+def _stage(graph: LeanGraph, i: int, tap: str, prev: str | None, d: int, size: tuple[int, ...]) -> str:
+    c, *hw = graph.node(tap).out_shape
+    one_d = len(size) == 1
     new: list[Node] = []
     src = tap
-    if f > 1:
-        new.append(Node(graph.unique_name(f"side_{i}_pool"), R.AvgPool2d(f), [src], f"side.{i}.pool"))
+    if tuple(hw) != size:
+        f = hw[0] // size[0]
+        if all(n == f * s for n, s in zip(hw, size)):
+            rule = R.AvgPool(f) if one_d else R.AvgPool2d(f)
+        else:
+            rule = R.AdaptiveAvgPool(size)
+        new.append(Node(graph.unique_name(f"side_{i}_pool"), rule, [src], f"side.{i}.pool"))
         src = new[-1].name
-    proj = nn.Conv2d(c, d, 1)
-    new.append(_conv_node(graph, f"side.{i}.proj", R.Conv2d(1), src, proj))
+    conv_cls, rule_cls = (nn.Conv1d, R.Conv1d) if one_d else (nn.Conv2d, R.Conv2d)
+    new.append(_conv_node(graph, f"side.{i}.proj", rule_cls(1), src, conv_cls(c, d, 1)))
     src = new[-1].name
     if prev is not None:
         new.append(Node(graph.unique_name(f"side_{i}_add"), R.Add(), [prev, src], f"side.{i}.add"))
         src = new[-1].name
-    dw = nn.Conv2d(d, d, 3, padding=1, groups=d)
-    new.append(_conv_node(graph, f"side.{i}.dw", R.Conv2d(3, 1, 1, 1, d), src, dw))
+    dw = conv_cls(d, d, 3, padding=1, groups=d)
+    new.append(_conv_node(graph, f"side.{i}.dw", rule_cls(3, 1, 1, 1, d), src, dw))
     new.append(Node(graph.unique_name(f"side_{i}_relu"), R.ReLU(), [new[-1].name], f"side.{i}.relu"))
     anchor = tap
     for n in new:
@@ -87,7 +97,7 @@ def _stage(graph: LeanGraph, i: int, tap: str, prev: str | None, d: int, hw: tup
     return new[-1].name
 
 
-def _conv_node(graph: LeanGraph, module: str, rule: R.Conv2d, src: str, conv: nn.Conv2d) -> Node:
+def _conv_node(graph: LeanGraph, module: str, rule: R.Conv2d, src: str, conv: nn.Module) -> Node:
     params = {}
     for role in ("weight", "bias"):
         name = f"{module}.{role}"

@@ -1,14 +1,17 @@
-"""Backward rules, one family per file. Each declares what its backward keeps."""
+"""Backward rules, one family per file. Each declares what its backward keeps, and registers
+which traced ATen ops it runs (see registry.py)."""
 from .activation import ACTIVATIONS, Hardsigmoid, Hardswish, ReLU, ReLU6
 from .base import Need, Rule
 from .conv import Conv1d, Conv2d
 from .linear import Linear
 from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d
+from .shape import Expand, Mean, Permute, Reshape, Select, Slice
 from .smooth import SMOOTH, SiLU, Sigmoid, Tanh
-from .structural import Add, Affine, Concat, Flatten, Identity, Mul, Pad
+from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
 
 __all__ = [
-    "ACTIVATIONS", "AdaptiveAvgPool", "Add", "Affine", "AvgPool", "AvgPool2d", "Concat", "Conv1d", "Conv2d",
-    "Flatten", "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool", "MaxPool2d", "Mul",
-    "Need", "Pad", "ReLU", "ReLU6", "Rule", "SMOOTH", "SiLU", "Sigmoid", "Tanh",
+    "ACTIVATIONS", "AdaptiveAvgPool", "Add", "Affine", "AvgPool", "AvgPool2d", "Concat", "ConstOp", "Conv1d",
+    "Conv2d", "Expand", "Flatten", "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool",
+    "MaxPool2d", "Mean", "Mul", "Need", "Pad", "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "SMOOTH", "Select",
+    "SiLU", "Sigmoid", "Slice", "Sub", "Tanh",
 ]

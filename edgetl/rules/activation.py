@@ -124,3 +124,41 @@ class Hardswish(_Activation):
 
 
 ACTIVATIONS = {"relu": ReLU, "relu6": ReLU6, "hardswish": Hardswish, "hardsigmoid": Hardsigmoid}
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
+
+
+@handles(aten.relu.default)
+def _relu(call: Call) -> Lowered:
+    return Lowered(ReLU(), [call.act(0)])
+
+
+@handles(aten.hardtanh.default, aten.clamp.default)
+def _clamp(call: Call) -> Lowered:
+    if call.op is aten.hardtanh.default:
+        lo, hi = call.arg(1, "min_val", -1.0), call.arg(2, "max_val", 1.0)
+    else:
+        lo, hi = call.arg(1, "min"), call.arg(2, "max")
+    if lo == 0 and hi == 6:
+        return Lowered(ReLU6(), [call.act(0)])
+    if lo == 0 and hi is None:
+        return Lowered(ReLU(), [call.act(0)])
+    raise Unsupported(f"clamp to [{lo}, {hi}] (only ReLU's [0, inf) and ReLU6's [0, 6] have rules)")
+
+
+@handles(aten.relu6.default)
+def _relu6(call: Call) -> Lowered:
+    return Lowered(ReLU6(), [call.act(0)])
+
+
+@handles(aten.hardswish.default)
+def _hardswish(call: Call) -> Lowered:
+    return Lowered(Hardswish(), [call.act(0)])
+
+
+@handles(aten.hardsigmoid.default)
+def _hardsigmoid(call: Call) -> Lowered:
+    return Lowered(Hardsigmoid(), [call.act(0)])

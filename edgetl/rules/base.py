@@ -6,6 +6,7 @@ A rule computes its layer with ordinary torch ops (`compute`), decides what the 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -31,11 +32,35 @@ class Rule:
     quantizable = False  # its "weight" may be stored int8 when frozen
     approximate = False  # its backward is an approximation of autograd's (documented per rule)
 
-    def bind(self, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...] = ()) -> None:
-        """Remember the per-sample input and output shapes (fixed at prepare time). Rules use
-        them as Python ints so exported programs get static shapes."""
+    in_shapes: list[tuple[int, ...]] = []
+    out_shape: tuple[int, ...] = ()
+    _bound = False
+
+    def bind(self, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...] = ()) -> "Rule":
+        """A copy of this rule bound to per-sample input and output shapes (fixed at prepare
+        time); rules use them as Python ints so exported programs get static shapes. A bound
+        rule is immutable: configure (e.g. `replace(mask=True)`) before binding."""
+        bound = self.replace()
+        bound.on_bind([tuple(s) for s in in_shapes], tuple(out_shape))
+        bound.__dict__["_bound"] = True
+        return bound
+
+    def on_bind(self, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> None:
+        """Set the shapes on a fresh copy, before it freezes. Subclasses that derive constants
+        from the shapes extend this (and call super)."""
         self.in_shapes = in_shapes
         self.out_shape = out_shape
+
+    def replace(self, **changes) -> "Rule":
+        """An unbound copy with some attributes changed (how modifiers change a rule)."""
+        new = copy.copy(self)
+        new.__dict__.update(changes, _bound=False)
+        return new
+
+    def __setattr__(self, name, value) -> None:
+        if self._bound:
+            raise AttributeError(f"{type(self).__name__} is bound to its shapes and immutable; use replace()")
+        object.__setattr__(self, name, value)
 
     def compute(self, xs: list[Tensor], w: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
@@ -61,7 +86,10 @@ class Rule:
 
 
 def sum_to(g: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Sum a broadcast gradient back to a per-sample `shape`."""
+    """Sum a broadcast gradient back to a per-sample `shape` (which may have fewer dims)."""
+    extra = g.dim() - 1 - len(shape)
+    if extra > 0:
+        g = g.sum(tuple(range(1, 1 + extra)))
     dims = [i + 1 for i, s in enumerate(shape) if s == 1 and g.shape[i + 1] != 1]
     return g.sum(dims, keepdim=True) if dims else g
 

@@ -27,8 +27,8 @@ class Conv2d(Rule):
             padding = (ph, ph, pw, pw)
         self.pads = tuple(padding)  # (top, bottom, left, right)
 
-    def bind(self, in_shapes, out_shape=()):
-        super().bind(in_shapes, out_shape)
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
         self.in_chw, self.out_chw = tuple(in_shapes[0]), tuple(out_shape)  # the (C, H, W) it computes on
 
     @property
@@ -151,8 +151,8 @@ class Conv1d(Conv2d):
             left, right = padding
         super().__init__((1, one(kernel)), (1, one(stride)), (0, 0, left, right), (1, one(dilation)), groups)
 
-    def bind(self, in_shapes, out_shape=()):
-        Rule.bind(self, in_shapes, out_shape)
+    def on_bind(self, in_shapes, out_shape):
+        Rule.on_bind(self, in_shapes, out_shape)
         (c, n), = in_shapes
         self.in_chw = (c, 1, n)
         self.out_chw = (out_shape[0], 1, out_shape[1]) if out_shape else ()
@@ -172,3 +172,40 @@ class Conv1d(Conv2d):
 
     def describe(self) -> str:
         return f"conv1d k{self.kernel[1]}/s{self.stride[1]}"
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
+
+
+def _conv(x, w, b, stride, padding, dilation, groups) -> Lowered:
+    if w is None or w.value.dim() not in (3, 4):
+        raise Unsupported(f"{w.value.dim() - 2 if w is not None else '?'}-D convolution (1-D and 2-D have rules)")
+    params = {"weight": w} | ({"bias": b} if b is not None else {})
+    kernel = tuple(w.value.shape[2:])
+    one = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+    if w.value.dim() == 3:
+        if isinstance(padding, str):  # 'valid' or 'same' (stride 1; torch puts the odd sample last)
+            total = 0 if padding == "valid" else one(dilation) * (kernel[0] - 1)
+            padding = (total // 2, total - total // 2)
+        return Lowered(Conv1d(kernel[0], one(stride), padding, one(dilation), groups), [x], params)
+    if isinstance(padding, str):
+        total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(_pair(dilation), kernel)]
+        padding = (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+    padding = tuple(padding) if isinstance(padding, tuple) and len(padding) == 4 else _pair(padding)
+    return Lowered(Conv2d(kernel, _pair(stride), padding, _pair(dilation), groups), [x], params)
+
+
+@handles(aten.convolution.default)
+def _convolution(call: Call) -> Lowered:
+    stride, padding, dilation, transposed, _, groups = call.args[3:9]
+    if transposed:
+        raise Unsupported("transposed convolution")
+    return _conv(call.act(0), call.const(1), call.const(2), stride, padding, dilation, groups)
+
+
+@handles(aten.conv2d.default, aten.conv2d.padding, aten.conv1d.default, aten.conv1d.padding)
+def _conv_nd(call: Call) -> Lowered:
+    return _conv(call.act(0), call.const(1), call.const(2, "bias"), call.arg(3, "stride", 1),
+                 call.arg(4, "padding", 0), call.arg(5, "dilation", 1), call.arg(6, "groups", 1))

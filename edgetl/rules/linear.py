@@ -24,3 +24,16 @@ class Linear(Rule):
             grads["weight"] = g.t() @ kept["x"]
         gx = g @ w["weight"] if need.inputs[0] else None
         return [gx], grads
+
+
+# ---- which traced ops this rule runs -------------------------------------------------------------
+
+from .registry import Call, Lowered, Unsupported, aten, handles  # noqa: E402
+
+
+@handles(aten.linear.default)
+def _linear(call: Call) -> Lowered:
+    x, w, b = call.act(0), call.const(1), call.const(2, "bias")
+    if len(x.shape) != 1:
+        raise Unsupported(f"a linear layer on {len(x.shape)}-D samples (only flat feature vectors have a rule)")
+    return Lowered(Linear(), [x], {"weight": w} | ({"bias": b} if b is not None else {}))

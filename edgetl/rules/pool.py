@@ -46,8 +46,8 @@ class _Windowed(Rule):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.ceil_mode = dilation, bool(ceil_mode)
 
-    def bind(self, in_shapes, out_shape=()):
-        super().bind(in_shapes, out_shape)
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
         shape = in_shapes[0]
         self.nd = len(shape) - 1
         if self.nd not in (1, 2):
@@ -146,8 +146,8 @@ class MaxPool(_Windowed):
                  dilation: IntArg = 1, ceil_mode: bool = False):
         super().__init__(kernel_size, stride, padding, dilation, ceil_mode)
 
-    def bind(self, in_shapes, out_shape=()):
-        super().bind(in_shapes, out_shape)
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
         t = self.taps
         self.index_dtype = torch.uint8 if t <= 256 else torch.int32
 
@@ -198,8 +198,8 @@ class AvgPool(_Windowed):
         super().__init__(kernel_size, stride, padding, 1, ceil_mode)
         self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
 
-    def bind(self, in_shapes, out_shape=()):
-        super().bind(in_shapes, out_shape)
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
         div = [[self._divisor(i, j) for j in range(self.out_hw[1])] for i in range(self.out_hw[0])]
         flat = {v for row in div for v in row}
         self.recip = 1.0 / flat.pop() if len(flat) == 1 else 1.0 / torch.tensor(div, dtype=torch.float32)
@@ -275,8 +275,8 @@ class AdaptiveAvgPool(Rule):
     def __init__(self, output_size: IntArg | Sequence[int | None]):
         self.output_size = output_size
 
-    def bind(self, in_shapes, out_shape=()):
-        super().bind(in_shapes, out_shape)
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
         shape = in_shapes[0]
         self.nd = len(shape) - 1
         size = self.output_size
@@ -325,3 +325,36 @@ class GlobalAvgPool(AdaptiveAvgPool):
 
     def describe(self) -> str:
         return self.kind
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, aten, handles  # noqa: E402
+
+_WITH_INDICES = (aten.max_pool2d_with_indices.default, aten.max_pool1d_with_indices.default)
+
+
+@handles(aten.max_pool2d_with_indices.default, aten.max_pool2d.default, aten.max_pool1d.default,
+         aten.max_pool1d_with_indices.default)
+def _max_pool(call: Call):
+    rule = MaxPool(call.arg(1, "kernel_size"), call.arg(2, "stride") or None, call.arg(3, "padding", 0),
+                   call.arg(4, "dilation", 1), bool(call.arg(5, "ceil_mode", False)))
+    low = Lowered(rule, [call.act(0)])
+    return (low, None) if call.op in _WITH_INDICES else low  # (values, indices): nothing may use the indices
+
+
+@handles(aten.avg_pool2d.default, aten.avg_pool1d.default)
+def _avg_pool(call: Call) -> Lowered:
+    rule = AvgPool(call.arg(1, "kernel_size"), call.arg(2, "stride") or None, call.arg(3, "padding", 0),
+                   bool(call.arg(4, "ceil_mode", False)), bool(call.arg(5, "count_include_pad", True)),
+                   call.arg(6, "divisor_override"))
+    return Lowered(rule, [call.act(0)])
+
+
+@handles(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)
+def _adaptive_avg_pool(call: Call) -> Lowered:
+    x, size = call.act(0), call.arg(1, "output_size")
+    sizes = [size] if isinstance(size, int) else list(size)
+    if all(s == 1 for s in sizes):
+        return Lowered(GlobalAvgPool(), [x])
+    return Lowered(AdaptiveAvgPool(size), [x])

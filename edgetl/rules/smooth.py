@@ -123,3 +123,14 @@ class Tanh(_Smooth):
 
 
 SMOOTH = {"silu": SiLU, "sigmoid": Sigmoid, "tanh": Tanh}
+
+
+# ---- which traced ops these rules run ------------------------------------------------------------
+
+from .registry import Call, Lowered, aten, handles  # noqa: E402
+
+
+@handles(aten.silu.default, aten.sigmoid.default, aten.tanh.default)
+def _smooth(call: Call) -> Lowered:
+    rule = {aten.silu.default: SiLU, aten.sigmoid.default: Sigmoid, aten.tanh.default: Tanh}[call.op]()
+    return Lowered(rule, [call.act(0)])
