@@ -53,8 +53,11 @@ class MobileNetV2(nn.Module):
 
 
 def mobilenet_v2(pretrained: bool = False) -> Backbone:
-    """MobileNetV2 1.0 (3.5M parameters), randomly initialised: `pretrained` is accepted and ignored."""
-    model = MobileNetV2()
+    """MobileNetV2 1.0 (3.5M parameters), randomly initialised with a fixed seed (the same
+    weights in every process, whatever the global RNG state): `pretrained` is accepted and ignored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MobileNetV2()
     return Backbone(
         name="mobilenet_v2",
         model=model.eval(),

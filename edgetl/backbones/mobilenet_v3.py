@@ -74,8 +74,11 @@ class MobileNetV3Small(nn.Module):
 
 
 def mobilenet_v3_small(pretrained: bool = False) -> Backbone:
-    """MobileNetV3-Small (2.5M parameters), randomly initialised: `pretrained` is accepted and ignored."""
-    model = MobileNetV3Small()
+    """MobileNetV3-Small (2.5M parameters), randomly initialised with a fixed seed (the same
+    weights in every process, whatever the global RNG state): `pretrained` is accepted and ignored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MobileNetV3Small()
     return Backbone(
         name="mobilenet_v3_small",
         model=model.eval(),
