@@ -31,14 +31,15 @@ def test_one_step_matches_autograd(model, size, recipe):
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_several_steps_with_optimizer_state(model, size, opt):
     pm = edgetl.prepare(model, "bias+mask", num_classes=3, input_size=size)
-    cfg = OptimizerConfig.make(opt, lr=0.01 if opt == "sgd" else 1e-3, weight_decay=0.01)
+    # AdamW divides by sqrt(v) + eps: with eps 1e-8 a gradient element at rounding level (~1e-9)
+    # gets a full lr-sized step whose sign is rounding noise, so both sides use eps 1e-6.
+    extra = {"eps": 1e-6} if opt == "adamw" else {}
+    cfg = OptimizerConfig.make(opt, lr=0.01 if opt == "sgd" else 1e-3, weight_decay=0.01, **extra)
     gerr, perr = lean_vs_reference(pm, *_batch(pm, seed=1), cfg, steps=3, scale="tensor")
     # After the first step the two sides start from parameters that differ by float rounding;
     # an activation at a ReLU6 boundary can then flip one mask bit and move one bias element, so
-    # several steps are compared at the tensor's scale with 1e-4 (the cross-runtime bound), and
-    # one tensor may carry such a flip (AdamW normalises its one-element difference) up to 1e-3.
-    worst = sorted(perr.items(), key=lambda kv: kv[1])
-    assert worst[-2][1] < 1e-4 and worst[-1][1] < 1e-3, worst[-2:]
+    # several steps are compared at the tensor's scale with 1e-4 (the cross-runtime bound).
+    assert max(perr.values()) < 1e-4, max(perr.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
