@@ -62,6 +62,15 @@ def safe_path(root: Path, rel: str) -> Path:
     return p
 
 
+def inside(root: str | Path, path: str | Path) -> bool:
+    """Whether `path` (resolved, symlinks followed) is `root` or lies inside it: where a writer
+    must not write, so that a bundle's own files are never overwritten."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _short(value, limit: int = 80) -> str:
     s = repr(value)
     return s if len(s) <= limit else s[: limit - 3] + "..."

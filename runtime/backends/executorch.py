@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import EdgeRuntimeError
+from ..errors import EdgeRuntimeError, InputError
 from ..programs import check_executorch_programs
 from .base import HostStateBackend
 
@@ -339,15 +339,31 @@ class ExecuTorchBackend(HostStateBackend):
             out.append(self.eval([chunk, *self.params])[0][:k])
         return np.concatenate(out)
 
+    def inference_files(self, out: Path) -> list[Path]:
+        out = Path(out)
+        if out.suffix in (".npz", ".json"):  # the program would be overwritten by its own sidecar
+            raise InputError(f"'{out}' names the inference program's sidecar; give a .pte file name")
+        npz, meta = out.with_suffix(".npz"), out.with_suffix(".json")
+        # the sidecars are not named by the user: only those of an earlier export to `out` are replaced
+        try:
+            doc = json.loads(meta.read_text()) if meta.is_file() else None
+            ours = isinstance(doc, dict) and doc.get("program") == out.name and doc.get("params_file") == npz.name
+        except (OSError, ValueError, RecursionError):
+            ours = False
+        for p in (npz, meta):
+            if (p.exists() or p.is_symlink()) and not ours:
+                raise InputError(f"exporting to '{out}' would overwrite '{p}', which an earlier export to it did "
+                                 f"not write; choose another name or remove it")
+        return [out, npz, meta]
+
     def export_inference(self, out: Path) -> list[Path]:
         """ExecuTorch programs cannot be re-written without torch, so the inference program is the
         bundle's eval program (`out`, a .pte) with the trained parameters beside it (`out` with
         suffix .npz) and a JSON sidecar naming the input order, static batch and preprocessing
         (inputs are normalized images: (x - mean) / std, unlike the onnx target's model)."""
-        out = Path(out)
+        out, npz, meta = self.inference_files(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.bundle.program("eval"), out)
-        npz, meta = out.with_suffix(".npz"), out.with_suffix(".json")
         names = self.bundle.trainable
         np.savez(npz, **{f"a{i}": p for i, p in enumerate(self.params)})
         m = self.bundle.manifest
