@@ -101,18 +101,22 @@ def cmd_keygen(args) -> int:
 def cmd_data(args) -> int:
     from .datasets import load_dataset, save_npz
     from .runtime import load_bundle
+    from .runtime.bundle import inside
 
     from pathlib import Path
 
     if Path(args.out).is_dir():
         raise EdgeTLError(f"--out '{args.out}' is a directory; give a file name such as data.npz")
     bundle = load_bundle(args.bundle)
+    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
+    if inside(bundle.root, out):
+        raise EdgeTLError(f"--out '{out}' is inside the bundle '{bundle.root}'; write the data elsewhere "
+                          f"(the bundle's files are never overwritten)")
     c, h, w = bundle.input_shape
     ds = load_dataset(args.name, input_size=h, channels=c, seed=args.seed)
     if ds.num_classes > bundle.num_classes:
         raise EdgeTLError(f"dataset '{args.name}' has {ds.num_classes} classes but the bundle's head has "
                           f"{bundle.num_classes}; export with --num-classes {ds.num_classes}")
-    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
     save_npz(ds, out)
     print(f"wrote {out}: {len(ds.x_train)} train / {len(ds.x_test)} test images of {c}×{h}×{w}, "
           f"{ds.num_classes} classes")
