@@ -90,15 +90,19 @@ def test_export_never_deletes_what_is_not_its_bundle(prepared, bundle, tmp_path)
     (extended / "results.csv").write_text("epoch,acc\n1,0.9\n")
     (extended / "runs").mkdir()
     (extended / "runs" / "ck.npz").write_bytes(b"mine")
+    backup = tmp_path / "backup"  # a file named like the manifest is the user's too
+    shutil.copytree(bundle, backup)
+    (backup / "manifest.json.bak").write_text("my edited manifest")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for out, words in [(foreign, "not an edgetl bundle"), (extended, "results.csv"), (a_file, "not a directory")]:
+    for out, words in [(foreign, "not an edgetl bundle"), (extended, "results.csv"), (backup, "manifest.json.bak"),
+                       (a_file, "not a directory")]:
         before = _tree(out) if out.is_dir() else out.read_bytes()
         with pytest.raises(EdgeTLError, match="refusing to overwrite") as info:
             export(prepared, "onnx", out, batch_size=B)
         assert words in str(info.value)
         assert (_tree(out) if out.is_dir() else out.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "extended", "project"]  # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "backup", "extended", "project"]  # no temporaries
 
 
 def test_export_replaces_a_bundle_only_once_the_new_one_is_written(prepared, bundle, tmp_path, monkeypatch):
@@ -144,6 +148,27 @@ def test_export_inference_never_writes_into_the_bundle(bundle, tmp_path):
     assert _tree(b) == before
     Trainer.load(b)
     assert t.export_inference(tmp_path / "model.onnx") == [tmp_path / "model.onnx"]
+
+
+def test_data_and_profile_plot_never_write_into_the_bundle(bundle, tmp_path, capsys):
+    """`edgetl data --out` and `profile --plot` inside the bundle (directly, without the .npz
+    suffix data adds, or through a link to it) are refused, every file left as it was."""
+    from edgetl.cli import main as host
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    (tmp_path / "link").symlink_to(b)
+    before = _tree(b)
+    for out in [b / "state.npz", b / "state", tmp_path / "link" / "new.npz"]:
+        assert host(["data", "digits", "--bundle", str(b), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "inside the bundle" in err and len(err.splitlines()) == 1, err
+    for plot in [b / "eval.onnx", tmp_path / "link" / "memory.png"]:
+        _one_line_error(_cli("profile", b, "--steps", "1", "--plot", plot), "inside the bundle")
+    assert _tree(b) == before
+    Trainer.load(b)
+    assert host(["data", "digits", "--bundle", str(b), "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d.npz").is_file()
 
 
 # ---- one run per checkpoint ------------------------------------------------------------------
