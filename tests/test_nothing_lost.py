@@ -239,6 +239,37 @@ def test_stale_temporary_files_are_removed_before_writing(bundle, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck.npz", live.name])
 
 
+def test_a_kill_mid_save_without_hard_links_leaves_the_checkpoint(bundle, digits, tmp_path, monkeypatch):
+    """On a file system without hard links (FAT), the newest checkpoint stays in place while it
+    becomes the previous generation: a kill right after that step (here: after the first rename)
+    leaves it, so the next run resumes instead of starting over and deleting it."""
+    import errno
+
+    ck = tmp_path / "ck.npz"
+    t = Trainer.load(bundle)
+    t.fit(*digits, epochs=1, checkpoint=ck)
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    real_replace = os.replace
+
+    def replace_then_killed(src, dst):
+        real_replace(src, dst)
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(os, "replace", replace_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint(ck)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ckpt.load_checkpoint(ck)[1]["step"] == 10
+    u = Trainer.load(bundle)
+    assert u.fit(*digits, epochs=2, checkpoint=ck).steps == 20  # resumed, still without hard links
+    assert ckpt.load_checkpoint(ck)[1]["step"] == 20 and ckpt.load_checkpoint(f"{ck}.prev")[1]["step"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz", "ck.npz.prev"]
+
+
 def _mount_tmpfs(where: Path, size_kb: int) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
