@@ -29,7 +29,9 @@ def _replaceable(out: Path) -> None:
     edgetl bundle (its manifest, the files it lists, its signature)."""
     if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink():
+        raise EdgeTLError(f"'{out}' is a symbolic link; refusing to overwrite it (give the directory it points to)")
+    if not out.is_dir():
         raise EdgeTLError(f"'{out}' exists and is not a directory; refusing to overwrite it")
     entries = list(out.iterdir())
     if not entries:

@@ -95,14 +95,17 @@ def test_export_never_deletes_what_is_not_its_bundle(prepared, bundle, tmp_path)
     (backup / "manifest.json.bak").write_text("my edited manifest")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    link = tmp_path / "link"  # to a directory elsewhere
+    link.symlink_to(foreign)
     for out, words in [(foreign, "not an edgetl bundle"), (extended, "results.csv"), (backup, "manifest.json.bak"),
-                       (a_file, "not a directory")]:
+                       (a_file, "not a directory"), (link, "symbolic link")]:
         before = _tree(out) if out.is_dir() else out.read_bytes()
         with pytest.raises(EdgeTLError, match="refusing to overwrite") as info:
             export(prepared, "onnx", out, batch_size=B)
         assert words in str(info.value)
         assert (_tree(out) if out.is_dir() else out.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "backup", "extended", "project"]  # no temporaries
+    # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "backup", "extended", "link", "project"]
 
 
 def test_export_replaces_a_bundle_only_once_the_new_one_is_written(prepared, bundle, tmp_path, monkeypatch):
