@@ -207,3 +207,22 @@ def test_export_inference_sidecars_never_overwrite_other_files(bundles, tmp_path
     for _ in range(2):  # an earlier export's own sidecars are replaced
         assert [p.name for p in t.export_inference(tmp_path / "model.pte")] == ["model.pte", "model.npz", "model.json"]
     Trainer.load(out)
+
+
+def test_a_program_replaced_after_load_is_never_run(bundles):
+    """A .pte swapped after the bundle's checksums were checked (a writer racing the runtime) is
+    refused when the runtime opens it: it runs the checked bytes only."""
+    import shutil
+
+    from edgetl.runtime import BundleError, load_bundle
+    from edgetl.runtime.backends import make_backend
+
+    _, _, src = bundles["side+mask"]
+    d = src.parent / "swapped"
+    shutil.copytree(src, d)
+    b = load_bundle(d)
+    _, _, other = bundles["bias+mask"]
+    (d / b.manifest["programs"]["eval"]).write_bytes((other / b.manifest["programs"]["eval"]).read_bytes())
+    with pytest.raises(BundleError, match="sha256"):
+        make_backend(b)
+    shutil.rmtree(d)

@@ -243,19 +243,20 @@ def _lib():
 class NativeMethod:
     """One method of a .pte program on ExecuTorch's C++ runtime: numpy in, numpy out."""
 
-    def __init__(self, path: Path, method: str = "forward"):
+    def __init__(self, program: Path | bytes, method: str = "forward", name: str | None = None):
+        """`program`: a .pte file, or its bytes (a bundle's, as checked against its manifest)."""
         self.L = _lib()
+        name = name or (Path(program).name if not isinstance(program, bytes) else "program")
+        data = program if isinstance(program, bytes) else Path(program).read_bytes()
         # The runtime reads constants and delegate blobs from this buffer: keep it alive (and aligned).
-        size = Path(path).stat().st_size
-        raw = np.empty(size + _ALIGN, np.uint8)
+        raw = np.empty(len(data) + _ALIGN, np.uint8)
         off = (-raw.ctypes.data) % _ALIGN
-        self._buffer = raw[off : off + size]
-        with open(path, "rb") as f:
-            if f.readinto(memoryview(self._buffer)) != size:
-                raise EdgeRuntimeError(f"cannot read '{Path(path).name}'")
+        self._buffer = raw[off : off + len(data)]
+        self._buffer[:] = np.frombuffer(data, np.uint8)
+        del data
         self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
         if not self.h:
-            raise EdgeRuntimeError(f"ExecuTorch cannot load '{Path(path).name}': {self._error()}")
+            raise EdgeRuntimeError(f"ExecuTorch cannot load '{name}': {self._error()}")
         self.inputs = []
         for i in range(self.L.etl_num_inputs(self.h)):
             dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
@@ -310,8 +311,9 @@ class NativeMethod:
 class ExecuTorchBackend(HostStateBackend):
     def __init__(self, bundle: Bundle):
         super().__init__(bundle)
-        self.train = NativeMethod(bundle.program("train_step"))
-        self.eval = NativeMethod(bundle.program("eval"))
+        # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
+        self.train = NativeMethod(bundle.program_bytes("train_step"), name=bundle.program("train_step").name)
+        self.eval = NativeMethod(bundle.program_bytes("eval"), name=bundle.program("eval").name)
         io = bundle.manifest.get("io", {})
         expect_train = ["x", "y", "lr", *(f"param:{t}" for t in bundle.trainable),
                         *(f"state:{s}" for s in bundle.state_names)]
@@ -363,7 +365,7 @@ class ExecuTorchBackend(HostStateBackend):
         (inputs are normalized images: (x - mean) / std, unlike the onnx target's model)."""
         out, npz, meta = self.inference_files(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.bundle.program("eval"), out)
+        out.write_bytes(self.bundle.program_bytes("eval"))
         names = self.bundle.trainable
         np.savez(npz, **{f"a{i}": p for i, p in enumerate(self.params)})
         m = self.bundle.manifest
