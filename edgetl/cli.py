@@ -114,6 +114,7 @@ def cmd_keygen(args) -> int:
 def cmd_data(args) -> int:
     from .datasets import load_dataset, save_npz
     from .runtime import load_bundle
+    from .runtime.bundle import inside
 
     from pathlib import Path
 
@@ -123,12 +124,15 @@ def cmd_data(args) -> int:
     if len(bundle.input_shape) != 3:
         raise EdgeTLError(f"the bundle takes {'×'.join(map(str, bundle.input_shape))} signals; the datasets "
                           "`edgetl data` writes are images")
+    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
+    if inside(bundle.root, out):
+        raise EdgeTLError(f"--out '{out}' is inside the bundle '{bundle.root}'; write the data elsewhere "
+                          f"(the bundle's files are never overwritten)")
     c, h, w = bundle.input_shape
     ds = load_dataset(args.name, input_size=h, channels=c, seed=args.seed)
     if ds.num_classes > bundle.num_classes:
         raise EdgeTLError(f"dataset '{args.name}' has {ds.num_classes} classes but the bundle's head has "
                           f"{bundle.num_classes}; export with --num-classes {ds.num_classes}")
-    out = args.out if str(args.out).endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
     save_npz(ds, out)
     print(f"wrote {out}: {len(ds.x_train)} train / {len(ds.x_test)} test images of {c}×{h}×{w}, "
           f"{ds.num_classes} classes")

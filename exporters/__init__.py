@@ -13,18 +13,25 @@ from pathlib import Path
 from edgetl.errors import EdgeTLError
 from edgetl.optim import OptimizerConfig
 from edgetl.runtime import signing
+from edgetl.runtime.bundle import MANIFEST
 
 from .bundle import write_bundle
 
 TARGETS = ("onnx", "ort-training", "executorch")
 
 
+# What a bundle holds beside the files its manifest lists; anything else there is the user's.
+_COMPANIONS = (MANIFEST, signing.SIGNATURE)
+
+
 def _replaceable(out: Path) -> None:
     """Refuse an `out` that export may not replace: a file, or a directory holding anything but an
-    edgetl bundle (its manifest, the files it lists, and manifest.* companions such as a signature)."""
+    edgetl bundle (its manifest, the files it lists, its signature)."""
     if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink():
+        raise EdgeTLError(f"'{out}' is a symbolic link; refusing to overwrite it (give the directory it points to)")
+    if not out.is_dir():
         raise EdgeTLError(f"'{out}' exists and is not a directory; refusing to overwrite it")
     entries = list(out.iterdir())
     if not entries:
@@ -42,7 +49,7 @@ def _replaceable(out: Path) -> None:
             if not any(f.startswith(rel + "/") for f in listed):
                 raise EdgeTLError(f"'{out}' holds '{rel}', which is not part of its edgetl bundle; "
                                   f"refusing to overwrite it")
-        elif rel not in listed and not rel.startswith("manifest."):
+        elif rel not in listed and rel not in _COMPANIONS:
             raise EdgeTLError(f"'{out}' holds '{rel}', which is not part of its edgetl bundle; "
                               f"refusing to overwrite it")
 

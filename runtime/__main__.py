@@ -69,11 +69,16 @@ def cmd_export_inference(args) -> dict:
 
 
 def cmd_profile(args) -> dict:
+    from .bundle import inside
+    from .errors import InputError
     from .profile import apply_budget, check_plot_path, plot_profile, profile_trainer
 
     if args.plot:
         check_plot_path(args.plot)  # before the measurement, not after it
     t = _trainer(args)
+    if args.plot and inside(t.bundle.root, args.plot):
+        raise InputError(f"--plot '{args.plot}' is inside the bundle '{t.bundle.root}'; write the plot elsewhere "
+                         f"(the bundle's files are never overwritten)")
     p = apply_budget(profile_trainer(t, args.steps, warmup=args.warmup), args.device, args.budget_mb)
     out = p.to_dict()
     if args.plot:

@@ -62,6 +62,15 @@ def safe_path(root: Path, rel: str) -> Path:
     return p
 
 
+def inside(root: str | Path, path: str | Path) -> bool:
+    """Whether `path` (resolved, symlinks followed) is `root` or lies inside it: where a writer
+    must not write, so that a bundle's own files are never overwritten."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _short(value, limit: int = 80) -> str:
     s = repr(value)
     return s if len(s) <= limit else s[: limit - 3] + "..."
@@ -204,6 +213,20 @@ class Bundle:
         if role not in programs:
             raise BundleError(f"bundle has no '{role}' program")
         return safe_path(self.root, programs[role])
+
+    def program_bytes(self, role: str) -> bytes:
+        """The `role` program's bytes, checked against the manifest's sha256 as they are read: a
+        runtime given these (not the path) runs exactly what was checked, even if the file is
+        replaced after the bundle was loaded."""
+        rel = self.manifest["programs"].get(role)
+        path = self.program(role)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BundleError(f"cannot read bundle file {_short(rel)}: {e.strerror or type(e).__name__}") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"].get(rel):
+            raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (changed since the bundle was loaded)")
+        return data
 
     def initial_state(self) -> dict[str, np.ndarray]:
         """Initial trainable parameters and optimizer state, keyed by manifest name (checked

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -83,24 +84,26 @@ def _remove_stale_temps(path: Path) -> None:
         pass
 
 
-def _keep_previous(path: Path, directory: Path) -> bool:
-    """Make the current checkpoint at `path` (if any) the previous generation. A hard link keeps
-    `path` in place throughout; where the file system has none, a rename (then `path` is briefly
-    absent, and its previous generation holds the newest checkpoint). True if it was renamed."""
+def _keep_previous(path: Path, directory: Path) -> None:
+    """Make the current checkpoint at `path` (if any) the previous generation, keeping `path` in
+    place throughout (a kill at any moment leaves it, and a run started without it would begin
+    anew): a hard link, or where the file system has none (FAT), a copy."""
     prev = previous_path(path)
     if not path.is_file():
-        return False
+        return
     fd, link = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".prev.tmp", dir=directory)
     os.close(fd)
     os.unlink(link)
     try:
-        os.link(path, link)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT):
-            raise
-        os.replace(path, prev)
-        return True
-    try:
+        try:
+            os.link(path, link)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT):
+                raise
+            with open(path, "rb") as src, open(link, "xb") as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
         os.replace(link, prev)
     except OSError:
         try:
@@ -108,7 +111,6 @@ def _keep_previous(path: Path, directory: Path) -> bool:
         except OSError:
             pass
         raise
-    return False
 
 
 def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict, keep_previous: bool = True) -> Path:
@@ -142,24 +144,19 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict,
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=directory)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise failed(e) from None
-    moved = False
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        moved = _keep_previous(path, directory) if keep_previous else False
+        if keep_previous:
+            _keep_previous(path, directory)
         os.replace(tmp, path)
     except OSError as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if moved:  # the rename fallback of _keep_previous: put the checkpoint back
-            try:
-                os.replace(previous_path(path), path)
-            except OSError:
-                pass
         raise failed(e) from None
     if first:  # a previous generation from an earlier run is not this checkpoint's
         try:

@@ -9,6 +9,7 @@ its own programs' inputs when it loads them):
   and shape, so that a manifest that lies is refused before any training."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .errors import BundleError
@@ -28,6 +29,8 @@ def read_program(path: Path, role: str, digest: str | None = None) -> OnnxSummar
         data = path.read_bytes()
     except OSError as e:
         raise BundleError(f"cannot read the '{role}' program: {e.strerror or type(e).__name__}") from None
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:  # changed since its checksum was read
+        raise BundleError(f"the '{role}' program '{path.name}' fails its sha256 check (corrupt or altered)")
     try:
         s = summarize(data)
     except ProtoError as e:

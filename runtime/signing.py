@@ -71,6 +71,9 @@ def generate_keypair(out_dir, name: str = "edgetl-signing") -> tuple[Path, Path]
     """Write `out_dir/name.key` (private, mode 0600) and `out_dir/name.pub`; never overwrites."""
     serialization, ed25519, _ = _crypto()
     out = Path(out_dir)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name or "\x00" in name:
+        raise SigningKeyError(f"key name {name!r} must be a plain file name (no directories); give the "
+                              "directory with --out")
     if out.exists() and not out.is_dir():
         raise SigningKeyError(f"'{out}' exists and is not a directory")
     priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub"

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .backends import Backend, make_backend
-from .bundle import MANIFEST_DIGEST, Bundle, load_bundle
+from .bundle import MANIFEST_DIGEST, Bundle, inside, load_bundle
 from .data import check_images, check_labels, normalize
 from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError, RuntimeNotice
 from .progress import Progress
@@ -343,11 +343,8 @@ class Trainer:
         """Write the trained model as an inference program for this runtime (input: images in [0, 1]).
         A path inside the bundle is refused: the bundle's own files are never overwritten."""
         path = Path(path)
-        try:
-            inside = path.resolve().is_relative_to(self.bundle.root.resolve())
-        except (OSError, RuntimeError, ValueError):
-            inside = False
-        if inside:
-            raise InputError(f"'{path}' is inside the bundle '{self.bundle.root}'; write the inference model "
-                             f"elsewhere (the bundle's files are never overwritten)")
+        for p in self.backend.inference_files(path):
+            if inside(self.bundle.root, p):
+                raise InputError(f"'{p}' is inside the bundle '{self.bundle.root}'; write the inference model "
+                                 f"elsewhere (the bundle's files are never overwritten)")
         return self.backend.export_inference(path)

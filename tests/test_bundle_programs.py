@@ -209,3 +209,40 @@ def test_a_matching_manifest_trains(bundles):
     for target in ("onnx", "ort-training"):
         t = Trainer.load(bundles[target])
         assert t.fit(x, np.arange(B) % 10, epochs=1).steps == 1, target
+
+
+def test_a_program_replaced_after_its_checks_is_never_run(copy, tmp_path, monkeypatch):
+    """A writer racing the runtime swaps a checked program for one whose tensor lives outside the
+    bundle: between the checksum and the program check, between load and the runtime opening it,
+    and before the inference export. Each is refused; the file outside is never needed."""
+    import edgetl.runtime.bundle as bundle_mod
+    from edgetl.runtime.backends import make_backend
+
+    d = copy()
+    evil = tmp_path / "evil.onnx"
+    shutil.copy(d / "eval.onnx", evil)
+    _externalize(evil, str(tmp_path / "outside.bin"), "initializer")
+    good = (d / "eval.onnx").read_bytes()
+
+    real_sha256 = bundle_mod.sha256
+
+    def sha256_then_swap(path):
+        digest = real_sha256(path)
+        if path.name == "eval.onnx":
+            (d / "eval.onnx").write_bytes(evil.read_bytes())
+        return digest
+
+    monkeypatch.setattr(bundle_mod, "sha256", sha256_then_swap)
+    with pytest.raises(BundleError, match="eval.*sha256"):
+        load_bundle(d)
+    monkeypatch.undo()
+
+    (d / "eval.onnx").write_bytes(good)
+    b = load_bundle(d)
+    t = Trainer.load(d)
+    (d / "eval.onnx").write_bytes(evil.read_bytes())
+    with pytest.raises(BundleError, match="eval.*sha256"):
+        make_backend(b)
+    with pytest.raises(BundleError, match="eval.*sha256"):
+        t.export_inference(tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

@@ -16,7 +16,7 @@ pytest.importorskip("executorch")
 import edgetl  # noqa: E402
 from edgetl.exporters import export  # noqa: E402
 from edgetl.optim import OptimizerConfig  # noqa: E402
-from edgetl.runtime import Trainer  # noqa: E402
+from edgetl.runtime import InputError, Trainer  # noqa: E402
 from edgetl.runtime.data import normalize  # noqa: E402
 from edgetl.step import LeanEval  # noqa: E402
 
@@ -187,3 +187,42 @@ def test_manifest_must_match_the_programs(bundles, tmp_path, lie):
     with pytest.raises(BundleError) as info:
         Trainer.load(d)
     assert "manifest" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_export_inference_sidecars_never_overwrite_other_files(bundles, tmp_path):
+    """The .npz and .json written beside the .pte are not named by the user: a data file of the
+    same stem, a link into the bundle, or a sidecar name given as --out are refused, untouched."""
+    _, _, out = bundles["side+mask"]
+    t = Trainer.load(out)
+    data = tmp_path / "digits.npz"
+    data.write_bytes(b"the user's data")
+    (tmp_path / "s.npz").symlink_to(out / "state.npz")
+    state = (out / "state.npz").read_bytes()
+    for target, words in [(tmp_path / "digits.pte", "would overwrite"), (tmp_path / "s.pte", "would overwrite"),
+                          (tmp_path / "m.npz", "sidecar"), (tmp_path / "m.json", "sidecar")]:
+        with pytest.raises(InputError, match=words):
+            t.export_inference(target)
+    assert data.read_bytes() == b"the user's data" and (out / "state.npz").read_bytes() == state
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.npz", "s.npz"]
+    for _ in range(2):  # an earlier export's own sidecars are replaced
+        assert [p.name for p in t.export_inference(tmp_path / "model.pte")] == ["model.pte", "model.npz", "model.json"]
+    Trainer.load(out)
+
+
+def test_a_program_replaced_after_load_is_never_run(bundles):
+    """A .pte swapped after the bundle's checksums were checked (a writer racing the runtime) is
+    refused when the runtime opens it: it runs the checked bytes only."""
+    import shutil
+
+    from edgetl.runtime import BundleError, load_bundle
+    from edgetl.runtime.backends import make_backend
+
+    _, _, src = bundles["side+mask"]
+    d = src.parent / "swapped"
+    shutil.copytree(src, d)
+    b = load_bundle(d)
+    with open(d / b.manifest["programs"]["eval"], "ab") as f:  # still a program ExecuTorch runs as before
+        f.write(b"\0" * 64)
+    with pytest.raises(BundleError, match="sha256"):
+        make_backend(b)
+    shutil.rmtree(d)

@@ -65,3 +65,6 @@ def test_keygen_never_overwrites(capsys, tmp_path):
     assert (tmp_path / "edgetl-signing.key").read_bytes() == before
     (tmp_path / "file").write_text("x")
     _error(capsys, ["keygen", "--out", str(tmp_path / "file")], "not a directory")
+    for name in ("../outside", "sub/key", ""):  # the keys go into --out, nowhere else
+        _error(capsys, ["keygen", "--out", str(tmp_path / "keys"), "--name", name], "plain file name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edgetl-signing.key", "edgetl-signing.pub", "file"]

@@ -90,15 +90,22 @@ def test_export_never_deletes_what_is_not_its_bundle(prepared, bundle, tmp_path)
     (extended / "results.csv").write_text("epoch,acc\n1,0.9\n")
     (extended / "runs").mkdir()
     (extended / "runs" / "ck.npz").write_bytes(b"mine")
+    backup = tmp_path / "backup"  # a file named like the manifest is the user's too
+    shutil.copytree(bundle, backup)
+    (backup / "manifest.json.bak").write_text("my edited manifest")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for out, words in [(foreign, "not an edgetl bundle"), (extended, "results.csv"), (a_file, "not a directory")]:
+    link = tmp_path / "link"  # to a directory elsewhere
+    link.symlink_to(foreign)
+    for out, words in [(foreign, "not an edgetl bundle"), (extended, "results.csv"), (backup, "manifest.json.bak"),
+                       (a_file, "not a directory"), (link, "symbolic link")]:
         before = _tree(out) if out.is_dir() else out.read_bytes()
         with pytest.raises(EdgeTLError, match="refusing to overwrite") as info:
             export(prepared, "onnx", out, batch_size=B)
         assert words in str(info.value)
         assert (_tree(out) if out.is_dir() else out.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "extended", "project"]  # no temporaries
+    # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "backup", "extended", "link", "project"]
 
 
 def test_export_replaces_a_bundle_only_once_the_new_one_is_written(prepared, bundle, tmp_path, monkeypatch):
@@ -144,6 +151,27 @@ def test_export_inference_never_writes_into_the_bundle(bundle, tmp_path):
     assert _tree(b) == before
     Trainer.load(b)
     assert t.export_inference(tmp_path / "model.onnx") == [tmp_path / "model.onnx"]
+
+
+def test_data_and_profile_plot_never_write_into_the_bundle(bundle, tmp_path, capsys):
+    """`edgetl data --out` and `profile --plot` inside the bundle (directly, without the .npz
+    suffix data adds, or through a link to it) are refused, every file left as it was."""
+    from edgetl.cli import main as host
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    (tmp_path / "link").symlink_to(b)
+    before = _tree(b)
+    for out in [b / "state.npz", b / "state", tmp_path / "link" / "new.npz"]:
+        assert host(["data", "digits", "--bundle", str(b), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "inside the bundle" in err and len(err.splitlines()) == 1, err
+    for plot in [b / "eval.onnx", tmp_path / "link" / "memory.png"]:
+        _one_line_error(_cli("profile", b, "--steps", "1", "--plot", plot), "inside the bundle")
+    assert _tree(b) == before
+    Trainer.load(b)
+    assert host(["data", "digits", "--bundle", str(b), "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d.npz").is_file()
 
 
 # ---- one run per checkpoint ------------------------------------------------------------------
@@ -212,6 +240,37 @@ def test_stale_temporary_files_are_removed_before_writing(bundle, tmp_path, monk
     t.save_checkpoint(ck)
     assert seen[0] == [live.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck.npz", live.name])
+
+
+def test_a_kill_mid_save_without_hard_links_leaves_the_checkpoint(bundle, digits, tmp_path, monkeypatch):
+    """On a file system without hard links (FAT), the newest checkpoint stays in place while it
+    becomes the previous generation: a kill right after that step (here: after the first rename)
+    leaves it, so the next run resumes instead of starting over and deleting it."""
+    import errno
+
+    ck = tmp_path / "ck.npz"
+    t = Trainer.load(bundle)
+    t.fit(*digits, epochs=1, checkpoint=ck)
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    real_replace = os.replace
+
+    def replace_then_killed(src, dst):
+        real_replace(src, dst)
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(os, "replace", replace_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint(ck)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ckpt.load_checkpoint(ck)[1]["step"] == 10
+    u = Trainer.load(bundle)
+    assert u.fit(*digits, epochs=2, checkpoint=ck).steps == 20  # resumed, still without hard links
+    assert ckpt.load_checkpoint(ck)[1]["step"] == 20 and ckpt.load_checkpoint(f"{ck}.prev")[1]["step"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz", "ck.npz.prev"]
 
 
 def _mount_tmpfs(where: Path, size_kb: int) -> bool:

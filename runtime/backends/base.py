@@ -34,6 +34,10 @@ class Backend(ABC):
     def export_inference(self, out: Path) -> list[Path]:
         """Write the trained model as an inference program for the same runtime; return the files."""
 
+    def inference_files(self, out: Path) -> list[Path]:
+        """The files export_inference(out) writes (checked before anything is written)."""
+        return [Path(out)]
+
     def state_shapes(self) -> dict[str, tuple]:
         """The shape of every array of get_state (what a checkpoint of this bundle holds)."""
         return self.bundle.tensor_shapes()

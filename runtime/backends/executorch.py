@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import EdgeRuntimeError
+from ..errors import EdgeRuntimeError, InputError
 from ..programs import check_executorch_programs
 from .base import HostStateBackend
 
@@ -243,19 +243,20 @@ def _lib():
 class NativeMethod:
     """One method of a .pte program on ExecuTorch's C++ runtime: numpy in, numpy out."""
 
-    def __init__(self, path: Path, method: str = "forward"):
+    def __init__(self, program: Path | bytes, method: str = "forward", name: str | None = None):
+        """`program`: a .pte file, or its bytes (a bundle's, as checked against its manifest)."""
         self.L = _lib()
+        name = name or (Path(program).name if not isinstance(program, bytes) else "program")
+        data = program if isinstance(program, bytes) else Path(program).read_bytes()
         # The runtime reads constants and delegate blobs from this buffer: keep it alive (and aligned).
-        size = Path(path).stat().st_size
-        raw = np.empty(size + _ALIGN, np.uint8)
+        raw = np.empty(len(data) + _ALIGN, np.uint8)
         off = (-raw.ctypes.data) % _ALIGN
-        self._buffer = raw[off : off + size]
-        with open(path, "rb") as f:
-            if f.readinto(memoryview(self._buffer)) != size:
-                raise EdgeRuntimeError(f"cannot read '{Path(path).name}'")
+        self._buffer = raw[off : off + len(data)]
+        self._buffer[:] = np.frombuffer(data, np.uint8)
+        del data
         self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
         if not self.h:
-            raise EdgeRuntimeError(f"ExecuTorch cannot load '{Path(path).name}': {self._error()}")
+            raise EdgeRuntimeError(f"ExecuTorch cannot load '{name}': {self._error()}")
         self.inputs = []
         for i in range(self.L.etl_num_inputs(self.h)):
             dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
@@ -310,8 +311,9 @@ class NativeMethod:
 class ExecuTorchBackend(HostStateBackend):
     def __init__(self, bundle: Bundle):
         super().__init__(bundle)
-        self.train = NativeMethod(bundle.program("train_step"))
-        self.eval = NativeMethod(bundle.program("eval"))
+        # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
+        self.train = NativeMethod(bundle.program_bytes("train_step"), name=bundle.program("train_step").name)
+        self.eval = NativeMethod(bundle.program_bytes("eval"), name=bundle.program("eval").name)
         io = bundle.manifest.get("io", {})
         expect_train = ["x", "y", "lr", *(f"param:{t}" for t in bundle.trainable),
                         *(f"state:{s}" for s in bundle.state_names)]
@@ -339,15 +341,31 @@ class ExecuTorchBackend(HostStateBackend):
             out.append(self.eval([chunk, *self.params])[0][:k])
         return np.concatenate(out)
 
+    def inference_files(self, out: Path) -> list[Path]:
+        out = Path(out)
+        if out.suffix in (".npz", ".json"):  # the program would be overwritten by its own sidecar
+            raise InputError(f"'{out}' names the inference program's sidecar; give a .pte file name")
+        npz, meta = out.with_suffix(".npz"), out.with_suffix(".json")
+        # the sidecars are not named by the user: only those of an earlier export to `out` are replaced
+        try:
+            doc = json.loads(meta.read_text()) if meta.is_file() else None
+            ours = isinstance(doc, dict) and doc.get("program") == out.name and doc.get("params_file") == npz.name
+        except (OSError, ValueError, RecursionError):
+            ours = False
+        for p in (npz, meta):
+            if (p.exists() or p.is_symlink()) and not ours:
+                raise InputError(f"exporting to '{out}' would overwrite '{p}', which an earlier export to it did "
+                                 f"not write; choose another name or remove it")
+        return [out, npz, meta]
+
     def export_inference(self, out: Path) -> list[Path]:
         """ExecuTorch programs cannot be re-written without torch, so the inference program is the
         bundle's eval program (`out`, a .pte) with the trained parameters beside it (`out` with
         suffix .npz) and a JSON sidecar naming the input order, static batch and preprocessing
         (inputs are normalized images: (x - mean) / std, unlike the onnx target's model)."""
-        out = Path(out)
+        out, npz, meta = self.inference_files(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.bundle.program("eval"), out)
-        npz, meta = out.with_suffix(".npz"), out.with_suffix(".json")
+        out.write_bytes(self.bundle.program_bytes("eval"))
         names = self.bundle.trainable
         np.savez(npz, **{f"a{i}": p for i, p in enumerate(self.params)})
         m = self.bundle.manifest

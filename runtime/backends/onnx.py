@@ -35,8 +35,9 @@ class OnnxBackend(HostStateBackend):
 
         so = session_options(arena)
         providers = ["CPUExecutionProvider"]
-        self.train = ort.InferenceSession(str(bundle.program("train_step")), so, providers=providers)
-        self.eval = ort.InferenceSession(str(bundle.program("eval")), so, providers=providers)
+        # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
+        self.train = ort.InferenceSession(bundle.program_bytes("train_step"), so, providers=providers)
+        self.eval = ort.InferenceSession(bundle.program_bytes("eval"), so, providers=providers)
         io = bundle.manifest["io"]
         self.pnames = [io["params"][t] for t in bundle.trainable]
         self.snames = [io["state"][s] for s in bundle.state_names]
@@ -58,4 +59,4 @@ class OnnxBackend(HostStateBackend):
 
     def export_inference(self, out: Path) -> list[Path]:
         params = dict(zip(self.pnames, self.params))
-        return [write_inference_model(self.bundle.program("eval"), params, self.bundle.manifest, out)]
+        return [write_inference_model(self.bundle.program_bytes("eval"), params, self.bundle.manifest, out)]

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 
 
-def write_inference_model(eval_program: Path, params: dict[str, np.ndarray], manifest: dict, out: Path) -> Path:
+def write_inference_model(eval_program: bytes, params: dict[str, np.ndarray], manifest: dict, out: Path) -> Path:
+    """`eval_program`: the checked bytes of the bundle's eval program (from bytes, onnx reads no
+    external data file)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(eval_program))
+    model = onnx.load_from_string(eval_program)
     g = model.graph
     kept_inputs = [i for i in g.input if i.name not in params]
     del g.input[:]
