@@ -105,7 +105,10 @@ def peer_python() -> Path:
 
 def peer_command(*runtime_args: str) -> list[str]:
     """A command running `python -m edgetl.runtime ARGS...` (the device CLI) in the peer."""
-    return [str(peer_python()), "-I", "-c", _BOOT, str(RUNTIME_DIR), "cli", *runtime_args]
+    cmd = [str(peer_python()), "-I", "-c", _BOOT, str(RUNTIME_DIR), "cli", *runtime_args]
+    if runtime_args[:1] == ("profile",):  # the allocator setting profile would re-exec itself for
+        cmd = ["env", "MALLOC_MMAP_THRESHOLD_=65536", "EDGETL_NO_REEXEC=1", *cmd]
+    return cmd
 
 
 # ---- messages: 8-byte length + JSON header, 8-byte length + npz ------------------------------------
@@ -188,6 +191,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 class OrtTrainingPeerBackend(Backend):
     """OrtTrainingBackend in the peer Python: the same calls, the arrays copied across a pipe."""
+
+    out_of_process = True  # its memory is the child's: profile refuses it (run the profile in the peer)
 
     def __init__(self, bundle: Bundle, arena: bool = False):
         super().__init__(bundle)
