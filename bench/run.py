@@ -64,9 +64,14 @@ def _size(path: Path) -> int:
 
 
 def _profile(bundle: Path | dict, steps: int) -> dict:
+    from edgetl.runtime.backends.ort_peer import bindings_here, peer_command
+
     if isinstance(bundle, dict):
         return bundle
-    r = _run([sys.executable, "-m", "edgetl.runtime", "profile", str(bundle), "--steps", str(steps), "--json"])
+    args = ["profile", str(bundle), "--steps", str(steps), "--json"]
+    ort_peer = json.loads((bundle / "manifest.json").read_text())["target"] == "ort-training" and not bindings_here()
+    # ORT's training bindings live in their own Python where this one has plain onnxruntime: measure there
+    r = _run(peer_command(*args) if ort_peer else [sys.executable, "-m", "edgetl.runtime", *args])
     if "error" not in r:
         r["bundle_bytes"] = _size(bundle)
     return r

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch.nn as nn
 
 from edgetl.errors import EdgeTLError
 from edgetl.interpret import computing, interpret, weights_from
+from edgetl.runtime.errors import EdgeRuntimeError
 from edgetl.step import _FrozenStore
 
 from .onnx import OPSET, _DequantizeLinear
@@ -55,12 +59,33 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def _generate_artifacts(model: onnx.ModelProto, spec: dict) -> None:
+    """generate_artifacts here where ORT's training bindings are installed, else in the ort-training
+    peer Python (plain onnxruntime here; see edgetl.runtime.backends.ort_peer)."""
+    from edgetl.runtime.backends.ort_peer import bindings_here, peer_python
+
+    from . import ort_artifacts
+
+    with tempfile.TemporaryDirectory(prefix="edgetl-ort-export-") as tmp:
+        spec = {**spec, "model": os.path.join(tmp, "forward.onnx")}
+        onnx.save(model, spec["model"])
+        if bindings_here():
+            with _quiet_stderr():
+                ort_artifacts.generate(**spec)
+            return
+        try:
+            python = peer_python()
+        except EdgeRuntimeError as e:
+            raise EdgeTLError(str(e)) from None
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        r = subprocess.run([str(python), "-I", ort_artifacts.__file__, f.name], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise EdgeTLError("ONNX Runtime's generate_artifacts failed: "
+                              + " ".join(r.stderr.split())[-400:])
+
+
 def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict:
-    import onnxruntime
-    from onnxruntime.training import artifacts, onnxblock
-
-    onnxruntime.set_default_logger_severity(3)
-
     if optimizer.name == "sgd" and optimizer.momentum:
         raise EdgeTLError("ONNX Runtime's on-device SGD has no momentum: use momentum 0 or the adamw optimizer "
                           "for the ort-training target")
@@ -83,16 +108,11 @@ def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict
     if missing:
         raise EdgeTLError(f"internal: trainable tensors {missing[:3]} are not initializers of the ONNX model")
     frozen = [i for i in inits if i not in pnames]
+    spec = {"requires_grad": pnames, "frozen": frozen, "out": str(Path(out).resolve()), "optimizer": {"name": optimizer.name}}
     if optimizer.name == "adamw":
-        opt = onnxblock.optim.AdamW(bias_correction=True, betas=(optimizer.beta1, optimizer.beta2),
-                                    eps=optimizer.eps, weight_decay=optimizer.weight_decay)
-    else:
-        opt = artifacts.OptimType.SGD
-    with warnings.catch_warnings(), _quiet_stderr():
-        warnings.simplefilter("ignore")
-        artifacts.generate_artifacts(model, requires_grad=pnames, frozen_params=frozen,
-                                     loss=artifacts.LossType.CrossEntropyLoss, optimizer=opt,
-                                     artifact_directory=str(out), additional_output_names=["logits"])
+        spec["optimizer"].update(beta1=optimizer.beta1, beta2=optimizer.beta2, eps=optimizer.eps,
+                                 weight_decay=optimizer.weight_decay)
+    _generate_artifacts(model, spec)
     programs = {"training": "training_model.onnx", "eval": "eval_model.onnx", "optimizer": "optimizer_model.onnx"}
     for rel in programs.values():
         if not (out / rel).is_file():

@@ -93,6 +93,9 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise InputError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if getattr(trainer.backend, "out_of_process", False):
+        raise InputError("this bundle's runtime runs in another process (ORT's training bindings in their own "
+                         "Python), whose memory this one cannot measure: profile it there")
     b = trainer.bundle
     rng = np.random.default_rng(seed)
     x = rng.random((b.batch_size, *b.input_shape), dtype=np.float32)

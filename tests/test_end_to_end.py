@@ -94,6 +94,10 @@ def test_inference_program_predicts_like_the_trainer(tmp_path, digits, target):
     z = np.load(digits)
     t.fit(z["x_train"], z["y_train"], epochs=1)
     (path,) = t.export_inference(tmp_path / "model.onnx")
+    if target == "onnx":  # written by the runtime's own protobuf writer, without the onnx package
+        import onnx
+
+        onnx.checker.check_model(str(path), full_check=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = z["x_test"]
     if target == "ort-training":  # ORT's exported graph takes normalised input

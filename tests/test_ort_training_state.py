@@ -92,3 +92,24 @@ def test_divergence_rollback_keeps_adamw(bundle, digits):
         real = trainer.backend.train_step if trainer is ref else real_step
         real(x, y, 0.01)
     assert _same(_params(t), _params(ref))
+
+
+def test_peer_runtime_is_profiled_in_the_peer_not_here(bundle):
+    """Without training bindings here, ORT's runtime runs in the peer Python: profiling this
+    process would measure the wrong one, so it is refused, and the device CLI in the peer does it."""
+    import json
+    import subprocess
+
+    from edgetl.runtime import InputError
+    from edgetl.runtime.backends.ort_peer import bindings_here, peer_command
+    from edgetl.runtime.profile import profile_trainer
+
+    if bindings_here():
+        pytest.skip("ORT's training bindings are installed in this environment")
+    with pytest.raises(InputError, match="another process"):
+        profile_trainer(Trainer.load(bundle), steps=1)
+    r = subprocess.run(peer_command("profile", str(bundle), "--steps", "2", "--json"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["target"] == "ort-training" and p["measured_peak_bytes"] > 0

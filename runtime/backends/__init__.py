@@ -9,7 +9,12 @@ def make_backend(bundle: Bundle, **options) -> Backend:
     if bundle.target == "onnx":
         from .onnx import OnnxBackend as cls
     elif bundle.target == "ort-training":
-        from .ort_training import OrtTrainingBackend as cls
+        from .ort_peer import OrtTrainingPeerBackend, bindings_here
+
+        if bindings_here():
+            from .ort_training import OrtTrainingBackend as cls
+        else:  # plain onnxruntime here: ORT's training bindings run in their own Python
+            cls = OrtTrainingPeerBackend
     else:
         from .executorch import ExecuTorchBackend as cls
     return cls(bundle, **options)

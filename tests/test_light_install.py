@@ -1,0 +1,125 @@
+"""`pip install edgetl` is the device runtime alone: in a fresh Python 3.13 venv it brings no torch,
+onnx or executorch, stays small, and trains a bundle the host exported to the same loss as the
+host's runtime; the device CLI's profile and export-inference work there too. (Python 3.10 works
+the same, measured by hand: a venv of it costs this test another ~40 s.)"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgetl
+from edgetl.exporters import export
+
+pytestmark = pytest.mark.slow  # a venv and a pip install: ~60-140 s
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_SITE_PACKAGES_MB = 160  # site-packages without pip and setuptools
+HOST_ONLY = ("torch", "onnx", "executorch", "sklearn", "skimage", "matplotlib")
+
+
+def _python(version: str) -> str | None:
+    """An interpreter of `version` that runs (pyenv shims of versions not selected do not)."""
+    candidates = [shutil.which(f"python{version}")]
+    candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))
+    for c in filter(None, candidates):
+        r = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip() == str(tuple(int(v) for v in version.split("."))):
+            return c
+    return None
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    try:  # with this env's setuptools (the test extra's), pip needs no isolated build env
+        own = int(version("setuptools").split(".")[0]) >= 77
+    except PackageNotFoundError:
+        own = False
+    isolation = ["--no-build-isolation"] if own else []
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(ROOT), "-w",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = out.glob("edgetl-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def light(wheel, tmp_path_factory) -> Path:
+    """A fresh Python 3.13 venv with the plain install of the wheel (what `pip install edgetl` gives)."""
+    base = _python("3.13")
+    if base is None:
+        pytest.skip("python3.13 is not installed")
+    venv = tmp_path_factory.mktemp("py3.13") / "venv"
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return python
+
+
+@pytest.fixture(scope="module")
+def bundle_and_data(tmp_path_factory):
+    from edgetl.datasets import load_dataset, save_npz
+
+    root = tmp_path_factory.mktemp("light")
+    pm = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10)
+    bundle = export(pm, "onnx", root / "bundle", edgetl.OptimizerConfig.make("sgd", lr=0.05), batch_size=32)
+    data = root / "digits.npz"
+    save_npz(load_dataset("digits", input_size=28, channels=1), data)
+    return bundle, data
+
+
+def _cli(python, *args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGETL_TRUSTED_KEY")}
+    # run outside the source tree, so that only the installed package can be imported
+    return subprocess.run([str(python), "-m", "edgetl.runtime", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=Path(python).parent)
+
+
+def _site_packages_mb(python: Path) -> float:
+    (site,) = Path(python).parent.parent.glob("lib/python3.*/site-packages")
+    total = 0
+    for entry in site.iterdir():
+        if entry.name.split("-")[0].split(".")[0] in ("pip", "setuptools", "_distutils_hack", "pkg_resources"):
+            continue
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        total += sum(p.stat().st_size for p in files)
+    return total / 2**20
+
+
+def test_light_install_has_no_host_packages_and_is_small(light):
+    r = subprocess.run([str(light), "-c", "import importlib.util as u, json, sys; "
+                        f"print(json.dumps([m for m in {list(HOST_ONLY)!r} if u.find_spec(m)]))"],
+                       capture_output=True, text=True, cwd=light.parent)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+    assert _site_packages_mb(light) <= MAX_SITE_PACKAGES_MB
+
+
+def test_light_install_fits_to_the_hosts_loss(light, bundle_and_data, tmp_path):
+    bundle, data = bundle_and_data
+    fit = ("fit", bundle, "--data", data, "--epochs", 1, "--json", "--no-progress")
+    device = _cli(light, *fit, "--checkpoint", tmp_path / "ckpt.npz")
+    assert device.returncode == 0, device.stderr
+    host = _cli(sys.executable, *fit)
+    assert host.returncode == 0, host.stderr
+    d, h = json.loads(device.stdout), json.loads(host.stdout)
+    assert d["steps"] == h["steps"] > 0
+    np.testing.assert_allclose(d["final_loss"], h["final_loss"], rtol=1e-4)
+    assert d["test_accuracy"] > 0.5
+
+    out = tmp_path / "model.onnx"
+    r = _cli(light, "export-inference", bundle, "--checkpoint", tmp_path / "ckpt.npz", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0
+    r = _cli(light, "profile", bundle, "--steps", 2, "--device", "phone-low-2gb", "--json")
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(r.stdout)
+    assert prof["measured_peak_bytes"] > 0 and prof["analytic_peak_bytes"] > 0 and prof["fits"] is True
