@@ -28,6 +28,12 @@ def onnx_bundle(prepared, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ort_bundle(prepared, tmp_path_factory):
+    opt = edgetl.OptimizerConfig.make("adamw", lr=0.01)
+    return export(prepared, "ort-training", tmp_path_factory.mktemp("read_once_ort") / "bundle", opt, batch_size=B)
+
+
+@pytest.fixture(scope="module")
 def digits():
     from edgetl.datasets import load_dataset
 
@@ -51,3 +57,29 @@ def test_initial_state_swapped_after_load_is_refused(onnx_bundle, tmp_path):
         np.savez(f, **arrays)
     with pytest.raises(BundleError, match="sha256"):
         b.initial_state()
+
+
+def test_ort_training_never_opens_the_bundles_files(ort_bundle, digits, tmp_path):
+    root = _copy(ort_bundle, tmp_path)
+    b = load_bundle(root)
+    backend = make_backend(b)
+    private = Path(backend.scratch)
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+    assert not private.resolve().is_relative_to(root.resolve())
+    # Swap every file ORT could open: a reopen (resume, divergence rollback) must not read them.
+    for rel in b.manifest["files"]:
+        (root / rel).write_bytes(b"not what was checked")
+    backend.set_state(backend.get_state())  # reopens ORT's session with the optimizer state
+    t = Trainer(b, backend)
+    t.fit(*digits, epochs=1)
+    assert np.isfinite(t.evaluate(*digits)["loss"])
+    backend.close()
+    assert not private.exists()
+
+
+def test_ort_training_checkpoint_swapped_before_the_runtime_opens_it(ort_bundle, tmp_path):
+    root = _copy(ort_bundle, tmp_path)
+    b = load_bundle(root)
+    (root / "checkpoint").write_bytes((root / "checkpoint").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(BundleError, match="sha256"):
+        make_backend(b)
