@@ -130,6 +130,35 @@ def test_export_replaces_a_bundle_only_once_the_new_one_is_written(prepared, bun
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
+def test_export_recovers_what_a_killed_export_left(prepared, bundle, tmp_path, monkeypatch):
+    """A kill between export's two renames leaves NAME absent and the old bundle in
+    `.NAME.<pid>.*.old/bundle`: the next export to NAME puts it back first (so a failing export
+    leaves it at NAME), and removes half-written `.NAME.<pid>.*.tmp` directories of dead exporters;
+    those of a live exporter stay."""
+    dead = _dead_pid()
+    out = tmp_path / "b"
+    old = tmp_path / f".b.{dead}.k2x9.old"
+    old.mkdir()
+    shutil.copytree(bundle, old / "bundle")
+    before = _tree(old / "bundle")
+    (tmp_path / f".b.{dead}.q1.tmp").mkdir()
+    (tmp_path / f".b.{dead}.q1.tmp" / "training.onnx").write_bytes(b"half")
+    live = tmp_path / f".b.{os.getppid()}.z3.tmp"  # another exporter, still running
+    live.mkdir()
+    (tmp_path / ".bb.1.x.tmp").mkdir()  # another name's: not ours to touch
+    import edgetl.exporters as exporters
+
+    def failing_write_bundle(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporters, "write_bundle", failing_write_bundle)
+    with pytest.raises(OSError, match="No space left"):
+        export(prepared, "onnx", out, batch_size=B)
+    assert _tree(out) == before
+    load_bundle(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", live.name, ".bb.1.x.tmp"])
+
+
 def _umask() -> int:
     u = os.umask(0)
     os.umask(u)
