@@ -105,6 +105,15 @@ def _recover(out: Path) -> None:
             pass
 
 
+def refuse_current_dir(out: str | Path) -> None:
+    """Export moves its bundle into place as a whole directory, which the current directory (or
+    one above it) cannot be: refused with a message that says so."""
+    out, cwd = Path(out).resolve(), Path.cwd().resolve()
+    if cwd == out or cwd.is_relative_to(out):
+        raise EdgeTLError(f"'{out}' is the current directory (or holds it); export writes the bundle as a "
+                          f"directory of its own: give a new one, such as 'bundle'")
+
+
 def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | None = None,
            batch_size: int = 8, sign_key: str | Path | None = None) -> Path:
     """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
@@ -117,6 +126,7 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     optimizer = optimizer or OptimizerConfig()
     signer = None if sign_key is None else signing.load_private_key(sign_key)  # a bad key fails before any work
     out = Path(out)
+    refuse_current_dir(out)
     _recover(out)
     _replaceable(out)
     if target == "onnx":
@@ -155,4 +165,4 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     return out
 
 
-__all__ = ["TARGETS", "export"]
+__all__ = ["TARGETS", "export", "refuse_current_dir"]
