@@ -243,6 +243,49 @@ def test_resume_with_another_seed_or_schedule_is_refused(bundle, digits, tmp_pat
         assert t.step == 0 and ck.read_bytes() == saved
 
 
+def test_a_user_file_named_like_the_lock_is_never_touched(bundle, digits, tmp_path):
+    """`CKPT.lock` that is not an edgetl lock file (a user's file, or a link to one) is refused,
+    byte for byte intact; a lock file a killed run left (either format) is taken over."""
+    ck = tmp_path / "ck.npz"
+    lock = tmp_path / "ck.npz.lock"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    for make in (lambda: lock.write_text("my notes"), lambda: lock.symlink_to(mine)):
+        make()
+        t = Trainer.load(bundle)
+        with pytest.raises(CheckpointError, match="lock"):
+            t.fit(*digits, epochs=1, checkpoint=ck)
+        assert t.step == 0 and not ck.exists()
+        assert lock.read_text() == "my notes" and mine.read_text() == "my notes"
+        lock.unlink()
+    for stale in (f"edgetl-checkpoint-lock {_dead_pid()}\n", str(_dead_pid()), ""):
+        lock.write_text(stale)
+        assert Trainer.load(bundle).fit(*digits, epochs=1, checkpoint=ck).steps == 10
+        assert not lock.exists()
+        ck.unlink()
+        (tmp_path / "ck.npz.prev").unlink(missing_ok=True)
+
+
+def test_a_first_save_never_deletes_a_prev_that_is_not_ours(bundle, digits, data_file, tmp_path):
+    """A first save removes an earlier run's `CKPT.prev` of this bundle; anything else of that name
+    (a user's file) is refused, intact."""
+    ck = tmp_path / "ck.npz"
+    prev = tmp_path / "ck.npz.prev"
+    prev.write_bytes(b"my data")
+    t = Trainer.load(bundle)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this bundle"):
+        t.fit(*digits, epochs=1, checkpoint=ck)
+    assert prev.read_bytes() == b"my data" and not ck.exists()
+    _one_line_error(_cli("fit", bundle, "--data", data_file, "--epochs", "1", "--checkpoint", ck, "--no-progress"),
+                    "not a checkpoint of this bundle")
+    assert prev.read_bytes() == b"my data" and not ck.exists()
+    prev.unlink()
+    Trainer.load(bundle).fit(*digits, epochs=1, checkpoint=ck)
+    ck.replace(prev)  # an earlier run's generation of this bundle: a first save may remove it
+    Trainer.load(bundle).fit(*digits, epochs=1, checkpoint=ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
 # ---- stale temporary files, two generations --------------------------------------------------
 def _dead_pid() -> int:
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
