@@ -86,10 +86,11 @@ def _refuse_file_as_dir(path: str, flag: str) -> None:
 
 
 def cmd_export(args) -> int:
-    from .exporters import export
+    from .exporters import export, refuse_current_dir
     from .runtime.signing import load_private_key
 
     _refuse_file_as_dir(args.out, "--out")
+    refuse_current_dir(args.out)
     if args.sign_key is not None:
         load_private_key(args.sign_key)  # a bad key is reported before the (long) export
     optimizer = _optimizer(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,6 +55,65 @@ def _replaceable(out: Path) -> None:
                               f"refusing to overwrite it")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _prefix(out: Path) -> str:
+    """Of the directories an export to `out` works in beside it; they carry the exporter's pid."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def _leftovers(out: Path, suffix: str) -> list[Path]:
+    """`.NAME.<pid>.*<suffix>` directories beside `out` whose exporter (pid) is gone."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(\d+)\.[^/]*" + re.escape(suffix))
+    found = []
+    try:
+        for p in out.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m and p.is_dir() and not p.is_symlink() and int(m.group(1)) != os.getpid() \
+                    and not _alive(int(m.group(1))):
+                found.append(p)
+    except OSError:
+        pass
+    return sorted(found)
+
+
+def _recover(out: Path) -> None:
+    """Undo what a killed export left beside `out`: its half-written `.NAME.<pid>.*.tmp`
+    directories are removed, and where it was killed between its two renames (NAME absent, the
+    previous bundle in `.NAME.<pid>.*.old/bundle`), that bundle is put back at NAME."""
+    for tmp in _leftovers(out, ".tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if out.exists() or out.is_symlink():
+        return
+    kept = [d for d in _leftovers(out, ".old") if (d / "bundle").is_dir()]
+    if len(kept) > 1:
+        raise EdgeTLError(f"'{out}' is absent and earlier interrupted exports left bundles in "
+                          f"{', '.join(repr(str(d / 'bundle')) for d in kept)}; move the one to keep to '{out}'")
+    if kept:
+        (kept[0] / "bundle").replace(out)
+        try:
+            kept[0].rmdir()
+        except OSError:
+            pass
+
+
+def refuse_current_dir(out: str | Path) -> None:
+    """Export moves its bundle into place as a whole directory, which the current directory (or
+    one above it) cannot be: refused with a message that says so."""
+    out, cwd = Path(out).resolve(), Path.cwd().resolve()
+    if cwd == out or cwd.is_relative_to(out):
+        raise EdgeTLError(f"'{out}' is the current directory (or holds it); export writes the bundle as a "
+                          f"directory of its own: give a new one, such as 'bundle'")
+
+
 def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | None = None,
            batch_size: int = 8, sign_key: str | Path | None = None) -> Path:
     """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
@@ -66,6 +126,8 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     optimizer = optimizer or OptimizerConfig()
     signer = None if sign_key is None else signing.load_private_key(sign_key)  # a bad key fails before any work
     out = Path(out)
+    refuse_current_dir(out)
+    _recover(out)
     _replaceable(out)
     if target == "onnx":
         from .onnx import export_onnx as run
@@ -75,7 +137,7 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
         from .executorch import export_executorch as run
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `out` (same file system, so the swap is two renames), then swapped in.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the bundle's mode
@@ -86,7 +148,7 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
                      res.get("extra_files", []), signer=signer)
         _replaceable(out)  # still only a bundle (nothing was added while exporting)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".old", dir=out.parent))
             out.replace(old / "bundle")
             try:
                 tmp.replace(out)
@@ -103,4 +165,4 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     return out
 
 
-__all__ = ["TARGETS", "export"]
+__all__ = ["TARGETS", "export", "refuse_current_dir"]

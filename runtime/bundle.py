@@ -10,6 +10,7 @@ the manifest (see programs.py); the initial state's declared sizes are checked b
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -218,13 +219,20 @@ class Bundle:
         """The `role` program's bytes, checked against the manifest's sha256 as they are read: a
         runtime given these (not the path) runs exactly what was checked, even if the file is
         replaced after the bundle was loaded."""
-        rel = self.manifest["programs"].get(role)
-        path = self.program(role)
+        self.program(role)  # a known role
+        return self.file_bytes(self.manifest["programs"][role])
+
+    def file_bytes(self, rel: str) -> bytes:
+        """The bytes of the bundle file `rel` (one the manifest lists), read once and checked
+        against the manifest's sha256: what a caller parses is exactly what was checked."""
+        digest = self.manifest["files"].get(rel)
+        if digest is None:
+            raise BundleError(f"bundle file {_short(rel)} has no checksum in the manifest")
         try:
-            data = path.read_bytes()
+            data = safe_path(self.root, rel).read_bytes()
         except OSError as e:
             raise BundleError(f"cannot read bundle file {_short(rel)}: {e.strerror or type(e).__name__}") from None
-        if hashlib.sha256(data).hexdigest() != self.manifest["files"].get(rel):
+        if hashlib.sha256(data).hexdigest() != digest:
             raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (changed since the bundle was loaded)")
         return data
 
@@ -234,12 +242,13 @@ class Bundle:
         from .npz import NpzError, inspect
 
         path = safe_path(self.root, self.manifest["state_file"])
+        data = io.BytesIO(self.file_bytes(self.manifest["state_file"]))  # read once, checked, parsed from memory
         names = self.manifest["state_keys"]
         shapes = self.tensor_shapes()
         # the headers first: each array must be declared as the manifest says before any is inflated
         expected = sum(math.prod(s) * 16 for s in shapes.values()) + 4096 * (len(shapes) + 1)
         try:
-            members = inspect(path, max_bytes=expected)
+            members = inspect(data, max_bytes=expected)
         except NpzError as e:
             raise BundleError(f"cannot read initial state '{path.name}': it {e}") from None
         pickled = [k for k, m in members.items() if m.dtype.hasobject]
@@ -254,7 +263,8 @@ class Bundle:
                 raise BundleError(f"initial state '{name}' is {m.dtype}{list(m.shape)}, the manifest says "
                                   f"float32{list(shape)}")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            data.seek(0)
+            with np.load(data, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as e:  # numpy raises several types for corrupt archives and refused pickles
             why = "it holds pickled objects, which are refused" if "pickle" in str(e) else type(e).__name__

@@ -34,6 +34,10 @@ SCHEDULES = ("constant", "cosine")
 MAX_HEADER_CHARS = 1 << 20
 PREVIOUS = ".prev"
 LOCK = ".lock"
+LOCK_MAGIC = "edgetl-checkpoint-lock"
+# What a lock file holds: nothing yet (just created, or its writer killed before writing), the
+# writer's pid (as earlier versions wrote it), or the magic and the pid.
+_LOCK_TEXT = re.compile(rb"(?:(?:" + LOCK_MAGIC.encode() + rb" )?\d{1,20}\n?)?")
 
 
 def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -113,6 +117,24 @@ def _keep_previous(path: Path, directory: Path) -> None:
         raise
 
 
+def _check_foreign_previous(path: Path, meta: dict) -> None:
+    """A first save removes `path`.prev, an earlier run's generation that is not this checkpoint's;
+    only a valid checkpoint of the same bundle is removed: anything else there is refused."""
+    prev = previous_path(path)
+    if not (prev.exists() or prev.is_symlink()):
+        return
+    try:
+        if prev.is_symlink() or not prev.is_file():
+            raise CheckpointError("not a file")
+        header = load_checkpoint(prev)[1]
+        ours = header.get("bundle_manifest") == meta.get("bundle_manifest")
+    except CheckpointError:
+        ours = False
+    if not ours:
+        raise CheckpointError(f"cannot write checkpoint '{path}': '{prev}' exists and is not a checkpoint of this "
+                              f"bundle (edgetl keeps the previous checkpoint there); move it away")
+
+
 def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict, keep_previous: bool = True) -> Path:
     """Atomically replace `path` with a checkpoint of `arrays` and `meta` (a JSON-able dict); the
     checkpoint it replaces becomes the previous generation (`path` + '.prev'), unless
@@ -141,6 +163,8 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict,
         directory.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)  # before writing: on a full disk they may be what fills it
         first = not path.is_file()
+        if first:
+            _check_foreign_previous(path, meta)
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=directory)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise failed(e) from None
@@ -192,7 +216,8 @@ def locked(path: str | Path):
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symbolic link there is not written through
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot write checkpoint '{path}' (its lock file): "
                                   f"{getattr(e, 'strerror', None) or e}") from None
@@ -201,7 +226,7 @@ def locked(path: str | Path):
         except OSError as e:
             holder = ""
             try:
-                pid = os.pread(fd, 32, 0).decode().strip()
+                pid = os.pread(fd, 64, 0).decode().strip().rpartition(" ")[2]
                 holder = f" (process {pid})" if pid.isdigit() else ""
             except (OSError, UnicodeDecodeError):
                 pass
@@ -218,9 +243,17 @@ def locked(path: str | Path):
         if same:
             break
         os.close(fd)
+    try:  # never truncate a file this lock did not create: a user's file of that name is refused
+        ours = _LOCK_TEXT.fullmatch(os.pread(fd, 64, 0)) is not None
+    except OSError:
+        ours = False
+    if not ours:
+        os.close(fd)
+        raise CheckpointError(f"cannot lock checkpoint '{path}': '{lock}' exists and is not an edgetl lock file; "
+                              f"move it away")
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{LOCK_MAGIC} {os.getpid()}\n".encode(), 0)
     except OSError:
         pass
     try:

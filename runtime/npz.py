@@ -12,6 +12,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -53,11 +54,11 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def inspect(path: str | Path, max_bytes: int | None = None) -> dict[str, Member]:
+def inspect(path: "str | Path | BinaryIO", max_bytes: int | None = None) -> dict[str, Member]:
     """(NpzError messages are verb phrases that leave the file's name to the caller.) The members of the archive at `path`, checked: total declared size within `max_bytes`
     (default: default_limit()), every member an .npy whose header fits in its declared size.
     Object (pickled) arrays are listed with their dtype; callers refuse them."""
-    path = Path(path)
+    path = path if hasattr(path, "read") else Path(path)  # a path, or an open binary file (bytes read once)
     limit = default_limit() if max_bytes is None else max_bytes
     try:
         with zipfile.ZipFile(path) as z:

@@ -5,6 +5,7 @@ import pytest
 from edgetl import OptimizerConfig
 from edgetl.cli import main
 from edgetl.errors import EdgeTLError
+from edgetl.exporters import export
 from edgetl.prepared import prepare
 
 PLAN = ["plan", "--recipe", "bias", "--num-classes", "10"]
@@ -55,6 +56,18 @@ def test_export_out_an_existing_file(capsys, tmp_path):
     f.write_text("mine")
     _error(capsys, ["export", "mnist_cnn", *PLAN[1:], "--target", "onnx", "--out", str(f)], "existing file")
     assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("out", [".", "", "..", "CWD"])
+def test_export_out_the_current_directory(capsys, tmp_path, monkeypatch, out):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = str(here) if out == "CWD" else out
+    _error(capsys, ["export", "mnist_cnn", *PLAN[1:], "--target", "onnx", "--out", out], "is the current directory")
+    with pytest.raises(EdgeTLError, match="is the current directory"):
+        export(prepare("mnist_cnn", "bias", 10), "onnx", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any(here.iterdir())
 
 
 def test_keygen_never_overwrites(capsys, tmp_path):

@@ -130,6 +130,35 @@ def test_export_replaces_a_bundle_only_once_the_new_one_is_written(prepared, bun
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
 
 
+def test_export_recovers_what_a_killed_export_left(prepared, bundle, tmp_path, monkeypatch):
+    """A kill between export's two renames leaves NAME absent and the old bundle in
+    `.NAME.<pid>.*.old/bundle`: the next export to NAME puts it back first (so a failing export
+    leaves it at NAME), and removes half-written `.NAME.<pid>.*.tmp` directories of dead exporters;
+    those of a live exporter stay."""
+    dead = _dead_pid()
+    out = tmp_path / "b"
+    old = tmp_path / f".b.{dead}.k2x9.old"
+    old.mkdir()
+    shutil.copytree(bundle, old / "bundle")
+    before = _tree(old / "bundle")
+    (tmp_path / f".b.{dead}.q1.tmp").mkdir()
+    (tmp_path / f".b.{dead}.q1.tmp" / "training.onnx").write_bytes(b"half")
+    live = tmp_path / f".b.{os.getppid()}.z3.tmp"  # another exporter, still running
+    live.mkdir()
+    (tmp_path / ".bb.1.x.tmp").mkdir()  # another name's: not ours to touch
+    import edgetl.exporters as exporters
+
+    def failing_write_bundle(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporters, "write_bundle", failing_write_bundle)
+    with pytest.raises(OSError, match="No space left"):
+        export(prepared, "onnx", out, batch_size=B)
+    assert _tree(out) == before
+    load_bundle(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", live.name, ".bb.1.x.tmp"])
+
+
 def _umask() -> int:
     u = os.umask(0)
     os.umask(u)
@@ -212,6 +241,49 @@ def test_resume_with_another_seed_or_schedule_is_refused(bundle, digits, tmp_pat
         with pytest.raises(CheckpointError, match=words):
             t.fit(*digits, epochs=2, checkpoint=ck, **kw)
         assert t.step == 0 and ck.read_bytes() == saved
+
+
+def test_a_user_file_named_like_the_lock_is_never_touched(bundle, digits, tmp_path):
+    """`CKPT.lock` that is not an edgetl lock file (a user's file, or a link to one) is refused,
+    byte for byte intact; a lock file a killed run left (either format) is taken over."""
+    ck = tmp_path / "ck.npz"
+    lock = tmp_path / "ck.npz.lock"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    for make in (lambda: lock.write_text("my notes"), lambda: lock.symlink_to(mine)):
+        make()
+        t = Trainer.load(bundle)
+        with pytest.raises(CheckpointError, match="lock"):
+            t.fit(*digits, epochs=1, checkpoint=ck)
+        assert t.step == 0 and not ck.exists()
+        assert lock.read_text() == "my notes" and mine.read_text() == "my notes"
+        lock.unlink()
+    for stale in (f"edgetl-checkpoint-lock {_dead_pid()}\n", str(_dead_pid()), ""):
+        lock.write_text(stale)
+        assert Trainer.load(bundle).fit(*digits, epochs=1, checkpoint=ck).steps == 10
+        assert not lock.exists()
+        ck.unlink()
+        (tmp_path / "ck.npz.prev").unlink(missing_ok=True)
+
+
+def test_a_first_save_never_deletes_a_prev_that_is_not_ours(bundle, digits, data_file, tmp_path):
+    """A first save removes an earlier run's `CKPT.prev` of this bundle; anything else of that name
+    (a user's file) is refused, intact."""
+    ck = tmp_path / "ck.npz"
+    prev = tmp_path / "ck.npz.prev"
+    prev.write_bytes(b"my data")
+    t = Trainer.load(bundle)
+    with pytest.raises(CheckpointError, match="not a checkpoint of this bundle"):
+        t.fit(*digits, epochs=1, checkpoint=ck)
+    assert prev.read_bytes() == b"my data" and not ck.exists()
+    _one_line_error(_cli("fit", bundle, "--data", data_file, "--epochs", "1", "--checkpoint", ck, "--no-progress"),
+                    "not a checkpoint of this bundle")
+    assert prev.read_bytes() == b"my data" and not ck.exists()
+    prev.unlink()
+    Trainer.load(bundle).fit(*digits, epochs=1, checkpoint=ck)
+    ck.replace(prev)  # an earlier run's generation of this bundle: a first save may remove it
+    Trainer.load(bundle).fit(*digits, epochs=1, checkpoint=ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
 
 
 # ---- stale temporary files, two generations --------------------------------------------------

@@ -2,7 +2,13 @@
 `onnxruntime.training.api` imports torch, so this talks to the compiled bindings directly.
 ORT keeps the optimizer state (AdamW's moments and step) inside its CheckpointState, which the
 bindings do not expose: get_state/set_state carry it through the checkpoint file
-(`ort_checkpoint`), so a resume or a divergence rollback keeps it."""
+(`ort_checkpoint`), so a resume or a divergence rollback keeps it.
+
+ORT's training API opens its programs and checkpoint by path, so the backend never gives it the
+bundle's paths: the bundle's files, read once and checked against the manifest's sha256, are copied
+into a private (0700) temporary directory, and ORT opens them there (external data included). A file
+swapped in the bundle after it was loaded is never read. The directory is removed on close(), when
+the backend is collected, or at exit."""
 from __future__ import annotations
 
 import os
@@ -13,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, safe_path
+from ..bundle import Bundle
 from ..errors import BundleError
 from .base import Backend
 from .onnx import session_options
@@ -26,22 +32,39 @@ class OrtTrainingBackend(Backend):
         from onnxruntime.capi import _pybind_state as C
 
         self.C = C
-        ckpt = safe_path(bundle.root, "checkpoint")
-        if not ckpt.is_file():
+        if "checkpoint" not in bundle.manifest["files"]:
             raise BundleError("ort-training bundle lacks its 'checkpoint' file")
         self.device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
         self.so = session_options(arena)
         self.pnames = [bundle.manifest["io"]["params"][t] for t in bundle.trainable]
         self.names = dict(zip(self.pnames, bundle.trainable))
-        self.scratch = tempfile.mkdtemp(prefix="edgetl-ort-")
-        weakref.finalize(self, shutil.rmtree, self.scratch, True)
-        self._open(C.load_checkpoint(str(ckpt)))
+        self.scratch = tempfile.mkdtemp(prefix="edgetl-ort-")  # mode 0700
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.scratch, True)
+        self.files = self._private_copy()
+        self._open(C.load_checkpoint(str(self.files / "checkpoint")))
         self.set_state(bundle.initial_state())
         self.shapes = {k: tuple(v.shape) for k, v in self.get_state().items()}
 
+    def _private_copy(self) -> Path:
+        """The bundle's files, as checked, in the private directory; where ORT opens them."""
+        root = Path(self.scratch) / "bundle"
+        for rel in self.bundle.manifest["files"]:
+            dst = root.joinpath(*rel.split("/"))  # safe_path checked `rel` when the bundle was loaded
+            dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(dst, "wb") as f:
+                f.write(self.bundle.file_bytes(rel))
+        return root
+
+    def close(self) -> None:
+        """Remove the private copy of the bundle (the backend is unusable afterwards)."""
+        self._cleanup()
+
     def _open(self, state) -> None:
         self.state = state
-        program = self.bundle.program
+        programs = self.bundle.manifest["programs"]
+
+        def program(role: str) -> Path:
+            return self.files.joinpath(*programs[role].split("/"))
         self.module = self.C.Module(str(program("training")), state, str(program("eval")), self.device, self.so)
         self.optimizer = self.C.Optimizer(str(program("optimizer")), state, self.device, self.so)
         self.lr = None
