@@ -14,6 +14,7 @@ from pathlib import Path
 from edgetl.errors import EdgeTLError
 from edgetl.optim import OptimizerConfig
 from edgetl.runtime import signing
+from edgetl.runtime.checkpoint import pid_alive
 from edgetl.runtime.bundle import MANIFEST
 
 from .bundle import write_bundle
@@ -55,16 +56,6 @@ def _replaceable(out: Path) -> None:
                               f"refusing to overwrite it")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def _prefix(out: Path) -> str:
     """Of the directories an export to `out` works in beside it; they carry the exporter's pid."""
     return f".{out.name}.{os.getpid()}."
@@ -78,7 +69,7 @@ def _leftovers(out: Path, suffix: str) -> list[Path]:
         for p in out.parent.iterdir():
             m = pattern.fullmatch(p.name)
             if m and p.is_dir() and not p.is_symlink() and int(m.group(1)) != os.getpid() \
-                    and not _alive(int(m.group(1))):
+                    and not pid_alive(int(m.group(1))):
                 found.append(p)
     except OSError:
         pass

@@ -61,7 +61,8 @@ def _tmp_prefix(path: Path) -> str:
     return f"{path.name}.{os.getpid()}."
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a pid we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,7 +79,7 @@ def _remove_stale_temps(path: Path) -> None:
     try:
         for p in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
             m = pattern.fullmatch(p.name)
-            if m and int(m.group(1)) != os.getpid() and _alive(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1))):
                 continue
             try:
                 p.unlink()
