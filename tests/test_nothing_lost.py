@@ -34,23 +34,6 @@ def bundle(prepared, tmp_path_factory):
     return export(prepared, "onnx", tmp_path_factory.mktemp("nothing_lost") / "bundle", opt, batch_size=B)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from edgetl.datasets import load_dataset
-
-    ds = load_dataset("digits", input_size=28, channels=1)
-    return ds.x_train[:160], ds.y_train[:160]  # 10 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory, digits):
-    x, y = digits
-    path = tmp_path_factory.mktemp("data") / "digits160.npz"
-    with open(path, "wb") as f:
-        np.savez(f, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
-    return path
-
-
 def _cli(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgetl.runtime", *map(str, args)], capture_output=True, text=True,
                           timeout=300, **kw)

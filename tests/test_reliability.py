@@ -37,22 +37,6 @@ def bundle(tmp_path_factory):
     return export(pm, "onnx", tmp_path_factory.mktemp("reliability") / "bundle", opt, batch_size=B)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from edgetl.datasets import load_dataset
-
-    ds = load_dataset("digits", input_size=28, channels=1)
-    return ds.x_train[:160], ds.y_train[:160]  # 10 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory, digits):
-    x, y = digits
-    path = tmp_path_factory.mktemp("data") / "digits160.npz"
-    _savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
-    return path
-
-
 def _savez(path, **arrays) -> None:
     """np.savez to exactly `path` (np.savez appends .npz to a name without it)."""
     with open(path, "wb") as f:
