@@ -1,0 +1,32 @@
+"""Merging trained LoRA updates into the frozen weights for the inference model, with numpy:
+W' = W + scale·B·A for every layer the manifest's `lora` entry lists (W read from the bundle's
+lora file as stored: int8 with a per-output-channel scale, or fp32)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .errors import BundleError
+
+
+def merged_weights(bundle, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{inference program input: W'} from the trained parameters `params` (by manifest name)."""
+    spec = bundle.manifest["lora"]
+    try:
+        with np.load(io.BytesIO(bundle.file_bytes(spec["file"])), allow_pickle=False) as z:
+            stored = {k: z[k] for k in z.files}
+        out = {}
+        for layer in spec["layers"]:
+            w = stored[layer["weight"]].astype(np.float32)
+            if "weight_scale" in layer:
+                scale = stored[layer["weight_scale"]].astype(np.float32)
+                w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            a, b = params[layer["a"]], params[layer["b"]]
+            delta = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+            if w.shape != tuple(layer["shape"]) or delta.size != w.size:
+                raise BundleError(f"the lora layer '{layer['input']}' does not match its weight's shape")
+            out[layer["input"]] = (w + np.float32(layer["scale"]) * delta.reshape(w.shape)).astype(np.float32)
+        return out
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise BundleError(f"cannot merge the LoRA updates: the bundle's lora entry is malformed ({e})") from None
