@@ -150,8 +150,8 @@ def _family(name, recipe):
     return edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
 
 
-@pytest.mark.parametrize("recipe", ["lora", "bias+lora+mask"])
-@pytest.mark.parametrize("name", ["mobilenet_v3", "resnet18"])  # resnet18: strided 1×1 shortcut convs
+@pytest.mark.parametrize("name,recipe", [("mobilenet_v3", "bias+lora+mask"), ("resnet18", "lora"),
+                                         ("efficientnet_b0", "lora+q8")])  # resnet18: strided 1×1 shortcuts
 def test_family_lora_step_matches_autograd(name, recipe):
     pm = _family(name, recipe)
     g = torch.Generator().manual_seed(0)
