@@ -115,9 +115,9 @@ def test_lora_recipe_trains_branches_and_head_over_int8_weights():
     assert fc.rule.scale == 2.0  # alpha 8 / r 4
     both = edgetl.prepare("mnist_cnn", "bias+lora8", num_classes=10)
     assert both.notes["lora"]["rank"] == 8 and "conv_layers.0.bias" in both.trainable
-    for bad in ("lora+full", "lora+lora8", "lora0"):
-        with pytest.raises(RecipeError):
-            edgetl.prepare("mnist_cnn", bad, num_classes=10)
+    only_3x3 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(RecipeError, match="no frozen Linear or 1×1 conv"):
+        edgetl.prepare(only_3x3, "lora", num_classes=3, input_shape=(1, 8, 8))
 
 
 def test_lora_attaches_to_1x1_convs_only():
