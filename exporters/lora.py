@@ -33,12 +33,13 @@ def merged_model(prepared):
     layers = lora_layers(prepared.graph)
     if not layers:
         return None
+    names = {n.name for n in layers}
     g = prepared.graph
     drop = {n.params[r] for n in layers for r in LORA_ROLES}
     merged = {n.params["weight"] for n in layers}
     nodes = []
     for n in g.nodes:
-        if n in layers:
+        if n.name in names:
             n = dataclasses.replace(n, rule=_plain(n.rule), params={k: v for k, v in n.params.items()
                                                                       if k not in LORA_ROLES})
         nodes.append(n)

@@ -204,6 +204,23 @@ def test_mnist_lora_fits_on_onnx_like_torch_and_merges(tmp_path, recipe):
     merged = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
     trained = trainer.backend.logits(trainer._x(x))
     assert np.abs(merged - trained).max() <= 1e-4 * max(1.0, float(np.abs(trained).max()))
+    _bad_lora_entry_is_refused(trainer.bundle.root, tmp_path)
+
+
+def _bad_lora_entry_is_refused(root, tmp_path):
+    import json
+
+    from edgetl.runtime import Trainer
+    from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest
+    from edgetl.runtime.errors import BundleError
+
+    m = json.loads((root / "manifest.json").read_text())
+    m["lora"]["layers"][0]["shape"][1] += 1
+    m[MANIFEST_DIGEST] = manifest_digest(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="lora layer 'merged.0' does not match"):
+        Trainer.load(root).export_inference(tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 @pytest.mark.slow
