@@ -11,6 +11,7 @@ from edgetl.recipes import parse_recipe
     ("bias+bias", "twice"), ("side+last2", "combine it with"), ("full+bias", "drop 'bias'"),
     ("bias+last1+last2", "more than one"), ("bias+last0", "at least 1"),
     ("lora+full", "drop 'lora'"), ("lora+lora8", "more than one lora"), ("lora0", "at least 1"),
+    ("bias+lora+last2", "does not limit 'lora'"),
 ])
 def test_bad_recipes(text, msg):
     with pytest.raises(RecipeError, match=msg):

@@ -56,6 +56,8 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         raise RecipeError(f"recipe '{text}' has more than one lora part")
     if loras and "full" in names:
         raise RecipeError(f"'full' already trains every weight; drop '{loras[0]}'")
+    if loras and lasts:
+        raise RecipeError(f"'{lasts[0].name}' does not limit '{loras[0]}', which adapts every layer; drop one")
     return Recipe(parts)
 
 
