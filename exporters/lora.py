@@ -28,46 +28,41 @@ def _plain(rule):
 
 
 def merged_model(prepared):
-    """A copy of `prepared` whose LoRA layers are plain layers with their weight as a trainable
-    input (after the original trainable tensors, LoRA's A and B left out), or None without LoRA."""
-    layers = lora_layers(prepared.graph)
+    """A copy of `prepared` whose LoRA layers are plain layers reading their (merged) weight from
+    a trainable input `merged.<i>`, one per layer (after the original trainable tensors, LoRA's A
+    and B left out), or None without LoRA."""
+    layers = {n.name: f"merged.{i}" for i, n in enumerate(lora_layers(prepared.graph))}
     if not layers:
         return None
-    names = {n.name for n in layers}
     g = prepared.graph
-    drop = {n.params[r] for n in layers for r in LORA_ROLES}
-    merged = {n.params["weight"] for n in layers}
+    tensors = dict(g.tensors)
     nodes = []
     for n in g.nodes:
-        if n.name in names:
-            n = dataclasses.replace(n, rule=_plain(n.rule), params={k: v for k, v in n.params.items()
-                                                                      if k not in LORA_ROLES})
+        if n.name in layers:
+            tensors[layers[n.name]] = g.tensors[n.params["weight"]]
+            params = {k: v for k, v in n.params.items() if k not in LORA_ROLES} | {"weight": layers[n.name]}
+            n = dataclasses.replace(n, rule=_plain(n.rule), params=params)
         nodes.append(n)
-    graph = dataclasses.replace(g, nodes=nodes, tensors={k: v for k, v in g.tensors.items() if k not in drop},
-                                trainable=[t for t in g.trainable if t not in drop] + [n.params["weight"]
-                                                                                        for n in layers])
-    stored = {k: v for k, v in prepared.stored.items() if k not in merged}
+    used = {t for n in nodes for t in n.params.values()}
+    graph = dataclasses.replace(g, nodes=nodes, tensors={k: v for k, v in tensors.items() if k in used},
+                                trainable=[t for t in g.trainable if t in used] + list(layers.values()))
+    stored = {k: v for k, v in prepared.stored.items() if k in used}
     return dataclasses.replace(prepared, graph=graph, stored=stored)
 
 
-def write_lora_file(prepared, out: Path, inputs: list[str], program: str) -> dict:
-    """Write lora.npz into the bundle directory `out`; return the manifest's `lora` entry.
-    `inputs`: the inference program's input name for each LoRA layer's merged weight."""
+def write_lora_file(prepared, out: Path, program: str) -> dict:
+    """Write lora.npz into the bundle directory `out`; return the manifest's `lora` entry."""
     arrays, layers = {}, []
-    for i, (n, name) in enumerate(zip(lora_layers(prepared.graph), inputs)):
+    for i, n in enumerate(lora_layers(prepared.graph)):
         stored = prepared.stored[n.params["weight"]]
         keys = [f"w{i}", f"s{i}"][: len(stored)]
         for k, t in zip(keys, stored):
             arrays[k] = t.detach().cpu().numpy()
-        layers.append({"input": name, "a": n.params["lora_a"], "b": n.params["lora_b"], "weight": keys[0],
+        layers.append({"input": f"merged.{i}", "a": n.params["lora_a"], "b": n.params["lora_b"], "weight": keys[0],
                        **({"weight_scale": keys[1]} if len(keys) == 2 else {}),
                        "shape": list(stored[0].shape), "scale": n.rule.scale})
     np.savez(out / LORA_FILE, **arrays)
     return {"file": LORA_FILE, "program": program, "layers": layers}
 
 
-def merged_input_names(prepared) -> list[str]:
-    return [f"merged.{i}" for i in range(len(lora_layers(prepared.graph)))]
-
-
-__all__ = ["LORA_FILE", "merged_input_names", "merged_model", "write_lora_file"]
+__all__ = ["LORA_FILE", "merged_model", "write_lora_file"]
