@@ -13,6 +13,7 @@ import torch
 from edgetl.quant import dequantize_per_channel
 from edgetl.step import LeanEval, LeanStep
 
+from .lora import LORA_FILE, merged_model, write_lora_file
 from .onnx_passes import fuse_pad_into_conv
 
 OPSET = 17
@@ -64,8 +65,19 @@ def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
     ev = LeanEval(prepared).eval()
     _export(ev, (x, *flat[: len(pnames)]), ["x", *pnames], ["logits"], out / "eval.onnx",
             dynamic={"x": {0: "batch"}, "logits": {0: "batch"}})
-    return {
+    res = {
         "programs": {"train_step": "train_step.onnx", "eval": "eval.onnx"},
         "extra": {"io": {"params": dict(zip(prepared.trainable, pnames)),
                          "state": dict(zip(optimizer.state_names(prepared.trainable), snames))}},
     }
+    merged = merged_model(prepared)
+    if merged is not None:  # LoRA: the inference program takes the merged weights as inputs (see lora.py)
+        inputs = dict(zip(prepared.trainable, pnames))
+        mp = merged.initial_params()
+        _export(LeanEval(merged).eval(), (x, *(mp[t] for t in merged.trainable)),
+                ["x", *(inputs.get(t, t) for t in merged.trainable)], ["logits"], out / "inference.onnx",
+                dynamic={"x": {0: "batch"}, "logits": {0: "batch"}})
+        res["programs"]["inference"] = "inference.onnx"
+        res["extra"]["lora"] = write_lora_file(prepared, out, "inference")
+        res["extra_files"] = [LORA_FILE]
+    return res

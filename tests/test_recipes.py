@@ -7,9 +7,11 @@ from edgetl.recipes import parse_recipe
 
 
 @pytest.mark.parametrize("text,msg", [
-    ("", "empty"), ("bias+", "empty"), ("lora", "unknown recipe part 'lora'"), ("mask", "only modifiers"),
+    ("", "empty"), ("bias+", "empty"), ("dora", "unknown recipe part 'dora'"), ("mask", "only modifiers"),
     ("bias+bias", "twice"), ("side+last2", "combine it with"), ("full+bias", "drop 'bias'"),
     ("bias+last1+last2", "more than one"), ("bias+last0", "at least 1"),
+    ("lora+full", "drop 'lora'"), ("lora+lora8", "more than one lora"), ("lora0", "at least 1"),
+    ("bias+lora+last2", "does not limit 'lora'"),
 ])
 def test_bad_recipes(text, msg):
     with pytest.raises(RecipeError, match=msg):

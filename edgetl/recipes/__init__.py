@@ -2,13 +2,14 @@
 'side+mask', 'bias+last2'. Each part lives in its own file and registers itself."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from . import bias, full, head, last, mask, quant, side  # noqa: F401  (registers the parts)
+from . import bias, full, head, last, lora, mask, quant, side  # noqa: F401  (registers the parts)
 from .base import Part, PrepareContext, known_tokens, part_from_token
 
-BASE_PARTS = ("full", "head", "bias", "side")
+BASE_PARTS = ("full", "head", "bias", "side", "lora")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def parse_recipe(text: str | Recipe) -> Recipe:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise RecipeError(f"recipe '{text}' names {', '.join(dup)} twice")
-    if not any(n in BASE_PARTS for n in names):
+    if not any(n in BASE_PARTS or re.fullmatch(r"lora\d+", n) for n in names):
         raise RecipeError(f"recipe '{text}' has only modifiers; add one of {', '.join(BASE_PARTS)}")
     lasts = [p for p in parts if p.name.startswith("last")]
     if len(lasts) > 1:
@@ -50,6 +51,13 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         raise RecipeError(f"'{lasts[0].name}' limits which backbone blocks train; combine it with 'bias' or 'full'")
     if "full" in names and "bias" in names:
         raise RecipeError("'full' already trains every bias; drop 'bias'")
+    loras = [n for n in names if re.fullmatch(r"lora\d*", n)]
+    if len(loras) > 1:
+        raise RecipeError(f"recipe '{text}' has more than one lora part")
+    if loras and "full" in names:
+        raise RecipeError(f"'full' already trains every weight; drop '{loras[0]}'")
+    if loras and lasts:
+        raise RecipeError(f"'{lasts[0].name}' does not limit '{loras[0]}', which adapts every layer; drop one")
     return Recipe(parts)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from .base import HostStateBackend
+from ..lora_merge import merged_weights
 from .onnx_inference import write_inference_model
 
 
@@ -58,5 +59,13 @@ class OnnxBackend(HostStateBackend):
         return self.eval.run(["logits"], {k: v for k, v in feeds.items() if k in self.eval_inputs})[0]
 
     def export_inference(self, out: Path) -> list[Path]:
-        params = dict(zip(self.pnames, self.params))
-        return [write_inference_model(self.bundle.program_bytes("eval"), params, self.bundle.manifest, out)]
+        m = self.bundle.manifest
+        if "lora" not in m:
+            params = dict(zip(self.pnames, self.params))
+            return [write_inference_model(self.bundle.program_bytes("eval"), params, m, out)]
+        # LoRA: the updates merged into the weights of a program with the original layers
+        named = dict(zip(self.bundle.trainable, self.params))
+        branch = {layer[k] for layer in m["lora"]["layers"] for k in ("a", "b")}
+        params = {p: v for t, p, v in zip(self.bundle.trainable, self.pnames, self.params) if t not in branch}
+        params |= merged_weights(self.bundle, named)
+        return [write_inference_model(self.bundle.program_bytes(m["lora"]["program"]), params, m, out)]

@@ -1,0 +1,242 @@
+"""LoRA (`lora`, `loraN`): the Linear and 1×1-conv LoRA rules against a peft-style torch model
+under autograd (frozen W, trainable A and B); what the recipe trains and keeps; the exported
+`onnx` (and one `executorch`) step fitting torch-free like the torch step; and export-inference
+merging the updates into the weights of a model with the original architecture."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import edgetl
+from edgetl.errors import RecipeError
+from edgetl.optim import OptimizerConfig
+from edgetl.rules.conv import Conv2d
+from edgetl.rules.linear import Linear
+from edgetl.rules.lora import LoraConv2d, LoraLinear
+from families import FAMILIES
+from helpers import lean_vs_reference, rel_err
+from rule_harness import bind, lean_grads
+
+ALL = frozenset({"weight", "bias", "lora_a", "lora_b"}) - {"weight"}
+
+
+class PeftLinear(nn.Module):
+    """HF peft's LoRA Linear, written out: frozen base layer, lora_A, lora_B, scaling = alpha / r."""
+
+    def __init__(self, weight, bias, a, b, scaling):
+        super().__init__()
+        self.base = nn.Linear(weight.shape[1], weight.shape[0])
+        self.base.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        self.base.bias = nn.Parameter(bias.clone())
+        self.lora_A = nn.Linear(a.shape[1], a.shape[0], bias=False)
+        self.lora_B = nn.Linear(b.shape[1], b.shape[0], bias=False)
+        self.lora_A.weight, self.lora_B.weight = nn.Parameter(a.clone()), nn.Parameter(b.clone())
+        self.scaling = scaling
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class PeftConv1x1(nn.Module):
+    """peft's LoRA Conv2d for a 1×1 conv: lora_A a conv with the base's stride, lora_B a 1×1 conv."""
+
+    def __init__(self, weight, bias, a, b, scaling, stride):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.clone())
+        self.a, self.b, self.scaling, self.stride = nn.Parameter(a.clone()), nn.Parameter(b.clone()), scaling, stride
+
+    def forward(self, x):
+        base = F.conv2d(x, self.weight, self.bias, self.stride)
+        return base + F.conv2d(F.conv2d(x, self.a, None, self.stride), self.b) * self.scaling
+
+
+def _check(lean, ref, x, w, g, trained):
+    xr = x.clone().requires_grad_(True)
+    yr = ref(xr)
+    yr.backward(g)
+    y, gx, gp, kept = lean_grads(lean, x, g, w, trained)
+    assert rel_err(y, yr) < 1e-5
+    assert rel_err(gx, xr.grad) < 1e-5
+    params = dict(ref.named_parameters())
+    names = {"bias": "base.bias" if "base.bias" in params else "bias",
+             "lora_a": "lora_A.weight" if "lora_A.weight" in params else "a",
+             "lora_b": "lora_B.weight" if "lora_B.weight" in params else "b"}
+    assert set(gp) == set(trained)
+    for role in trained:
+        assert rel_err(gp[role], params[names[role]].grad) < 1e-5, role
+    return kept
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12)], ids=["vectors", "tokens"])
+def test_lora_linear_rule_matches_peft_autograd(shape):
+    torch.manual_seed(0)
+    w, bias = torch.randn(6, 12), torch.randn(6)
+    a, b = torch.randn(3, 12), torch.randn(6, 3)  # B non-zero, so A's gradient is not trivially zero
+    x, g = torch.randn(*shape), torch.randn(*shape[:-1], 6)
+    wd = {"weight": w, "bias": bias, "lora_a": a, "lora_b": b}
+    rule = LoraLinear(3, 8 / 3)
+    if len(shape) == 2:
+        rule = bind(rule, x, wd)
+    kept = _check(rule, PeftLinear(w, bias, a, b, 8 / 3), x, wd, g, ALL)
+    assert list(kept) == ["x"] and kept["x"] is x  # only the branch's input, no A·x, no weight gradient
+
+
+@pytest.mark.parametrize("hw,stride", [((6, 5), 1), ((7, 9), 2), ((5, 5), (2, 1))])
+def test_lora_conv1x1_rule_matches_peft_autograd(hw, stride):
+    torch.manual_seed(0)
+    w, bias = torch.randn(6, 4, 1, 1), torch.randn(6)
+    a, b = torch.randn(3, 4, 1, 1), torch.randn(6, 3, 1, 1)
+    x = torch.randn(2, 4, *hw)
+    wd = {"weight": w, "bias": bias, "lora_a": a, "lora_b": b}
+    stride = (stride, stride) if isinstance(stride, int) else stride
+    rule = bind(LoraConv2d.around(Conv2d(1, stride), 3, 0.5), x, wd)
+    g = torch.randn(2, *rule.out_shape)
+    kept = _check(rule, PeftConv1x1(w, bias, a, b, 0.5, stride), x, wd, g, ALL)
+    assert list(kept) == ["x"] and kept["x"].shape[2:] == g.shape[2:]  # the strided samples A reads
+    _, _, gp, _ = lean_grads(rule, x, g, wd, frozenset({"lora_a"}))
+    assert set(gp) == {"lora_a"}
+
+
+def test_lora_recipe_trains_branches_and_head_over_int8_weights():
+    pm = edgetl.prepare("mnist_cnn", "lora", num_classes=10)
+    fc = pm.graph.node(next(n.name for n in pm.graph.nodes if isinstance(n.rule, LoraLinear)))
+    assert pm.trainable == [fc.params["lora_a"], fc.params["lora_b"], "head.weight", "head.bias"]
+    assert pm.stored[fc.params["weight"]][0].dtype == torch.int8  # frozen W stays int8
+    a, b = pm.graph.tensors[fc.params["lora_a"]], pm.graph.tensors[fc.params["lora_b"]]
+    assert a.shape == (4, 1152) and b.shape == (256, 4) and not b.any()
+    bound = 1 / math.sqrt(1152)  # peft / nn.Linear: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    assert fc.rule.scale == 2.0  # alpha 8 / r 4
+    both = edgetl.prepare("mnist_cnn", "bias+lora8", num_classes=10)
+    assert both.notes["lora"]["rank"] == 8 and "conv_layers.0.bias" in both.trainable
+    only_3x3 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(RecipeError, match="no frozen Linear or 1×1 conv"):
+        edgetl.prepare(only_3x3, "lora", num_classes=3, input_shape=(1, 8, 8))
+
+
+def test_lora_attaches_to_1x1_convs_only():
+    model = FAMILIES["mobilenet_v3"]()
+    pm = edgetl.prepare(model, "lora", num_classes=5, input_shape=model.input_shape)
+    lora = [n for n in pm.graph.nodes if isinstance(n.rule, (LoraLinear, LoraConv2d))]
+    plain = [n for n in pm.graph.nodes if type(n.rule) in (Conv2d, Linear) and n.name != pm.head]
+    assert any(isinstance(n.rule, LoraConv2d) for n in lora)
+    assert all(n.rule.kernel != (1, 1) or n.rule.groups > 1 for n in plain)
+    assert pm.notes["lora"]["layers"] == len(lora)
+
+
+def test_lora_memory_counts_the_branch_inputs_and_no_weight_gradient():
+    pm = edgetl.prepare("mnist_cnn", "lora", num_classes=10)
+    mem = pm.memory(8)
+    (k,) = [k for k in mem.kept if k.layer.endswith("+lora4")]
+    assert k.name == "x" and k.shape == [8, 1152] and k.bytes == 8 * 1152 * 4
+    params = sum(pm.graph.tensors[t].numel() for t in pm.trainable) * 4
+    assert mem.trainable_params_bytes == params and mem.gradients_bytes == params
+    assert mem.optimizer_state_bytes == params  # sgd with momentum: one buffer per parameter
+    head_only = edgetl.prepare("mnist_cnn", "head", num_classes=10).memory(8)
+    assert mem.kept_activations_bytes > head_only.kept_activations_bytes
+
+
+STEP_OPT = OptimizerConfig.make("sgd", lr=0.05, momentum=0.9)
+
+
+def _family(name, recipe):
+    model = FAMILIES[name]()
+    return edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
+
+
+@pytest.mark.parametrize("name,recipe", [("mobilenet_v3", "bias+lora+mask"), ("resnet18", "lora"),
+                                         ("efficientnet_b0", "lora+q8")])  # resnet18: strided 1×1 shortcuts
+def test_family_lora_step_matches_autograd(name, recipe):
+    pm = _family(name, recipe)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, *pm.input_shape, generator=g), torch.randint(0, 5, (2,), generator=g)
+    gerr, perr = lean_vs_reference(pm, x, y, OptimizerConfig.make("sgd", lr=0.5), steps=2)
+    assert max(gerr.values()) < 1e-4 and max(perr.values()) < 1e-4
+
+
+def _fit_matches_torch(tmp_path, pm, target, steps=3):
+    """`steps` exported steps on the torch-free runtime match the torch lean step; returns the trainer."""
+    from edgetl.exporters import export
+    from edgetl.runtime import Trainer
+    from edgetl.runtime.data import normalize
+
+    trainer = Trainer.load(export(pm, target, tmp_path / "b", STEP_OPT, batch_size=4))
+    rng = np.random.default_rng(0)
+    x = rng.random((4, *pm.input_shape), dtype=np.float32)
+    y = rng.integers(0, pm.num_classes, 4)
+    step = pm.step_module(STEP_OPT)
+    params = pm.initial_params()
+    state = step.init_state(params)
+    xt = torch.from_numpy(normalize(x, trainer.bundle.manifest))
+    for _ in range(steps):
+        _, _, params, state, _ = step.run(xt, torch.from_numpy(y), STEP_OPT.lr, params, state)
+        trainer._train_step(trainer._x(x), y.astype(np.int64))
+    got = trainer.backend.get_state()
+    for t in pm.trainable:
+        ref = params[t].numpy()
+        assert np.abs(got[t] - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), t
+    b = [t for t in pm.trainable if t.endswith("lora_b")]
+    assert all(np.abs(got[t]).max() > 0 for t in b)  # the branches did train
+    return trainer, x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["lora", "bias+lora+mask"])
+def test_mnist_lora_fits_on_onnx_like_torch_and_merges(tmp_path, recipe):
+    import onnx
+    import onnxruntime as ort
+
+    pm = edgetl.prepare("mnist_cnn", recipe, num_classes=10)
+    trainer, x = _fit_matches_torch(tmp_path, pm, "onnx")
+    (path,) = trainer.export_inference(tmp_path / "model.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    # the original architecture: one Gemm/Conv per layer, merged weights as initializers, no inputs but x
+    assert [i.name for i in model.graph.input] == ["x"]
+    layers = sum(1 for n in pm.graph.nodes if isinstance(n.rule, (Linear, Conv2d)))
+    assert sum(1 for n in model.graph.node if n.op_type in ("Gemm", "Conv", "MatMul")) == layers
+    merged = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+    trained = trainer.backend.logits(trainer._x(x))
+    assert np.abs(merged - trained).max() <= 1e-4 * max(1.0, float(np.abs(trained).max()))
+    _bad_lora_entry_is_refused(trainer.bundle.root, tmp_path)
+
+
+def _bad_lora_entry_is_refused(root, tmp_path):
+    import json
+
+    from edgetl.runtime import Trainer
+    from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest
+    from edgetl.runtime.errors import BundleError
+
+    m = json.loads((root / "manifest.json").read_text())
+    m["lora"]["layers"][0]["shape"][1] += 1
+    m[MANIFEST_DIGEST] = manifest_digest(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="lora layer 'merged.0' does not match"):
+        Trainer.load(root).export_inference(tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["lora", "bias+lora+mask"])
+def test_family_with_1x1_convs_fits_lora_on_onnx_like_torch_and_merges(tmp_path, recipe):
+    import onnxruntime as ort
+
+    pm = _family("mobilenet_v3", recipe)
+    trainer, x = _fit_matches_torch(tmp_path, pm, "onnx")
+    (path,) = trainer.export_inference(tmp_path / "model.onnx")
+    merged = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+    trained = trainer.backend.logits(trainer._x(x))
+    assert np.abs(merged - trained).max() <= 1e-4 * max(1.0, float(np.abs(trained).max()))
+
+
+@pytest.mark.slow
+def test_mnist_lora_fits_on_executorch_like_torch(tmp_path):
+    pytest.importorskip("executorch")
+    _fit_matches_torch(tmp_path, edgetl.prepare("mnist_cnn", "bias+lora+mask", num_classes=10), "executorch")
