@@ -89,7 +89,8 @@ def test_every_exporter_writes_its_spec(bundles, target):
             s = summarize((b.root / p.file).read_bytes())
             got = [v.name for v in s.inputs if v.name not in s.initializers]
             want = p.input_names(params, state)
-            assert (got[: len(want)] if p.more_inputs else got) == want, p.role
+            # (ORT's own inputs, frozen weights and gradient buffers, come among the spec's)
+            assert ([g for g in got if g in want] if p.more_inputs else got) == want, p.role
             outs = [v.name for v in s.outputs]
             assert [o for o, w in zip(outs, p.output_names(params, state)) if w != targets.LOSS] == \
                 [w for w in p.output_names(params, state) if w != targets.LOSS], p.role
@@ -194,7 +195,8 @@ def test_the_host_cli_offers_the_registry(capsys):
         build_parser().parse_args(["export", "mnist_cnn", "--recipe", "bias", "--num-classes", "3",
                                    "--target", "tflite", "--out", "x"])
     assert info.value.code == 2
-    assert all(name in capsys.readouterr().err for name in TARGETS)
+    err = capsys.readouterr().err
+    assert all(name in err for name in TARGETS)
 
 
 def test_the_device_cli_names_the_registry():
