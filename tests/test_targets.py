@@ -159,7 +159,7 @@ def test_state_where_the_spec_keeps_none_is_refused(bundles, tmp_path):
 def test_a_parameter_on_a_name_of_the_spec_is_refused(bundles, tmp_path):
     d = _copy(bundles, "onnx", tmp_path)
     _reseal(d, lambda m: m["io"]["params"].update({"head.bias": "x"}))
-    _refused(d, "'head.bias'", "'x'")
+    _refused(d, "'head.bias'", "'x'", "names another of the program's tensors")
 
 
 @pytest.mark.slow
