@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import EdgeTLError
+from .runtime.targets import TARGET_NAMES, TARGETS, targets_help
 
 
 def _human(n: float) -> str:
@@ -28,7 +29,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frozen-dtype", choices=["int8", "fp32"], default="int8")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9; 0 for ort-training)")
+    no_momentum = ", ".join(t.name for t in TARGETS.values() if not t.sgd_momentum)
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"SGD momentum (default 0.9; 0 for {no_momentum}, whose SGD has none)")
 
 
 def _optimizer(args):
@@ -36,8 +39,9 @@ def _optimizer(args):
 
     kw = {}
     if args.optimizer == "sgd":
-        # ONNX Runtime's on-device SGD has no momentum, so its target defaults to none
-        default = 0.0 if getattr(args, "target", None) == "ort-training" else 0.9
+        # a target whose runtime's SGD has no momentum (ONNX Runtime's) defaults to none
+        target = TARGETS.get(getattr(args, "target", None))
+        default = 0.0 if target is not None and not target.sgd_momentum else 0.9
         kw["momentum"] = default if args.momentum is None else args.momentum
     return OptimizerConfig.make(args.optimizer, args.lr, **kw)
 
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("export", help="export an on-device training bundle")
     _model_args(e)
-    e.add_argument("--target", required=True, choices=["onnx", "ort-training", "executorch"])
+    e.add_argument("--target", required=True, choices=TARGET_NAMES, help=f"the device runtime: {targets_help()}")
     e.add_argument("--seed", type=int, default=0, help="initialisation of new parts (head, side network)")
     e.add_argument("--out", required=True, help="bundle directory to write")
     e.add_argument("--sign-key", default=None, help="sign the bundle with this Ed25519 private key (edgetl keygen)")

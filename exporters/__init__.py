@@ -16,10 +16,22 @@ from edgetl.optim import OptimizerConfig
 from edgetl.runtime import signing
 from edgetl.runtime.checkpoint import pid_alive
 from edgetl.runtime.bundle import MANIFEST
+from edgetl.runtime.targets import EXECUTORCH, ONNX, ORT_TRAINING, TARGET_NAMES, TARGETS as _SPECS
 
 from .bundle import write_bundle
 
-TARGETS = ("onnx", "ort-training", "executorch")
+TARGETS = TARGET_NAMES
+
+
+def _exporter(spec):
+    """The function that writes `spec`'s programs into a directory (imported only when used)."""
+    if spec is ONNX:
+        from .onnx import export_onnx as run
+    elif spec is ORT_TRAINING:
+        from .ort_training import export_ort_training as run
+    elif spec is EXECUTORCH:
+        from .executorch import export_executorch as run
+    return run
 
 
 # What a bundle holds beside the files its manifest lists; anything else there is the user's.
@@ -110,8 +122,9 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
     replaced only once the new one is complete; anything else there is refused, never deleted.
     With `sign_key` (an Ed25519 private key file from `edgetl keygen`) the bundle is signed."""
-    if target not in TARGETS:
-        raise EdgeTLError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    spec = _SPECS.get(target) if isinstance(target, str) else None
+    if spec is None:
+        raise EdgeTLError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EdgeTLError(f"batch_size must be a positive integer, got {batch_size!r}")
     optimizer = optimizer or OptimizerConfig()
@@ -120,12 +133,7 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     refuse_current_dir(out)
     _recover(out)
     _replaceable(out)
-    if target == "onnx":
-        from .onnx import export_onnx as run
-    elif target == "ort-training":
-        from .ort_training import export_ort_training as run
-    else:
-        from .executorch import export_executorch as run
+    run = _exporter(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `out` (same file system, so the swap is two renames), then swapped in.
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".tmp", dir=out.parent))
@@ -134,9 +142,9 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the bundle's mode
     old = None
     try:
-        res = run(prepared, optimizer, batch_size, tmp)
-        write_bundle(tmp, prepared, target, optimizer, batch_size, res["programs"], res.get("extra"),
-                     res.get("extra_files", []), signer=signer)
+        res = run(prepared, optimizer, batch_size, tmp)  # the spec's programs and files, written into tmp
+        write_bundle(tmp, prepared, spec, optimizer, batch_size, res.get("extra"), signer=signer,
+                     more_programs=res.get("programs"), more_files=res.get("files", ()))
         _replaceable(out)  # still only a bundle (nothing was added while exporting)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".old", dir=out.parent))

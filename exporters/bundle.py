@@ -9,6 +9,7 @@ import numpy as np
 
 from edgetl.runtime import signing
 from edgetl.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256
+from edgetl.runtime.targets import TargetSpec, io_maps
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -20,9 +21,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, programs: dict[str, str],
-                 extra: dict | None = None, extra_files: list[str] = (), signer=None) -> Path:
-    """Complete a bundle in `out`, whose program files are already written. The manifest is
+def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: int, extra: dict | None = None,
+                 signer=None, more_programs: dict[str, str] | None = None, more_files=()) -> Path:
+    """Complete a bundle for the target `spec` in `out`, whose programs and required files (the
+    spec's names) are already written; `extra`: target-specific manifest fields. The manifest is
     written last, atomically, so a half-written bundle never looks valid; with `signer` (an
     Ed25519 private key) its signature, `manifest.sig`, is written just before it."""
     import edgetl
@@ -30,19 +32,21 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     # A runtime that keeps its own optimizer state (ONNX Runtime's training API) gets none from us.
-    state_names = [] if (extra or {}).get("optimizer_state_in_runtime") else optimizer.state_names(prepared.trainable)
+    state_names = optimizer.state_names(prepared.trainable) if spec.state_in_program else []
     arrays = {**{t: params[t] for t in prepared.trainable}, **{k: state[k] for k in state_names}}
     keys = {name: f"a{i}" for i, name in enumerate(arrays)}
     np.savez(out / "state.npz", **{keys[n]: v.detach().cpu().numpy() for n, v in arrays.items()})
     mem = prepared.memory(batch_size, optimizer)
-    rels = list(programs.values()) + ["state.npz", *extra_files]
+    # `more_programs` / `more_files`: optional ones beyond the spec's (e.g. LoRA's merged inference program)
+    programs = {**spec.program_files(), **(more_programs or {})}
+    rels = list(programs.values()) + ["state.npz", *spec.files, *more_files]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "edgetl_version": edgetl.__version__,
         "model": prepared.name,
         "recipe": prepared.recipe.text,
-        "target": target,
+        "target": spec.name,
         "input": {
             "shape": list(prepared.graph.input_shape),
             "dtype": "float32",
@@ -62,6 +66,9 @@ def write_bundle(out: Path, prepared, target: str, optimizer, batch_size: int, p
         **({"head": prepared.head_spec} if prepared.head_spec else {}),
         "summary": prepared.summary(),
         "analytic_memory": {k: v for k, v in mem.breakdown().items() if k != "kept"},
+        "io": io_maps(spec, prepared.trainable, state_names),
+        # informational (the spec says it): the runtime, not the state file, holds the optimizer state
+        **({} if spec.state_in_program else {"optimizer_state_in_runtime": True}),
         **(extra or {}),
         "files": {rel: sha256(out / rel) for rel in rels},
     }

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from edgetl.interpret import computing, interpret, weights_from
 from edgetl.rules.conv import Conv2d
 from edgetl.rules.linear import Linear
+from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
-
-TRAIN_FILE, EVAL_FILE = "train_step.pte", "eval.pte"
 
 
 def _trainable(w, role: str) -> bool:
@@ -196,10 +195,10 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     if delegate:
         weights_as_fp32_constants(step)
         weights_as_fp32_constants(ev)
-    et_step = _lower(step, (x, y, lr, *flat), delegate)
-    (out / TRAIN_FILE).write_bytes(et_step.buffer)
+    et_step = _lower(step, (x, y, lr, *flat), delegate)  # inputs in the spec's order (EXECUTORCH binds by position)
+    (out / EXECUTORCH.program("train_step").file).write_bytes(et_step.buffer)
     et_eval = _lower(ev, (x, *flat[:n]), delegate)
-    (out / EVAL_FILE).write_bytes(et_eval.buffer)
+    (out / EXECUTORCH.program("eval").file).write_bytes(et_eval.buffer)
 
     frozen_int8 = prepared.graph.frozen_dtype == "int8"
     info = {
@@ -215,19 +214,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
         "train_step_ops": _delegated_ops(et_step),
         "eval_ops": _delegated_ops(et_eval),
     }
-    return {
-        "programs": {"train_step": TRAIN_FILE, "eval": EVAL_FILE},
-        "extra": {
-            "io": {
-                "train_step": {"inputs": ["x", "y", "lr", *(f"param:{t}" for t in prepared.trainable),
-                                          *(f"state:{s}" for s in snames)],
-                               "outputs": ["loss", "logits", *(f"param:{t}" for t in prepared.trainable),
-                                           *(f"state:{s}" for s in snames)]},
-                "eval": {"inputs": ["x", *(f"param:{t}" for t in prepared.trainable)], "outputs": ["logits"]},
-            },
-            "executorch": info,
-        },
-    }
+    return {"extra": {"executorch": info}}
 
 
 # ---- peer baseline: ExecuTorch's own training flow (not wired into `export`) ---------------------

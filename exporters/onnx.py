@@ -11,6 +11,7 @@ import onnx
 import torch
 
 from edgetl.quant import dequantize_per_channel
+from edgetl.runtime.targets import LOGITS, ONNX, X, param_name, state_name
 from edgetl.step import LeanEval, LeanStep
 
 from .lora import LORA_FILE, merged_model, write_lora_file
@@ -31,9 +32,9 @@ class _DequantizeLinear(torch.autograd.Function):
 
 
 def onnx_names(prepared, optimizer) -> tuple[list[str], list[str]]:
-    """Graph input names for trainable tensors and optimizer state (ONNX-safe, stable)."""
-    params = [f"param.{i}" for i in range(len(prepared.trainable))]
-    state = [f"state.{i}" for i in range(len(optimizer.state_names(prepared.trainable)))]
+    """Graph input names for trainable tensors and optimizer state (the spec's; ONNX-safe, stable)."""
+    params = [param_name(i) for i in range(len(prepared.trainable))]
+    state = [state_name(i) for i in range(len(optimizer.state_names(prepared.trainable)))]
     return params, state
 
 
@@ -59,25 +60,21 @@ def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
     y = torch.zeros(batch_size, dtype=torch.int64)
     lr = torch.tensor(optimizer.lr, dtype=torch.float32)
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in optimizer.state_names(prepared.trainable)]
+    train, ev = ONNX.program("train_step"), ONNX.program("eval")
     step = LeanStep(prepared, optimizer, anchor_masks=True).eval()
-    _export(step, (x, y, lr, *flat), ["x", "y", "lr", *pnames, *snames],
-            ["loss", "logits", *(f"new_{n}" for n in pnames), *(f"new_{n}" for n in snames)], out / "train_step.onnx")
-    ev = LeanEval(prepared).eval()
-    _export(ev, (x, *flat[: len(pnames)]), ["x", *pnames], ["logits"], out / "eval.onnx",
-            dynamic={"x": {0: "batch"}, "logits": {0: "batch"}})
-    res = {
-        "programs": {"train_step": "train_step.onnx", "eval": "eval.onnx"},
-        "extra": {"io": {"params": dict(zip(prepared.trainable, pnames)),
-                         "state": dict(zip(optimizer.state_names(prepared.trainable), snames))}},
-    }
+    _export(step, (x, y, lr, *flat), train.input_names(pnames, snames), train.output_names(pnames, snames),
+            out / train.file)
+    _export(LeanEval(prepared).eval(), (x, *flat[: len(pnames)]), ev.input_names(pnames, snames),
+            ev.output_names(pnames, snames), out / ev.file, dynamic={X: {0: "batch"}, LOGITS: {0: "batch"}})
+    res: dict = {}
     merged = merged_model(prepared)
     if merged is not None:  # LoRA: the inference program takes the merged weights as inputs (see lora.py)
         inputs = dict(zip(prepared.trainable, pnames))
         mp = merged.initial_params()
         _export(LeanEval(merged).eval(), (x, *(mp[t] for t in merged.trainable)),
-                ["x", *(inputs.get(t, t) for t in merged.trainable)], ["logits"], out / "inference.onnx",
-                dynamic={"x": {0: "batch"}, "logits": {0: "batch"}})
-        res["programs"]["inference"] = "inference.onnx"
-        res["extra"]["lora"] = write_lora_file(prepared, out, "inference")
-        res["extra_files"] = [LORA_FILE]
+                [X, *(inputs.get(t, t) for t in merged.trainable)], [LOGITS], out / "inference.onnx",
+                dynamic={X: {0: "batch"}, LOGITS: {0: "batch"}})
+        res["programs"] = {"inference": "inference.onnx"}
+        res["extra"] = {"lora": write_lora_file(prepared, out, "inference")}
+        res["files"] = [LORA_FILE]
     return res

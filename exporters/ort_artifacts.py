@@ -2,7 +2,7 @@
 checkpoint. Standalone (imports neither torch nor edgetl) so that it also runs as a script in the
 ort-training peer Python (see edgetl.runtime.backends.ort_peer):
 
-    python ort_artifacts.py SPEC.json    # {"model", "out", "requires_grad", "frozen", "optimizer"}
+    python ort_artifacts.py SPEC.json    # {"model", "out", "requires_grad", "frozen", "optimizer", "outputs"}
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import types
 import warnings
 
 
-def generate(model: str, out: str, requires_grad: list[str], frozen: list[str], optimizer: dict) -> None:
-    """`optimizer`: {"name": "sgd"} or {"name": "adamw", "beta1", "beta2", "eps", "weight_decay"}."""
+def generate(model: str, out: str, requires_grad: list[str], frozen: list[str], optimizer: dict,
+             outputs: list[str]) -> None:
+    """`outputs`: the forward model's outputs the training and eval models return beside the loss.
+    `optimizer`: {"name": "sgd"} or {"name": "adamw", "beta1", "beta2", "eps", "weight_decay"}."""
     import onnx
     import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
@@ -29,7 +31,7 @@ def generate(model: str, out: str, requires_grad: list[str], frozen: list[str], 
         warnings.simplefilter("ignore")
         artifacts.generate_artifacts(onnx.load(model), requires_grad=requires_grad, frozen_params=frozen,
                                      loss=artifacts.LossType.CrossEntropyLoss, optimizer=opt,
-                                     artifact_directory=out, additional_output_names=["logits"])
+                                     artifact_directory=out, additional_output_names=outputs)
 
 
 def _without_torch() -> None:

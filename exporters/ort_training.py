@@ -22,6 +22,7 @@ import torch.nn as nn
 from edgetl.errors import EdgeTLError
 from edgetl.interpret import computing, interpret, weights_from
 from edgetl.runtime.errors import EdgeRuntimeError
+from edgetl.runtime.targets import LOGITS, ORT_TRAINING, X, param_name
 from edgetl.step import _FrozenStore
 
 from .onnx import OPSET, _DequantizeLinear
@@ -36,11 +37,12 @@ class _Forward(nn.Module):
         self.store = _FrozenStore(prepared)
         self.store.dequantize = _DequantizeLinear.apply
         init = prepared.initial_params()
-        self.params = nn.ParameterList([nn.Parameter(init[t]) for t in prepared.trainable])
+        # `param` makes the exporter name them param.0, param.1, ...: the spec's names (checked below)
+        self.param = nn.ParameterList([nn.Parameter(init[t]) for t in prepared.trainable])
         self.index = {t: i for i, t in enumerate(prepared.trainable)}
 
     def forward(self, x):
-        params = {t: self.params[i] for t, i in self.index.items()}
+        params = {t: self.param[i] for t, i in self.index.items()}
         return interpret(self.graph, x, computing(weights_from(params, self.store.get)))
 
 
@@ -97,29 +99,24 @@ def export_ort_training(prepared, optimizer, batch_size: int, out: Path) -> dict
         warnings.simplefilter("ignore")
         # TRAINING mode: the exporter must not merge trainable tensors that happen to be equal
         # (e.g. zero biases) into one initializer. The forward has no dropout or batch norm.
-        torch.onnx.export(fwd, (torch.zeros(batch_size, *prepared.graph.input_shape),), buf, input_names=["x"], output_names=["logits"],
+        torch.onnx.export(fwd, (torch.zeros(batch_size, *prepared.graph.input_shape),), buf, input_names=[X], output_names=[LOGITS],
                           opset_version=OPSET, do_constant_folding=False, dynamo=False,
                           training=torch.onnx.TrainingMode.TRAINING,
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+                          dynamic_axes={X: {0: "batch"}, LOGITS: {0: "batch"}})
     model = onnx.load_from_string(buf.getvalue())
     inits = [i.name for i in model.graph.initializer]
-    pnames = [f"params.{i}" for i in range(len(prepared.trainable))]
+    pnames = [param_name(i) for i in range(len(prepared.trainable))]
     missing = [p for p in pnames if p not in inits]
     if missing:
         raise EdgeTLError(f"internal: trainable tensors {missing[:3]} are not initializers of the ONNX model")
     frozen = [i for i in inits if i not in pnames]
-    spec = {"requires_grad": pnames, "frozen": frozen, "out": str(Path(out).resolve()), "optimizer": {"name": optimizer.name}}
+    spec = {"requires_grad": pnames, "frozen": frozen, "out": str(Path(out).resolve()), "optimizer": {"name": optimizer.name},
+            "outputs": [LOGITS]}
     if optimizer.name == "adamw":
         spec["optimizer"].update(beta1=optimizer.beta1, beta2=optimizer.beta2, eps=optimizer.eps,
                                  weight_decay=optimizer.weight_decay)
     _generate_artifacts(model, spec)
-    programs = {"training": "training_model.onnx", "eval": "eval_model.onnx", "optimizer": "optimizer_model.onnx"}
-    for rel in programs.values():
+    for rel in [*ORT_TRAINING.program_files().values(), *ORT_TRAINING.files]:  # generate_artifacts' own names
         if not (out / rel).is_file():
             raise EdgeTLError(f"internal: generate_artifacts did not write {rel}")
-    return {
-        "programs": programs,
-        "extra": {"io": {"params": dict(zip(prepared.trainable, pnames))},
-                  "optimizer_state_in_runtime": True},
-        "extra_files": ["checkpoint"],
-    }
+    return {}

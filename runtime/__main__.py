@@ -13,6 +13,7 @@ import resource
 import sys
 
 from .notorch import block_torch
+from .targets import targets_help
 
 
 def _peak_rss_mb() -> float:
@@ -114,7 +115,8 @@ def _show_notice(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m edgetl.runtime", description="edgetl on-device runtime (no torch)")
+    p = _Parser(prog="python -m edgetl.runtime", description="edgetl on-device runtime (no torch); it runs "
+                f"bundles of the targets {targets_help()} (the bundle's manifest names its target)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="train a bundle on x_train/y_train of an .npz")
     f.add_argument("bundle")

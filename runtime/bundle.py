@@ -20,15 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
+from .targets import BY_NAME, PARAMS, STATE, TargetSpec, param_name, state_name, target_spec
 
 FORMAT = "edgetl-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TARGETS = ("onnx", "ort-training", "executorch")
-# The program roles each target's backend opens, and files it reads beyond programs and state.
-REQUIRED_PROGRAMS = {"onnx": ("train_step", "eval"), "ort-training": ("training", "eval", "optimizer"),
-                     "executorch": ("train_step", "eval")}
-REQUIRED_FILES = {"ort-training": ("checkpoint",)}
 MAX_MANIFEST_BYTES = 16 << 20
 MANIFEST_DIGEST = "manifest_sha256"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -112,15 +108,48 @@ def _check_tensors(entries, what: str) -> list[str]:
     return names
 
 
+def _check_io(io, spec: TargetSpec, trainable: list[str], state: list[str]) -> None:
+    """`io.params` / `io.state` map manifest names to the programs' names for `param.*` / `state.*`.
+    Required where programs bind by name; where they bind by position (ExecuTorch) they are the
+    spec's names in manifest order, and may be absent (bundles before they were written there)."""
+    _need(isinstance(io, dict), "'io' must be an object")
+    uses = {g for p in spec.programs for g in p.inputs}
+    for key, group, names, canonical in (("params", PARAMS, trainable, param_name),
+                                         ("state", STATE, state, state_name)):
+        if group not in uses:
+            continue
+        if spec.bind == BY_NAME:
+            _check_name_map(io.get(key, {} if not names else None), f"io.{key}", names)
+        elif key in io:
+            _check_name_map(io[key], f"io.{key}", names)
+            wrong = [n for i, n in enumerate(names) if io[key][n] != canonical(i)]
+            if wrong:
+                raise BundleError(f"{MANIFEST}: 'io.{key}' gives {_short(wrong[0])} the program name "
+                                  f"{_short(io[key][wrong[0]])}, but a {spec.name} program takes its tensors "
+                                  f"by position, in manifest order ({canonical(names.index(wrong[0]))})")
+    if spec.bind != BY_NAME and "params" not in io:
+        _check_listed_io(io, spec, trainable, state)
+
+
+def _check_listed_io(io: dict, spec: TargetSpec, trainable: list[str], state: list[str]) -> None:
+    """The `io` of executorch bundles exported before the `io.params`/`io.state` maps (same format
+    version): per program role, `inputs` lists the program's inputs in order, trainable tensors as
+    `param:NAME` and state as `state:NAME`. Where present, it must list the spec's order."""
+    for p in spec.programs:
+        listed = io.get(p.role, {}).get("inputs") if isinstance(io.get(p.role), dict) else None
+        if listed is not None and listed != p.input_names([f"param:{t}" for t in trainable],
+                                                          [f"state:{s}" for s in state]):
+            raise BundleError(f"{MANIFEST}: 'io.{p.role}.inputs' does not list the '{p.role}' program's inputs "
+                              f"in the order the manifest and the {spec.name} target give them")
+
+
 def validate_manifest(m: dict) -> None:
     """Check the structure and types of every manifest field the runtime reads."""
     for key in ("target", "input", "num_classes", "programs", "trainable", "optimizer", "state_file",
                 "state_keys", "files"):
         _need(key in m, f"lacks '{key}'")
-    target = m["target"]
-    _need(isinstance(target, str), "'target' must be a string")
-    if target not in TARGETS:
-        raise BundleError(f"unknown target {_short(target)}; this runtime runs {', '.join(TARGETS)}")
+    _need(isinstance(m["target"], str), "'target' must be a string")
+    spec = target_spec(m["target"])
 
     inp = m["input"]
     _need(isinstance(inp, dict), "'input' must be an object")
@@ -143,8 +172,8 @@ def validate_manifest(m: dict) -> None:
     programs = m["programs"]
     _need(isinstance(programs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in programs.items()),
           "'programs' must map roles to file names")
-    missing = [r for r in REQUIRED_PROGRAMS[target] if r not in programs]
-    _need(not missing, f"a {target} bundle needs the program(s) {', '.join(missing)}")
+    missing = [r for r in spec.roles if r not in programs]
+    _need(not missing, f"a {spec.name} bundle needs the program(s) {', '.join(missing)}")
 
     trainable = _check_tensors(m["trainable"], "trainable")
     opt = m["optimizer"]
@@ -153,16 +182,12 @@ def validate_manifest(m: dict) -> None:
           f"'optimizer.lr' must be a positive number, got {_short(opt.get('lr'))}")
     state = _check_tensors(opt.get("state", []), "optimizer.state")
     _need(not set(trainable) & set(state), "'trainable' and 'optimizer.state' share a name")
+    _need(spec.state_in_program or not state, f"a {spec.name} bundle keeps its optimizer state in "
+          f"{spec.optimizer_state}, so 'optimizer.state' must be empty")
     _need(isinstance(m["state_file"], str), "'state_file' must be a file name")
     _check_name_map(m["state_keys"], "state_keys", trainable + state)
 
-    io = m.get("io", {})
-    _need(isinstance(io, dict), "'io' must be an object")
-    if target == "onnx":
-        _check_name_map(io.get("params"), "io.params", trainable)
-        _check_name_map(io.get("state", {}), "io.state", state)
-    elif target == "ort-training":
-        _check_name_map(io.get("params"), "io.params", trainable)
+    _check_io(m.get("io", {}), spec, trainable, state)
 
     files = m["files"]
     _need(isinstance(files, dict) and all(isinstance(k, str) for k in files),
@@ -170,7 +195,7 @@ def validate_manifest(m: dict) -> None:
     for rel, digest in files.items():
         _need(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None,
               f"'files' gives {_short(rel)} a malformed sha256 {_short(digest)}")
-    for rel in [*programs.values(), m["state_file"], *REQUIRED_FILES.get(target, ())]:
+    for rel in [*programs.values(), m["state_file"], *spec.files]:
         if rel not in files:
             raise BundleError(f"bundle file {_short(rel)} has no checksum in the manifest")
 
@@ -183,6 +208,10 @@ class Bundle:
     @property
     def target(self) -> str:
         return self.manifest["target"]
+
+    @property
+    def spec(self) -> TargetSpec:
+        return target_spec(self.manifest["target"])
 
     @property
     def batch_size(self) -> int:
@@ -338,7 +367,7 @@ def load_bundle(path: str | Path, trusted_key=None) -> Bundle:
             raise BundleError(f"bundle file {_short(rel)} fails its sha256 check (corrupt or altered)")
     bundle = Bundle(root, manifest)
     check_onnx_programs(manifest, bundle.program)
-    for rel in REQUIRED_FILES.get(bundle.target, ()):
+    for rel in bundle.spec.files:
         # ONNX Runtime reads a checkpoint's external data from `<checkpoint>.data` beside it
         sidecar = f"{rel}.data"
         if safe_path(root, sidecar).exists() and sidecar not in manifest["files"]:

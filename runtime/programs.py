@@ -1,5 +1,6 @@
-"""Checks of a bundle's ONNX programs before onnxruntime opens them (the ExecuTorch backend checks
-its own programs' inputs when it loads them):
+"""Checks of a bundle's programs against their target's spec (targets.py) and the manifest: ONNX
+programs before onnxruntime opens them; ExecuTorch programs as their runtime reports them once
+loaded (`check_positional_programs`):
 
 - no tensor may keep its data in an external file: onnxruntime would read any path it names
   (also `../x` or an absolute path) and no checksum covers that file. edgetl's exporters never
@@ -14,9 +15,9 @@ from pathlib import Path
 
 from .errors import BundleError
 from .onnx_proto import OnnxSummary, ProtoError, ValueInfo, summarize
+from .targets import LOGITS, LOSS, LR, ORT_LABELS, X, Y, ProgramSpec, TargetSpec, param_name, state_name, target_spec
 
 FLOAT, INT64 = 1, 7
-ONNX_TARGETS = ("onnx", "ort-training")
 
 
 _CACHE: dict[str, OnnxSummary] = {}  # by the file's verified sha256: a program is parsed once per process
@@ -60,82 +61,123 @@ def _expect(role: str, v: ValueInfo | None, name: str, shape: tuple, what: str, 
                           f"but the '{role}' program's {name!r} is {_fmt(v.shape)}")
 
 
-def _check_graph(role: str, s: OnnxSummary, manifest: dict, batch: int | None, params: dict[str, tuple],
-                 labels: str | None) -> None:
-    """`params`: program input name -> (manifest name, shape)."""
+def _meaning(name: str, manifest: dict, batch: int | None, tensors: dict[str, tuple]) -> tuple[str, tuple, int]:
+    """What the program tensor `name` (the naming scheme of targets.py) holds: (description, shape
+    the manifest implies, element type). `tensors`: program name -> (manifest name, shape)."""
+    if name in tensors:
+        tensor, shape = tensors[name]
+        return f"tensor {tensor!r}", shape, FLOAT
+    if name.startswith("new_") and name[4:] in tensors:
+        tensor, shape = tensors[name[4:]]
+        return f"the new value of tensor {tensor!r}", shape, FLOAT
+    if name == X:
+        return "the input images (batch, *input.shape)", (batch, *manifest["input"]["shape"]), FLOAT
+    if name in (Y, ORT_LABELS):
+        return "the labels (batch,)", (batch,), INT64
+    if name in (LR, LOSS):
+        return "the learning rate" if name == LR else "the loss", (), FLOAT
+    if name == LOGITS:
+        return "the logits (batch, num_classes)", (batch, manifest["num_classes"]), FLOAT
+    raise AssertionError(f"targets.py names no tensor {name!r}")
+
+
+def _tensors(manifest: dict, spec: TargetSpec, params: list[str], state: list[str]) -> dict[str, tuple]:
+    """Program name -> (manifest name, shape) of the trainable tensors and the optimizer state;
+    refusing two tensors on one program name, or a tensor on one of the spec's fixed names."""
+    entries = manifest["trainable"] + manifest["optimizer"].get("state", [])
+    names = params + state
+    tensors = {n: (t["name"], tuple(t["shape"])) for n, t in zip(names, entries)}
+    if len(tensors) != len(entries):
+        what = "'io.params' gives two parameters" if len(set(params)) != len(params) else "'io.state' gives two tensors"
+        raise BundleError(f"{what} the same program input")
+    fixed = {n for p in spec.programs for n in p.inputs + p.outputs}
+    taken = sorted(set(tensors) & fixed) + sorted(n for n in tensors if n.startswith("new_") and n[4:] in tensors)
+    if taken:
+        raise BundleError(f"the manifest gives tensor {tensors[taken[0]][0]!r} the program name {taken[0]!r}, "
+                          "which names another of the program's tensors")
+    return tensors
+
+
+def _check_onnx(p: ProgramSpec, s: OnnxSummary, manifest: dict, params: list[str], state: list[str],
+                tensors: dict[str, tuple]) -> None:
+    """An ONNX program against its spec: every input by name (shape and element type), no input
+    the manifest does not name (unless ORT binds it itself), and the outputs in order: `loss`
+    by position (ORT names it itself), the others by name and shape."""
+    batch = manifest["input"]["batch_size"] if p.static_batch else None
     inputs = {v.name: v for v in s.inputs}
-    outputs = {v.name: v for v in s.outputs}
-    shape = tuple(manifest["input"]["shape"])
-    _expect(role, inputs.get("x"), "x", (batch, *shape), "the input images (batch, *input.shape)", FLOAT)
-    if labels is not None:
-        _expect(role, inputs.get(labels), labels, (batch,), "the labels (batch,)", INT64)
-    _expect(role, outputs.get("logits"), "logits", (batch, manifest["num_classes"]),
-            "the logits (batch, num_classes)", FLOAT)
-    for name, (tensor, want) in params.items():
-        _expect(role, inputs.get(name), name, want, f"tensor {tensor!r}", FLOAT)
+    names = p.input_names(params, state)
+    for name in names:
+        what, shape, elem = _meaning(name, manifest, batch, tensors)
+        _expect(p.role, inputs.get(name), name, shape, what, elem)
+    if not p.more_inputs:
+        extra = [v.name for v in s.inputs if v.name not in names and v.name not in s.initializers]
+        if extra:
+            raise BundleError(f"the '{p.role}' program needs input {extra[0]!r}, which the manifest does not name")
+    outs = p.output_names(params, state)
+    if len(s.outputs) < len(outs) or (not p.more_outputs and len(s.outputs) != len(outs)):
+        raise BundleError(f"the '{p.role}' program has {len(s.outputs)} outputs; the manifest's {len(params)} "
+                          f"parameters and {len(state)} state tensors need {len(outs)} "
+                          f"({', '.join(p.outputs)})")
+    for v, name in zip(s.outputs, outs):
+        if name == LOSS:
+            continue
+        what, shape, elem = _meaning(name, manifest, batch, tensors)
+        _expect(p.role, v if v.name == name else None, name, shape, what, elem)
+
+
+def program_names(manifest: dict) -> tuple[list[str], list[str]]:
+    """The program names of the trainable tensors and of the optimizer state, in manifest order:
+    from the manifest's `io` maps, else (programs bound by position) the spec's names."""
+    io = manifest.get("io", {})
+    trainable = [t["name"] for t in manifest["trainable"]]
+    state = [t["name"] for t in manifest["optimizer"].get("state", [])]
+    params = [io["params"][t] for t in trainable] if "params" in io else [param_name(i) for i in range(len(trainable))]
+    states = [io["state"][t] for t in state] if "state" in io else [state_name(i) for i in range(len(state))]
+    return params, states
 
 
 def check_onnx_programs(manifest: dict, program_path) -> None:
     """Refuse external data and a manifest that does not describe the programs (see module doc).
     `program_path(role)` resolves a program's file inside the bundle."""
-    target = manifest["target"]
-    if target not in ONNX_TARGETS:
+    spec = target_spec(manifest["target"])
+    if spec.program_format != "onnx":
         return
-    io = manifest.get("io", {})
-    by_io = {io["params"][t["name"]]: (t["name"], tuple(t["shape"])) for t in manifest["trainable"]}
-    if len(by_io) != len(manifest["trainable"]):
-        raise BundleError("'io.params' gives two parameters the same program input")
+    params, state = program_names(manifest)
+    tensors = _tensors(manifest, spec, params, state)
     summaries = {role: read_program(program_path(role), role, manifest["files"].get(rel))
                  for role, rel in manifest["programs"].items()}
-    b = manifest["input"]["batch_size"]
-    if target == "onnx":
-        states = {io["state"][t["name"]]: (t["name"], tuple(t["shape"])) for t in manifest["optimizer"].get("state", [])}
-        if len(states) != len(manifest["optimizer"].get("state", [])) or set(states) & set(by_io):
-            raise BundleError("'io.state' gives two tensors the same program input")
-        train = summaries["train_step"]
-        _check_graph("train_step", train, manifest, b, {**by_io, **states}, "y")
-        # the backend reads outputs by position: loss, logits, new parameters, new state
-        n = 2 + len(by_io) + len(states)
-        if len(train.outputs) != n:
-            raise BundleError(f"the 'train_step' program has {len(train.outputs)} outputs; the manifest's "
-                              f"{len(by_io)} parameters and {len(states)} state tensors need {n}")
-        ev = summaries["eval"]
-        _check_graph("eval", ev, manifest, None, by_io, None)
-        extra = [v.name for v in ev.inputs if v.name != "x" and v.name not in by_io and v.name not in ev.initializers]
-        if extra:
-            raise BundleError(f"the 'eval' program needs input {extra[0]!r}, which the manifest does not name")
-    else:
-        for role in ("training", "eval"):
-            _check_graph(role, summaries[role], manifest, None, by_io, "labels")
+    for p in spec.programs:
+        if not p.opaque:
+            _check_onnx(p, summaries[p.role], manifest, params, state, tensors)
 
 
-def check_executorch_programs(manifest: dict, train_inputs: list[tuple], eval_inputs: list[tuple],
-                              train_outputs: int, eval_outputs: list[tuple] | None = None) -> None:
-    """The ExecuTorch programs' input shapes (static: [(dtype, shape)] as the runtime reports
-    them, in the order x, y, lr, parameters, state; eval: x, parameters) and, where the runtime
-    reports them, the eval program's logits (batch, num_classes), against the manifest."""
-    b, shape = manifest["input"]["batch_size"], tuple(manifest["input"]["shape"])
-    params = [tuple(t["shape"]) for t in manifest["trainable"]]
-    state = [tuple(t["shape"]) for t in manifest["optimizer"].get("state", [])]
-    names = [t["name"] for t in manifest["trainable"] + manifest["optimizer"].get("state", [])]
-    want = [("the input images (batch, *input.shape)", (b, *shape)), ("the labels (batch,)", (b,)),
-            ("the learning rate", None), *((f"tensor {n!r}", s) for n, s in zip(names, params + state))]
-    for i, (what, expected) in enumerate(want):
-        got = tuple(train_inputs[i][1])
-        if expected is not None and got != expected:
-            raise BundleError(f"the manifest gives {what} the shape {_fmt(expected)}, but the 'train_step' "
-                              f"program's input {i} is {_fmt(got)}")
-    if train_outputs != len(want) - 1:
-        raise BundleError(f"the 'train_step' program has {train_outputs} outputs; the manifest's {len(params)} "
-                          f"parameters and {len(state)} state tensors need {len(want) - 1}")
-    if len(eval_inputs) != 1 + len(params) or tuple(eval_inputs[0][1][1:]) != shape:
-        raise BundleError("the 'eval' program's inputs do not match the manifest's input shape and parameters")
-    for i, (n, s) in enumerate(zip(names, params), start=1):
-        if tuple(eval_inputs[i][1]) != s:
-            raise BundleError(f"the manifest gives tensor {n!r} the shape {_fmt(s)}, but the 'eval' program's "
-                              f"input {i} is {_fmt(eval_inputs[i][1])}")
-    if eval_outputs is not None:
-        logits = tuple(eval_outputs[0][1]) if eval_outputs else ()
-        if len(logits) != 2 or logits[1] != manifest["num_classes"]:
-            raise BundleError(f"the manifest says num_classes {manifest['num_classes']}, but the 'eval' program's "
-                              f"logits are {_fmt(logits)}")
+def check_positional_programs(manifest: dict, found: dict[str, tuple[list[tuple], int, list[tuple] | None]]) -> None:
+    """Programs bound by position (ExecuTorch), as their runtime reports them — role -> (inputs
+    [(dtype, shape)], number of outputs, outputs [(dtype, shape)] where reported) — against the
+    spec's order and the manifest's shapes."""
+    spec = target_spec(manifest["target"])
+    params, state = program_names(manifest)
+    tensors = _tensors(manifest, spec, params, state)
+    for p in spec.programs:
+        inputs, num_outputs, outputs = found[p.role]
+        batch = manifest["input"]["batch_size"] if p.static_batch else None
+        names = p.input_names(params, state)
+        if len(inputs) != len(names):
+            raise BundleError(f"the '{p.role}' program has {len(inputs)} inputs; the manifest's {len(params)} "
+                              f"parameters and {len(state)} state tensors need {len(names)} ({', '.join(p.inputs)})")
+        for i, name in enumerate(names):
+            what, shape, _ = _meaning(name, manifest, batch, tensors)
+            _expect_shape(p.role, f"input {i}", tuple(inputs[i][1]), shape, what)
+        outs = p.output_names(params, state)
+        if num_outputs != len(outs):
+            raise BundleError(f"the '{p.role}' program has {num_outputs} outputs; the manifest's {len(params)} "
+                              f"parameters and {len(state)} state tensors need {len(outs)} ({', '.join(p.outputs)})")
+        for i, (name, got) in enumerate(zip(outs, outputs or [])):
+            what, shape, _ = _meaning(name, manifest, batch, tensors)
+            _expect_shape(p.role, f"output {i}", tuple(got[1]), shape, what)
+
+
+def _expect_shape(role: str, where: str, got: tuple, shape: tuple, what: str) -> None:
+    if len(got) != len(shape) or any(a is not None and a != b for a, b in zip(shape, got)):
+        raise BundleError(f"the manifest gives {what} the shape {_fmt(shape)}, but the '{role}' program's "
+                          f"{where} is {_fmt(got)}")

@@ -25,7 +25,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import EdgeRuntimeError, InputError
-from ..programs import check_executorch_programs
+from ..programs import check_positional_programs
+from ..targets import X
 from .base import HostStateBackend
 
 _SHIM_SOURCE = r"""
@@ -314,14 +315,8 @@ class ExecuTorchBackend(HostStateBackend):
         # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
         self.train = NativeMethod(bundle.program_bytes("train_step"), name=bundle.program("train_step").name)
         self.eval = NativeMethod(bundle.program_bytes("eval"), name=bundle.program("eval").name)
-        io = bundle.manifest.get("io", {})
-        expect_train = ["x", "y", "lr", *(f"param:{t}" for t in bundle.trainable),
-                        *(f"state:{s}" for s in bundle.state_names)]
-        declared = io.get("train_step", {}).get("inputs", expect_train)
-        if declared != expect_train or len(self.train.inputs) != len(expect_train):
-            raise EdgeRuntimeError("the train_step program's inputs do not match the manifest")
-        check_executorch_programs(bundle.manifest, self.train.inputs, self.eval.inputs, self.train.num_outputs,
-                                  self.eval.outputs)
+        check_positional_programs(bundle.manifest, {
+            role: (m.inputs, m.num_outputs, m.outputs) for role, m in (("train_step", self.train), ("eval", self.eval))})
         self.batch = int(self.eval.inputs[0][1][0])
         self.set_state(bundle.initial_state())
 
@@ -371,7 +366,7 @@ class ExecuTorchBackend(HostStateBackend):
         m = self.bundle.manifest
         meta.write_text(json.dumps({
             "program": out.name, "params_file": npz.name,
-            "inputs": ["x", *names], "params_keys": {n: f"a{i}" for i, n in enumerate(names)},
+            "inputs": [X, *names], "params_keys": {n: f"a{i}" for i, n in enumerate(names)},
             "static_batch": self.batch, "input": m["input"], "num_classes": m["num_classes"],
             "note": "x must be normalized: (x - mean) / std per channel, x in [0, 1]; pad to the static batch",
         }, indent=2))

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
+from ..programs import program_names
+from ..targets import LOGITS
 from .base import HostStateBackend
 from ..lora_merge import merged_weights
 from .onnx_inference import write_inference_model
@@ -39,24 +41,21 @@ class OnnxBackend(HostStateBackend):
         # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
         self.train = ort.InferenceSession(bundle.program_bytes("train_step"), so, providers=providers)
         self.eval = ort.InferenceSession(bundle.program_bytes("eval"), so, providers=providers)
-        io = bundle.manifest["io"]
-        self.pnames = [io["params"][t] for t in bundle.trainable]
-        self.snames = [io["state"][s] for s in bundle.state_names]
-        self.train_inputs = {i.name for i in self.train.get_inputs()}
-        self.eval_inputs = {i.name for i in self.eval.get_inputs()}
+        self.pnames, snames = program_names(bundle.manifest)
+        # the programs' inputs by name, in the spec's order (load_bundle checked that they exist)
+        self.train_names = bundle.spec.program("train_step").input_names(self.pnames, snames)
+        self.eval_names = bundle.spec.program("eval").input_names(self.pnames, snames)
         self.set_state(bundle.initial_state())
 
     def train_step(self, x, y, lr):
-        feeds = {"x": x, "y": y, "lr": np.asarray(lr, dtype=np.float32),
-                 **dict(zip(self.pnames, self.params)), **dict(zip(self.snames, self.state))}
-        outs = self.train.run(None, {k: v for k, v in feeds.items() if k in self.train_inputs})
+        values = [x, y, np.asarray(lr, dtype=np.float32), *self.params, *self.state]
+        outs = self.train.run(None, dict(zip(self.train_names, values)))
         n = len(self.params)
         self.params, self.state = list(outs[2 : 2 + n]), list(outs[2 + n :])
         return float(outs[0]), outs[1]
 
     def logits(self, x):
-        feeds = {"x": x, **dict(zip(self.pnames, self.params))}
-        return self.eval.run(["logits"], {k: v for k, v in feeds.items() if k in self.eval_inputs})[0]
+        return self.eval.run([LOGITS], dict(zip(self.eval_names, [x, *self.params])))[0]
 
     def export_inference(self, out: Path) -> list[Path]:
         m = self.bundle.manifest

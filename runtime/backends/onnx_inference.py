@@ -14,9 +14,10 @@ import numpy as np
 
 from ..errors import BundleError
 from ..onnx_proto import ProtoError, fields
+from ..targets import X
 
 _FLOAT = 1  # TensorProto.DataType FLOAT
-_X, _NORMALIZED = "x", "edgetl.x_normalized"
+_X, _NORMALIZED = X, "edgetl.x_normalized"
 
 
 def _varint(n: int) -> bytes:

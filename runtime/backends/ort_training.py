@@ -21,6 +21,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleError
+from ..programs import program_names
+from ..targets import LOGITS
 from .base import Backend
 from .onnx import session_options
 from .ort_checkpoint import STEP, read_optimizer_state, write_optimizer_state
@@ -32,16 +34,17 @@ class OrtTrainingBackend(Backend):
         from onnxruntime.capi import _pybind_state as C
 
         self.C = C
-        if "checkpoint" not in bundle.manifest["files"]:
-            raise BundleError("ort-training bundle lacks its 'checkpoint' file")
+        (checkpoint,) = bundle.spec.files
+        if checkpoint not in bundle.manifest["files"]:
+            raise BundleError(f"{bundle.target} bundle lacks its {checkpoint!r} file")
         self.device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
         self.so = session_options(arena)
-        self.pnames = [bundle.manifest["io"]["params"][t] for t in bundle.trainable]
+        self.pnames = program_names(bundle.manifest)[0]
         self.names = dict(zip(self.pnames, bundle.trainable))
         self.scratch = tempfile.mkdtemp(prefix="edgetl-ort-")  # mode 0700
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.scratch, True)
         self.files = self._private_copy()
-        self._open(C.load_checkpoint(str(self.files / "checkpoint")))
+        self._open(C.load_checkpoint(str(self.files / checkpoint)))
         self.set_state(bundle.initial_state())
         self.shapes = {k: tuple(v.shape) for k, v in self.get_state().items()}
 
@@ -120,5 +123,5 @@ class OrtTrainingBackend(Backend):
     def export_inference(self, out: Path) -> list[Path]:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.module.export_model_for_inferencing(str(out), ["logits"])
+        self.module.export_model_for_inferencing(str(out), [LOGITS])
         return [out]
