@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from . import bias, full, head, last, mask, quant, side  # noqa: F401  (registers the parts)
+from . import bias, full, head, last, mask, norm, quant, side  # noqa: F401  (registers the parts)
 from .base import Part, PrepareContext, known_tokens, part_from_token
 
-BASE_PARTS = ("full", "head", "bias", "side")
+BASE_PARTS = ("full", "head", "bias", "side", "norm")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         raise RecipeError(f"'{lasts[0].name}' limits which backbone blocks train; combine it with 'bias' or 'full'")
     if "full" in names and "bias" in names:
         raise RecipeError("'full' already trains every bias; drop 'bias'")
+    if "full" in names and "norm" in names:
+        raise RecipeError("'full' already trains every norm layer; drop 'norm'")
     return Recipe(parts)
 
 
