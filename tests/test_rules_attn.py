@@ -274,3 +274,32 @@ def test_masked_attention_is_reported_as_unsupported():
 
     with pytest.raises(UnsupportedLayerError, match="mask"):
         trace(Masked().eval(), (4, 8))
+
+
+class _GroupAndRmsNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.gn = nn.GroupNorm(3, 6)
+        self.rms = nn.RMSNorm(6)
+        self.fc = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.uniform_(-0.2, 0.2)
+            self.rms.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = self.gn(self.conv(x)).mean((2, 3)).unsqueeze(1)
+        return self.fc(self.rms(x)[:, 0])
+
+
+def test_group_and_rms_norm_trace_and_train_with_the_norm_recipe():
+    import edgetl
+    from edgetl.optim import OptimizerConfig
+    from helpers import lean_vs_reference
+
+    pm = edgetl.prepare(_GroupAndRmsNorm().eval(), "norm", num_classes=3, input_shape=(3, 8, 8))
+    assert {n.rule.kind for n in pm.graph.nodes} >= {"groupnorm", "rmsnorm"}
+    assert pm.trainable == ["gn.weight", "gn.bias", "rms.weight", "head.weight", "head.bias"]
+    gerr, perr = lean_vs_reference(pm, _t((2, 3, 8, 8)), torch.tensor([0, 2]), OptimizerConfig.make("sgd", lr=0.1))
+    assert max(gerr.values()) < 1e-5 and max(perr.values()) < 1e-5
