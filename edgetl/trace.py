@@ -35,7 +35,15 @@ aten = torch.ops.aten
 
 # Composite ops kept whole by the decomposition, because they have lean rules of their own.
 KEEP_WHOLE = (aten.linear.default, aten.hardswish.default, aten.hardsigmoid.default, aten.silu.default,
-              aten.hardtanh.default, aten.relu6.default, aten.sigmoid.default, aten.tanh.default)
+              aten.hardtanh.default, aten.relu6.default, aten.sigmoid.default, aten.tanh.default,
+              aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.default, aten.gelu.default,
+              aten.softmax.int, aten.matmul.default, aten.scaled_dot_product_attention.default)
+
+# Ops on a parameter alone whose result is still that parameter (moved, broadcast or reshaped):
+# it stays a direct parameter that a recipe may train (see rules/param.py).
+_PARAM_VIEWS = {aten.expand.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+                aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
+                aten._to_copy.default, aten.to.dtype, aten.lift_fresh_copy.default}
 
 
 class _Poison:
@@ -127,14 +135,15 @@ class _Walker:
     # -- placeholders -------------------------------------------------------------------------------
     def placeholder(self, n: fx.Node) -> None:
         sig = self.ep.graph_signature
-        for table, store in ((sig.inputs_to_parameters, self.ep.state_dict), (sig.inputs_to_buffers, None),
+        params = sig.inputs_to_parameters
+        for table, store in ((params, self.ep.state_dict), (sig.inputs_to_buffers, None),
                              (sig.inputs_to_lifted_tensor_constants, self.ep.constants)):
             if n.name in table:
                 name = table[n.name]
                 value = self.ep.state_dict.get(name) if store is None else store.get(name)
                 if value is None:
                     value = self.ep.constants.get(name)
-                self.env[n.name] = Const(value.detach(), name)
+                self.env[n.name] = Const(value.detach(), name, param=table is params)
                 return
         if n.name in sig.user_inputs:
             if any(isinstance(v, Act) for v in self.env.values()):
@@ -175,6 +184,9 @@ class _Walker:
                     or first.target in _VIEWS:
                 raise _NeedsCore()
             target, mutated = functional, first
+        if isinstance(args[0] if args else None, _BatchMoved) or _moves_batch_then_splits(n, target, args):
+            self.split_moved(n, target, args)
+            return
         if not _contains(args, Act) and not _contains(kwargs, Act):
             if not self.core and _functional(target) is not None:
                 raise _NeedsCore()
@@ -203,10 +215,33 @@ class _Walker:
     def fold(self, n: fx.Node, args, kwargs):
         """An op on constants only (e.g. a weight reshaped in forward): computed now."""
         plain = _map(lambda v: v.value if isinstance(v, Const) else v, (args, kwargs))
-        names = [v.name for v in _leaves((args, kwargs)) if isinstance(v, Const) and v.name]
+        consts = [v for v in _leaves((args, kwargs)) if isinstance(v, Const)]
+        names = [v.name for v in consts if v.name]
+        param = n.target in _PARAM_VIEWS and len(consts) == 1 and consts[0].param
         out = n.target(*plain[0], **plain[1])
-        return _map(lambda v: Const(v.detach(), names[0] if names else "") if isinstance(v, torch.Tensor) else v,
-                    out)
+        return _map(lambda v: Const(v.detach(), names[0] if names else "", param) if isinstance(v, torch.Tensor)
+                    else v, out)
+
+    def split_moved(self, n: fx.Node, target, args) -> None:
+        """timm's `qkv.permute(2, 0, 3, 1, 4).unbind(0)`: a permute that moves the batch to the
+        second place, only ever split along its new first dim. Each part is a Select of the unpermuted
+        tensor followed by the rest of the permutation, so the batch never moves."""
+        if target is aten.permute.default:
+            self.env[n.name] = _BatchMoved(args[0], [d % (len(args[0].shape) + 1) for d in args[1]])
+            return
+        moved: _BatchMoved = args[0]
+        x, dims = moved.x, moved.dims
+        a = dims[0]
+        rest = [d if d < a else d - 1 for d in dims[1:]]
+        module, _ = _module(n)
+        indices = range(x.shape[a - 1]) if target is aten.unbind.int else [args[2] % x.shape[a - 1]]
+        out = []
+        for i in indices:
+            part = self.add(Lowered(R.Select(a - 1, i), [x]), n, module)
+            if rest != list(range(len(rest))):
+                part = self.add(Lowered(R.Permute(tuple(d - 1 for d in rest[1:])), [part]), n, module)
+            out.append(part)
+        self.env[n.name] = out if target is aten.unbind.int else out[0]
 
     def fail(self, n: fx.Node, reason: str) -> None:
         self.unsupported.append((n, reason))
@@ -269,6 +304,27 @@ class _Walker:
         if len(outs) != 1 or not isinstance(outs[0], Act) or outs[0].name == INPUT:
             raise EdgeTLError("the model's forward must return one tensor (the logits)")
         self.output = outs[0].name
+
+
+class _BatchMoved:
+    """A permute that moved the batch dim (see _Walker.split_moved): no value of the lean graph."""
+
+    def __init__(self, x: Act, dims: list[int]):
+        self.x, self.dims = x, dims
+
+
+def _splits_first_dim(user: fx.Node) -> bool:
+    if user.target is aten.unbind.int:
+        return (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)) == 0
+    return user.target is aten.select.int and user.args[1] == 0
+
+
+def _moves_batch_then_splits(n: fx.Node, target, args) -> bool:
+    if target is not aten.permute.default or not isinstance(args[0], Act):
+        return False
+    ndim = len(args[0].shape) + 1
+    dims = [d % ndim for d in args[1]]
+    return dims[0] != 0 and dims[1] == 0 and bool(n.users) and all(_splits_first_dim(u) for u in n.users)
 
 
 def _leaves(v):

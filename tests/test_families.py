@@ -58,13 +58,13 @@ def test_family_heads_and_blocks():
         assert len(pm.notes["trainable_blocks"]) == 2, name
 
 
-def _runtime_matches_torch(tmp_path, name: str, recipe: str, target: str) -> None:
+def _runtime_matches_torch(tmp_path, name: str, recipe: str, target: str, prepare=None) -> None:
     """Two steps of the exported program on the torch-free runtime match two torch lean steps."""
     from edgetl.exporters import export
     from edgetl.runtime import Trainer
     from edgetl.runtime.data import normalize
 
-    pm = _prepare(name, recipe)
+    pm = (prepare or _prepare)(name, recipe)
     opt = OptimizerConfig.make("sgd", lr=0.05, momentum=0.9)
     trainer = Trainer.load(export(pm, target, tmp_path / "b", opt, batch_size=2))
     g = np.random.default_rng(0)

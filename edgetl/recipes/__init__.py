@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from . import bias, full, head, last, lora, mask, quant, side  # noqa: F401  (registers the parts)
+from . import bias, full, head, last, lora, mask, norm, quant, side  # noqa: F401  (registers the parts)
 from .base import Part, PrepareContext, known_tokens, part_from_token
 
-BASE_PARTS = ("full", "head", "bias", "side", "lora")
+BASE_PARTS = ("full", "head", "bias", "side", "lora", "norm")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         raise RecipeError(f"'full' already trains every weight; drop '{loras[0]}'")
     if loras and lasts:
         raise RecipeError(f"'{lasts[0].name}' does not limit '{loras[0]}', which adapts every layer; drop one")
+    if "full" in names and "norm" in names:
+        raise RecipeError("'full' already trains every norm layer; drop 'norm'")
     return Recipe(parts)
 
 

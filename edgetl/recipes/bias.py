@@ -1,5 +1,7 @@
 """`bias`: the bias of every frozen conv/linear trains (with BatchNorm folded in, that bias is
-the BN shift): TinyTL's bias update and MobileTL's norm shift."""
+the BN shift): TinyTL's bias update and MobileTL's norm shift. On a transformer this is BitFit
+(every bias) plus the shift of every LayerNorm / GroupNorm (their "bias" role); their scales,
+position embeddings, class tokens and layer scales stay frozen."""
 from .base import Part, PrepareContext, register
 
 

@@ -1,11 +1,15 @@
-"""`q8` / `q4`: smooth activations (SiLU, Sigmoid, Tanh), whose derivative no mask represents,
+"""`q8` / `q4`: smooth activations (SiLU, Sigmoid, Tanh, GELU), whose derivative no mask represents,
 keep what their backward needs (their derivative) as 8-bit (Mesa) or 4-bit (S2A) codes with a
-per-channel scale and zero point instead of fp32, dequantized in the backward. An approximation: the gradient
-error against exact is measured in tests/test_rules_cnn.py. Piecewise-linear activations are
+per-channel scale and zero point instead of fp32, dequantized in the backward. Softmax and
+attention keep their probabilities, and norm layers their normalized input, the same way. An
+approximation: the gradient error against exact is measured in tests/test_rules_cnn.py and
+tests/test_rules_attn.py. Piecewise-linear activations are
 left to `mask` (exact), so `bias+mask+q8` quantizes only what a mask cannot hold."""
 import re
 
 from ..errors import RecipeError
+from ..rules.attention import _KeepsProbabilities
+from ..rules.norm import _Norm
 from ..rules.smooth import _Smooth
 from .base import Part, PrepareContext, register
 
@@ -18,7 +22,7 @@ class QuantizedKeep(Part):
         self.name = f"q{bits}"
 
     def apply(self, graph, ctx: PrepareContext) -> None:
-        nodes = [n for n in graph.nodes if isinstance(n.rule, _Smooth)]
+        nodes = [n for n in graph.nodes if isinstance(n.rule, (_Smooth, _KeepsProbabilities, _Norm))]
         rules = [n.rule for n in nodes]
         other = next((r.quant_bits for r in rules if r.quant_bits not in (None, self.bits)), None)
         if other is not None:

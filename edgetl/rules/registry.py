@@ -42,6 +42,7 @@ class Const:
 
     value: torch.Tensor
     name: str = ""
+    param: bool = False  # a parameter of the model as it is (or expanded/reshaped), not a value computed from one
 
 
 @dataclass

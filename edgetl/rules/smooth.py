@@ -134,3 +134,45 @@ from .registry import Call, Lowered, aten, handles  # noqa: E402
 def _smooth(call: Call) -> Lowered:
     rule = {aten.silu.default: SiLU, aten.sigmoid.default: Sigmoid, aten.tanh.default: Tanh}[call.op]()
     return Lowered(rule, [call.act(0)])
+
+
+class GELU(_Smooth):
+    """`aten.gelu`, exact (erf) or `approximate="tanh"`. Keeps its input x, as autograd does;
+    exact: dy/dx = Φ(x) + x φ(x); tanh: with u = c (x + 0.044715 x³), t = tanh(u),
+    dy/dx = ½ (1 + t) + ½ x (1 - t²) c (1 + 3·0.044715 x²)."""
+
+    kind = "gelu"
+
+    def __init__(self, approximate: str = "none"):
+        self.approximate_kind = approximate
+
+    def compute(self, xs, w):
+        return torch.nn.functional.gelu(xs[0], approximate=self.approximate_kind)
+
+    def _keep_value(self, x, y):
+        return x
+
+    def _grad(self, g, x):
+        return g * self._derivative(x, None)
+
+    def _derivative(self, x, y):
+        if self.approximate_kind == "tanh":
+            c = 0.7978845608028654  # sqrt(2 / pi)
+            x2 = x * x
+            t = torch.tanh(c * (x + 0.044715 * x2 * x))
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x2)
+        cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        return cdf + x * pdf
+
+    def describe(self) -> str:
+        kind = "gelu (tanh)" if self.approximate_kind == "tanh" else "gelu"
+        return f"{kind}{f' ({self.quant_bits}-bit kept)' if self.quant_bits else ''}"
+
+
+SMOOTH["gelu"] = GELU
+
+
+@handles(aten.gelu.default)
+def _gelu(call: Call) -> Lowered:
+    return Lowered(GELU(call.kwargs.get("approximate", call.args[1] if len(call.args) > 1 else "none")), [call.act(0)])

@@ -1,0 +1,87 @@
+"""Transformers and hybrids written as timm writes them (tests/families: DeiT-like with a class
+token, position embedding, fused and explicit attention and LayerScale; a MobileViT-like hybrid with
+unfold / fold; a ConvNeXt-like CNN with channels-last LayerNorm, GELU and layer-scale gamma) are
+prepared as users would, and one lean step's gradients match torch autograd on the same prepared
+model for the recipes people use on them. Then each exports for `onnx` and is stepped by the
+torch-free runtime, matching the torch step; one runs on ExecuTorch."""
+import pytest
+import torch
+
+import edgetl
+from edgetl.optim import OptimizerConfig
+from families.transformers import TRANSFORMERS
+from helpers import lean_vs_reference
+from test_families import _runtime_matches_torch
+
+RECIPES = ["bias", "bias+q8", "norm", "full", "head"]
+TOL = 1e-4
+
+
+def _prepare(name: str, recipe: str):
+    model = TRANSFORMERS[name]()
+    return edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
+
+
+def _batch(pm, n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *pm.input_shape, generator=g), torch.randint(0, pm.num_classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_transformer_step_matches_autograd(name, recipe):
+    pm = _prepare(name, recipe)
+    gerr, perr = lean_vs_reference(pm, *_batch(pm), OptimizerConfig.make("sgd", lr=0.05))
+    assert max(gerr.values()) < TOL, max(gerr.items(), key=lambda kv: kv[1])
+    assert max(perr.values()) < TOL, max(perr.items(), key=lambda kv: kv[1])
+
+
+def _trainable_kinds(pm) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for n in pm.graph.nodes:
+        for role, t in n.params.items():
+            if t in pm.trainable and n.name != pm.head:
+                out.setdefault(n.rule.kind, set()).add(role)
+    return out
+
+
+def test_what_each_recipe_trains_on_a_vision_transformer():
+    bias = _trainable_kinds(_prepare("deit", "bias"))
+    assert bias == {"conv2d": {"bias"}, "linear": {"bias"}, "layernorm": {"bias"}}  # BitFit + norm shifts
+    assert _trainable_kinds(_prepare("deit", "norm")) == {"layernorm": {"weight", "bias"}}
+    full = _trainable_kinds(_prepare("deit", "full"))
+    assert {"param_add", "param_concat", "param_mul"} <= set(full)  # pos embed, class token, layer scale
+    assert full["linear"] == {"weight", "bias"}
+
+
+def test_q8_quantizes_gelu_softmax_attention_and_norm_keeps():
+    pm = _prepare("deit", "bias+q8")
+    quantized = {n.rule.kind for n in pm.graph.nodes if getattr(n.rule, "quant_bits", None) == 8}
+    assert quantized == {"gelu", "softmax", "attention", "layernorm"}
+    exact = _prepare("deit", "bias")
+    kept = pm.memory(8).kept_activations_bytes, exact.memory(8).kept_activations_bytes
+    assert kept[0] < 0.7 * kept[1], kept  # q, k, v stay fp32 (what the q @ kᵀ gradient needs)
+
+
+def test_norm_refuses_a_model_without_norm_layers():
+    from edgetl.errors import RecipeError
+    from families import FAMILIES
+
+    model = FAMILIES["resnet18"]()
+    with pytest.raises(RecipeError, match="norm"):
+        edgetl.prepare(model, "norm", num_classes=5, input_shape=model.input_shape)
+
+
+ONNX = {"deit": "bias+q8", "deit_mean": "full", "mobilevit": "norm", "convnext": "bias+q8"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ONNX))
+def test_transformer_exports_for_onnx_and_steps_on_the_runtime(tmp_path, name):
+    _runtime_matches_torch(tmp_path, name, ONNX[name], "onnx", _prepare)
+
+
+@pytest.mark.slow
+def test_vision_transformer_exports_for_executorch_and_steps_on_the_runtime(tmp_path):
+    pytest.importorskip("executorch")
+    _runtime_matches_torch(tmp_path, "deit", "bias+q8", "executorch", _prepare)
