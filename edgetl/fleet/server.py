@@ -51,7 +51,10 @@ class FleetReport:
 def reply_problem(msg, shapes: dict[str, tuple], digest: str) -> str | None:
     """Why a client's reply cannot be averaged in, or None when it can."""
     if msg.has_error():
-        return f"the client failed: {' '.join(str(msg.error.reason).split())[:200]}"
+        reason = str(msg.error.reason)
+        # a simulated client's exception arrives wrapped in Ray's traceback; its own message is last
+        reason = reason.rsplit("Message: ", 1)[-1] if "ClientAppException" in reason else reason
+        return f"the client failed: {' '.join(reason.split())[:200]}"
     content = msg.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         return f"the reply has no '{ARRAYS}' or '{METRICS}' record"
@@ -125,12 +128,25 @@ def _metrics_only(content):
     return RecordDict({METRICS: content[METRICS]})
 
 
+def _save_checkpoint(path: str, trainer: Trainer, r: int, accuracy: list[float], cfg: FleetConfig) -> None:
+    """The global tiny parts (with the round's fresh moments) as a device-runtime checkpoint of the
+    bundle, so `edgetl.runtime evaluate|export-inference --checkpoint` read it as it is."""
+    b = trainer.bundle
+    meta = {"step": r, "epoch": r, "seed": int(cfg.seed), "target": b.target, "bundle": b.manifest["files"],
+            "bundle_manifest": bundle_id(b), "fleet_round": r, "accuracy_per_round": list(accuracy),
+            "schedule": {"name": "constant", "lr": float(cfg.lr or b.manifest["optimizer"]["lr"]), "total_steps": 0}}
+    ckpt.save_checkpoint(path, trainer.backend.get_state(), meta)
+
+
 def _load_checkpoint(path: str, digest: str, shapes: dict) -> tuple[dict, int, list[float]]:
     arrays, header, used = ckpt.load_latest(path)
     if header.get("bundle_manifest") != digest:
         raise EdgeTLError(f"fleet checkpoint '{used}' belongs to another bundle")
-    if {k: tuple(v.shape) for k, v in arrays.items()} != {k: tuple(s) for k, s in shapes.items()}:
+    if "fleet_round" not in header:
+        raise EdgeTLError(f"checkpoint '{used}' is not a fleet checkpoint (it has no round)")
+    if any(k not in arrays or tuple(arrays[k].shape) != tuple(s) for k, s in shapes.items()):
         raise EdgeTLError(f"fleet checkpoint '{used}' does not match the bundle's trainable tensors")
+    arrays = {k: arrays[k] for k in shapes}
     return arrays, int(header["fleet_round"]), [float(a) for a in header["accuracy_per_round"]]
 
 
@@ -165,8 +181,7 @@ def run_server(grid, cfg: FleetConfig, report: FleetReport) -> FleetReport:
         report.accuracy_per_round.append(acc)
         report.arrays = new
         if cfg.checkpoint:
-            ckpt.save_checkpoint(cfg.checkpoint, new, {"step": r, "fleet_round": r, "bundle_manifest": digest,
-                                                       "accuracy_per_round": report.accuracy_per_round})
+            _save_checkpoint(cfg.checkpoint, trainer, r, report.accuracy_per_round, cfg)
         bar.update(1, round=r, acc=acc)
         return MetricRecord({"accuracy": acc})
 
