@@ -26,6 +26,8 @@ from .data import load_npz
 from .errors import InputError
 from .trainer import Trainer
 
+__all__ = ["app", "bundle_id", "client_app", "start_round", "train_round", "trainable_state"]  # Flower finds `app` here
+
 ARRAYS, METRICS, META = "arrays", "metrics", "meta"  # keys of the records in a reply
 WEIGHT = "num-examples"  # FedAvg's weight: the examples a client trained on
 
