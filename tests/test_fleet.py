@@ -178,3 +178,84 @@ def test_device_client_app_loads_without_torch():
             "assert isinstance(f.app, ClientApp)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(path, text: str, procs, seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        dead = [p.args[0] for p in procs if p.poll() is not None]
+        assert not dead, f"{dead} exited: {path.read_text(errors='replace')[-2000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no '{text}' in {path} after {seconds} s: {path.read_text(errors='replace')[-2000:]}")
+
+
+@pytest.mark.slow
+def test_deployment_superlink_and_three_supernodes(fleet, tmp_path):
+    """Flower's Deployment Runtime on localhost, insecure: a SuperLink and three SuperNodes as
+    separate processes, each node with its own bundle path and data file; `flwr run` submits the
+    app; everything is shut down (process groups) whatever happens."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from edgetl.fleet.deploy import write_app
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_HOME": str(tmp_path / "flwr-home")}
+    port = _free_port()
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    d = np.load(fleet["data"])
+    for i in range(3):  # each device holds its own data file
+        with open(tmp_path / f"device{i}.npz", "wb") as f:
+            np.savez(f, x_train=d["x_train"][i::3], y_train=d["y_train"][i::3], x_test=d["x_test"][:0],
+                     y_test=d["y_test"][:0])
+    out = tmp_path / "summary.json"
+    app = write_app(tmp_path / "app", str(fleet["bundle"]), str(fleet["data"]), rounds=2, clients=3, out=str(out),
+                    lr=0.05, checkpoint=str(tmp_path / "global.npz"), round_timeout=120)
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "w")
+        return subprocess.Popen([str(bin_dir / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=tmp_path, start_new_session=True)
+
+    procs = []
+    try:
+        procs.append(start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                           "--host", "127.0.0.1", "--port", str(port)))
+        _wait_for(tmp_path / "superlink.log", "Uvicorn running", procs, 120)
+        for i in range(3):
+            procs.append(start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                               "--port", str(_free_port()), "--node-config",
+                               f"bundle='{fleet['bundle']}' data='{tmp_path / f'device{i}.npz'}'"))
+        r = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "local", "--stream"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        summary = json.loads(out.read_text())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert summary["rounds"] == 2 and len(summary["accuracy_per_round"]) == 2
+    assert summary["test_accuracy"] > 0.8 and summary["dropped"] == [] and summary["skipped_rounds"] == []
+    assert ckpt.load_checkpoint(tmp_path / "global.npz")[1]["fleet_round"] == 2
