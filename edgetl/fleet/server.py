@@ -53,7 +53,8 @@ def reply_problem(msg, shapes: dict[str, tuple], digest: str) -> str | None:
     if msg.has_error():
         reason = str(msg.error.reason)
         # a simulated client's exception arrives wrapped in Ray's traceback; its own message is last
-        reason = reason.rsplit("Message: ", 1)[-1] if "ClientAppException" in reason else reason
+        if "ClientAppException" in reason:
+            reason = reason.rsplit("Message: ", 1)[-1].strip().rstrip("'>")
         return f"the client failed: {' '.join(reason.split())[:200]}"
     content = msg.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
