@@ -259,3 +259,17 @@ def test_deployment_superlink_and_three_supernodes(fleet, tmp_path):
     assert summary["rounds"] == 2 and len(summary["accuracy_per_round"]) == 2
     assert summary["test_accuracy"] > 0.8 and summary["dropped"] == [] and summary["skipped_rounds"] == []
     assert ckpt.load_checkpoint(tmp_path / "global.npz")[1]["fleet_round"] == 2
+
+
+def test_a_checkpoint_of_another_bundle_is_refused_before_ray_starts(fleet, tmp_path):
+    from edgetl.runtime import Trainer
+
+    other = Trainer.load(_bundle(tmp_path / "other", 1))
+    other.save_checkpoint(tmp_path / "ckpt.npz")  # a device checkpoint of another bundle
+    with pytest.raises(EdgeTLError, match="belongs to another bundle"):
+        simulate(str(fleet["bundle"]), str(fleet["data"]), clients=3, rounds=1, seed=0,
+                 checkpoint=str(tmp_path / "ckpt.npz"))
+    Trainer.load(fleet["bundle"]).save_checkpoint(tmp_path / "mine.npz")  # this bundle's, but not a fleet's
+    with pytest.raises(EdgeTLError, match="not a fleet checkpoint"):
+        simulate(str(fleet["bundle"]), str(fleet["data"]), clients=3, rounds=1, seed=0,
+                 checkpoint=str(tmp_path / "mine.npz"))

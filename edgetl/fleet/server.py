@@ -151,6 +151,18 @@ def _load_checkpoint(path: str, digest: str, shapes: dict) -> tuple[dict, int, l
     return arrays, int(header["fleet_round"]), [float(a) for a in header["accuracy_per_round"]]
 
 
+def check_checkpoint(path: str | None, bundle) -> int:
+    """The round a fleet checkpoint of `bundle` holds (0: none yet); refused when it is of
+    another bundle or no fleet checkpoint."""
+    if not path or not Path(path).exists():
+        return 0
+    shapes = {t: bundle.tensor_shapes()[t] for t in bundle.trainable}
+    try:
+        return _load_checkpoint(path, bundle_id(bundle), shapes)[1]
+    except CheckpointError as e:
+        raise EdgeTLError(str(e)) from None
+
+
 def run_server(grid, cfg: FleetConfig, report: FleetReport) -> FleetReport:
     """The ServerApp's work: federate for cfg.rounds rounds (resuming from cfg.checkpoint)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord

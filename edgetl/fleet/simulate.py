@@ -14,7 +14,7 @@ from ..errors import EdgeTLError
 from ..runtime.bundle import load_bundle
 from ..runtime.data import check_images, check_labels, load_npz
 from .partition import partition, write_shards
-from .server import FleetConfig, FleetReport, server_app
+from .server import FleetConfig, FleetReport, check_checkpoint, server_app
 
 
 def upload_bytes(bundle) -> int:
@@ -51,6 +51,7 @@ def simulate(bundle: str, data: str, clients: int, rounds: int, partition_scheme
     x_test = check_images(d["x_test"], b.input_shape, "x_test")
     y_test = check_labels(d["y_test"], len(x_test), b.num_classes, "y_test")
     parts = partition(y, clients, partition_scheme, seed, min_size=b.batch_size)
+    check_checkpoint(checkpoint, b)  # before Ray starts
 
     from flwr.simulation import run_simulation
 
