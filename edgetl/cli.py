@@ -1,4 +1,4 @@
-"""The host command line: `edgetl plan|export|data ...`."""
+"""The host command line: `edgetl plan|export|data|fleet ...`."""
 from __future__ import annotations
 
 import argparse
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
     _validate_parser(sub)
+    from .fleet.cli import add_parser as _fleet_parser
+
+    _fleet_parser(sub)
     return parser
 
 
