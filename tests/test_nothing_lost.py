@@ -174,7 +174,7 @@ def test_data_and_profile_plot_never_write_into_the_bundle(bundle, tmp_path, cap
     shutil.copytree(bundle, b)
     (tmp_path / "link").symlink_to(b)
     before = _tree(b)
-    for out in [b / "state.npz", b / "state", tmp_path / "link" / "new.npz"]:
+    for out in [b / "state.safetensors", b / "state", tmp_path / "link" / "new.npz"]:
         assert host(["data", "digits", "--bundle", str(b), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "inside the bundle" in err and len(err.splitlines()) == 1, err

@@ -17,7 +17,7 @@ test("a bundle exported by the host loads and verifies", async () => {
 });
 
 test("a tampered program or state file is refused", async () => {
-  for (const file of ["state.npz", "train_step.onnx"]) {
+  for (const file of ["state.safetensors", "train_step.onnx"]) {
     const dir = copyBundle(fx.bundle);
     const p = path.join(dir, file);
     const bytes = fs.readFileSync(p);
