@@ -52,7 +52,7 @@ def _header(entries: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
-@pytest.mark.parametrize("data, why", [
+REFUSED = [
     (b"", "is truncated"),
     (b"\x05\x00\x00", "is truncated"),
     (struct.pack("<Q", 100) + b"{}", "beyond the file's 10 bytes"),
@@ -66,7 +66,10 @@ def _header(entries: dict, data: bytes = b"") -> bytes:
     (_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "invalid shape"),
     (_header({"__metadata__": {"a": 1}}), "does not map names to strings"),
     (struct.pack("<Q", 20) + b'{"a":1,"a":2}       ', "names 'a' twice"),
-])
+]
+
+
+@pytest.mark.parametrize("data, why", REFUSED, ids=[why for _, why in REFUSED])
 def test_safetensors_refusals(data, why):
     with pytest.raises(st.SafetensorsError, match=why):
         st.decode(data)
