@@ -4,7 +4,7 @@ and check it against the on-device runtime.
     edgetl validate BUNDLE --data FILE.npz --device cuda [--epochs N] [--steps K] --json
 
 The bundle's manifest names the model, recipe, classes, input, frozen dtype and optimizer; the
-same model is prepared again on the host and the bundle's own initial state (state.npz) is loaded
+same model is prepared again on the host and the bundle's own initial state (its state file) is loaded
 into the torch lean step (`LeanStep`), so both sides start from identical numbers. Then:
 
 1. training: `epochs` passes over x_train in the runtime's order (`fit`'s shuffling,
@@ -60,17 +60,6 @@ def _optimizer(manifest: dict):
     return OptimizerConfig(**{k: o[k] for k in _OPT_FIELDS if k in o})
 
 
-def _batches(n: int, b: int, seed: int, start_epoch: int, steps: int):
-    """Index arrays of the first `steps` batches that Trainer.fit takes (from epoch `start_epoch`)."""
-    per_epoch = n // b
-    out, epoch = [], start_epoch
-    while len(out) < steps:
-        order = np.random.default_rng(seed + epoch).permutation(n)
-        out += [order[i * b : (i + 1) * b] for i in range(per_epoch)]
-        epoch += 1
-    return out[:steps]
-
-
 def _load_data(data, shape) -> dict[str, np.ndarray]:
     """An .npz as `edgetl data` writes it, or a built-in dataset's name (prepared for the bundle's input)."""
     from .datasets import available_datasets, load_dataset
@@ -89,8 +78,9 @@ def _accuracy(evaluator, x: torch.Tensor, y: torch.Tensor, params: list[torch.Te
     return correct / len(x)
 
 
-def _parity(b, step, xs, ys, x_dev, y_dev, batches, lr, params0, state0, dev, tolerance) -> dict:
-    """Run `batches` through the runtime (on CPU) and through the torch step (on `dev`).
+def _parity(b, step, images, ys, x_dev, y_dev, steps, seed, lr, params0, state0, dev, tolerance) -> dict:
+    """Run the first `steps` batches of a fit with `seed` through the runtime (on CPU, given the
+    `images` in [0, 1]) and through the torch step (on `dev`, given them normalised).
 
     Checked, step by step: torch's update from the runtime's state before each step must give the
     runtime's state after it, within `tolerance`. Reported too: the drift of a free-running torch
@@ -100,14 +90,18 @@ def _parity(b, step, xs, ys, x_dev, y_dev, batches, lr, params0, state0, dev, to
     from .runtime import Trainer
 
     trainer = Trainer.load(b.root)
-    trainer.schedule["lr"] = lr
+    batches, epoch = [], 0
+    while len(batches) < steps:
+        batches += trainer.batches(len(images), seed, epoch)
+        epoch += 1
+    batches = batches[:steps]
     state_in_runtime = set(b.state_names)
     free_p, free_s = dict(params0), dict(state0)
     per_step, rt_losses, free_losses, sync_losses, rt_ms = [], [], [], [], []
     worst = (0.0, b.trainable[0], 0)
     with torch.no_grad():
         for k, idx in enumerate(batches):
-            before = trainer.backend.get_state()
+            before = trainer.get_state()
             sync_p = {t: torch.from_numpy(before[t]).to(dev) for t in b.trainable}
             # optimizer state from the runtime where it exposes it (not ort-training's), else torch's own
             sync_s = {n: torch.from_numpy(np.array(before[n])).to(dev) if n in state_in_runtime else v
@@ -118,16 +112,16 @@ def _parity(b, step, xs, ys, x_dev, y_dev, batches, lr, params0, state0, dev, to
             sync_losses.append(float(loss))
             loss, _, free_p, free_s, _ = step.run(x, y, lr, free_p, free_s)
             free_losses.append(float(loss))
-            rt_loss, ms = trainer._train_step(xs[idx], ys[idx])
+            rt_loss, ms = trainer.train_step(images[idx], ys[idx], lr=lr)
             rt_losses.append(rt_loss)
             rt_ms.append(ms)
-            after = trainer.backend.get_state()
+            after = trainer.get_state()
             errs = {t: _rel_err(new_p[t].cpu().numpy(), after[t]) for t in b.trainable}
             t_worst = max(errs, key=errs.get)
             per_step.append(errs[t_worst])
             if errs[t_worst] >= worst[0]:
                 worst = (errs[t_worst], t_worst, k + 1)
-    final = trainer.backend.get_state()
+    final = trainer.get_state()
     drift = {t: _rel_err(free_p[t].cpu().numpy(), final[t]) for t in b.trainable}
     drift_t = max(drift, key=drift.get)
     return {
@@ -158,6 +152,7 @@ def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs
     from .prepared import prepare
     from .runtime import Trainer, load_bundle
     from .runtime.data import check_images, check_labels, normalize
+    from .runtime.trainer import epoch_order
     from .step import LeanEval
 
     if not isinstance(epochs, int) or epochs < 0:
@@ -218,8 +213,7 @@ def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs
             torch.cuda.synchronize(dev)
 
     # ---- parity: the first `steps` steps, torch on the device vs the runtime on CPU ----
-    parity = _parity(b, step, xs, ys, x_dev, y_dev, _batches(len(xs), bs, seed, 0, steps), lr, params0, state0, dev,
-                     tolerance)
+    parity = _parity(b, step, arrays["x_train"], ys, x_dev, y_dev, steps, seed, lr, params0, state0, dev, tolerance)
 
     # ---- training on the device: `epochs` passes in fit's order ----
     p, s = dict(params0), dict(state0)
@@ -227,7 +221,7 @@ def _validate(bundle: str | Path, data: str | Path, device: str = "cuda", epochs
     sync()
     with torch.no_grad():
         for epoch in range(epochs):
-            order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(len(xs))).to(dev)
+            order = torch.from_numpy(epoch_order(len(xs), seed, epoch)).to(dev)
             t0 = time.perf_counter()
             for i in range(per_epoch):
                 idx = order[i * bs : (i + 1) * bs]

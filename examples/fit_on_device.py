@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="default: the bundle's")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine")
     p.add_argument("--seed", type=int, default=0, help="shuffling")
-    p.add_argument("--checkpoint", default="out/checkpoint.npz")
+    p.add_argument("--checkpoint", default="out/checkpoint.safetensors")
     p.add_argument("--model-out", default=None, help="inference program (default out/model.onnx, or .pte)")
     args = p.parse_args()
 

@@ -1,13 +1,12 @@
-"""Writing a bundle: programs, initial state (npz, no pickles), and a manifest with checksums."""
+"""Writing a bundle: programs, initial state (safetensors), and a manifest with checksums."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from edgetl.runtime import signing
+from edgetl.runtime import state as state_file
 from edgetl.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, manifest_digest, sha256
 from edgetl.runtime.targets import TargetSpec, io_maps
 
@@ -34,12 +33,12 @@ def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: i
     # A runtime that keeps its own optimizer state (ONNX Runtime's training API) gets none from us.
     state_names = optimizer.state_names(prepared.trainable) if spec.state_in_program else []
     arrays = {**{t: params[t] for t in prepared.trainable}, **{k: state[k] for k in state_names}}
-    keys = {name: f"a{i}" for i, name in enumerate(arrays)}
-    np.savez(out / "state.npz", **{keys[n]: v.detach().cpu().numpy() for n, v in arrays.items()})
+    keys = {name: name for name in arrays}  # the state file's tensors are named as the manifest names them
+    (out / state_file.FILE).write_bytes(state_file.encode({n: v.detach().cpu().numpy() for n, v in arrays.items()}))
     mem = prepared.memory(batch_size, optimizer)
     # `more_programs` / `more_files`: optional ones beyond the spec's (e.g. LoRA's merged inference program)
     programs = {**spec.program_files(), **(more_programs or {})}
-    rels = list(programs.values()) + ["state.npz", *spec.files, *more_files]
+    rels = list(programs.values()) + [state_file.FILE, *spec.files, *more_files]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -59,7 +58,7 @@ def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: i
         "trainable": [{"name": t, "shape": list(params[t].shape), "dtype": "float32"} for t in prepared.trainable],
         "optimizer": {**optimizer.to_dict(), "state": [
             {"name": k, "shape": list(state[k].shape), "dtype": "float32"} for k in state_names]},
-        "state_file": "state.npz",
+        "state_file": state_file.FILE,
         "state_keys": keys,
         "frozen_dtype": prepared.graph.frozen_dtype,
         "seed": prepared.seed,

@@ -6,11 +6,10 @@ the bundle directory (no `..`, absolute paths or symlinks leading out) and match
 Nothing is ever unpickled (numpy `allow_pickle=False`). Given a trusted key, the manifest's
 signature is checked first (see signing.py); ONNX programs must hold all their tensors and match
 the manifest (see programs.py); the initial state's declared sizes are checked before it is read
-(see npz.py)."""
+(see state.py)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
@@ -267,50 +266,13 @@ class Bundle:
 
     def initial_state(self) -> dict[str, np.ndarray]:
         """Initial trainable parameters and optimizer state, keyed by manifest name (checked
-        against the manifest's shapes; finite floats only; never unpickled)."""
-        from .npz import NpzError, inspect
+        against the manifest's shapes; finite floats only; never unpickled). See state.py."""
+        from . import state
 
-        path = safe_path(self.root, self.manifest["state_file"])
-        data = io.BytesIO(self.file_bytes(self.manifest["state_file"]))  # read once, checked, parsed from memory
-        names = self.manifest["state_keys"]
-        shapes = self.tensor_shapes()
-        # the headers first: each array must be declared as the manifest says before any is inflated
-        expected = sum(math.prod(s) * 16 for s in shapes.values()) + 4096 * (len(shapes) + 1)
-        try:
-            members = inspect(data, max_bytes=expected)
-        except NpzError as e:
-            raise BundleError(f"cannot read initial state '{path.name}': it {e}") from None
-        pickled = [k for k, m in members.items() if m.dtype.hasobject]
-        if pickled:
-            raise BundleError(f"cannot read initial state '{path.name}': it holds pickled objects ('{pickled[0]}'), "
-                              "which are refused")
-        for name, shape in shapes.items():
-            m = members.get(names[name])
-            if m is None:
-                raise BundleError(f"initial state lacks arrays {[names[name]]}")
-            if m.dtype.kind != "f" or m.shape != shape:
-                raise BundleError(f"initial state '{name}' is {m.dtype}{list(m.shape)}, the manifest says "
-                                  f"float32{list(shape)}")
-        try:
-            data.seek(0)
-            with np.load(data, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as e:  # numpy raises several types for corrupt archives and refused pickles
-            why = "it holds pickled objects, which are refused" if "pickle" in str(e) else type(e).__name__
-            raise BundleError(f"cannot read initial state '{path.name}': {why}") from None
-        missing = [n for n in names.values() if n not in arrays]
-        if missing:
-            raise BundleError(f"initial state lacks arrays {missing[:3]}")
-        state = {}
-        for name, shape in shapes.items():
-            a = arrays[names[name]]
-            if a.dtype.kind != "f" or tuple(a.shape) != shape:
-                raise BundleError(f"initial state '{name}' is {a.dtype}{list(a.shape)}, the manifest says "
-                                  f"float32{list(shape)}")
-            if not np.isfinite(a).all():
-                raise BundleError(f"initial state '{name}' holds NaN or Inf values")
-            state[name] = a
-        return state
+        rel = self.manifest["state_file"]
+        name = safe_path(self.root, rel).name
+        # read once, checked, parsed from memory
+        return state.read(self.file_bytes(rel), name, self.manifest["state_keys"], self.tensor_shapes())
 
 
 def load_bundle(path: str | Path, trusted_key=None) -> Bundle:

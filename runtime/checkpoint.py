@@ -1,11 +1,13 @@
-"""Crash-safe checkpoints: one npz (no pickles) with the parameters, optimizer state and a JSON
-header carrying the step count, schedule and a sha256 over the arrays *and* the header's other
-fields. Written to a temporary file in the same directory, fsynced, renamed over the old one and
-the directory fsynced, so a crash (or a full disk) at any moment leaves the previous checkpoint
-intact; a torn or altered file fails its checksum on load. Two generations are kept (`path` and
-`path`.prev): a newest checkpoint that fails its checks on load falls back to the previous one,
-with a warning. A training run holds a lock on its checkpoint (`locked`), so two runs cannot
-interleave their saves; temporary files a killed writer left are removed before the next write."""
+"""Crash-safe checkpoints: one safetensors file (docs/bundle-state.md) with the parameters and
+optimizer state as tensors and, in its `__metadata__`, the step count, schedule, seed, bundle and a
+sha256 over the metadata, the tensor table and the tensor bytes. Written to a temporary file in the
+same directory, fsynced, renamed over the old one and the directory fsynced, so a crash (or a full
+disk) at any moment leaves the previous checkpoint intact; a torn or altered file fails its
+checksum on load. Two generations are kept (`path` and `path`.prev): a newest checkpoint that fails
+its checks on load falls back to the previous one, with a warning. A training run holds a lock on
+its checkpoint (`locked`), so two runs cannot interleave their saves; temporary files a killed
+writer left are removed before the next write. Version 3 checkpoints (an npz, no pickles) are still
+read."""
 from __future__ import annotations
 
 import contextlib
@@ -24,11 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safetensors
 from .errors import CheckpointError, RuntimeNotice
+from .npz import NpzError, default_limit
 
 # 2: the checksum covers the header's metadata too (1 covered the arrays only).
 # 3: the header names its bundle's manifest digest and the run's seed.
-VERSION = 3
+# 4: safetensors, the header in its __metadata__, the checksum over raw bytes (no JSON canon).
+VERSION = 4
+READS = (3, 4)
+FORMAT = "edgetl-checkpoint"
+# __metadata__ values are strings: these keys hold decimal integers, these JSON text.
+INT_KEYS = ("version", "step", "epoch", "seed")
+JSON_KEYS = ("schedule", "bundle")
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
 HEADER = "__header__"
 SCHEDULES = ("constant", "cosine")
 MAX_HEADER_CHARS = 1 << 20
@@ -41,6 +52,7 @@ _LOCK_TEXT = re.compile(rb"(?:(?:" + LOCK_MAGIC.encode() + rb" )?\d{1,20}\n?)?")
 
 
 def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
+    """Version 3's checksum (JSON text of the header as Python writes it, and the arrays)."""
     h = hashlib.sha256()
     h.update(json.dumps(meta, sort_keys=True).encode())
     for k in sorted(arrays):
@@ -49,6 +61,50 @@ def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def digest(metadata: dict[str, str], entries: list[safetensors.Entry], data: bytes | memoryview) -> str:
+    """Version 4's checksum: sha256 over netstrings (`<byte length>:<bytes>,`) of the metadata's
+    count, then its keys and values (all but 'sha256', in ascending order of their UTF-8 bytes),
+    the tensors' count, then each tensor's name, dtype and comma-joined shape in data order, and
+    last the data section's raw bytes. Nothing depends on how a JSON writer formats numbers."""
+    h = hashlib.sha256()
+
+    def net(text: str) -> None:
+        b = text.encode()
+        h.update(b"%d:%s," % (len(b), b))
+
+    keys = sorted((k for k in metadata if k != "sha256"), key=lambda k: k.encode())
+    net(str(len(keys)))
+    for k in keys:
+        net(k)
+        net(metadata[k])
+    net(str(len(entries)))
+    for e in entries:
+        net(e.name)
+        net(e.dtype)
+        net(",".join(map(str, e.shape)))
+    h.update(data)
+    return h.hexdigest()
+
+
+def _meta_strings(meta: dict) -> dict[str, str]:
+    out = {}
+    for k, v in meta.items():
+        if k in JSON_KEYS or not isinstance(v, (str, int)) or isinstance(v, bool):
+            out[k] = json.dumps(v, sort_keys=True, separators=(",", ":"))
+        else:
+            out[k] = str(v)
+    return out
+
+
+def encode(arrays: dict[str, np.ndarray], meta: dict) -> bytes:
+    """The bytes of a version 4 checkpoint of `arrays` (by manifest name) and `meta`."""
+    metadata = {"format": FORMAT, "version": str(VERSION), **_meta_strings(meta)}
+    plain = safetensors.encode(arrays, metadata)
+    entries, _, start = safetensors.read_header(plain)
+    metadata["sha256"] = digest(metadata, entries, memoryview(plain)[start:])
+    return safetensors.encode(arrays, metadata)
 
 
 def previous_path(path: str | Path) -> Path:
@@ -142,13 +198,7 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict,
     `keep_previous` is False (it is known to be bad: the previous generation stays). Raises
     CheckpointError (the previous checkpoint intact) when it cannot be written."""
     path = Path(path)
-    keys = {name: f"a{i}" for i, name in enumerate(arrays)}
-    arrays = {n: np.asarray(v) for n, v in arrays.items()}
-    meta = {**meta, "keys": keys}
-    header = {"version": VERSION, **meta, "sha256": _digest(arrays, meta)}
-    buf = io.BytesIO()
-    np.savez(buf, **{HEADER: np.array(json.dumps(header))}, **{keys[n]: v for n, v in arrays.items()})
-    data = buf.getvalue()
+    data = encode({n: np.asarray(v) for n, v in arrays.items()}, meta)
     directory = path.parent
 
     def failed(e: BaseException) -> CheckpointError:
@@ -317,17 +367,70 @@ def _check_meta(path: Path, h: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays by name, header) of a checkpoint written by save_checkpoint, verified against its
-    checksum. Raises CheckpointError for anything else (never unpickles)."""
+    """(arrays by name, header) of a checkpoint written by save_checkpoint (version 4, or an
+    earlier runtime's version 3), verified against its checksum. Raises CheckpointError for
+    anything else (never unpickles)."""
     path = Path(path)
     try:
         if not path.is_file():
             what = "is not a file" if path.exists() else "does not exist"
             raise CheckpointError(f"checkpoint '{path}' {what}")
+        size, limit = path.stat().st_size, default_limit()
+        if size > limit:
+            raise CheckpointError(f"checkpoint '{path}' is {size} bytes, more than the {limit} allowed; "
+                                  f"not an edgetl checkpoint")
+        data = path.read_bytes()
+    except NpzError as e:
+        raise CheckpointError(f"checkpoint '{path}' {e}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint '{path}': {e.strerror or e}") from None
+    arrays, header = _load_v3(path, data) if data[:2] == b"PK" else _load_v4(path, data)
+    _check_meta(path, header)
+    header["schedule"]["lr"] = float(header["schedule"]["lr"])  # JSON writers differ on 1 and 1.0
+    for name, a in arrays.items():
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise CheckpointError(f"checkpoint '{path}': '{name}' is not a finite float array")
+    return arrays, header
+
+
+def _version_error(path: Path, version) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{path}' has format version {version!r}; this runtime reads "
+                           f"versions {' and '.join(map(str, READS))}")
+
+
+def _load_v4(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        entries, metadata, start = safetensors.read_header(data)
+    except safetensors.SafetensorsError as e:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or not an edgetl checkpoint: it {e}") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' is not an edgetl checkpoint (its metadata lacks "
+                              f"format '{FORMAT}')")
+    version = metadata.get("version")
+    if version != str(VERSION):
+        raise _version_error(path, int(version) if _DECIMAL.fullmatch(version or "") else version)
+    if digest(metadata, entries, memoryview(data)[start:]) != metadata.get("sha256"):
+        raise CheckpointError(f"checkpoint '{path}' fails its checksum (corrupt or altered)")
+    header = {}
+    for k, v in metadata.items():
+        if k in INT_KEYS:
+            if not _DECIMAL.fullmatch(v):
+                raise CheckpointError(f"checkpoint '{path}' has an invalid header: '{k}' must be a non-negative integer")
+            header[k] = int(v)
+        elif k in JSON_KEYS:
+            try:
+                header[k] = json.loads(v)
+            except (ValueError, RecursionError):
+                raise CheckpointError(f"checkpoint '{path}' has an invalid header: '{k}' is not JSON") from None
+        else:
+            header[k] = v
+    return {e.name: safetensors.tensor(data, start, e) for e in entries}, header
+
+
+def _load_v3(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """A version 3 checkpoint: an npz of arrays `a0`, `a1`, ... and `__header__`, a JSON string."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
     except Exception as e:  # zip and npy parsers raise many types on corrupt input; pickles are refused
         if isinstance(e, ValueError) and "pickle" in str(e):
@@ -341,10 +444,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         header = json.loads(str(raw))
     except (ValueError, RecursionError):
         raise CheckpointError(f"checkpoint '{path}' has a corrupt header") from None
-    if not isinstance(header, dict) or header.get("version") != VERSION or not _is_int(header.get("version")):
-        version = header.get("version") if isinstance(header, dict) else None
-        raise CheckpointError(f"checkpoint '{path}' has format version {version!r}; this runtime reads "
-                              f"version {VERSION}")
+    if not isinstance(header, dict) or header.get("version") != 3 or not _is_int(header.get("version")):
+        raise _version_error(path, header.get("version") if isinstance(header, dict) else None)
     keys = header.get("keys")
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
         raise CheckpointError(f"checkpoint '{path}' has an invalid header: 'keys' must map names to arrays")
@@ -355,8 +456,4 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     meta = {k: v for k, v in header.items() if k not in ("version", "sha256")}
     if _digest(arrays, meta) != header.get("sha256"):
         raise CheckpointError(f"checkpoint '{path}' fails its checksum (corrupt or altered)")
-    _check_meta(path, header)
-    for name, a in arrays.items():
-        if a.dtype.kind != "f" or not np.isfinite(a).all():
-            raise CheckpointError(f"checkpoint '{path}': '{name}' is not a finite float array")
     return arrays, header

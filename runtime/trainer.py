@@ -1,5 +1,6 @@
-"""The device-side Trainer: fit, evaluate, predict, checkpoint/resume, export for inference.
-Imports numpy and a runtime only, never torch."""
+"""The device-side Trainer: fit, evaluate, predict, checkpoint/resume, export for inference, and
+the per-batch pieces fit is made of (train_step, evaluate_batch, get_state/set_state, batches)
+for callers that drive training themselves. Imports numpy and a runtime only, never torch."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,6 +75,17 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which fit visits `n` samples in epoch `epoch` of a run with `seed` (epochs
+    count from where the run began; the JS runtime draws the same, runtime/js/src/shuffle.js)."""
+    return np.random.default_rng(seed + epoch).permutation(n)
+
+
+class StepResult(NamedTuple):
+    loss: float  # the batch's loss before the update
+    step_ms: float
+
+
 @dataclass
 class FitResult:
     steps: int  # total optimizer steps taken by this trainer so far
@@ -87,6 +100,14 @@ class FitResult:
     @property
     def step_ms_median(self) -> float | None:
         return float(np.median(self.step_ms)) if self.step_ms else None
+
+
+def _scores(logits: np.ndarray, ys: np.ndarray) -> dict:
+    logits = logits.astype(np.float64)
+    m = logits.max(1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+    return {"loss": float(-logp[np.arange(len(ys)), ys].mean()),
+            "accuracy": float((logits.argmax(1) == ys).mean()), "n": int(len(ys))}
 
 
 class Trainer:
@@ -208,12 +229,12 @@ class Trainer:
                 self.save_checkpoint(checkpoint)
                 saved = self.step
 
-        self._guard = _Guard(self)
+        self._guard = _Guard(self)  # this fit's: its first loss and starting magnitudes
         bar = Progress(end - self.step, desc="fit", enabled=progress)
         try:
             while self.step < end:
                 epoch, offset = divmod(self.step - start, per_epoch)
-                order = np.random.default_rng(seed + epoch).permutation(len(xs))
+                order = epoch_order(len(xs), seed, epoch)
                 for i in range(offset, per_epoch):
                     idx = order[i * b : (i + 1) * b]
                     loss, ms = self._train_step(xs[idx], ys[idx])
@@ -259,11 +280,20 @@ class Trainer:
             raise BundleError(f"the {self.bundle.target} runtime failed to run the bundle's '{program}' program "
                               f"(does the manifest match its programs?): {msg}") from e
 
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        guard = self._guard or _Guard(self)
+    def _train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
+                    check: bool = True) -> tuple[float, float]:
+        lr = self.lr_at(self.step) if lr is None else lr
+        if not check:
+            t0 = time.perf_counter()
+            loss, _ = self._run("train_step", self.backend.train_step, x, y, lr)
+            self.step += 1
+            return loss, 1000 * (time.perf_counter() - t0)
+        if self._guard is None:  # kept across train_step calls; fit and set_state start a new one
+            self._guard = _Guard(self)
+        guard = self._guard
         before = self.backend.get_state()
         t0 = time.perf_counter()
-        loss, _ = self._run("train_step", self.backend.train_step, x, y, self.lr_at(self.step), restore=before)
+        loss, _ = self._run("train_step", self.backend.train_step, x, y, lr, restore=before)
         ms = 1000 * (time.perf_counter() - t0)
         why = guard.bad_loss(loss)
         if why and guard.previous is not None:
@@ -275,10 +305,68 @@ class Trainer:
         why = why or guard.bad_state(self.backend.get_state())
         if why:
             self.backend.set_state(before)
-            raise _divergence(self.step + 1, why, self.step, self.lr_at(self.step))
+            raise _divergence(self.step + 1, why, self.step, lr)
         guard.previous = (self.step, self.epoch, before)
         self.step += 1
         return loss, ms
+
+    # ---- one batch at a time ------------------------------------------------------------------
+    def batches(self, n: int, seed: int = 0, epoch: int = 0) -> list[np.ndarray]:
+        """The index arrays of fit's batches in epoch `epoch` (counted from the run's start) over
+        `n` samples with `seed`: full batches, a last partial one dropped."""
+        b = self.bundle.batch_size
+        if not _is_int(n) or n < 0:
+            raise InputError(f"n must be a non-negative integer, got {n!r}")
+        order = epoch_order(int(n), int(seed), int(epoch))
+        return [order[i * b : (i + 1) * b] for i in range(int(n) // b)]
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None, check: bool = True) -> StepResult:
+        """One optimizer step on one batch of exactly `batch_size` images `x` (values in [0, 1])
+        and labels `y`, at `lr` (default: the schedule's at the current step); `step` counts it.
+        A loss or parameters that blow up raise DivergenceError with the last sane state kept, as
+        in fit; check=False skips those checks and the copy of the state they need (what the
+        profiler measures). Returns (loss, step_ms)."""
+        xs, ys = self._xy(x, y)
+        b = self.bundle.batch_size
+        if len(xs) != b:
+            raise InputError(f"the bundle trains on batches of exactly {b} samples, got {len(xs)}")
+        if lr is not None and not (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+                                   and math.isfinite(lr) and lr > 0):
+            raise InputError(f"lr must be a positive number, got {lr!r}")
+        return StepResult(*self._train_step(xs, ys, None if lr is None else float(lr), check=bool(check)))
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> dict:
+        """{"loss" (mean cross-entropy), "accuracy", "n"} on one batch, in one call of the eval
+        program (any number of samples the backend accepts; evaluate chunks larger sets)."""
+        xs, ys = self._xy(x, y)
+        return _scores(self._run("eval", self.backend.logits, xs), ys)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The trainable parameters and optimizer state (where the bundle's runtime exposes it),
+        by manifest name: numpy copies."""
+        return self.backend.get_state()
+
+    def set_state(self, state: dict) -> None:
+        """Replace the trainable parameters and optimizer state with `state` (every name of
+        get_state, each array of its shape, finite floats); `step` and the schedule stay."""
+        shapes = self.backend.state_shapes()
+        if not isinstance(state, dict):
+            raise InputError(f"state must be a dict of arrays by name, got {type(state).__name__}")
+        missing, extra = [k for k in shapes if k not in state], [k for k in state if k not in shapes]
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the bundle does not train"
+            raise InputError(f"state {what}; it must hold exactly the arrays of get_state()")
+        arrays = {}
+        for k, shape in shapes.items():
+            a = np.asarray(state[k])
+            if a.dtype.kind not in "fiu" or a.shape != tuple(shape):
+                raise InputError(f"state '{k}' is {a.dtype}{list(a.shape)}, the bundle needs float32{list(shape)}")
+            a = np.array(a, dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise InputError(f"state '{k}' holds NaN or Inf values")
+            arrays[k] = a
+        self.backend.set_state(arrays)
+        self._guard = None
 
     # ---- inference --------------------------------------------------------------------------
     def predict_logits(self, x: np.ndarray, chunk: int | None = None) -> np.ndarray:
@@ -297,11 +385,7 @@ class Trainer:
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict:
         xs = check_images(x, self.bundle.input_shape)
         ys = check_labels(y, len(xs), self.bundle.num_classes)
-        logits = self.predict_logits(xs).astype(np.float64)
-        m = logits.max(1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
-        return {"loss": float(-logp[np.arange(len(ys)), ys].mean()),
-                "accuracy": float((logits.argmax(1) == ys).mean()), "n": int(len(ys))}
+        return _scores(self.predict_logits(xs), ys)
 
     # ---- state ------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -333,6 +417,7 @@ class Trainer:
 
     def _apply_checkpoint(self, arrays: dict, header: dict) -> None:
         self.backend.set_state(arrays)
+        self._guard = None
         self.step, self.epoch, self.seed = int(header["step"]), int(header["epoch"]), int(header["seed"])
         self.schedule = dict(header["schedule"])
 

@@ -196,13 +196,13 @@ def test_export_inference_sidecars_never_overwrite_other_files(bundles, tmp_path
     t = Trainer.load(out)
     data = tmp_path / "digits.npz"
     data.write_bytes(b"the user's data")
-    (tmp_path / "s.npz").symlink_to(out / "state.npz")
-    state = (out / "state.npz").read_bytes()
+    (tmp_path / "s.npz").symlink_to(out / "state.safetensors")
+    state = (out / "state.safetensors").read_bytes()
     for target, words in [(tmp_path / "digits.pte", "would overwrite"), (tmp_path / "s.pte", "would overwrite"),
                           (tmp_path / "m.npz", "sidecar"), (tmp_path / "m.json", "sidecar")]:
         with pytest.raises(InputError, match=words):
             t.export_inference(target)
-    assert data.read_bytes() == b"the user's data" and (out / "state.npz").read_bytes() == state
+    assert data.read_bytes() == b"the user's data" and (out / "state.safetensors").read_bytes() == state
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.npz", "s.npz"]
     for _ in range(2):  # an earlier export's own sidecars are replaced
         assert [p.name for p in t.export_inference(tmp_path / "model.pte")] == ["model.pte", "model.npz", "model.json"]

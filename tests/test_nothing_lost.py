@@ -174,7 +174,7 @@ def test_data_and_profile_plot_never_write_into_the_bundle(bundle, tmp_path, cap
     shutil.copytree(bundle, b)
     (tmp_path / "link").symlink_to(b)
     before = _tree(b)
-    for out in [b / "state.npz", b / "state", tmp_path / "link" / "new.npz"]:
+    for out in [b / "state.safetensors", b / "state", tmp_path / "link" / "new.npz"]:
         assert host(["data", "digits", "--bundle", str(b), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "inside the bundle" in err and len(err.splitlines()) == 1, err
@@ -374,7 +374,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(bundle, digits, da
     assert ckpt.load_checkpoint(tmp_path / "ck.npz.prev")[1]["step"] == 10
     _flip_middle(ck)
     t2 = Trainer.load(bundle)
-    with pytest.warns(RuntimeNotice, match="ck.npz' is corrupt .*using the previous checkpoint .*step 10"):
+    with pytest.warns(RuntimeNotice, match="ck.npz' fails its checksum .*using the previous checkpoint .*step 10"):
         t2.load_checkpoint(ck)
     assert t2.step == 10 and _same(_state(t2), at_10)
     r = _cli("evaluate", bundle, "--data", data_file, "--checkpoint", ck, "--json")
@@ -386,7 +386,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(bundle, digits, da
     assert _same(ckpt.load_checkpoint(ck)[0], _state(t))  # the same as the run that was not disturbed
     _flip_middle(ck)
     _flip_middle(tmp_path / "ck.npz.prev")
-    with pytest.raises(CheckpointError, match="ck.npz' is corrupt"):  # both bad: the newest's error
+    with pytest.raises(CheckpointError, match="ck.npz' fails its checksum"):  # both bad: the newest's error
         Trainer.load(bundle).load_checkpoint(ck)
 
 

@@ -21,6 +21,7 @@ from edgetl.runtime import BundleError, InputError, load_bundle
 from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest, sha256
 from edgetl.runtime.data import load_npz
 from edgetl.runtime.npz import LIMIT_ENV
+from state_files import as_npz_state
 
 MB = 1 << 20
 
@@ -135,6 +136,7 @@ def test_edgetl_data_on_a_huge_header_is_one_line(tmp_path, capsys):
     # and the bundle's state: a member that would inflate past what the manifest's tensors need
     d = tmp_path / "b2"
     shutil.copytree(b, d)
+    as_npz_state(d)  # a bundle of an earlier edgetl: its state is an npz
     with np.load(d / "state.npz") as z:
         arrays = {k: z[k] for k in z.files}
     _bomb(d / "state.npz", {"junk": ("<f4", (16 * MB,))}, arrays)

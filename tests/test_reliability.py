@@ -24,7 +24,9 @@ from edgetl.exporters import export
 from edgetl.runtime import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, Trainer, load_bundle
 from edgetl.runtime.errors import RuntimeNotice
 from edgetl.runtime import checkpoint as ckpt
+from edgetl.runtime import safetensors as st
 from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest
+from state_files import as_npz_state, rewrite, v3_of, write_v3
 
 B = 16
 LR = 0.05
@@ -224,7 +226,7 @@ def _truncate(b, rel="train_step.onnx"):
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
-def _flip(b, rel="state.npz"):
+def _flip(b, rel="state.safetensors"):
     p = b / rel
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -274,16 +276,15 @@ def _rehash(b, rel):
 
 
 def _foreign_state(b):
-    _savez(b / "state.npz", a0=np.zeros(3, np.float32))
-    _rehash(b, "state.npz")
+    (b / "state.safetensors").write_bytes(st.encode({"a0": np.zeros(3, np.float32)}))
+    _rehash(b, "state.safetensors")
 
 
 def _wrong_shape_state(b):
-    with np.load(b / "state.npz") as z:
-        arrays = dict(z)
-    arrays["a0"] = np.zeros(7, np.float32)
-    _savez(b / "state.npz", **arrays)
-    _rehash(b, "state.npz")
+    arrays = st.decode((b / "state.safetensors").read_bytes())[0]
+    arrays[next(iter(arrays))] = np.zeros(7, np.float32)
+    (b / "state.safetensors").write_bytes(st.encode(arrays))
+    _rehash(b, "state.safetensors")
 
 
 def _outside(rel_from_bundle: str, make_link: bool = False):
@@ -341,7 +342,7 @@ def _del_file_entry(b, rel):
 
 BUNDLE_CASES = {
     "truncated program": (_truncate, ("train_step.onnx", "sha256")),
-    "altered state": (_flip, ("state.npz", "sha256")),
+    "altered state": (_flip, ("state.safetensors", "sha256")),
     "truncated manifest": (lambda b: (b / "manifest.json").write_bytes((b / "manifest.json").read_bytes()[:500]),
                            ("not valid JSON",)),
     "binary manifest": (lambda b: (b / "manifest.json").write_bytes(os.urandom(300)), ("not valid JSON",)),
@@ -363,7 +364,7 @@ BUNDLE_CASES = {
     "missing program file": (lambda b: (b / "eval.onnx").unlink(), ("eval.onnx", "missing")),
     "missing program role": (_edit(programs__eval=_DELETE), ("program", "eval")),
     "files omit a program": (lambda b: _del_file_entry(b, "eval.onnx"), ("eval.onnx", "no checksum")),
-    "files omit the state": (lambda b: _del_file_entry(b, "state.npz"), ("state.npz", "no checksum")),
+    "files omit the state": (lambda b: _del_file_entry(b, "state.safetensors"), ("state.safetensors", "no checksum")),
     "programs not a dict": (_edit(programs=["train_step.onnx", "eval.onnx"]), ("programs",)),
     "files not a dict": (_edit(files=["train_step.onnx"]), ("files",)),
     "unknown target": (_edit(target="tflite"), ("unknown target",)),
@@ -456,7 +457,7 @@ def test_pickled_state_is_not_unpickled(bundle, tmp_path, kind):
     marker = tmp_path / "PWNED"
     _assert_live(Payload(marker), marker)
     b = _copy(bundle, tmp_path)
-    state = b / "state.npz"
+    state = as_npz_state(b)  # safetensors cannot hold a pickle: a bundle of an earlier edgetl can
     if kind == "raw pickle":
         state.write_bytes(pickle.dumps(Payload(marker)))
     elif kind == "object array in npz":
@@ -472,7 +473,7 @@ def test_pickled_state_is_not_unpickled(bundle, tmp_path, kind):
         _savez(state, **arrays)
     _rehash(b, "state.npz")
     load_bundle(b)  # the checksum is right
-    _refused(b, "state.npz", "not a readable .npz archive" if kind == "raw pickle" else "holds pickled objects (")
+    _refused(b, "state.npz", "not a safetensors file" if kind == "raw pickle" else "holds pickled objects (")
     assert not marker.exists()
 
 
@@ -483,7 +484,8 @@ def test_pickled_checkpoint_is_not_unpickled(bundle, digits, tmp_path, kind):
     t = Trainer.load(bundle)
     good = _state(t)
     path = tmp_path / "ck.npz"
-    t.save_checkpoint(path)
+    t.save_checkpoint(tmp_path / "ck4")
+    v3_of(tmp_path / "ck4", path)  # safetensors cannot hold a pickle: an npz of an earlier edgetl can
     if kind == "raw pickle":
         path.write_bytes(pickle.dumps(Payload(marker)))
     elif kind == "object array in npz":
@@ -499,7 +501,10 @@ def test_pickled_checkpoint_is_not_unpickled(bundle, digits, tmp_path, kind):
         _savez(path, **arrays)
     with pytest.raises(CheckpointError) as info:
         t.load_checkpoint(path)
-    assert str(info.value) == f"checkpoint '{path}' holds pickled objects, which are refused"
+    assert str(info.value) == (f"checkpoint '{path}' is corrupt or not an edgetl checkpoint: it declares a header of "
+                               f"{int.from_bytes(path.read_bytes()[:8], 'little')} bytes, more than the 16777216 "
+                               f"allowed; it is not a safetensors file" if kind == "raw pickle" else
+                               f"checkpoint '{path}' holds pickled objects, which are refused")
     assert not marker.exists() and _same(_state(t), good) and t.step == 0
 
 
@@ -549,23 +554,16 @@ def test_checkpoint_round_trip_and_tampering(trained, bundle, tmp_path):
         path.write_bytes(bad)
         with pytest.raises(CheckpointError):
             Trainer.load(bundle).load_checkpoint(path)
-    # header fields altered and the npz re-written correctly: the checksum covers the header too
-    for field, value in [("step", 3), ("epoch", 7), ("schedule", {"name": "constant", "lr": 9.0, "total_steps": 10})]:
-        path.write_bytes(data)
-        with np.load(path) as z:
-            arrays = dict(z)
-        header = json.loads(str(arrays["__header__"]))
-        header[field] = value
-        arrays["__header__"] = np.array(json.dumps(header))
-        _savez(path, **arrays)
+    # metadata altered and the file re-written correctly: the checksum covers the metadata too
+    arrays, metadata = st.decode(data)
+    for field, value in [("step", "3"), ("epoch", "7"),
+                         ("schedule", json.dumps({"name": "constant", "lr": 9.0, "total_steps": 10}))]:
+        rewrite(path, arrays, {**metadata, field: value}, fix_digest=False)
         with pytest.raises(CheckpointError, match="checksum"):
             ckpt.load_checkpoint(path)
     # an array altered
-    path.write_bytes(data)
-    with np.load(path) as z:
-        arrays = dict(z)
-    arrays["a0"] = arrays["a0"] + 1
-    _savez(path, **arrays)
+    first = next(iter(arrays))
+    rewrite(path, {**arrays, first: arrays[first] + 1}, metadata, fix_digest=False)
     with pytest.raises(CheckpointError, match="checksum"):
         ckpt.load_checkpoint(path)
 
@@ -596,19 +594,17 @@ def test_checkpoint_of_another_bundle_or_version(trained, bundle, digits, tmp_pa
     ckpt.save_checkpoint(tmp_path / "short.npz", {k: arrays[k] for k in list(arrays)[:-1]}, meta)
     with pytest.raises(CheckpointError, match="does not match"):
         Trainer.load(bundle).load_checkpoint(tmp_path / "short.npz")
-    with np.load(path) as z:
-        arrays = dict(z)
-    header = json.loads(str(arrays["__header__"]))
-    header["version"] = 1
-    arrays["__header__"] = np.array(json.dumps(header))
-    _savez(tmp_path / "v1.npz", **arrays)
+    arrays, header = ckpt.load_checkpoint(path)
+    meta = {k: v for k, v in header.items() if k not in ("format", "version", "sha256")}
+    write_v3(tmp_path / "v1.npz", arrays, meta, {"version": 1})
     with pytest.raises(CheckpointError, match="version 1"):
         ckpt.load_checkpoint(tmp_path / "v1.npz")
-    header["version"] = 2  # before checkpoints named their bundle's manifest digest and seed
-    arrays["__header__"] = np.array(json.dumps(header))
-    _savez(tmp_path / "v2.npz", **arrays)
-    with pytest.raises(CheckpointError, match="version 2; this runtime reads version 3"):
+    # before checkpoints named their bundle's manifest digest and seed
+    write_v3(tmp_path / "v2.npz", arrays, meta, {"version": 2})
+    with pytest.raises(CheckpointError, match="version 2; this runtime reads versions 3 and 4"):
         ckpt.load_checkpoint(tmp_path / "v2.npz")
+    write_v3(tmp_path / "v3.npz", arrays, meta)  # still read
+    assert ckpt.load_checkpoint(tmp_path / "v3.npz")[1]["step"] == header["step"]
 
 
 class _FailingFile:

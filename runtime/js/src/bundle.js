@@ -7,6 +7,7 @@
 import { BundleError } from "./errors.js";
 import { parsePy, plain, pyDumps } from "./pyjson.js";
 import { readNpz, NpzError } from "./npz.js";
+import { floatTensor, readSafetensorsHeader, SafetensorsError } from "./safetensors.js";
 import { sha256Hex, verifySignature, SIGNATURE } from "./signing.js";
 
 export const FORMAT = "edgetl-bundle";
@@ -134,31 +135,65 @@ export class Bundle {
     return this.files.get(this.manifest.programs[role]);
   }
 
-  /** Initial parameters and optimizer state {name: Float32Array}, checked against the manifest. */
+  /**
+   * Initial parameters and optimizer state {name: Float32Array}, checked against the manifest: a
+   * safetensors file (an npz in bundles exported before it), as runtime/state.py reads it.
+   */
   async initialState() {
     const m = this.manifest;
     const shapes = this.tensorShapes();
-    const expected = Object.values(shapes).reduce((s, sh) => s + sh.reduce((a, b) => a * b, 1) * 16, 0) + 4096 * (Object.keys(shapes).length + 1);
-    let arrays;
-    try {
-      arrays = await readNpz(this.files.get(m.state_file), { maxBytes: expected });
-    } catch (e) {
-      if (e instanceof NpzError) throw new BundleError(`cannot read initial state '${m.state_file}': it ${e.message}`);
-      throw e;
-    }
-    const pickled = Object.entries(arrays).find(([, a]) => a.kind === "O");
-    if (pickled) throw new BundleError(`cannot read initial state '${m.state_file}': it holds pickled objects ('${pickled[0]}'), which are refused`);
+    const bytes = this.files.get(m.state_file);
+    const arrays = bytes[0] === 0x50 && bytes[1] === 0x4b ? await this.#npzState(bytes, shapes) : this.#safetensorsState(bytes, shapes);
     const state = {};
     for (const [name, shape] of Object.entries(shapes)) {
       const a = arrays[m.state_keys[name]];
-      if (!a) throw new BundleError(`initial state lacks arrays ['${m.state_keys[name]}']`);
-      if (a.kind !== "f" || a.shape.length !== shape.length || a.shape.some((d, i) => d !== shape[i])) {
+      if (a.kind !== "f" || a.data === null || a.shape.length !== shape.length || a.shape.some((d, i) => d !== shape[i])) {
         throw new BundleError(`initial state '${name}' is ${a.dtype}[${a.shape.join(", ")}], the manifest says float32[${shape.join(", ")}]`);
       }
       if (!a.data.every(Number.isFinite)) throw new BundleError(`initial state '${name}' holds NaN or Inf values`);
       state[name] = Float32Array.from(a.data);
     }
     return state;
+  }
+
+  #safetensorsState(bytes, shapes) {
+    const m = this.manifest;
+    let entries, start;
+    try {
+      ({ entries, start } = readSafetensorsHeader(bytes));
+    } catch (e) {
+      if (e instanceof SafetensorsError) throw new BundleError(`cannot read initial state '${m.state_file}': it ${e.message}`);
+      throw e;
+    }
+    const found = Object.fromEntries(entries.map((e) => [e.name, e]));
+    const missing = Object.keys(shapes).map((n) => m.state_keys[n]).filter((k) => !Object.hasOwn(found, k));
+    if (missing.length) throw new BundleError(`initial state lacks arrays ${JSON.stringify(missing.slice(0, 3))}`);
+    const arrays = {};
+    for (const [name, shape] of Object.entries(shapes)) {
+      const e = found[m.state_keys[name]];
+      // values are read only where the dtype and shape are the manifest's (data null: refused by the caller)
+      const ok = e.dtype.startsWith("F") && e.shape.length === shape.length && e.shape.every((d, i) => d === shape[i]);
+      arrays[m.state_keys[name]] = { dtype: e.dtype, kind: e.dtype.startsWith("F") ? "f" : e.dtype, shape: e.shape, data: ok ? floatTensor(bytes, start, e) : null };
+    }
+    return arrays;
+  }
+
+  async #npzState(bytes, shapes) {
+    const m = this.manifest;
+    const expected = Object.values(shapes).reduce((s, sh) => s + sh.reduce((a, b) => a * b, 1) * 16, 0) + 4096 * (Object.keys(shapes).length + 1);
+    let arrays;
+    try {
+      arrays = await readNpz(bytes, { maxBytes: expected });
+    } catch (e) {
+      if (e instanceof NpzError) throw new BundleError(`cannot read initial state '${m.state_file}': it ${e.message}`);
+      throw e;
+    }
+    const pickled = Object.entries(arrays).find(([, a]) => a.kind === "O");
+    if (pickled) throw new BundleError(`cannot read initial state '${m.state_file}': it holds pickled objects ('${pickled[0]}'), which are refused`);
+    for (const name of Object.keys(shapes)) {
+      if (!arrays[m.state_keys[name]]) throw new BundleError(`initial state lacks arrays ['${m.state_keys[name]}']`);
+    }
+    return arrays;
   }
 }
 

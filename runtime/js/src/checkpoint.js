@@ -1,16 +1,24 @@
-// Checkpoints in the Python runtime's format (runtime/checkpoint.py, version 3), so that Python
-// and JavaScript resume each other's: an uncompressed .npz with `__header__` (a 0-d numpy unicode
-// string holding JSON: version, step, epoch, schedule, seed, bundle, bundle_manifest, target, keys,
-// sha256) and one float32 array per tensor (`a0`, `a1`, ... as `keys` maps them). The sha256 covers
-// json.dumps(meta, sort_keys=True) and every array's name, dtype, shape and bytes. Here only the
-// bytes are made and checked; where they are stored (a file with a previous generation in Node,
-// IndexedDB in a browser) is the store's job (node.js: fileCheckpointStore).
+// Checkpoints in the Python runtime's format (runtime/checkpoint.py; docs/bundle-state.md), so
+// that Python and JavaScript resume each other's. Version 4, written here: a safetensors file, one
+// float32 tensor per manifest name, and `__metadata__` strings (format, version, step, epoch, seed,
+// schedule and bundle as JSON text, bundle_manifest, target, sha256). The sha256 covers netstrings
+// of the metadata and the tensor table and then the tensors' raw bytes, so nothing depends on how
+// a JSON writer formats numbers. Version 3 (an uncompressed .npz with a JSON `__header__`, its
+// sha256 over Python's json.dumps text) is still read. Here only the bytes are made and checked;
+// where they are stored (a file with a previous generation in Node, IndexedDB in a browser) is
+// the store's job (node.js: fileCheckpointStore).
 import { CheckpointError } from "./errors.js";
-import { npyFloat32, npyString, readNpz, writeZip } from "./npz.js";
-import { parsePy, plain, pyDumps, PyFloat } from "./pyjson.js";
+import { readNpz } from "./npz.js";
+import { parsePy, plain, pyDumps } from "./pyjson.js";
+import { encodeSafetensors, floatTensor, readSafetensorsHeader, SafetensorsError } from "./safetensors.js";
 import { sha256Hex } from "./signing.js";
 
-export const VERSION = 3;
+export const VERSION = 4;
+export const READS = [3, 4];
+const FORMAT = "edgetl-checkpoint";
+const INT_KEYS = ["version", "step", "epoch", "seed"];
+const JSON_KEYS = ["schedule", "bundle"];
+const DECIMAL = /^(0|[1-9][0-9]{0,17})$/;
 const HEADER = "__header__";
 const SCHEDULES = ["constant", "cosine"];
 const DTYPE_NAMES = { "<f4": "float32", "<f8": "float64", "|f1": "float8" };
@@ -19,7 +27,14 @@ const DTYPE_NAMES = { "<f4": "float32", "<f8": "float64", "|f1": "float8" };
 // array (AdamW's step counter) 1-d, so "()" never occurs there.
 const pyShape = (s) => (s.length <= 1 ? `(${s.length ? s[0] : 1},)` : `(${s.join(", ")})`);
 
-async function digest(arrays, metaTree) {
+const concat = (parts) => {
+  const all = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
+  let o = 0;
+  for (const p of parts) { all.set(p, o); o += p.length; }
+  return all;
+};
+
+async function digestV3(arrays, metaTree) {
   const enc = new TextEncoder();
   const parts = [enc.encode(pyDumps(metaTree))];
   for (const k of Object.keys(arrays).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))) {
@@ -27,28 +42,45 @@ async function digest(arrays, metaTree) {
     parts.push(enc.encode(k), enc.encode(a.dtypeName + pyShape(a.shape)));
     parts.push(new Uint8Array(a.data.buffer, a.data.byteOffset, a.data.byteLength));
   }
-  const all = new Uint8Array(parts.reduce((s, p) => s + p.length, 0));
-  let o = 0;
-  for (const p of parts) { all.set(p, o); o += p.length; }
-  return sha256Hex(all);
+  return sha256Hex(concat(parts));
 }
 
-/** meta's float fields as Python floats (the digest depends on "0.1" vs "1.0" vs "1"). */
-function metaTree(meta) {
-  const s = meta.schedule;
-  return { ...meta, schedule: { ...s, lr: new PyFloat(s.lr) } };
+function compareBytes(a, b) {
+  for (let i = 0; i < Math.min(a.length, b.length); i++) if (a[i] !== b[i]) return a[i] - b[i];
+  return a.length - b.length;
 }
+
+/**
+ * Version 4's checksum: sha256 over netstrings (`<byte length>:<bytes>,`) of the metadata's count,
+ * its keys and values (all but sha256, keys in ascending order of their UTF-8 bytes), the tensors'
+ * count, each tensor's name, dtype and comma-joined shape in data order, then the data section.
+ */
+export async function checkpointDigest(metadata, entries, data) {
+  const enc = new TextEncoder();
+  const parts = [];
+  const net = (text) => { const b = enc.encode(text); parts.push(enc.encode(`${b.length}:`), b, enc.encode(",")); };
+  const keys = Object.keys(metadata).filter((k) => k !== "sha256").sort((a, b) => compareBytes(enc.encode(a), enc.encode(b)));
+  net(String(keys.length));
+  for (const k of keys) { net(k); net(metadata[k]); }
+  net(String(entries.length));
+  for (const e of entries) { net(e.name); net(e.dtype); net(e.shape.join(",")); }
+  parts.push(data);
+  return sha256Hex(concat(parts));
+}
+
+const sortedJson = (v) => (v && typeof v === "object" && !Array.isArray(v)
+  ? `{${Object.keys(v).sort().map((k) => `${JSON.stringify(k)}:${sortedJson(v[k])}`).join(",")}}`
+  : JSON.stringify(v));
 
 /** The bytes of a checkpoint of `state` ({name: Float32Array}, in manifest order) with `shapes` and `meta`. */
 export async function encodeCheckpoint(state, shapes, meta) {
-  const names = Object.keys(state);
-  const keys = Object.fromEntries(names.map((n, i) => [n, `a${i}`]));
-  const arrays = Object.fromEntries(names.map((n) => [n, { dtypeName: "float32", shape: shapes[n], data: Float32Array.from(state[n]) }]));
-  const tree = { ...metaTree(meta), keys };
-  const header = { version: VERSION, ...tree, sha256: await digest(arrays, tree) };
-  const members = { [`${HEADER}.npy`]: npyString(pyDumps(header)) };
-  for (const n of names) members[`${keys[n]}.npy`] = npyFloat32(arrays[n].data, arrays[n].shape);
-  return writeZip(members);
+  const metadata = { format: FORMAT, version: String(VERSION) };
+  for (const [k, v] of Object.entries(meta)) metadata[k] = JSON_KEYS.includes(k) || typeof v !== "string" && !Number.isSafeInteger(v) ? sortedJson(v) : String(v);
+  const tensors = Object.fromEntries(Object.keys(state).map((n) => [n, { dtype: "F32", shape: shapes[n], data: Float32Array.from(state[n]) }]));
+  const plainBytes = encodeSafetensors(tensors, metadata);
+  const { entries, start } = readSafetensorsHeader(plainBytes);
+  metadata.sha256 = await checkpointDigest(metadata, entries, plainBytes.subarray(start));
+  return encodeSafetensors(tensors, metadata);
 }
 
 function checkMeta(name, h) {
@@ -68,8 +100,49 @@ function checkMeta(name, h) {
   need(isInt(h.seed) && h.seed >= 0, "'seed' must be a non-negative integer");
 }
 
-/** {arrays: {name: {data: Float32Array, shape}}, header} of checkpoint bytes, verified as Python verifies them. */
+const versionError = (name, v) => new CheckpointError(`checkpoint '${name}' has format version ${JSON.stringify(v)}; this runtime reads versions ${READS.join(" and ")}`);
+
+/** {arrays: {name: {data: Float32Array, shape}}, header} of checkpoint bytes (version 4, or 3), verified as Python verifies them. */
 export async function decodeCheckpoint(bytes, name = "checkpoint") {
+  const { arrays, header } = bytes[0] === 0x50 && bytes[1] === 0x4b ? await decodeV3(bytes, name) : await decodeV4(bytes, name);
+  checkMeta(name, header);
+  for (const [n, a] of Object.entries(arrays)) {
+    if (a.kind !== "f" || a.data === null || !a.data.every(Number.isFinite)) throw new CheckpointError(`checkpoint '${name}': '${n}' is not a finite float array`);
+  }
+  return { arrays, header };
+}
+
+async function decodeV4(bytes, name) {
+  let entries, metadata, start;
+  try {
+    ({ entries, metadata, start } = readSafetensorsHeader(bytes));
+  } catch (e) {
+    if (e instanceof SafetensorsError) throw new CheckpointError(`checkpoint '${name}' is corrupt or not an edgetl checkpoint: it ${e.message}`);
+    throw e;
+  }
+  if (metadata.format !== FORMAT) throw new CheckpointError(`checkpoint '${name}' is not an edgetl checkpoint (its metadata lacks format '${FORMAT}')`);
+  if (metadata.version !== String(VERSION)) throw versionError(name, DECIMAL.test(metadata.version ?? "") ? Number(metadata.version) : metadata.version ?? null);
+  if ((await checkpointDigest(metadata, entries, bytes.subarray(start))) !== metadata.sha256) {
+    throw new CheckpointError(`checkpoint '${name}' fails its checksum (corrupt or altered)`);
+  }
+  const header = {};
+  for (const [k, v] of Object.entries(metadata)) {
+    if (INT_KEYS.includes(k)) {
+      if (!DECIMAL.test(v) || !Number.isSafeInteger(Number(v))) throw new CheckpointError(`checkpoint '${name}' has an invalid header: '${k}' must be a non-negative integer`);
+      header[k] = Number(v);
+    } else if (JSON_KEYS.includes(k)) {
+      try { header[k] = JSON.parse(v); } catch { throw new CheckpointError(`checkpoint '${name}' has an invalid header: '${k}' is not JSON`); }
+    } else header[k] = v;
+  }
+  const arrays = {};
+  for (const e of entries) {
+    const data = floatTensor(bytes, start, e);
+    arrays[e.name] = { dtypeName: e.dtype, shape: e.shape, data, kind: data ? "f" : e.dtype };
+  }
+  return { arrays, header };
+}
+
+async function decodeV3(bytes, name) {
   let files;
   try {
     files = await readNpz(bytes, { maxBytes: 16 * 2 ** 30 });
@@ -84,9 +157,7 @@ export async function decodeCheckpoint(bytes, name = "checkpoint") {
   let tree;
   try { tree = parsePy(raw.data[0]); } catch { throw new CheckpointError(`checkpoint '${name}' has a corrupt header`); }
   const header = plain(tree);
-  if (!header || typeof header !== "object" || header.version !== VERSION) {
-    throw new CheckpointError(`checkpoint '${name}' has format version ${JSON.stringify(header && header.version)}; this runtime reads version ${VERSION}`);
-  }
+  if (!header || typeof header !== "object" || header.version !== 3) throw versionError(name, header && typeof header === "object" ? header.version ?? null : null);
   const keys = header.keys;
   if (!keys || typeof keys !== "object" || !Object.values(keys).every((v) => typeof v === "string")) {
     throw new CheckpointError(`checkpoint '${name}' has an invalid header: 'keys' must map names to arrays`);
@@ -106,12 +177,8 @@ export async function decodeCheckpoint(bytes, name = "checkpoint") {
   for (const [n, a] of Object.entries(arrays)) {
     if (a.kind !== "f" || a.data === null) throw new CheckpointError(`checkpoint '${name}': '${n}' is not a finite float array`);
   }
-  if ((await digest(arrays, meta)) !== header.sha256) {
+  if ((await digestV3(arrays, meta)) !== header.sha256) {
     throw new CheckpointError(`checkpoint '${name}' fails its checksum (corrupt or altered)`);
-  }
-  checkMeta(name, header);
-  for (const [n, a] of Object.entries(arrays)) {
-    if (a.kind !== "f" || !a.data.every(Number.isFinite)) throw new CheckpointError(`checkpoint '${name}': '${n}' is not a finite float array`);
   }
   return { arrays, header };
 }

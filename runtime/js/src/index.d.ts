@@ -99,6 +99,14 @@ export const DEFAULT_SESSION_OPTIONS: object;
 
 export function encodeCheckpoint(state: Record<string, Float32Array>, shapes: Record<string, number[]>, meta: object): Promise<Uint8Array>;
 export function decodeCheckpoint(bytes: Uint8Array, name?: string): Promise<{ arrays: Record<string, NdArray<Float32Array | Float64Array>>; header: any }>;
+export interface SafetensorsEntry { name: string; dtype: string; shape: number[]; begin: number; end: number }
+/** Version 4's checksum over `__metadata__` (less sha256), the tensor table and the data section (docs/bundle-state.md). */
+export function checkpointDigest(metadata: Record<string, string>, entries: SafetensorsEntry[], data: Uint8Array): Promise<string>;
+export function encodeSafetensors(tensors: Record<string, { dtype: string; shape: number[]; data: ArrayBufferView }>, metadata?: Record<string, string> | null): Uint8Array;
+export function readSafetensorsHeader(bytes: Uint8Array): { entries: SafetensorsEntry[]; metadata: Record<string, string>; start: number };
+/** Entry `e`'s values as a new Float32Array (F16, F32, F64; null for other dtypes). */
+export function floatTensor(bytes: Uint8Array, start: number, e: SafetensorsEntry): Float32Array | null;
+export class SafetensorsError extends Error {}
 
 export function checkImages(x: NdArray, shape: number[], what?: string): NdArray<Float32Array>;
 export function checkLabels(y: NdArray, n: number, numClasses: number, what?: string): NdArray<BigInt64Array>;

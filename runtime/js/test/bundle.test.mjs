@@ -17,7 +17,7 @@ test("a bundle exported by the host loads and verifies", async () => {
 });
 
 test("a tampered program or state file is refused", async () => {
-  for (const file of ["state.npz", "train_step.onnx"]) {
+  for (const file of ["state.safetensors", "train_step.onnx"]) {
     const dir = copyBundle(fx.bundle);
     const p = path.join(dir, file);
     const bytes = fs.readFileSync(p);
@@ -103,4 +103,42 @@ test("a program that is not protobuf is refused", async () => {
 test("an unsigned bundle is refused when a trusted key is given", async () => {
   const pem = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
   await assert.rejects(loadBundleFromDir(fx.bundle, { trustedKey: pem }), /the bundle is not signed/);
+});
+
+test("an npz state (bundles exported before safetensors) is read; a state unlike the manifest is refused as in Python", async () => {
+  const want = await (await loadBundleFromDir(fx.bundle)).initialState();
+  const old = copyBundle(fx.bundle), bad = copyBundle(fx.bundle), truncated = copyBundle(fx.bundle);
+  const out = python(["-c", `import json, sys; sys.path.insert(0, "tests")
+from pathlib import Path
+import numpy as np
+from state_files import as_npz_state
+from edgetl.runtime import BundleError, load_bundle, safetensors
+from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest, sha256
+as_npz_state(Path(${JSON.stringify(old)}))
+def reseal(d, data):
+    (d / "state.safetensors").write_bytes(data)
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["state.safetensors"] = sha256(d / "state.safetensors")
+    m[MANIFEST_DIGEST] = manifest_digest(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+bad, truncated = Path(${JSON.stringify(bad)}), Path(${JSON.stringify(truncated)})
+a, meta = safetensors.decode((bad / "state.safetensors").read_bytes())
+first = next(iter(a))
+reseal(bad, safetensors.encode({**a, first: a[first].astype(np.int32)[..., :1]}, meta))
+reseal(truncated, (truncated / "state.safetensors").read_bytes()[:-4])
+msgs = []
+for d in (bad, truncated):
+    try:
+        load_bundle(d).initial_state()
+    except BundleError as e:
+        msgs.append(str(e))
+print(json.dumps(msgs))`]);
+  const [badMsg, truncatedMsg] = JSON.parse(out);
+  const got = await (await loadBundleFromDir(old)).initialState();
+  assert.deepEqual(Object.keys(got), Object.keys(want));
+  for (const k of Object.keys(want)) assert.deepEqual(got[k], want[k]);
+  await assert.rejects((await loadBundleFromDir(bad)).initialState(), (e) => e instanceof BundleError && e.message === badMsg);
+  await assert.rejects((await loadBundleFromDir(truncated)).initialState(), (e) => e instanceof BundleError && e.message === truncatedMsg);
+  assert.match(badMsg, /^initial state '.*' is I32\[.*\], the manifest says float32\[/);
+  assert.match(truncatedMsg, /^cannot read initial state 'state.safetensors': it declares \d+ bytes of tensor data but holds/);
 });
