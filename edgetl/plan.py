@@ -22,6 +22,7 @@ from .runtime.profile import DEVICES_FILE, resolve_budget
 RECIPES = ("bias+mask", "side+mask", "bias", "head", "full", "bias+last2")
 BATCHES = (1, 2, 4, 8, 16)
 SIZE_FRACTIONS = (1.0, 0.75, 0.5)
+SKIPPED = "not analysed: fewer trainable params or a smaller input than a candidate that fits"
 MICRO_BATCH_NOTE = ("not planned: the exported step has no micro-batches (gradients accumulated over "
                     "sub-batches inside one step); the batch is what one step holds")
 
@@ -138,27 +139,51 @@ def plan(model: str, num_classes: int = 10, device: str | None = None, budget_mb
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # a size the model cannot take is a row in the table, not a traceback
+    batches = sorted(batches or BATCHES)
     try:
-        for shape in shapes:
-            for recipe in recipes or RECIPES:
+        prepared: dict = {}  # (recipe, shape) -> PreparedModel, or None where it cannot be prepared
+        bad_shapes: set = set()
+
+        def get(recipe, shape):
+            if (recipe, shape) not in prepared:
                 try:
-                    pm = prepare(bb, recipe, num_classes, input_shape=shape, head=head, traced=traced)
+                    prepared[(recipe, shape)] = prepare(bb, recipe, num_classes, input_shape=shape, head=head,
+                                                        traced=traced)
                 except EdgeTLError as e:
+                    prepared[(recipe, shape)] = None
                     if "too small" in str(e):  # the size, not the recipe: one row for all recipes
-                        out.append(Candidate("(any)", None, list(shape), reason=f"cannot prepare: {e}"))
-                        break
-                    out.append(Candidate(recipe, None, list(shape), reason=f"cannot prepare: {e}"))
+                        if shape not in bad_shapes:
+                            out.append(Candidate("(any)", None, list(shape), reason=f"cannot prepare: {e}"))
+                        bad_shapes.add(shape)
+                    else:
+                        out.append(Candidate(recipe, None, list(shape), reason=f"cannot prepare: {e}"))
+            return prepared[(recipe, shape)]
+
+        # most trainable parameters first, so groups that cannot beat a fitting one are checked at batch 1 only
+        params = {r: pm.summary()["trainable_params"] for r in dict.fromkeys(recipes or RECIPES)
+                  if (pm := get(r, shapes[0])) is not None}
+        best = None  # (trainable params, input, batch) of the best fitting candidate so far
+        for recipe in sorted(params, key=lambda r: -params[r]):
+            for shape in shapes:
+                pm = None if shape in bad_shapes else get(recipe, shape)
+                prepared.pop((recipe, shape), None)  # each prepared model is used for one group only
+                if pm is None:
                     continue
                 trainable = pm.summary()["trainable_params"]
+                hopeless = best is not None and (trainable, list(shape[1:])) < best[:2]
                 too_big_at = None
-                for b in batches or BATCHES:
+                for b in batches:
                     c = Candidate(recipe, b, list(shape), trainable)
                     if too_big_at is not None:  # memory grows with the batch
                         c.reason = f"batch {too_big_at} already does not fit"
+                    elif hopeless and b != batches[0]:
+                        c.reason = SKIPPED
                     else:
                         _judge(c, pm.memory(b, optimizer), counts, budget, flash, base)
                         if not c.fits:
                             too_big_at = b
+                        elif best is None or (trainable, list(shape[1:]), b) > best:
+                            best = (trainable, list(shape[1:]), b)
                     out.append(c)
     finally:
         quiet.setLevel(level)
@@ -213,5 +238,6 @@ def render(p: Plan) -> str:
                      f"{_human(shown) if (shown := c.ram_bytes if p.counts == 'program' else c.planned_bytes) is not None else '–':>10} "
                      f"{_human(c.flash_bytes) if c.flash_bytes is not None else '–':>10} "
                      f"{f'{c.trainable_params:,}' if c.trainable_params is not None else '–':>11}  "
-                     f"{'PROPOSED' if c is p.chosen else ('yes' if c.fits else 'no')}: {c.reason}")
+                     f"{'PROPOSED' if c is p.chosen else ('yes' if c.fits else '–' if c.reason == SKIPPED else 'no')}: "
+                     f"{c.reason}")
     return "\n".join(lines)
