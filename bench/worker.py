@@ -5,6 +5,9 @@ joint-graph training flow. (edgetl's programs and ONNX Runtime's artifacts are m
     python bench/worker.py torch-full MODEL SIZE BATCH STEPS
     python bench/worker.py torch-autograd MODEL SIZE BATCH STEPS RECIPE
     python bench/worker.py et-joint MODEL SIZE BATCH STEPS RECIPE
+
+bench/run.py runs each row twice, for memory with MALLOC_MMAP_THRESHOLD_=65536 and for step time
+with the default allocator, and keeps each figure from its own run.
 """
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ NUM_CLASSES = 10
 
 
 def measure_steps(step, steps: int) -> dict:
-    """Peak RSS above the pre-step level and step times, measured as the device profiler does."""
+    """Peak RSS above the pre-step level and step times, measured as the device profiler does (the
+    caller keeps the memory of the run with the memory setting and the times of the other run)."""
     above, times, hwm = profile.measure_steps(step, steps)
     times.sort()
     return {"measured_peak_bytes": above, "step_ms_median": times[len(times) // 2], "step_ms_min": times[0],
-            "process_peak_bytes": hwm}
+            "step_ms_max": times[-1], "process_peak_bytes": hwm, "allocator": profile.allocator()}
 
 
 def _batch(c, size, batch):

@@ -17,15 +17,17 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, planning: bool = False) -> None:
     p.add_argument("model", help="built-in backbone name or path/to/file.py:function")
-    p.add_argument("--recipe", required=True, help="e.g. bias+mask, side, full, bias+last2")
-    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--recipe", required=not planning, help="e.g. bias+mask, side, full, bias+last2"
+                   + (" (with --device/--budget-mb: only this recipe is tried)" if planning else ""))
+    p.add_argument("--num-classes", "--classes", type=int, required=not planning, default=10 if planning else None)
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
     p.add_argument("--input-shape", default=None,
                    help="one sample's shape, C,H,W or C,L (e.g. 3,96,128 or 1,16000); instead of --input-size")
     p.add_argument("--head", default=None, help="module path of the classifier head, when edgetl cannot tell")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None if planning else 8,
+                   help="(plan: default 8; with --device/--budget-mb, only this batch is tried)" if planning else None)
     p.add_argument("--frozen-dtype", choices=["int8", "fp32"], default="int8")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=float, default=None)
@@ -49,17 +51,49 @@ def _optimizer(args):
 def _prepare(args, seed: int = 0):
     from .prepared import prepare
 
-    shape = None
-    if args.input_shape is not None:
-        try:
-            shape = tuple(int(d) for d in args.input_shape.replace("x", ",").split(","))
-        except ValueError:
-            raise EdgeTLError(f"--input-shape must be C,H,W or C,L integers, got '{args.input_shape}'") from None
+    shape = None if args.input_shape is None else _parse_shape(args.input_shape)
     return prepare(args.model, args.recipe, args.num_classes, args.input_size, args.frozen_dtype, seed,
                    input_shape=shape, head=args.head)
 
 
+def cmd_plan_device(args) -> int:
+    from .plan import plan, render
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    shapes = None
+    if args.input_shape is not None:
+        if args.input_size is not None:
+            raise EdgeTLError("give --input-size or --input-shape, not both")
+        shapes = [_parse_shape(args.input_shape)]
+    target = args.target
+    p = plan(args.model, args.num_classes, args.device, args.budget_mb, target,
+             recipes=[args.recipe] if args.recipe else None,
+             batches=[args.batch_size] if args.batch_size else None, input_shapes=shapes,
+             input_size=args.input_size, head=args.head,
+             optimizer=_optimizer(args) if args.optimizer != "sgd" or args.lr or args.momentum is not None else None)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))
+    if p.chosen is None:
+        print(f"edgetl: {p.nothing_fits}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise EdgeTLError(f"--input-shape must be C,H,W or C,L integers, got '{text}'") from None
+
+
 def cmd_plan(args) -> int:
+    if args.device is not None or args.budget_mb is not None:
+        return cmd_plan_device(args)
+    if args.recipe is None:
+        raise EdgeTLError("give --recipe (one recipe's memory), or --device/--budget-mb (search recipes, "
+                          "batches and input sizes that fit)")
+    if args.batch_size is None:
+        args.batch_size = 8
     if args.batch_size < 1:
         raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     optimizer = _optimizer(args)
@@ -170,8 +204,14 @@ def _validate_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetl", description="Transfer learning on the device.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plan", help="trainable parameters and analytic training memory of a recipe")
-    _model_args(p)
+    p = sub.add_parser("plan", help="analytic training memory of a recipe, or (--device/--budget-mb) the recipe, "
+                       "batch and input size with the most trainable capacity that fits")
+    _model_args(p, planning=True)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--device", default=None, help="a named device profile (runtime/devices.json)")
+    budget.add_argument("--budget-mb", type=float, default=None, help="memory the whole training process may use")
+    p.add_argument("--target", choices=["onnx", "ort-training", "executorch"], default=None,
+                   help="the runtime (default: the device's, or onnx)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("export", help="export an on-device training bundle")

@@ -2,6 +2,7 @@
 step can run eagerly (CPU or CUDA) or be exported for a device."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -104,12 +105,14 @@ def prepare(
     *,
     input_shape: tuple[int, ...] | None = None,
     head: str | None = None,
+    traced: dict | None = None,
 ) -> PreparedModel:
     """Trace `model`, fold BatchNorm, put a new `num_classes` head on it and apply `recipe`.
 
     The input is `input_shape` per sample, (C, H, W) or (C, L), or a square `input_size` (default:
     the backbone's). `head` names the classifier's module (e.g. "classifier.1") when edgetl
-    cannot tell which layer it is."""
+    cannot tell which layer it is. `traced`: a dict kept across calls with the same Backbone object,
+    so each input shape is traced once (edgetl plan tries many recipes)."""
     recipe = parse_recipe(recipe)
     if frozen_dtype not in FROZEN_DTYPES:
         raise EdgeTLError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got '{frozen_dtype}'")
@@ -118,8 +121,14 @@ def prepare(
     channels = input_shape[0] if isinstance(input_shape, (tuple, list)) and input_shape else None
     bb = _as_backbone(model, channels if isinstance(channels, int) else None)
     shape = _input_shape(bb, input_size, input_shape)
+    key = (id(bb.model), shape)
     try:
-        graph = trace(bb.model, shape, list(bb.blocks))
+        if traced is not None and key in traced:
+            graph = copy.deepcopy(traced[key])
+        else:
+            graph = trace(bb.model, shape, list(bb.blocks))
+            if traced is not None:
+                traced[key] = copy.deepcopy(graph)
     except (CaptureError, RuntimeError):
         smallest = _smallest_input_size(bb, shape)
         if smallest is None:

@@ -70,20 +70,40 @@ def cmd_export_inference(args) -> dict:
 
 
 def cmd_profile(args) -> dict:
+    """Memory from a child run with the memory setting, step time from a run with the default
+    allocator (runtime/profile.py says why); a child run (EDGETL_PROFILE_PART) reports its own part."""
+    import os
+
+    from . import profile as pf
     from .bundle import inside
     from .errors import InputError
-    from .profile import apply_budget, check_plot_path, plot_profile, profile_trainer
 
     if args.plot:
-        check_plot_path(args.plot)  # before the measurement, not after it
+        pf.check_plot_path(args.plot)  # before the measurement, not after it
+    pf.resolve_budget(args.device, args.budget_mb)  # an unknown device is refused before measuring
     t = _trainer(args)
     if args.plot and inside(t.bundle.root, args.plot):
         raise InputError(f"--plot '{args.plot}' is inside the bundle '{t.bundle.root}'; write the plot elsewhere "
                          f"(the bundle's files are never overwritten)")
-    p = apply_budget(profile_trainer(t, args.steps, warmup=args.warmup), args.device, args.budget_mb)
+    pf.check_profilable(t, args.steps, args.warmup)
+    part = os.environ.get(pf.PART_VAR)
+    if part is not None:
+        return pf.label_run(pf.profile_trainer(t, args.steps, warmup=args.warmup), part, "child").to_dict()
+    child_args = [args.bundle, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--trusted-key", args.trusted_key)):
+        if value is not None:
+            child_args += [flag, value]
+    prefix = pf.child_command(getattr(args, "runtime_argv", None))
+    memory = pf.run_part("memory", prefix, child_args, {**pf.default_allocator_env(), **pf.MEMORY_SETTING})
+    if pf.allocator() == "default":
+        p = pf.label_run(pf.profile_trainer(t, args.steps, warmup=args.warmup), "time", "this")
+    else:  # this process has an allocator setting: time a child without it
+        p = pf.Profile(**pf.run_part("time", prefix, child_args, pf.default_allocator_env()))
+    p = pf.apply_budget(pf.with_memory_from(p, memory), args.device, args.budget_mb,
+                        pf.program_files_bytes(t.bundle))
     out = p.to_dict()
     if args.plot:
-        out["plot"] = str(plot_profile(p, args.plot))
+        out["plot"] = str(pf.plot_profile(p, args.plot))
     return out
 
 
@@ -161,10 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "profile":
-        from .profile import ensure_allocator_env
-
-        ensure_allocator_env(sys.argv[1:] if argv is None else argv)
+    args.runtime_argv = sys.argv[1:] if argv is None else list(argv)
     block_torch()
     import warnings
 

@@ -8,11 +8,19 @@ lazily on a first run (XNNPACK's packed weights, onnxruntime's caches) is then r
 weights, and not counted as training memory; `--warmup 0` counts it.
 The analytic model is compared on the same footing: its peak minus what is resident before the
 step (frozen weights, parameters, optimizer state).
+
+Memory and time come from two separate runs. Memory is measured in a child process with glibc
+returning every freed block to the system (MALLOC_MMAP_THRESHOLD_=65536), so RSS follows the live
+set; that setting slows allocation-heavy runtimes 2.5-3.5x, so step time is measured in a run with
+the default allocator (this process, or a child without the setting if this one has it). The JSON
+names the run each figure came from (`memory_run`, `time_run`).
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,9 +62,9 @@ class Profile:
     input_shape: list[int]
     steps: int
     warmup: int
-    step_ms_median: float
-    step_ms_min: float
-    step_ms_max: float
+    step_ms_median: float | None  # None when no run with the default allocator was made (see time_run)
+    step_ms_min: float | None
+    step_ms_max: float | None
     analytic_peak_bytes: int
     analytic_step_bytes: int  # analytic peak minus what is resident before the step
     measured_peak_bytes: int  # measured above the pre-step level (+ planned arena)
@@ -68,6 +76,11 @@ class Profile:
     device: str | None = None
     counts: str | None = None
     fits: bool | None = None
+    ram_bytes: int | None = None  # 'program' devices: what must be in RAM (the weights stay in flash)
+    flash_bytes: int | None = None  # 'program' devices: the program files as stored (weights included)
+    flash_budget_bytes: int | None = None
+    memory_run: dict | None = None  # which process and allocator each figure came from
+    time_run: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +101,7 @@ def measure_steps(step, steps: int) -> tuple[int, list[float], int]:
     return max(hwm - before, 0), times, hwm
 
 
-def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> Profile:
+def check_profilable(trainer, steps: int, warmup: int) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(warmup, int) or warmup < 0:
@@ -96,6 +109,11 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     if getattr(trainer.backend, "out_of_process", False):
         raise InputError("this bundle's runtime runs in another process (ORT's training bindings in their own "
                          "Python), whose memory this one cannot measure: profile it there")
+
+
+def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> Profile:
+    """Memory and step time of one run in this process, as it is set up (see `label_run`)."""
+    check_profilable(trainer, steps, warmup)
     b = trainer.bundle
     rng = np.random.default_rng(seed)
     x = rng.random((b.batch_size, *b.input_shape), dtype=np.float32)
@@ -125,22 +143,41 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     )
 
 
-def apply_budget(p: Profile, device: str | None = None, budget_mb: float | None = None) -> Profile:
+def resolve_budget(device: str | None = None, budget_mb: float | None = None) -> dict | None:
+    """The budget a profile is checked against: {device, counts, budget_mb, flash_mb}, or None."""
     if device is not None:
         table = devices()
         if device not in table:
             raise InputError(f"unknown device '{device}'; known: {', '.join(table)}")
         spec = table[device]
-        p.device, p.counts, budget_mb = device, spec["counts"], spec["budget_mb"]
-    elif budget_mb is not None:
+        return {"device": device, "counts": spec["counts"], "budget_mb": spec["budget_mb"],
+                "flash_mb": spec.get("flash_mb")}
+    if budget_mb is not None:
         if not budget_mb > 0:
             raise InputError(f"--budget-mb must be > 0, got {budget_mb}")
-        p.counts = "process"
-    else:
+        return {"device": None, "counts": "process", "budget_mb": budget_mb, "flash_mb": None}
+    return None
+
+
+def apply_budget(p: Profile, device: str | None = None, budget_mb: float | None = None,
+                 flash_bytes: int | None = None) -> Profile:
+    """Check `p` against a device's budget. On 'program' devices (microcontrollers) RAM and flash
+    are separate: the weights stay in flash (`flash_bytes`, the program files as stored), and RAM
+    holds the step's arena, the parameters and the optimizer state."""
+    spec = resolve_budget(device, budget_mb)
+    if spec is None:
         return p
-    p.budget_bytes = int(budget_mb * 2**20)
-    need = p.process_peak_bytes if p.counts == "process" else program_bytes(p)
-    p.fits = need <= p.budget_bytes
+    p.device, p.counts = spec["device"], spec["counts"]
+    p.budget_bytes = int(spec["budget_mb"] * 2**20)
+    if p.counts == "process":
+        p.fits = p.process_peak_bytes <= p.budget_bytes
+        return p
+    p.ram_bytes = program_bytes(p) - p.breakdown["frozen_weights_bytes"]
+    p.flash_bytes = flash_bytes
+    p.fits = p.ram_bytes <= p.budget_bytes
+    if spec["flash_mb"] is not None:
+        p.flash_budget_bytes = int(spec["flash_mb"] * 2**20)
+        p.fits = p.fits and flash_bytes is not None and flash_bytes <= p.flash_budget_bytes
     return p
 
 
@@ -149,6 +186,11 @@ def program_bytes(p: Profile) -> int:
     return p.analytic_peak_bytes if p.planned_bytes is None else (
         p.planned_bytes + p.breakdown["frozen_weights_bytes"] + p.breakdown["trainable_params_bytes"]
         + p.breakdown["optimizer_state_bytes"])
+
+
+def program_files_bytes(bundle) -> int:
+    """The bundle's program files as stored: what a microcontroller keeps in flash."""
+    return sum((bundle.root / name).stat().st_size for name in bundle.manifest["programs"].values())
 
 
 def check_plot_path(path: str | Path) -> Path:
@@ -195,7 +237,9 @@ def plot_profile(p: Profile, path: str | Path) -> Path:
     ax.set_xticks([0, 1, 2], ["analytic", "measured", "process"])
     ax.set_ylabel("MB")
     ax.set_title(f"{p.model} · {p.recipe} · {p.target} · batch {p.batch_size} · "
-                 f"{'x'.join(map(str, p.input_shape[1:]))}\nstep {p.step_ms_median:.1f} ms (median of {p.steps})",
+                 f"{'x'.join(map(str, p.input_shape[1:]))}\n"
+                 + (f"step {p.step_ms_median:.1f} ms (median of {p.steps}, default allocator)"
+                    if p.step_ms_median is not None else "step time not measured"),
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -209,10 +253,68 @@ def plot_profile(p: Profile, path: str | Path) -> Path:
     return path
 
 
-def ensure_allocator_env(argv: list[str]) -> None:
-    """Re-exec once with glibc returning freed blocks to the system, so RSS follows live memory."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and os.environ.get("EDGETL_NO_REEXEC") is None:
-        import sys
+MEMORY_SETTING = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+PART_VAR = "EDGETL_PROFILE_PART"  # set in the child runs: "memory" or "time"
 
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "EDGETL_NO_REEXEC": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "edgetl.runtime", *argv], env)
+
+def allocator(env: dict | None = None) -> str:
+    """How glibc's allocator is set in `env` (default: this process's environment)."""
+    env = os.environ if env is None else env
+    set_ = [f"{k}={env[k]}" for k in sorted(env) if k.startswith("MALLOC_")]
+    if "malloc" in env.get("GLIBC_TUNABLES", ""):
+        set_.append(f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}")
+    return " ".join(set_) or "default"
+
+
+def default_allocator_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
+def child_command(runtime_argv: list[str] | None) -> list[str]:
+    """The command that started this device CLI, with its own arguments left off: so a child run
+    starts the same way (`python -m edgetl.runtime`, or the ort-training peer's boot line)."""
+    orig = list(getattr(sys, "orig_argv", []))
+    if runtime_argv is None:
+        runtime_argv = sys.argv[1:]
+    n = len(runtime_argv)
+    if orig and n and orig[-n:] == list(runtime_argv) and len(orig) > n:
+        return [sys.executable, *orig[1:-n]]
+    return [sys.executable, "-m", "edgetl.runtime"]
+
+
+def run_part(part: str, prefix: list[str], args: list[str], env: dict) -> dict:
+    """One profile run in a child process; its JSON, or an error naming the run."""
+    from .errors import EdgeRuntimeError
+
+    r = subprocess.run([*prefix, "profile", *args, "--json"], capture_output=True, text=True,
+                       env={**env, PART_VAR: part})
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        raise EdgeRuntimeError(f"the {part} run failed: {tail}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+MEMORY_FIELDS = ("analytic_peak_bytes", "analytic_step_bytes", "measured_peak_bytes", "measured_vs_analytic",
+                 "planned_bytes", "process_peak_bytes", "breakdown", "memory_run")
+TIME_FIELDS = ("step_ms_median", "step_ms_min", "step_ms_max", "time_run")
+
+
+def with_memory_from(p: Profile, memory: dict) -> Profile:
+    for k in MEMORY_FIELDS:
+        setattr(p, k, memory[k])
+    return p
+
+
+def label_run(p: Profile, part: str | None, process: str) -> Profile:
+    """Name the run this process made (`part`: "memory", "time" or None for both); a figure from a
+    run with the memory setting is not reported as a step time."""
+    here = {"process": process, "allocator": allocator()}
+    if part in (None, "memory"):
+        p.memory_run = here
+    if part in (None, "time"):
+        p.time_run = here
+    if here["allocator"] != "default" and part != "memory":
+        p.step_ms_median = p.step_ms_min = p.step_ms_max = None
+        p.time_run = {**here, "note": f"no step time: this run has {here['allocator']}, which slows allocation; "
+                                      "step time comes only from a run with the default allocator"}
+    return p

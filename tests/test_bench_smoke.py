@@ -17,6 +17,9 @@ def test_bench_smoke(tmp_path):
     assert {"torch", "ort-training", "edgetl-onnx"} <= systems
     assert all("error" not in row for row in rows), [row.get("error") for row in rows]
     assert all(row["measured_peak_bytes"] > 0 and row["step_ms_median"] > 0 for row in rows)
+    # memory and time from separate runs: time never from a run with the memory setting
+    assert all(row["memory_run"]["allocator"] == "MALLOC_MMAP_THRESHOLD_=65536" for row in rows), rows
+    assert all(row["time_run"]["allocator"] == "default" for row in rows), rows
     lean = next(row for row in rows if row["system"] == "edgetl-onnx")
     assert lean["x_less_than_torch_full"] > 0 and lean["x_less_than_ort_same_set"] > 0
     text = md.read_text()

@@ -1,5 +1,6 @@
 """The device profiler: measured against analytic memory, device budgets, the plot."""
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,30 @@ def test_device_table_is_data():
     table = devices()
     assert {"mcu-256kb", "phone-low-2gb", "raspberry-pi-4-4gb"} <= set(table)
     assert all(v["counts"] in ("process", "program") and v["budget_mb"] > 0 for v in table.values())
+
+
+def test_memory_and_time_come_from_separate_runs(bundle):
+    """Memory in a run with the mmap setting (RSS follows the live set); step time in one with the
+    default allocator, since the setting slows allocation 2.5-3.5x. Also when the caller has the setting."""
+    for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+        r = subprocess.run([sys.executable, "-m", "edgetl.runtime", "profile", str(bundle), "--steps", "1", "--json"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["memory_run"] == {"process": "child", "allocator": "MALLOC_MMAP_THRESHOLD_=65536"}
+        assert out["time_run"]["allocator"] == "default" and out["step_ms_median"] > 0
+        assert out["time_run"]["process"] == ("child" if env else "this")
+
+
+def test_a_run_with_the_memory_setting_reports_no_step_time(bundle):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "EDGETL_PROFILE_PART": "time"}
+    r = subprocess.run([sys.executable, "-m", "edgetl.runtime", "profile", str(bundle), "--steps", "1", "--json"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    out = json.loads(r.stdout)
+    assert out["step_ms_median"] is None and "no step time" in out["time_run"]["note"]
+
+
+def test_microcontroller_ram_and_flash_apart(bundle):
+    out = json.loads(_profile(bundle, "--steps", "1", "--device", "mcu-256kb").stdout)
+    assert out["flash_budget_bytes"] == 2**20 and out["flash_bytes"] > out["breakdown"]["frozen_weights_bytes"]
+    assert out["ram_bytes"] == out["analytic_peak_bytes"] - out["breakdown"]["frozen_weights_bytes"]

@@ -105,10 +105,7 @@ def peer_python() -> Path:
 
 def peer_command(*runtime_args: str) -> list[str]:
     """A command running `python -m edgetl.runtime ARGS...` (the device CLI) in the peer."""
-    cmd = [str(peer_python()), "-I", "-c", _BOOT, str(RUNTIME_DIR), "cli", *runtime_args]
-    if runtime_args[:1] == ("profile",):  # the allocator setting profile would re-exec itself for
-        cmd = ["env", "MALLOC_MMAP_THRESHOLD_=65536", "EDGETL_NO_REEXEC=1", *cmd]
-    return cmd
+    return [str(peer_python()), "-I", "-c", _BOOT, str(RUNTIME_DIR), "cli", *runtime_args]
 
 
 # ---- messages: 8-byte length + JSON header, 8-byte length + npz ------------------------------------

@@ -1,0 +1,243 @@
+"""`edgetl plan --device NAME`: the recipe, batch and input size with the most trainable capacity
+that fits a device's training budget, from the analytic memory model alone (nothing is trained).
+
+A small grid is tried (recipes x batches x input sizes); each model and input shape is traced once.
+What a candidate needs is compared with the device's budget as `runtime/devices.json` counts it:
+- 'process' devices (phones, boards): the whole process must fit, so the analytic peak plus the
+  runtime's own resident memory (its libraries, measured once per runtime: `_runtime_base_mb`).
+- 'program' devices (microcontrollers): RAM holds the step (analytic peak minus the frozen
+  weights) and flash holds the frozen weights (int8 plus per-channel scales); each has its budget.
+Micro-batches are not planned: the exported step runs its whole batch at once (no micro-batch
+accumulation inside the step yet), so the batch is the step's memory batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+from .errors import EdgeTLError
+from .runtime.profile import DEVICES_FILE, resolve_budget
+
+RECIPES = ("bias+mask", "side+mask", "bias", "head", "full", "bias+last2")
+BATCHES = (1, 2, 4, 8, 16)
+SIZE_FRACTIONS = (1.0, 0.75, 0.5)
+SKIPPED = "not analysed: fewer trainable params or a smaller input than a candidate that fits"
+MICRO_BATCH_NOTE = ("not planned: the exported step has no micro-batches (gradients accumulated over "
+                    "sub-batches inside one step); the batch is what one step holds")
+
+
+@dataclass
+class Candidate:
+    recipe: str
+    batch: int | None
+    input_shape: list[int]
+    trainable_params: int | None = None
+    planned_bytes: int | None = None  # analytic peak of the whole step (weights as stored included)
+    ram_bytes: int | None = None  # what is checked against the RAM/process budget
+    flash_bytes: int | None = None  # 'program' devices: frozen weights as stored
+    fits: bool = False
+    reason: str = ""
+    peak_at: str = ""
+    largest_part: str = ""  # the biggest kind of tensor live at the peak
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str | None
+    counts: str
+    target: str
+    budget_bytes: int
+    flash_budget_bytes: int | None
+    runtime_base_bytes: int | None  # 'process' devices: the runtime's own memory, added to each candidate
+    chosen: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+    micro_batch: int | None = None
+    micro_batch_note: str = MICRO_BATCH_NOTE
+    nothing_fits: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def runtime_base_bytes(target: str) -> int | None:
+    base = json.loads(DEVICES_FILE.read_text()).get("_runtime_base_mb", {}).get(target)
+    return None if base is None else int(base * 2**20)
+
+
+def candidate_shapes(default: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The model's input shape and, for square images, a few smaller sides (multiples of 4)."""
+    if len(default) != 3 or default[1] != default[2]:
+        return [tuple(default)]
+    sides = dict.fromkeys(max(4, int(round(default[1] * f / 4)) * 4) if f < 1 else default[1]
+                          for f in SIZE_FRACTIONS)
+    return [(default[0], s, s) for s in sides]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _judge(c: Candidate, mem, counts: str, budget: int, flash_budget: int | None, base: int | None) -> None:
+    c.planned_bytes = int(mem.analytic_peak_bytes)
+    c.peak_at = mem.peak_at
+    kind, size = max(mem.peak_by_kind.items(), key=lambda kv: kv[1], default=("", 0))
+    c.largest_part = f"{kind} {_human(size)}" if kind else ""
+    if counts == "program":
+        c.ram_bytes = int(mem.analytic_peak_bytes - mem.frozen_weights_bytes)
+        c.flash_bytes = int(mem.frozen_weights_bytes)
+        over = []
+        if c.ram_bytes > budget:
+            over.append(f"RAM {_human(c.ram_bytes)} is {_human(c.ram_bytes - budget)} over {_human(budget)}"
+                        f" (largest at the peak: {c.largest_part})")
+        if flash_budget is not None and c.flash_bytes > flash_budget:
+            over.append(f"flash {_human(c.flash_bytes)} is {_human(c.flash_bytes - flash_budget)} over "
+                        f"{_human(flash_budget)}")
+        c.fits, c.reason = not over, "; ".join(over) or "fits"
+        return
+    c.ram_bytes = c.planned_bytes + (base or 0)
+    c.fits = c.ram_bytes <= budget
+    with_base = f" with the runtime's {_human(base)}" if base else ""
+    c.reason = "fits" if c.fits else (f"{_human(c.ram_bytes)}{with_base} is {_human(c.ram_bytes - budget)} over "
+                                      f"{_human(budget)}")
+
+
+def plan(model: str, num_classes: int = 10, device: str | None = None, budget_mb: float | None = None,
+         target: str | None = None, recipes: list[str] | None = None, batches: list[int] | None = None,
+         input_shapes: list[tuple[int, ...]] | None = None, optimizer=None, head: str | None = None,
+         input_size: int | None = None) -> Plan:
+    """Try the grid and pick the candidate with the most trainable parameters that fits (ties: the
+    larger input, then the larger batch). `input_shapes` None: the model's own and a few smaller."""
+    from .backbones import load_backbone
+    from .optim import OptimizerConfig
+    from .prepared import prepare
+
+    if device is None and budget_mb is None:
+        raise EdgeTLError("give --device NAME or --budget-mb N to plan against")
+    spec = resolve_budget(device, budget_mb)
+    from .runtime.profile import devices
+
+    target = target or (devices()[device]["runtime"] if device else "onnx")
+    counts = spec["counts"]
+    budget = int(spec["budget_mb"] * 2**20)
+    flash = None if spec["flash_mb"] is None else int(spec["flash_mb"] * 2**20)
+    base = runtime_base_bytes(target) if counts == "process" else None
+    if optimizer is None:
+        optimizer = OptimizerConfig.make("sgd", None, momentum=0.0 if target == "ort-training" else 0.9)
+    bb = load_backbone(model)
+    if input_size is not None:
+        input_shapes = [(bb.in_channels, input_size, input_size)]
+    shapes = input_shapes or candidate_shapes(tuple(bb.input_shape or (bb.in_channels, bb.input_size,
+                                                                        bb.input_size)))
+    traced: dict = {}
+    out: list[Candidate] = []
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a size the model cannot take is a row in the table, not a traceback
+    batches = sorted(batches or BATCHES)
+    try:
+        prepared: dict = {}  # (recipe, shape) -> PreparedModel, or None where it cannot be prepared
+        bad_shapes: set = set()
+
+        def get(recipe, shape):
+            if (recipe, shape) not in prepared:
+                try:
+                    prepared[(recipe, shape)] = prepare(bb, recipe, num_classes, input_shape=shape, head=head,
+                                                        traced=traced)
+                except EdgeTLError as e:
+                    prepared[(recipe, shape)] = None
+                    if "too small" in str(e):  # the size, not the recipe: one row for all recipes
+                        if shape not in bad_shapes:
+                            out.append(Candidate("(any)", None, list(shape), reason=f"cannot prepare: {e}"))
+                        bad_shapes.add(shape)
+                    else:
+                        out.append(Candidate(recipe, None, list(shape), reason=f"cannot prepare: {e}"))
+            return prepared[(recipe, shape)]
+
+        # most trainable parameters first, so groups that cannot beat a fitting one are checked at batch 1 only
+        params = {r: pm.summary()["trainable_params"] for r in dict.fromkeys(recipes or RECIPES)
+                  if (pm := get(r, shapes[0])) is not None}
+        best = None  # (trainable params, input, batch) of the best fitting candidate so far
+        for recipe in sorted(params, key=lambda r: -params[r]):
+            for shape in shapes:
+                pm = None if shape in bad_shapes else get(recipe, shape)
+                prepared.pop((recipe, shape), None)  # each prepared model is used for one group only
+                if pm is None:
+                    continue
+                trainable = pm.summary()["trainable_params"]
+                hopeless = best is not None and (trainable, list(shape[1:])) < best[:2]
+                too_big_at = None
+                for b in batches:
+                    c = Candidate(recipe, b, list(shape), trainable)
+                    if too_big_at is not None:  # memory grows with the batch
+                        c.reason = f"batch {too_big_at} already does not fit"
+                    elif hopeless and b != batches[0]:
+                        c.reason = SKIPPED
+                    else:
+                        _judge(c, pm.memory(b, optimizer), counts, budget, flash, base)
+                        if not c.fits:
+                            too_big_at = b
+                        elif best is None or (trainable, list(shape[1:]), b) > best:
+                            best = (trainable, list(shape[1:]), b)
+                    out.append(c)
+    finally:
+        quiet.setLevel(level)
+    fitting = [c for c in out if c.fits]
+    chosen = max(fitting, key=lambda c: (c.trainable_params, c.input_shape[1:], c.batch), default=None)
+    if chosen is not None:
+        for c in fitting:
+            if c is chosen:
+                continue
+            if c.trainable_params < chosen.trainable_params:
+                c.reason = "fits; fewer trainable params than the proposal"
+            elif (c.input_shape[1:], c.batch) < (chosen.input_shape[1:], chosen.batch):
+                c.reason = "fits; smaller input or batch than the proposal"
+            else:
+                c.reason = "fits; as much capacity as the proposal, listed after it"
+    p = Plan(bb.name, device, counts, target, budget, flash, base, chosen, out)
+    if chosen is None:
+        judged = [c for c in out if c.ram_bytes is not None]
+        least = min(judged, key=lambda c: c.ram_bytes, default=None)
+        where = f"{device} ({_human(budget)})" if device else _human(budget)
+        p.nothing_fits = (f"nothing fits {where}: the smallest, {least.recipe} batch {least.batch} "
+                          f"{'×'.join(map(str, least.input_shape))}, {least.reason}" if least else
+                          f"nothing fits {where}: no candidate could be prepared")
+    return p
+
+
+def render(p: Plan) -> str:
+    """The proposal and the table of every candidate."""
+    where = p.device or "the given budget"
+    if p.counts == "program":
+        limits = f"RAM {_human(p.budget_bytes)} for the step" + (
+            f", flash {_human(p.flash_budget_bytes)} for the weights" if p.flash_budget_bytes else "")
+    else:
+        limits = f"{_human(p.budget_bytes)} for the whole process" + (
+            f" (the {p.target} runtime itself: {_human(p.runtime_base_bytes)})" if p.runtime_base_bytes else
+            " (the runtime's own memory is not included: not measured for this target)")
+    lines = [f"edgetl plan: {p.model} on {where}: {limits}; target {p.target}"]
+    c = p.chosen
+    if c is None:
+        lines.append(p.nothing_fits)
+    else:
+        flash = f", flash {_human(c.flash_bytes)}" if c.flash_bytes is not None else ""
+        lines.append(f"proposal: recipe {c.recipe}, batch {c.batch}, input {'×'.join(map(str, c.input_shape))}: "
+                     f"{c.trainable_params:,} trainable params, needs {_human(c.ram_bytes)}{flash}")
+    lines.append(f"micro-batch: {p.micro_batch_note}")
+    lines.append("")
+    mem_col = "RAM" if p.counts == "program" else "planned"
+    head = f"{'recipe':<12} {'batch':>5} {'input':>11} {mem_col:>10} {'flash':>10} {'trainable':>11}  fits? / reason"
+    lines += [head, "-" * len(head)]
+    for c in p.candidates:
+        lines.append(f"{c.recipe:<12} {c.batch if c.batch else '–':>5} {'×'.join(map(str, c.input_shape)):>11} "
+                     f"{_human(shown) if (shown := c.ram_bytes if p.counts == 'program' else c.planned_bytes) is not None else '–':>10} "
+                     f"{_human(c.flash_bytes) if c.flash_bytes is not None else '–':>10} "
+                     f"{f'{c.trainable_params:,}' if c.trainable_params is not None else '–':>11}  "
+                     f"{'PROPOSED' if c is p.chosen else ('yes' if c.fits else '–' if c.reason == SKIPPED else 'no')}: "
+                     f"{c.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""`edgetl plan --device/--budget-mb`: the largest trainable set that fits, from the analytic model."""
+import json
+
+import pytest
+
+import edgetl
+from edgetl.cli import main
+from edgetl.plan import candidate_shapes, plan, runtime_base_bytes
+
+MB = 2**20
+
+
+def test_a_budget_that_fits_only_small_batches_picks_them():
+    pm = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10)
+    need = {b: pm.memory(b).analytic_peak_bytes for b in (4, 8)}
+    base = runtime_base_bytes("onnx")
+    budget_mb = (base + (need[4] + need[8]) / 2) / MB  # batch 4 fits, batch 8 does not
+    p = plan("mnist_cnn", device=None, budget_mb=budget_mb, recipes=["bias+mask"], input_size=28)
+    assert p.chosen.batch == 4 and p.chosen.ram_bytes == need[4] + base
+    rejected = {c.batch: c for c in p.candidates if not c.fits}
+    assert set(rejected) == {8, 16}
+    assert "over" in rejected[8].reason and "batch 8 already does not fit" in rejected[16].reason
+
+
+def test_most_trainable_capacity_wins():
+    p = plan("mnist_cnn", budget_mb=512, recipes=["head", "side+mask"], batches=[1, 16], input_size=28)
+    assert (p.chosen.recipe, p.chosen.batch) == ("side+mask", 16)
+    head = {c.batch: c for c in p.candidates if c.recipe == "head"}
+    assert head[1].fits and "fewer trainable params" in head[1].reason
+    # a group that cannot beat the proposal is only checked at its smallest batch (keeps plan fast)
+    assert head[16].planned_bytes is None and head[16].reason.startswith("not analysed")
+
+
+def test_smaller_input_sizes_are_candidates():
+    assert candidate_shapes((3, 224, 224)) == [(3, 224, 224), (3, 168, 168), (3, 112, 112)]
+    assert candidate_shapes((1, 16000)) == [(1, 16000)]
+
+
+def test_impossible_budget_says_so_in_one_line(capsys):
+    assert main(["plan", "mnist_cnn", "--budget-mb", "1", "--recipe", "head", "--input-size", "28"]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("edgetl: nothing fits 1.0 MB: the smallest, head batch 1")
+    assert "no: " in out and "PROPOSED" not in out
+
+
+def test_unknown_device_exits_2(capsys):
+    assert main(["plan", "mnist_cnn", "--device", "toaster"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'toaster'" in err and err.count("\n") == 1
+
+
+def test_microcontroller_reports_ram_and_flash_apart(capsys):
+    """Goal 4's row: mnist_cnn, bias+mask, batch 1 on a 256 KB RAM / 1 MB flash microcontroller."""
+    rc = main(["plan", "mnist_cnn", "--device", "mcu-256kb", "--recipe", "bias+mask", "--batch-size", "1",
+               "--input-size", "28", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    mem = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10).memory(1)
+    (c,) = out["candidates"]
+    assert out["counts"] == "program" and out["flash_budget_bytes"] == MB and out["budget_bytes"] == 256 * 1024
+    assert c["flash_bytes"] == mem.frozen_weights_bytes < MB  # int8 weights fit the flash
+    assert c["ram_bytes"] == mem.analytic_peak_bytes - mem.frozen_weights_bytes
+    # the step does not fit 256 KB today, and the table says what dominates
+    assert rc == 1 and out["chosen"] is None and not c["fits"]
+    assert "weights (dequantized, transient)" in c["reason"]
+    assert out["micro_batch"] is None and "no micro-batches" in out["micro_batch_note"]
+
+
+def test_single_recipe_plan_still_works(capsys):
+    assert main(["plan", "mnist_cnn", "--recipe", "head", "--classes", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch_size"] == 8
+
+
+def test_plan_needs_a_recipe_or_a_budget(capsys):
+    assert main(["plan", "mnist_cnn"]) == 2
+    assert "--device/--budget-mb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--budget-mb", "0"], ["--budget-mb", "5", "--batch-size", "0"]])
+def test_bad_budget_or_batch_exits_2(bad, capsys):
+    assert main(["plan", "mnist_cnn", *bad]) == 2
+    assert capsys.readouterr().err.startswith("edgetl: error: ")
