@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--device", default=None, help="a named device profile (runtime/devices.json)")
     budget.add_argument("--budget-mb", type=float, default=None, help="memory the whole training process may use")
-    p.add_argument("--target", choices=["onnx", "ort-training", "executorch"], default=None,
+    p.add_argument("--target", choices=TARGET_NAMES, default=None,
                    help="the runtime (default: the device's, or onnx)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
