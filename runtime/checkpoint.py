@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints: one safetensors file (docs/bundle-state.md) with the parameters and
+"""Crash-safe checkpoints: one safetensors file (BUNDLE.md) with the parameters and
 optimizer state as tensors and, in its `__metadata__`, the step count, schedule, seed, bundle and a
 sha256 over the metadata, the tensor table and the tensor bytes. Written to a temporary file in the
 same directory, fsynced, renamed over the old one and the directory fsynced, so a crash (or a full

@@ -2,7 +2,7 @@
 of JSON (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`,
 padded with spaces), then the tensors' raw little-endian bytes, back to back. Every declared size is
 checked against the bytes actually there before anything is allocated, and nothing is unpickled
-(the format has no way to hold code). See docs/bundle-state.md."""
+(the format has no way to hold code). See BUNDLE.md."""
 from __future__ import annotations
 
 import json

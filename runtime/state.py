@@ -1,5 +1,5 @@
 """A bundle's initial state: the trainable parameters and optimizer state, by manifest name. A
-safetensors file (docs/bundle-state.md); bundles exported before it hold an npz, still read.
+safetensors file (BUNDLE.md); bundles exported before it hold an npz, still read.
 Every declared dtype and shape is checked against the manifest before any array is made; only
 finite floats pass; nothing is unpickled."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Checkpoints in the Python runtime's format (runtime/checkpoint.py; docs/bundle-state.md), so
+// Checkpoints in the Python runtime's format (runtime/checkpoint.py; BUNDLE.md), so
 // that Python and JavaScript resume each other's. Version 4, written here: a safetensors file, one
 // float32 tensor per manifest name, and `__metadata__` strings (format, version, step, epoch, seed,
 // schedule and bundle as JSON text, bundle_manifest, target, sha256). The sha256 covers netstrings
