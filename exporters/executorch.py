@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from edgetl.interpret import computing, interpret, weights_from
 from edgetl.rules.conv import Conv2d
+from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.rules.linear import Linear
 from edgetl.step import LeanEval, LeanStep
 
@@ -177,6 +178,22 @@ def _delegated_ops(et) -> dict:
             "portable_op_kinds": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
+def _write(et, path: Path, channels: set[int]) -> dict:
+    """Write the program; where the delegate's constant blobs (the frozen weights, dequantized
+    from int8) are exactly int8 per channel, store them so (`edgetl.runtime.backends.executorch_q8`).
+    Returns the program's size and the file's."""
+    buf = et.buffer
+    if channels:
+        named = getattr(et, "_named_data", None)
+        blobs = [b.to_bytes() if hasattr(b, "to_bytes") else bytes(b) for b in (named.buffers if named else [])]
+        packed = pack(buf, blobs, channels)
+        if len(packed) < len(buf):
+            path.write_bytes(packed)
+            return {"program": len(buf), "file": len(packed)}
+    path.write_bytes(buf)
+    return {"program": len(buf), "file": len(buf)}
+
+
 def planned_bytes(et) -> int:
     return int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
 
@@ -196,16 +213,19 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     if delegate:
         weights_as_fp32_constants(step)
         weights_as_fp32_constants(ev)
-    et_step = _lower(step, (x, y, lr, *flat), delegate)
-    (out / TRAIN_FILE).write_bytes(et_step.buffer)
-    et_eval = _lower(ev, (x, *flat[:n]), delegate)
-    (out / EVAL_FILE).write_bytes(et_eval.buffer)
-
     frozen_int8 = prepared.graph.frozen_dtype == "int8"
+    channels = {int(d) for t in prepared.stored for d in prepared.frozen(t).shape} if frozen_int8 else set()
+    et_step = _lower(step, (x, y, lr, *flat), delegate)
+    sizes = {TRAIN_FILE: _write(et_step, out / TRAIN_FILE, channels)}
+    et_eval = _lower(ev, (x, *flat[:n]), delegate)
+    sizes[EVAL_FILE] = _write(et_eval, out / EVAL_FILE, channels)
+
     info = {
         "delegate": "xnnpack" if delegate else None,
-        "frozen_weights_in_program": ("fp32 (dequantized from int8 at export)" if frozen_int8 else "fp32")
+        "frozen_weights_in_program": ("fp32 constants for XNNPACK, stored int8 + per-channel scales in the file "
+                                      "and restored byte-exactly at load" if frozen_int8 else "fp32")
         if delegate else ("int8 (dequantized in the program)" if frozen_int8 else "fp32"),
+        "program_bytes": sizes,
         "trainable_bias_as_separate_add": bool(delegate),
         "planned_bytes": planned_bytes(et_step),
         "planned_bytes_note": "ExecuTorch's memory plan for one step (activations, kept tensors, inputs, "
