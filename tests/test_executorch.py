@@ -226,3 +226,36 @@ def test_a_program_replaced_after_load_is_never_run(bundles):
     with pytest.raises(BundleError, match="sha256"):
         make_backend(b)
     shutil.rmtree(d)
+
+
+def test_frozen_weights_are_stored_int8(bundles):
+    """XNNPACK needs fp32 constant weights, but the bundle stores them as int8 + per-channel
+    scales: each file is ≤ 0.35× the fp32 program it restores to, byte for byte."""
+    from edgetl.runtime.backends.executorch_q8 import is_packed, unpack
+
+    pm, _, out = bundles["bias+mask"]
+    sizes = json.loads((out / "manifest.json").read_text())["executorch"]["program_bytes"]
+    fp32_frozen = 4 * sum(pm.frozen(t).numel() for t in pm.stored)
+    for name in ("train_step.pte", "eval.pte"):
+        data = (out / name).read_bytes()
+        assert is_packed(data) and len(data) == sizes[name]["file"]
+        program = unpack(data)
+        assert len(program) == sizes[name]["program"] >= fp32_frozen  # the program holds them as fp32
+        assert len(data) <= 0.35 * len(program)
+
+
+def test_a_corrupted_int8_weight_is_refused(bundles):
+    """One int8 weight changed in the file: the restored program fails its sha256 and is not run."""
+    from edgetl.runtime import EdgeRuntimeError
+    from edgetl.runtime.backends.executorch import NativeMethod
+    from edgetl.runtime.backends.executorch_q8 import MAGIC
+
+    _, _, out = bundles["side+mask"]
+    data = bytearray((out / "eval.pte").read_bytes())
+    hlen = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 8], "little")
+    header = json.loads(data[len(MAGIC) + 8 : len(MAGIC) + 8 + hlen])
+    _, _, _, c, _ = header["blobs"][0]
+    at = len(MAGIC) + 8 + hlen + 4 * c  # the first blob's first int8 value, after its scales
+    data[at] = (data[at] + 1) % 256
+    with pytest.raises(EdgeRuntimeError, match="sha256"):
+        NativeMethod(bytes(data))

@@ -28,6 +28,7 @@ from ..errors import EdgeRuntimeError, InputError
 from ..programs import check_positional_programs
 from ..targets import X
 from .base import HostStateBackend
+from .executorch_q8 import is_packed, unpack, unpacked_size
 
 _SHIM_SOURCE = r"""
 #include <cstdint>
@@ -249,11 +250,16 @@ class NativeMethod:
         self.L = _lib()
         name = name or (Path(program).name if not isinstance(program, bytes) else "program")
         data = program if isinstance(program, bytes) else Path(program).read_bytes()
+        packed = is_packed(data)  # frozen weights stored int8: rebuilt byte-exactly into the buffer
+        size = unpacked_size(data) if packed else len(data)
         # The runtime reads constants and delegate blobs from this buffer: keep it alive (and aligned).
-        raw = np.empty(len(data) + _ALIGN, np.uint8)
+        raw = np.empty(size + _ALIGN, np.uint8)
         off = (-raw.ctypes.data) % _ALIGN
-        self._buffer = raw[off : off + len(data)]
-        self._buffer[:] = np.frombuffer(data, np.uint8)
+        self._buffer = raw[off : off + size]
+        if packed:
+            unpack(data, self._buffer)
+        else:
+            self._buffer[:] = np.frombuffer(data, np.uint8)
         del data
         self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
         if not self.h:
@@ -360,7 +366,8 @@ class ExecuTorchBackend(HostStateBackend):
         (inputs are normalized images: (x - mean) / std, unlike the onnx target's model)."""
         out, npz, meta = self.inference_files(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(self.bundle.program_bytes("eval"))
+        data = self.bundle.program_bytes("eval")
+        out.write_bytes(unpack(data).tobytes() if is_packed(data) else data)  # a plain .pte for other runtimes
         names = self.bundle.trainable
         np.savez(npz, **{f"a{i}": p for i, p in enumerate(self.params)})
         m = self.bundle.manifest
