@@ -29,6 +29,11 @@ CONFIGS = {
         {"model": "efficientnet_lite0", "size": 224, "batch": 8, "steps": 3, "et": LEAN_RECIPES[:4], "joint": False},
         {"model": "mobilenet_v2", "size": 224, "batch": 8, "steps": 3, "et": ["bias+mask", "side"], "joint": True},
         {"model": "mnist_cnn", "size": 28, "batch": 32, "steps": 5, "et": LEAN_RECIPES, "joint": True},
+        # Bring your own CNN: the tests/families models, written as torchvision writes them (bench/worker.py)
+        {"model": "resnet18-like", "size": 128, "batch": 8, "steps": 3, "et": [], "joint": False,
+         "recipes": ["bias+mask", "side", "full"], "autograd": ["bias"], "ort": []},
+        {"model": "efficientnet_b0-like", "size": 128, "batch": 8, "steps": 3, "et": [], "joint": False,
+         "recipes": ["bias+mask", "bias+mask+q8", "side", "full"], "autograd": ["bias"], "ort": []},
     ],
     "smoke": [{"model": "mnist_cnn", "size": 28, "batch": 8, "steps": 2, "et": [], "joint": False,
                "recipes": ["bias+mask"], "ort": ["bias"]}],
@@ -50,10 +55,11 @@ def _export(model: str, recipe: str, target: str, size: int, batch: int, out: Pa
     """The bundle, or {"error": ...} when the exporter refuses (reported in the table)."""
     import edgetl
     from edgetl.exporters import export
+    from worker import prepare
 
     momentum = 0.0 if target == "ort-training" else 0.9
     try:
-        pm = edgetl.prepare(model, recipe, num_classes=10, input_size=size, **kw)
+        pm = prepare(model, recipe, size, **kw)
         return export(pm, target, out, edgetl.OptimizerConfig.make("sgd", lr=0.01, momentum=momentum), batch)
     except Exception as e:  # a failed row must not lose the others
         return {"error": f"export failed: {type(e).__name__}: {e}"[:300]}
@@ -82,13 +88,13 @@ def bench_config(cfg: dict, work: Path, log) -> list[dict]:
     rows = []
 
     def add(row, result):
-        row |= {"model": m, "size": size, "batch": b} | result
+        row |= result | {"model": m, "size": size, "batch": b}  # the config's name, not the manifest's
         rows.append(row)
         log(row)
 
     add({"row": "torch eager, full fine-tuning", "system": "torch", "recipe": "full"},
         _run([sys.executable, "bench/worker.py", "torch-full", m, str(size), str(b), str(steps)]))
-    for recipe in cfg.get("recipes", ["bias", "side"]):
+    for recipe in cfg.get("autograd", cfg.get("recipes", ["bias", "side"])):
         add({"row": "torch eager autograd, same trainable set", "system": "torch", "recipe": recipe},
             _run([sys.executable, "bench/worker.py", "torch-autograd", m, str(size), str(b), str(steps), recipe]))
     for recipe in cfg.get("ort", ["bias", "side", "full"]):
@@ -264,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_config(cfg, Path(d), log)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))
-        mcu = None if args.smoke else mcu_row(Path(d))
+        mcu = None if args.smoke or "mnist_cnn" not in {c["model"] for c in configs} else mcu_row(Path(d))
     # a run of some models keeps the other models' rows from the last results
     ran = {c["model"] for c in configs}
     rows = [r for r in previous.get("rows", []) if r["model"] not in ran] + rows
     mcu = mcu or previous.get("mcu")
     rows = with_ratios(rows)
-    command = "python bench/run.py" + (" --smoke" if args.smoke else "")
+    command = "python bench/run.py" + (" --smoke" if args.smoke else "") + (
+        f" --models {' '.join(args.models)}" if args.models else "")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"command": command, "rows": rows, "mcu": mcu,
                                            "seconds": time.time() - t0}, indent=1))
