@@ -5,7 +5,7 @@ bench/results/families.json (partial results are kept after every row).
 
     python bench/families.py                                   # all families, recipes, both targets
     python bench/families.py --families resnet18 --targets executorch --recipes side
-    python bench/families.py --render                          # the table again from the JSON
+    python bench/families.py --render --readme                 # the table again, also into README.md
 """
 from __future__ import annotations
 
@@ -76,8 +76,9 @@ def run_one(make, recipe: str, target: str, work: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    fams = list(dict.fromkeys(r["family"] for r in rows))
-    cols = [(r, t) for t in TARGETS for r in RECIPES if any(x["recipe"] == r and x["target"] == t for x in rows)]
+    """Every family × recipe × target, blank where not run."""
+    fams = sorted(_families())
+    cols = [(r, t) for t in TARGETS for r in RECIPES]
     mark = {"ok": "✓", "n/a": "–", "mismatch": "≠", "failed": "✗"}
     lines = ["| family | " + " | ".join(f"{r} {'ET' if t == 'executorch' else t}" for r, t in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -101,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="*", default=TARGETS, choices=TARGETS)
     p.add_argument("--json", default=str(RESULTS))
     p.add_argument("--render", action="store_true", help="print the table from --json only")
+    p.add_argument("--readme", action="store_true", help="also write the table into README.md's Model families")
     args = p.parse_args(argv)
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.exists() else []
     if args.render:
-        print(table(saved))
-        return 0
+        return _show(table(saved), args.readme)
     todo = [(f, r, t) for t in args.targets for f in args.families for r in args.recipes]
     rows = [x for x in saved if (x["family"], x["recipe"], x["target"]) not in set(todo)]
     with tempfile.TemporaryDirectory(prefix="edgetl-families-") as d:
@@ -121,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    return _show(table(rows), args.readme)
+
+
+def _show(text: str, readme: bool) -> int:
+    print(text)
+    if readme:
+        path, start, end = ROOT / "README.md", "<!-- families:start -->", "<!-- families:end -->"
+        doc = path.read_text()
+        path.write_text(doc[: doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):])
     return 0
 
 

@@ -173,8 +173,10 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
         if not rs:
             continue
         r0 = rs[0]
-        lines += [f"### {model}, {r0['size']}×{r0['size']}, batch {r0['batch']}", "",
-                  f"![measured training memory](bench/results/memory_{model}.png)", "",
+        lines += [f"### {model}, {r0['size']}×{r0['size']}, batch {r0['batch']}", ""]
+        if r0.get("command", command) != command or r0.get("note"):
+            lines += [f"Rows from `{r0.get('command', command)}`. {r0.get('note', '')}".rstrip(), ""]
+        lines += [f"![measured training memory](bench/results/memory_{model}.png)", "",
                   "| system | recipe | measured MB | analytic MB | step ms (median) | bundle MB | vs torch full | vs ORT same set |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(RESULTS / "memory.json"))
     p.add_argument("--render", action="store_true", help="rewrite the markdown and plots from --json only")
+    p.add_argument("--note", default="", help="a remark on this run's rows, shown with them (e.g. the load)")
     args = p.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.json).read_text())
@@ -273,18 +276,24 @@ def main(argv: list[str] | None = None) -> int:
         mcu = None if args.smoke or "mnist_cnn" not in {c["model"] for c in configs} else mcu_row(Path(d))
     # a run of some models keeps the other models' rows from the last results
     ran = {c["model"] for c in configs}
+    command = "python bench/run.py" + (" --smoke" if args.smoke else "") + (
+        f" --models {' '.join(args.models)}" if args.models else "")
+    for r in rows:
+        r["command"] = command
+        if args.note:
+            r["note"] = args.note
     rows = [r for r in previous.get("rows", []) if r["model"] not in ran] + rows
     mcu = mcu or previous.get("mcu")
     rows = with_ratios(rows)
-    command = "python bench/run.py" + (" --smoke" if args.smoke else "") + (
-        f" --models {' '.join(args.models)}" if args.models else "")
+    # a run of some models: the section's command and duration stay those of the last full run
+    command, seconds = previous.get("command", command), previous.get("seconds", time.time() - t0)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"command": command, "rows": rows, "mcu": mcu,
-                                           "seconds": time.time() - t0}, indent=1))
+                                           "seconds": seconds}, indent=1))
     Path(args.json).with_suffix(".partial.json").unlink(missing_ok=True)
     if not args.smoke:
         plot(rows, Path(args.json).parent)
-    write_section(Path(args.out), markdown(rows, mcu, command, time.time() - t0),
+    write_section(Path(args.out), markdown(rows, mcu, command, seconds),
                   "<!-- memory:start -->", "<!-- memory:end -->")
     print(f"wrote {args.out} and {args.json}")
     return 0
