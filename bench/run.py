@@ -29,6 +29,11 @@ CONFIGS = {
         {"model": "efficientnet_lite0", "size": 224, "batch": 8, "steps": 3, "et": LEAN_RECIPES[:4], "joint": False},
         {"model": "mobilenet_v2", "size": 224, "batch": 8, "steps": 3, "et": ["bias+mask", "side"], "joint": True},
         {"model": "mnist_cnn", "size": 28, "batch": 32, "steps": 5, "et": LEAN_RECIPES, "joint": True},
+        # Bring your own CNN: the tests/families models, written as torchvision writes them (bench/worker.py)
+        {"model": "resnet18-like", "size": 128, "batch": 8, "steps": 3, "et": [], "joint": False,
+         "recipes": ["bias+mask", "side", "full"], "autograd": ["bias"], "ort": []},
+        {"model": "efficientnet_b0-like", "size": 128, "batch": 8, "steps": 3, "et": [], "joint": False,
+         "recipes": ["bias+mask", "bias+mask+q8", "side", "full"], "autograd": ["bias"], "ort": []},
     ],
     "smoke": [{"model": "mnist_cnn", "size": 28, "batch": 8, "steps": 2, "et": [], "joint": False,
                "recipes": ["bias+mask"], "ort": ["bias"]}],
@@ -81,10 +86,11 @@ def _export(model: str, recipe: str, target: str, size: int, batch: int, out: Pa
     """The bundle, or {"error": ...} when the exporter refuses (reported in the table)."""
     import edgetl
     from edgetl.exporters import export
+    from worker import prepare
 
     momentum = 0.0 if target == "ort-training" else 0.9
     try:
-        pm = edgetl.prepare(model, recipe, num_classes=10, input_size=size, **kw)
+        pm = prepare(model, recipe, size, **kw)
         return export(pm, target, out, edgetl.OptimizerConfig.make("sgd", lr=0.01, momentum=momentum), batch)
     except Exception as e:  # a failed row must not lose the others
         return {"error": f"export failed: {type(e).__name__}: {e}"[:300]}
@@ -113,13 +119,13 @@ def bench_config(cfg: dict, work: Path, log) -> list[dict]:
     rows = []
 
     def add(row, result):
-        row |= {"model": m, "size": size, "batch": b} | result
+        row |= result | {"model": m, "size": size, "batch": b}  # the config's name, not the manifest's
         rows.append(row)
         log(row)
 
     add({"row": "torch eager, full fine-tuning", "system": "torch", "recipe": "full"},
         _run_split([sys.executable, "bench/worker.py", "torch-full", m, str(size), str(b), str(steps)]))
-    for recipe in cfg.get("recipes", ["bias", "side"]):
+    for recipe in cfg.get("autograd", cfg.get("recipes", ["bias", "side"])):
         add({"row": "torch eager autograd, same trainable set", "system": "torch", "recipe": recipe},
             _run_split([sys.executable, "bench/worker.py", "torch-autograd", m, str(size), str(b), str(steps),
                         recipe]))
@@ -221,8 +227,10 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
         if not rs:
             continue
         r0 = rs[0]
-        lines += [f"### {model}, {r0['size']}×{r0['size']}, batch {r0['batch']}", "",
-                  f"![measured training memory](bench/results/memory_{model}.png)", "",
+        lines += [f"### {model}, {r0['size']}×{r0['size']}, batch {r0['batch']}", ""]
+        if r0.get("command", command) != command or r0.get("note"):
+            lines += [f"Rows from `{r0.get('command', command)}`. {r0.get('note', '')}".rstrip(), ""]
+        lines += [f"![measured training memory](bench/results/memory_{model}.png)", "",
                   "| system | recipe | measured MB | analytic MB | step ms (median) | bundle MB | vs torch full | vs ORT same set |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(RESULTS / "memory.json"))
     p.add_argument("--render", action="store_true", help="rewrite the markdown and plots from --json only")
+    p.add_argument("--note", default="", help="a remark on this run's rows, shown with them (e.g. the load)")
     args = p.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.json).read_text())
@@ -340,20 +349,27 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_config(cfg, Path(d), log)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))
-        mcu = None if args.smoke else mcu_row(Path(d))
+        mcu = None if args.smoke or "mnist_cnn" not in {c["model"] for c in configs} else mcu_row(Path(d))
     # a run of some models keeps the other models' rows from the last results
     ran = {c["model"] for c in configs}
+    command = "python bench/run.py" + (" --smoke" if args.smoke else "") + (
+        f" --models {' '.join(args.models)}" if args.models else "")
+    for r in rows:
+        r["command"] = command
+        if args.note:
+            r["note"] = args.note
     rows = [r for r in previous.get("rows", []) if r["model"] not in ran] + rows
     mcu = mcu or previous.get("mcu")
     rows = with_ratios(rows)
-    command = "python bench/run.py" + (" --smoke" if args.smoke else "")
+    # a run of some models: the section's command and duration stay those of the last full run
+    command, seconds = previous.get("command", command), previous.get("seconds", time.time() - t0)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"command": command, "rows": rows, "mcu": mcu,
-                                           "seconds": time.time() - t0}, indent=1))
+                                           "seconds": seconds}, indent=1))
     Path(args.json).with_suffix(".partial.json").unlink(missing_ok=True)
     if not args.smoke:
         plot(rows, Path(args.json).parent)
-    write_section(Path(args.out), markdown(rows, mcu, command, time.time() - t0),
+    write_section(Path(args.out), markdown(rows, mcu, command, seconds),
                   "<!-- memory:start -->", "<!-- memory:end -->")
     print(f"wrote {args.out} and {args.json}")
     return 0

@@ -22,6 +22,29 @@ import torch.nn.functional as F
 from edgetl.runtime import profile
 
 NUM_CLASSES = 10
+ROOT = Path(__file__).resolve().parent.parent
+# Bring-your-own-CNN rows: the model as users write it (tests/families), not a registered backbone
+FAMILY_MODELS = {"resnet18-like": "resnet18", "efficientnet_b0-like": "efficientnet_b0"}
+
+
+def family_model(model: str) -> nn.Module | None:
+    """A fresh eval-mode instance of the tests/families model behind `model`, or None."""
+    if model not in FAMILY_MODELS:
+        return None
+    sys.path.insert(0, str(ROOT / "tests"))
+    from families import FAMILIES
+
+    return FAMILIES[FAMILY_MODELS[model]](num_classes=NUM_CLASSES)
+
+
+def prepare(model: str, recipe: str, size: int, **kw):
+    """edgetl.prepare for a registered backbone or a family model, at a square `size` input."""
+    import edgetl
+
+    m = family_model(model)
+    if m is None:
+        return edgetl.prepare(model, recipe, num_classes=NUM_CLASSES, input_size=size, **kw)
+    return edgetl.prepare(m, recipe, num_classes=NUM_CLASSES, input_shape=(m.input_shape[0], size, size), **kw)
 
 
 def measure_steps(step, steps: int) -> dict:
@@ -42,14 +65,18 @@ def torch_full(model: str, size: int, batch: int, steps: int) -> dict:
     """Full fine-tuning as a user would write it: the pretrained model in train mode, a new head."""
     from edgetl.backbones import load_backbone
 
-    bb = load_backbone(model)
-    net = bb.model.train()
-    parent, _, leaf = bb.head.rpartition(".")
-    owner = net.get_submodule(parent) if parent else net
-    old = getattr(owner, leaf)
-    setattr(owner, leaf, nn.Linear(old.in_features, NUM_CLASSES))
+    net = family_model(model)
+    if net is not None:  # its own classifier already has NUM_CLASSES outputs
+        net, channels = net.train(), net.input_shape[0]
+    else:
+        bb = load_backbone(model)
+        net, channels = bb.model.train(), bb.in_channels
+        parent, _, leaf = bb.head.rpartition(".")
+        owner = net.get_submodule(parent) if parent else net
+        old = getattr(owner, leaf)
+        setattr(owner, leaf, nn.Linear(old.in_features, NUM_CLASSES))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x, y = _batch(bb.in_channels, size, batch)
+    x, y = _batch(channels, size, batch)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -63,10 +90,9 @@ def torch_full(model: str, size: int, batch: int, steps: int) -> dict:
 def torch_autograd(model: str, size: int, batch: int, steps: int, recipe: str) -> dict:
     """The same prepared model (BN folded, dequantized frozen weights) and trainable set, trained
     by autograd: what `requires_grad=False` alone gives."""
-    import edgetl
     from edgetl.interpret import computing, interpret, weights_from
 
-    pm = edgetl.prepare(model, recipe, num_classes=NUM_CLASSES, input_size=size)
+    pm = prepare(model, recipe, size)
     frozen = {t: pm.frozen(t) for t in pm.stored}
     params = {t: v.requires_grad_(True) for t, v in pm.initial_params().items()}
     opt = torch.optim.SGD(list(params.values()), lr=0.01, momentum=0.9)
@@ -88,11 +114,10 @@ def et_joint(model: str, size: int, batch: int, steps: int, recipe: str) -> dict
     """ExecuTorch's own training flow: the joint forward-backward program, SGD outside it."""
     import tempfile
 
-    import edgetl
     from edgetl.exporters.executorch import export_executorch_joint
     from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
 
-    pm = edgetl.prepare(model, recipe, num_classes=NUM_CLASSES, input_size=size)
+    pm = prepare(model, recipe, size)
     with tempfile.TemporaryDirectory() as d:
         res = export_executorch_joint(pm, batch, Path(d))
         buf = (Path(d) / res["programs"]["joint_step"]).read_bytes()

@@ -74,8 +74,9 @@ class _Anchored(Mapping[str, Tensor]):
 
 class Program:
     def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor], anchor_masks: bool = False):
-        # anchor_masks: add exact zeros made from kept masks to the next bias, so graph runtimes with
-        # their own scheduler (onnxruntime) compute each mask in the forward (set by the ONNX exporter)
+        # anchor_masks: add exact zeros made from kept masks (and other integer keeps: q8/q4 codes) to
+        # the next bias, so graph runtimes with their own scheduler (onnxruntime) compute each in the
+        # forward (set by the ONNX exporter)
         self.graph, self.frozen, self.anchor_masks = graph, frozen, anchor_masks
         trainable = set(graph.trainable)
         self.req = graph.requires_grad()
@@ -117,7 +118,9 @@ class Program:
             y, k = n.rule.forward(xs, ws, need)
             w.done()
             if self.anchor_masks:
-                pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values() if t.dtype == torch.bool]
+                # masks, and the codes of q8/q4 keeps: made only for the backward, from a float tensor
+                pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values()
+                            if not t.dtype.is_floating_point]
             tracker.hold(f"val:{n.name}", y, "activations (flowing)")
             for key, t in k.items():
                 tracker.hold(f"kept:{n.name}:{key}", t, "kept for backward")

@@ -7,7 +7,8 @@ one warm-up step runs first, as in any training loop after its first step: what 
 lazily on a first run (XNNPACK's packed weights, onnxruntime's caches) is then resident, like the
 weights, and not counted as training memory; `--warmup 0` counts it.
 The analytic model is compared on the same footing: its peak minus what is resident before the
-step (frozen weights, parameters, optimizer state).
+step (frozen weights, parameters, optimizer state, and the batch unless the runtime copies it into
+its planned arena).
 
 Memory and time come from two separate runs. Memory is measured in a child process with glibc
 returning every freed block to the system (MALLOC_MMAP_THRESHOLD_=65536), so RSS follows the live
@@ -129,6 +130,8 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     measured = above + (planned or 0)
     mem = b.manifest["analytic_memory"]
     resident = mem["frozen_weights_bytes"] + mem["trainable_params_bytes"] + mem["optimizer_state_bytes"]
+    if planned is None:  # the batch is the caller's array, resident before the step (a planned arena copies it in)
+        resident += mem["input_bytes"]
     step_bytes = mem["analytic_peak_bytes"] - resident
     return Profile(
         model=b.manifest["model"], recipe=b.manifest["recipe"], target=b.target, batch_size=b.batch_size,

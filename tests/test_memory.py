@@ -72,3 +72,27 @@ def test_breakdown_is_json_ready(lite0):
     json.dumps(d)
     assert {"frozen_weights_bytes", "kept", "analytic_peak_bytes", "peak_at"} <= set(d)
     assert all(k["dtype"] == "bool" and k["bits"] == 8 for k in d["kept"] if "mask" in k["layer"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["bias+mask", "bias+mask+q8"])
+def test_analytic_within_15_percent_of_measured_on_a_new_rule_model(tmp_path, recipe):
+    """EfficientNet-B0-like (SiLU exact or 8-bit kept, Sigmoid SE gates and their products, padded
+    depthwise convs, global average pooling), `onnx` target, measured by the device profiler in its own
+    process (glibc returning freed blocks to the system), batch 32: about 10 MB of step memory."""
+    import json
+    import subprocess
+    import sys
+
+    from edgetl.exporters import export
+    from families import FAMILIES
+
+    model = FAMILIES["efficientnet_b0"]()
+    pm = edgetl.prepare(model, recipe, num_classes=10, input_shape=model.input_shape)
+    bundle = export(pm, "onnx", tmp_path / "b", batch_size=32)
+    r = subprocess.run([sys.executable, "-m", "edgetl.runtime", "profile", str(bundle), "--steps", "3", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["analytic_step_bytes"] > 4 * 2**20  # big enough that allocator noise is a few percent
+    assert 0.85 <= out["measured_vs_analytic"] <= 1.15, (out["measured_peak_bytes"], out["analytic_step_bytes"])

@@ -31,6 +31,12 @@ def session_options(arena: bool = False):
     return so
 
 
+# Common-subexpression elimination merges a value the backward recomputes from what a rule kept (SiLU's
+# sigmoid(x)) with the same value in the forward, so the forward's full-size tensor stays alive until the
+# backward: measured +40% peak on an EfficientNet-B0-like step (bias+mask, 64x64 b8), none without it.
+TRAIN_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
+
+
 class OnnxBackend(HostStateBackend):
     def __init__(self, bundle: Bundle, arena: bool = False):
         super().__init__(bundle)
@@ -39,7 +45,8 @@ class OnnxBackend(HostStateBackend):
         so = session_options(arena)
         providers = ["CPUExecutionProvider"]
         # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
-        self.train = ort.InferenceSession(bundle.program_bytes("train_step"), so, providers=providers)
+        self.train = ort.InferenceSession(bundle.program_bytes("train_step"), so, providers=providers,
+                                          disabled_optimizers=TRAIN_DISABLED_OPTIMIZERS)
         self.eval = ort.InferenceSession(bundle.program_bytes("eval"), so, providers=providers)
         self.pnames, snames = program_names(bundle.manifest)
         # the programs' inputs by name, in the spec's order (load_bundle checked that they exist)
