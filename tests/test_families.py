@@ -49,6 +49,7 @@ def test_family_q8_where_smooth_activations_exist(name):
     assert max(gerr.values()) < TOL  # against the reference with the same quantized keep
 
 
+@pytest.mark.slow
 def test_family_heads_and_blocks():
     """The classifier head is found in every family (a 1×1 conv for squeezenet) and lastN has blocks."""
     for name in sorted(FAMILIES):

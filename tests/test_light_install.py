@@ -1,4 +1,5 @@
-"""`pip install edgetl` is the device runtime alone: in a fresh Python 3.13 venv it brings no torch,
+"""A normal (non-editable) install carries all three packages and the runtime's data files, and
+`pip install edgetl` is the device runtime alone: in a fresh Python 3.13 venv it brings no torch,
 onnx or executorch, stays small, and trains a bundle the host exported to the same loss as the
 host's runtime; the device CLI's profile and export-inference work there too. (Python 3.10 works
 the same, measured by hand: a venv of it costs this test another ~40 s.)"""
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -36,6 +38,8 @@ def _python(version: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """Built here only: pip builds in the source tree's build/, where two builds at once (parallel
+    test workers) would collide."""
     out = tmp_path_factory.mktemp("wheel")
     try:  # with this env's setuptools (the test extra's), pip needs no isolated build env
         own = int(version("setuptools").split(".")[0]) >= 77
@@ -47,6 +51,13 @@ def wheel(tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = out.glob("edgetl-*.whl")
     return whl
+
+
+def test_wheel_has_the_three_packages_and_device_table(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in ("edgetl/__init__.py", "edgetl/exporters/__init__.py", "edgetl/runtime/__init__.py",
+                     "edgetl/runtime/devices.json", "edgetl/runtime/backends/onnx.py", "edgetl/recipes/side.py"):
+        assert required in names, required
 
 
 @pytest.fixture(scope="module")

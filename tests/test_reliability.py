@@ -850,6 +850,7 @@ def _checkpoint_step(ck: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow  # ~100 s: 25 runs of the device CLI
 def test_sigkill_at_random_moments(bundle, digits, data_file, tmp_path):
     """Kill `python -m edgetl.runtime fit --checkpoint-every 1` with SIGKILL, KILLS times: mostly
     once its checkpoint has reached a drawn step, a drawn fraction of a step later (mid-step or

@@ -202,19 +202,26 @@ def _build_shim() -> Path:
     if not cxx:
         raise EdgeRuntimeError("the executorch backend needs a C++ compiler once, to build its runtime shim "
                                "(or set EDGETL_ET_SHIM to a prebuilt one)")
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, obj = Path(tmp) / "shim.cpp", Path(tmp) / "shim.so"
-        src.write_text(_SHIM_SOURCE)
-        libs = [f"-l{n}" for n in ("executorch_kernels_optimized", "executorch_backend_xnnpack",
-                                   "executorch_threadpool") if (lib / f"lib{n}.so").is_file()]
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DC10_USING_CUSTOM_GENERATED_MACROS",
-               "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL", f"-I{inc}",
-               f"-I{inc / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", str(src), "-o", str(obj),
-               f"-L{lib}", "-Wl,--no-as-needed", *libs, "-lexecutorch", "-Wl,--as-needed", f"-Wl,-rpath,{lib}"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise EdgeRuntimeError(f"building the ExecuTorch runtime shim failed:\n{r.stderr[-2000:]}")
-        os.replace(obj, target)  # atomic: concurrent builders race harmlessly
+    import fcntl
+
+    with open(cache / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time (e.g. parallel test workers); the rest reuse it
+        if target.is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, obj = Path(tmp) / "shim.cpp", Path(tmp) / "shim.so"
+            src.write_text(_SHIM_SOURCE)
+            libs = [f"-l{n}" for n in ("executorch_kernels_optimized", "executorch_backend_xnnpack",
+                                       "executorch_threadpool") if (lib / f"lib{n}.so").is_file()]
+            cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+                   "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL", f"-I{inc}",
+                   f"-I{inc / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", str(src), "-o",
+                   str(obj), f"-L{lib}", "-Wl,--no-as-needed", *libs, "-lexecutorch", "-Wl,--as-needed",
+                   f"-Wl,-rpath,{lib}"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise EdgeRuntimeError(f"building the ExecuTorch runtime shim failed:\n{r.stderr[-2000:]}")
+            os.replace(obj, target)  # atomic: a reader never sees a half-written library
     return target
 
 
