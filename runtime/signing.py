@@ -11,7 +11,8 @@ the public key (`*.pub`) is PEM SubjectPublicKeyInfo, for the device. The signat
 
 A runtime given a trusted key (argument, or the file named by $EDGETL_TRUSTED_KEY) refuses a
 bundle without a signature, signed by another key, or whose manifest changed after signing.
-`cryptography` is imported only when a key is used."""
+The device verifies with edgetl's own pure-Python Ed25519 (ed25519.py); only the host's key
+generation and signing use `cryptography` (the `host` extra)."""
 from __future__ import annotations
 
 import base64
@@ -19,8 +20,10 @@ import binascii
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import ed25519
 from .errors import BundleError, EdgeRuntimeError
 
 SIGNATURE = "manifest.sig"
@@ -36,14 +39,21 @@ class SigningKeyError(EdgeRuntimeError):
     """A signing or trusted key file is missing, unreadable or not an Ed25519 key."""
 
 
+@dataclass(frozen=True)
+class PublicKey:
+    """A trusted Ed25519 public key, as its raw 32 bytes (RFC 8032 encoding)."""
+    raw: bytes
+
+
 def _crypto():
+    """The host's key generation and signing only."""
     try:
-        from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ed25519
+        from cryptography.hazmat.primitives.asymmetric import ed25519 as crypto_ed25519
     except ImportError:
-        raise SigningKeyError("signed bundles need the 'cryptography' package, which is not installed") from None
-    return serialization, ed25519, InvalidSignature
+        raise SigningKeyError("making keys and signing bundles needs the 'cryptography' package "
+                              "(pip install 'edgetl[host]')") from None
+    return serialization, crypto_ed25519
 
 
 def _read_key_file(path, what: str) -> bytes:
@@ -59,8 +69,10 @@ def _read_key_file(path, what: str) -> bytes:
 
 
 def public_raw(public_key) -> bytes:
-    serialization, _, _ = _crypto()
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    """The raw 32 bytes of a PublicKey or of a `cryptography` Ed25519PublicKey."""
+    if isinstance(public_key, PublicKey):
+        return public_key.raw
+    return public_key.public_bytes_raw()
 
 
 def key_id(public_key) -> str:
@@ -69,7 +81,7 @@ def key_id(public_key) -> str:
 
 def generate_keypair(out_dir, name: str = "edgetl-signing") -> tuple[Path, Path]:
     """Write `out_dir/name.key` (private, mode 0600) and `out_dir/name.pub`; never overwrites."""
-    serialization, ed25519, _ = _crypto()
+    serialization, crypto_ed25519 = _crypto()
     out = Path(out_dir)
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name or "\x00" in name:
         raise SigningKeyError(f"key name {name!r} must be a plain file name (no directories); give the "
@@ -80,7 +92,7 @@ def generate_keypair(out_dir, name: str = "edgetl-signing") -> tuple[Path, Path]
     for p in (priv_path, pub_path):
         if p.exists() or p.is_symlink():
             raise SigningKeyError(f"'{p}' already exists; refusing to overwrite a key")
-    key = ed25519.Ed25519PrivateKey.generate()
+    key = crypto_ed25519.Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -100,42 +112,48 @@ def generate_keypair(out_dir, name: str = "edgetl-signing") -> tuple[Path, Path]
 
 
 def load_private_key(path):
-    serialization, ed25519, _ = _crypto()
+    serialization, crypto_ed25519 = _crypto()
     data = _read_key_file(path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except Exception:  # ValueError, TypeError (a password-protected key), UnsupportedAlgorithm
         raise SigningKeyError(f"signing key '{path}' is not an unencrypted PEM private key "
                               "(the *.key of `edgetl keygen`)") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
+    if not isinstance(key, crypto_ed25519.Ed25519PrivateKey):
         raise SigningKeyError(f"signing key '{path}' is not an Ed25519 key (make one with `edgetl keygen`)")
     return key
 
 
-def load_public_key(path):
-    serialization, ed25519, _ = _crypto()
+def load_public_key(path) -> PublicKey:
     data = _read_key_file(path, "trusted key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except Exception:  # ValueError, UnsupportedAlgorithm
-        raise SigningKeyError(f"trusted key '{path}' is not a PEM public key (the *.pub of `edgetl keygen`)") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise SigningKeyError(f"trusted key '{path}' is not an Ed25519 public key (make one with `edgetl keygen`)")
-    return key
+    der = ed25519.pem_to_der(data)
+    if der is None:
+        raise SigningKeyError(f"trusted key '{path}' is not a PEM public key (the *.pub of `edgetl keygen`)")
+    return _trusted(ed25519.raw_from_spki(der), f"trusted key '{path}'")
 
 
-def resolve_trusted_key(trusted_key=None):
-    """The public key to check bundles with: `trusted_key` (a path or an Ed25519PublicKey), else
-    the file named by $EDGETL_TRUSTED_KEY, else None (bundles are checked for integrity only)."""
+def _trusted(raw: bytes | None, what: str) -> PublicKey:
+    if raw is None or ed25519.decode_point(raw) is None:
+        raise SigningKeyError(f"{what} is not an Ed25519 public key (make one with `edgetl keygen`)")
+    if ed25519.is_small_order(raw):  # such a key accepts signatures anyone can make
+        raise SigningKeyError(f"{what} is a weak Ed25519 key of small order (make one with `edgetl keygen`)")
+    return PublicKey(raw)
+
+
+def resolve_trusted_key(trusted_key=None) -> PublicKey | None:
+    """The public key to check bundles with: `trusted_key` (a path, a PublicKey, or a `cryptography`
+    Ed25519PublicKey), else the file named by $EDGETL_TRUSTED_KEY, else None (bundles are checked
+    for integrity only)."""
     if trusted_key is None:
         trusted_key = os.environ.get(TRUSTED_KEY_ENV) or None
         if trusted_key is None:
             return None
     if isinstance(trusted_key, (str, os.PathLike)):
         return load_public_key(trusted_key)
-    _, ed25519, _ = _crypto()
-    if isinstance(trusted_key, ed25519.Ed25519PublicKey):
+    if isinstance(trusted_key, PublicKey):
         return trusted_key
+    if type(trusted_key).__name__ == "Ed25519PublicKey":  # duck-typed: no `cryptography` import on the device
+        return _trusted(trusted_key.public_bytes_raw(), "trusted_key")
     raise SigningKeyError(f"trusted_key must be a path to a *.pub file, got {type(trusted_key).__name__}")
 
 
@@ -149,7 +167,6 @@ def sign(private_key, manifest_bytes: bytes) -> bytes:
 
 def verify(manifest_bytes: bytes, signature_bytes: bytes | None, public_key) -> None:
     """BundleError unless `signature_bytes` is a valid signature of `manifest_bytes` by `public_key`."""
-    _, _, InvalidSignature = _crypto()
     if signature_bytes is None:
         raise BundleError(f"the bundle is not signed (no {SIGNATURE}) and a trusted key is configured; "
                           "export it with --sign-key")
@@ -167,11 +184,9 @@ def verify(manifest_bytes: bytes, signature_bytes: bytes | None, public_key) -> 
     if doc.get("key_id") != trusted:
         raise BundleError(f"the bundle is signed by another key (key id {str(doc.get('key_id'))[:16]!r}), "
                           f"not the trusted key ({trusted})")
-    try:
-        public_key.verify(sig, manifest_bytes)
-    except InvalidSignature:
+    if not ed25519.verify(public_raw(public_key), manifest_bytes, sig):
         raise BundleError(f"the bundle's signature does not match its {SIGNED_FILE}: "
-                          "the manifest was altered after signing") from None
+                          "the manifest was altered after signing")
 
 
 def read_signature(root: Path) -> bytes | None:
