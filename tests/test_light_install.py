@@ -1,7 +1,8 @@
 """A normal (non-editable) install carries all three packages and the runtime's data files, and
 `pip install edgetl` is the device runtime alone: in a fresh Python 3.13 venv it brings no torch,
-onnx or executorch, stays small, and trains a bundle the host exported to the same loss as the
-host's runtime; the device CLI's profile and export-inference work there too. (Python 3.10 works
+onnx, executorch or cryptography, stays small, checks the host's signature on the bundle (with
+edgetl's own Ed25519 verifier) and trains it to the same loss as the host's runtime; the device
+CLI's profile and export-inference work there too. (Python 3.10 works
 the same, measured by hand: a venv of it costs this test another ~40 s.)"""
 import json
 import os
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow  # a venv and a pip install: ~60-140 s
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SITE_PACKAGES_MB = 160  # site-packages without pip and setuptools
-HOST_ONLY = ("torch", "onnx", "executorch", "sklearn", "skimage", "matplotlib")
+HOST_ONLY = ("torch", "onnx", "executorch", "sklearn", "skimage", "matplotlib", "cryptography", "cffi")
 
 
 def _python(version: str) -> str | None:
@@ -78,13 +79,16 @@ def light(wheel, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle_and_data(tmp_path_factory):
     from edgetl.datasets import load_dataset, save_npz
+    from edgetl.runtime.signing import generate_keypair
 
     root = tmp_path_factory.mktemp("light")
+    key, pub = generate_keypair(root / "keys")
     pm = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10)
-    bundle = export(pm, "onnx", root / "bundle", edgetl.OptimizerConfig.make("sgd", lr=0.05), batch_size=32)
+    bundle = export(pm, "onnx", root / "bundle", edgetl.OptimizerConfig.make("sgd", lr=0.05), batch_size=32,
+                    sign_key=key)
     data = root / "digits.npz"
     save_npz(load_dataset("digits", input_size=28, channels=1), data)
-    return bundle, data
+    return bundle, data, pub
 
 
 def _cli(python, *args) -> subprocess.CompletedProcess:
@@ -115,9 +119,9 @@ def test_light_install_has_no_host_packages_and_is_small(light):
 
 
 def test_light_install_fits_to_the_hosts_loss(light, bundle_and_data, tmp_path):
-    bundle, data = bundle_and_data
+    bundle, data, pub = bundle_and_data
     fit = ("fit", bundle, "--data", data, "--epochs", 1, "--json", "--no-progress")
-    device = _cli(light, *fit, "--checkpoint", tmp_path / "ckpt.npz")
+    device = _cli(light, *fit, "--checkpoint", tmp_path / "ckpt.npz", "--trusted-key", pub)
     assert device.returncode == 0, device.stderr
     host = _cli(sys.executable, *fit)
     assert host.returncode == 0, host.stderr
@@ -134,3 +138,13 @@ def test_light_install_fits_to_the_hosts_loss(light, bundle_and_data, tmp_path):
     assert r.returncode == 0, r.stderr
     prof = json.loads(r.stdout)
     assert prof["measured_peak_bytes"] > 0 and prof["analytic_peak_bytes"] > 0 and prof["fits"] is True
+
+
+def test_light_install_refuses_a_bundle_altered_after_signing(light, bundle_and_data, tmp_path):
+    bundle, data, pub = bundle_and_data
+    altered = tmp_path / "bundle"
+    shutil.copytree(bundle, altered)
+    manifest = altered / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b"{", b"{ ", 1))  # same JSON, other bytes
+    r = _cli(light, "evaluate", altered, "--data", data, "--trusted-key", pub)
+    assert r.returncode == 2 and "altered after signing" in r.stderr, r.stderr
