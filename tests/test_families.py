@@ -9,6 +9,7 @@ import torch
 import edgetl
 from edgetl.optim import OptimizerConfig
 from families import FAMILIES
+from families._common import prepare_model, random_batch
 from helpers import lean_vs_reference
 
 RECIPES = ["bias+mask", "side", "full", "bias+last2"]
@@ -17,13 +18,10 @@ TOL = 1e-4  # float32 over deep graphs; masks and ceil-mode windows make ties ra
 
 
 def _prepare(name: str, recipe: str):
-    model = FAMILIES[name]()
-    return edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
+    return prepare_model(FAMILIES, name, recipe)
 
 
-def _batch(pm, n: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *pm.input_shape, generator=g), torch.randint(0, pm.num_classes, (n,), generator=g)
+_batch = random_batch
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -10,6 +10,7 @@ import torch
 import edgetl
 from edgetl.optim import OptimizerConfig
 from families.transformers import TRANSFORMERS
+from families._common import prepare_model, random_batch
 from helpers import lean_vs_reference
 from test_families import _runtime_matches_torch
 
@@ -18,13 +19,10 @@ TOL = 1e-4
 
 
 def _prepare(name: str, recipe: str):
-    model = TRANSFORMERS[name]()
-    return edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
+    return prepare_model(TRANSFORMERS, name, recipe)
 
 
-def _batch(pm, n: int = 2, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *pm.input_shape, generator=g), torch.randint(0, pm.num_classes, (n,), generator=g)
+_batch = random_batch
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

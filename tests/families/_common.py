@@ -40,3 +40,16 @@ def _warm_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     model.eval()
+
+
+def prepare_model(models: dict, name: str, recipe: str, num_classes: int = 5):
+    """Prepare the test model `models[name]` (a family or transformer builder) with `recipe`."""
+    import edgetl
+
+    model = models[name]()
+    return edgetl.prepare(model, recipe, num_classes=num_classes, input_shape=model.input_shape)
+
+
+def random_batch(pm, n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *pm.input_shape, generator=g), torch.randint(0, pm.num_classes, (n,), generator=g)
