@@ -5,7 +5,6 @@ prepared as users would, and one lean step's gradients match torch autograd on t
 model for the recipes people use on them. Then each exports for `onnx` and is stepped by the
 torch-free runtime, matching the torch step; one runs on ExecuTorch."""
 import pytest
-import torch
 
 import edgetl
 from edgetl.optim import OptimizerConfig
