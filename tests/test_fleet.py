@@ -13,6 +13,7 @@ import edgetl
 from edgetl.errors import EdgeTLError
 from edgetl.exporters import export
 from edgetl.fleet import partition, simulate
+from edgetl.fleet.server import fleet_progress
 from edgetl.runtime import checkpoint as ckpt
 
 pytest.importorskip("flwr")
@@ -65,7 +66,7 @@ def test_simulation_learns_sending_only_the_tiny_parts(run):
 def test_the_round_checkpoint_is_a_device_checkpoint(fleet, run):
     path = fleet["root"] / "global.npz"
     arrays, header = ckpt.load_checkpoint(path)
-    assert header["fleet_round"] == 2 and header["accuracy_per_round"] == run["accuracy_per_round"]
+    assert fleet_progress(header, path) == (2, run["accuracy_per_round"])
     assert len(arrays) == 12 and all(np.isfinite(v).all() for v in arrays.values())  # 6 tensors, 6 moments
     # the global tiny parts are a device checkpoint of the bundle: the device CLI evaluates them as they are
     r = subprocess.run([sys.executable, "-m", "edgetl.runtime", "evaluate", str(fleet["bundle"]), "--data",
@@ -129,7 +130,7 @@ def test_resume_with_bad_and_dying_clients_dropped_and_too_few_keeping_the_globa
                        min_reply_fraction=0.4, client_app=app, checkpoint=str(path))
     assert out["resumed_from"] == 2 and len(out["accuracy_per_round"]) == 4
     assert out["accuracy_per_round"][:2] == run["accuracy_per_round"]
-    assert ckpt.load_checkpoint(path)[1]["fleet_round"] == 4
+    assert fleet_progress(ckpt.load_checkpoint(path)[1], path)[0] == 4
     assert {d["round"] for d in out["dropped"]} == {3, 4}
     reasons = " | ".join(d["reason"] for d in out["dropped"] if d["round"] == 3)
     assert len([d for d in out["dropped"] if d["round"] == 3]) == 4, reasons
@@ -263,7 +264,7 @@ def test_deployment_superlink_and_three_supernodes(fleet, tmp_path):
                 p.wait()
     assert summary["rounds"] == 2 and len(summary["accuracy_per_round"]) == 2
     assert summary["test_accuracy"] > 0.8 and summary["dropped"] == [] and summary["skipped_rounds"] == []
-    assert ckpt.load_checkpoint(tmp_path / "global.npz")[1]["fleet_round"] == 2
+    assert fleet_progress(ckpt.load_checkpoint(tmp_path / "global.npz")[1], "global")[0] == 2
 
 
 def test_a_checkpoint_of_another_bundle_is_refused_before_ray_starts(fleet, tmp_path):

@@ -3,6 +3,8 @@ bad updates (with a logged reason), keeps the global tiny parts when too few cli
 evaluates them on the test split after every round and checkpoints them (resumable)."""
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 from dataclasses import dataclass, field
@@ -148,7 +150,18 @@ def _load_checkpoint(path: str, digest: str, shapes: dict) -> tuple[dict, int, l
     if any(k not in arrays or tuple(arrays[k].shape) != tuple(s) for k, s in shapes.items()):
         raise EdgeTLError(f"fleet checkpoint '{used}' does not match the bundle's trainable tensors")
     arrays = {k: arrays[k] for k in shapes}
-    return arrays, int(header["fleet_round"]), [float(a) for a in header["accuracy_per_round"]]
+    return arrays, *fleet_progress(header, used)
+
+
+def fleet_progress(header: dict, path) -> tuple[int, list[float]]:
+    """(rounds done, accuracy per round) from a fleet checkpoint's header, whose extra fields a
+    version 4 checkpoint holds as strings (the round in decimal, the accuracies as JSON)."""
+    try:
+        acc = header["accuracy_per_round"]
+        acc = json.loads(acc) if isinstance(acc, str) else acc
+        return int(header["fleet_round"]), [float(a) for a in acc]
+    except (KeyError, TypeError, ValueError):
+        raise EdgeTLError(f"fleet checkpoint '{path}' has an invalid round or accuracy list") from None
 
 
 def check_checkpoint(path: str | None, bundle) -> int:
