@@ -40,8 +40,7 @@ def bundle_id(bundle: Bundle) -> str:
 
 
 def trainable_state(trainer: Trainer) -> dict[str, np.ndarray]:
-    # TODO(F): use Trainer.get_state() once it is on main.
-    state = trainer.backend.get_state()
+    state = trainer.get_state()
     return {t: np.array(state[t], dtype=np.float32) for t in trainer.bundle.trainable}
 
 
@@ -53,7 +52,7 @@ def start_round(trainer: Trainer, arrays: dict[str, np.ndarray]) -> None:
         if t not in arrays or tuple(arrays[t].shape) != tuple(shapes[t]):
             raise InputError(f"the server sent no tensor '{t}' of shape {tuple(shapes[t])} for this bundle")
         state[t] = np.asarray(arrays[t], dtype=np.float32)
-    trainer.backend.set_state(state)
+    trainer.set_state(state)
     trainer.step = trainer.epoch = 0
 
 

@@ -138,7 +138,7 @@ def _save_checkpoint(path: str, trainer: Trainer, r: int, accuracy: list[float],
     meta = {"step": r, "epoch": r, "seed": int(cfg.seed), "target": b.target, "bundle": b.manifest["files"],
             "bundle_manifest": bundle_id(b), "fleet_round": r, "accuracy_per_round": list(accuracy),
             "schedule": {"name": "constant", "lr": float(cfg.lr or b.manifest["optimizer"]["lr"]), "total_steps": 0}}
-    ckpt.save_checkpoint(path, trainer.backend.get_state(), meta)
+    ckpt.save_checkpoint(path, trainer.get_state(), meta)
 
 
 def _load_checkpoint(path: str, digest: str, shapes: dict) -> tuple[dict, int, list[float]]:
