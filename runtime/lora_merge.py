@@ -12,9 +12,10 @@ import numpy as np
 from . import safetensors
 from .errors import BundleError
 from .npz import NpzError, inspect
+from .targets import CONTRACT
 
-FILE = "lora.safetensors"
-METADATA = {"format": "edgetl-lora", "version": "1"}
+FILE: str = CONTRACT["lora"]["file"]
+METADATA = {"format": CONTRACT["lora"]["format"], "version": str(CONTRACT["lora"]["version"])}
 
 
 def _stored(data: bytes, spec: dict) -> dict[str, np.ndarray]:
