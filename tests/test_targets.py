@@ -1,4 +1,5 @@
-"""The bundle contract is stated once, in the TargetSpec registry (runtime/targets.py), and read by
+"""The bundle contract is stated once, in runtime/contract.json (runtime/targets.py builds the
+TargetSpec registry from it; the JS runtime's src/contract.js is generated from it), and read by
 everyone: the manifest validator refuses what the registry does not describe, every exporter's
 bundle matches its target's spec, the command lines offer the registry's targets, and BUNDLE.md's
 tables are the registry's (so the document cannot drift from the code)."""
