@@ -38,8 +38,8 @@ VERSION: int = CONTRACT["checkpoint"]["version"]
 READS: tuple[int, ...] = tuple(CONTRACT["checkpoint"]["reads"])
 FORMAT: str = CONTRACT["checkpoint"]["format"]
 # __metadata__ values are strings: these keys hold decimal integers, these JSON text.
-INT_KEYS = ("version", "step", "epoch", "seed")
-JSON_KEYS = ("schedule", "bundle")
+INT_KEYS: tuple[str, ...] = tuple(CONTRACT["checkpoint"]["int_keys"])
+JSON_KEYS: tuple[str, ...] = tuple(CONTRACT["checkpoint"]["json_keys"])
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
 HEADER = "__header__"
 SCHEDULES: tuple[str, ...] = tuple(CONTRACT["checkpoint"]["schedules"])

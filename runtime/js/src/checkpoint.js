@@ -15,8 +15,7 @@ import { encodeSafetensors, floatTensor, readSafetensorsHeader, SafetensorsError
 import { sha256Hex } from "./signing.js";
 
 export const { version: VERSION, reads: READS, format: FORMAT, schedules: SCHEDULES } = CONTRACT.checkpoint;
-const INT_KEYS = ["version", "step", "epoch", "seed"];
-const JSON_KEYS = ["schedule", "bundle"];
+const { int_keys: INT_KEYS, json_keys: JSON_KEYS } = CONTRACT.checkpoint;
 const DECIMAL = /^(0|[1-9][0-9]{0,17})$/;
 const HEADER = "__header__";
 const DTYPE_NAMES = { "<f4": "float32", "<f8": "float64", "|f1": "float8" };

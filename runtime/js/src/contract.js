@@ -41,7 +41,21 @@ export const CONTRACT = {
     "schedules": [
       "constant",
       "cosine"
+    ],
+    "int_keys": [
+      "version",
+      "step",
+      "epoch",
+      "seed"
+    ],
+    "json_keys": [
+      "schedule",
+      "bundle"
     ]
+  },
+  "divergence": {
+    "loss_growth": 10,
+    "param_growth": 1000
   },
   "signature": {
     "format": "edgetl-signature",

@@ -71,7 +71,8 @@ export const CONTRACT: {
   bundle: { format: string; format_version: number; manifest: string; manifest_digest: string; max_manifest_bytes: number; required_fields: string[] };
   state: { format: string; version: number; file: string };
   lora: { format: string; version: number; file: string };
-  checkpoint: { format: string; version: number; reads: number[]; schedules: string[] };
+  checkpoint: { format: string; version: number; reads: number[]; schedules: string[]; int_keys: string[]; json_keys: string[] };
+  divergence: { loss_growth: number; param_growth: number };
   signature: { format: string; format_version: number; file: string; signed_file: string };
   tensor_names: Record<string, string>;
   targets: TargetSpec[];

@@ -7,13 +7,13 @@ import { checkImages, checkLabels, normalize } from "./data.js";
 import { BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError } from "./errors.js";
 import { externalTensors, ProtoError } from "./onnx_proto.js";
 import { permutation } from "./shuffle.js";
+import { CONTRACT } from "./contract.js";
 import { expandNames, NAMES, programSpec } from "./targets.js";
 
 export { SCHEDULES };
 // Divergence, beyond NaN/Inf (as the Python runtime): a batch loss this many times the run's
 // first (at least ln C, at least 1), or a trainable tensor this many times larger than at the start.
-const LOSS_GROWTH = 10.0;
-const PARAM_GROWTH = 1e3;
+const { loss_growth: LOSS_GROWTH, param_growth: PARAM_GROWTH } = CONTRACT.divergence;
 
 const now = () => (globalThis.performance ? performance.now() : Date.now());
 /** Python's f"{v:.3g}" (the messages match the Python runtime's word for word). */
