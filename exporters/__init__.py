@@ -15,7 +15,7 @@ from edgetl.errors import EdgeTLError
 from edgetl.optim import OptimizerConfig
 from edgetl.runtime import signing
 from edgetl.runtime.checkpoint import pid_alive
-from edgetl.runtime.bundle import MANIFEST
+from edgetl.runtime.bundle import FORMAT, MANIFEST
 from edgetl.runtime.targets import EXECUTORCH, ONNX, ORT_TRAINING, TARGET_NAMES, TARGETS as _SPECS
 
 from .bundle import write_bundle
@@ -51,8 +51,8 @@ def _replaceable(out: Path) -> None:
     if not entries:
         return
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        listed = set(manifest["files"]) if manifest.get("format") == "edgetl-bundle" else None
+        manifest = json.loads((out / MANIFEST).read_text())
+        listed = set(manifest["files"]) if manifest.get("format") == FORMAT else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         listed = None
     if listed is None:

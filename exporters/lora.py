@@ -1,22 +1,21 @@
 """What a bundle needs so that the device can merge trained LoRA updates into the weights
 (`export-inference`): an `inference` program in which every LoRA layer is the original layer
 reading its weight W' = W + scale·B·A as an input (so the inference model has the original
-architecture and costs nothing extra), and `lora.npz`, the frozen W of those layers as stored
-(int8 + per-channel scale, or fp32). The runtime computes W' with numpy (runtime/lora_merge.py)
+architecture and costs nothing extra), and `lora.safetensors`, the frozen W of those layers as
+stored (int8 + per-channel scale, or fp32). The runtime computes W' with numpy (runtime/lora_merge.py)
 and bakes it into the inference model as an initializer. The manifest's `lora` entry names it all."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from edgetl.recipes.lora import lora_layers
 from edgetl.rules.conv import Conv2d
 from edgetl.rules.linear import Linear
 from edgetl.rules.lora import LORA_ROLES, LoraLinear
+from edgetl.runtime import lora_merge, safetensors
 
-LORA_FILE = "lora.npz"
+LORA_FILE = lora_merge.FILE
 
 
 def _plain(rule):
@@ -51,7 +50,7 @@ def merged_model(prepared):
 
 
 def write_lora_file(prepared, out: Path, program: str) -> dict:
-    """Write lora.npz into the bundle directory `out`; return the manifest's `lora` entry."""
+    """Write lora.safetensors into the bundle directory `out`; return the manifest's `lora` entry."""
     arrays, layers = {}, []
     for i, n in enumerate(lora_layers(prepared.graph)):
         stored = prepared.stored[n.params["weight"]]
@@ -61,7 +60,7 @@ def write_lora_file(prepared, out: Path, program: str) -> dict:
         layers.append({"input": f"merged.{i}", "a": n.params["lora_a"], "b": n.params["lora_b"], "weight": keys[0],
                        **({"weight_scale": keys[1]} if len(keys) == 2 else {}),
                        "shape": list(stored[0].shape), "scale": n.rule.scale})
-    np.savez(out / LORA_FILE, **arrays)
+    (out / LORA_FILE).write_bytes(safetensors.encode(arrays, lora_merge.METADATA))
     return {"file": LORA_FILE, "program": program, "layers": layers}
 
 

@@ -13,7 +13,7 @@ import resource
 import sys
 
 from .notorch import block_torch
-from .targets import targets_help
+from .targets import CONTRACT, targets_help
 
 
 def _peak_rss_mb() -> float:
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True)
     f.add_argument("--epochs", type=int, default=1)
     f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    f.add_argument("--schedule", choices=CONTRACT["checkpoint"]["schedules"], default="constant")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--checkpoint", default=None, help="save here each epoch (the previous save is kept as "
                    "CHECKPOINT.prev); resume from it if it exists")

@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
-from .targets import BY_NAME, PARAMS, STATE, TargetSpec, param_name, state_name, target_spec
+from .targets import BY_NAME, CONTRACT, PARAMS, STATE, TargetSpec, param_name, state_name, target_spec
 
-FORMAT = "edgetl-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 16 << 20
-MANIFEST_DIGEST = "manifest_sha256"
+_B = CONTRACT["bundle"]
+FORMAT: str = _B["format"]
+FORMAT_VERSION: int = _B["format_version"]
+MANIFEST: str = _B["manifest"]
+MAX_MANIFEST_BYTES: int = _B["max_manifest_bytes"]
+MANIFEST_DIGEST: str = _B["manifest_digest"]
+REQUIRED_FIELDS: tuple[str, ...] = tuple(_B["required_fields"])
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -144,8 +146,7 @@ def _check_listed_io(io: dict, spec: TargetSpec, trainable: list[str], state: li
 
 def validate_manifest(m: dict) -> None:
     """Check the structure and types of every manifest field the runtime reads."""
-    for key in ("target", "input", "num_classes", "programs", "trainable", "optimizer", "state_file",
-                "state_keys", "files"):
+    for key in REQUIRED_FIELDS:
         _need(key in m, f"lacks '{key}'")
     _need(isinstance(m["target"], str), "'target' must be a string")
     spec = target_spec(m["target"])

@@ -29,19 +29,20 @@ import numpy as np
 from . import safetensors
 from .errors import CheckpointError, RuntimeNotice
 from .npz import NpzError, default_limit
+from .targets import CONTRACT
 
 # 2: the checksum covers the header's metadata too (1 covered the arrays only).
 # 3: the header names its bundle's manifest digest and the run's seed.
 # 4: safetensors, the header in its __metadata__, the checksum over raw bytes (no JSON canon).
-VERSION = 4
-READS = (3, 4)
-FORMAT = "edgetl-checkpoint"
+VERSION: int = CONTRACT["checkpoint"]["version"]
+READS: tuple[int, ...] = tuple(CONTRACT["checkpoint"]["reads"])
+FORMAT: str = CONTRACT["checkpoint"]["format"]
 # __metadata__ values are strings: these keys hold decimal integers, these JSON text.
-INT_KEYS = ("version", "step", "epoch", "seed")
-JSON_KEYS = ("schedule", "bundle")
+INT_KEYS: tuple[str, ...] = tuple(CONTRACT["checkpoint"]["int_keys"])
+JSON_KEYS: tuple[str, ...] = tuple(CONTRACT["checkpoint"]["json_keys"])
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
 HEADER = "__header__"
-SCHEDULES = ("constant", "cosine")
+SCHEDULES: tuple[str, ...] = tuple(CONTRACT["checkpoint"]["schedules"])
 MAX_HEADER_CHARS = 1 << 20
 PREVIOUS = ".prev"
 LOCK = ".lock"

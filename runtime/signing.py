@@ -25,11 +25,12 @@ from pathlib import Path
 
 from . import ed25519
 from .errors import BundleError, EdgeRuntimeError
+from .targets import CONTRACT
 
-SIGNATURE = "manifest.sig"
-SIGNED_FILE = "manifest.json"
-FORMAT = "edgetl-signature"
-FORMAT_VERSION = 1
+SIGNATURE: str = CONTRACT["signature"]["file"]
+SIGNED_FILE: str = CONTRACT["signature"]["signed_file"]
+FORMAT: str = CONTRACT["signature"]["format"]
+FORMAT_VERSION: int = CONTRACT["signature"]["format_version"]
 TRUSTED_KEY_ENV = "EDGETL_TRUSTED_KEY"
 MAX_KEY_BYTES = 16 << 10
 MAX_SIGNATURE_BYTES = 4 << 10

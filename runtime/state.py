@@ -12,10 +12,11 @@ import numpy as np
 from . import safetensors
 from .errors import BundleError
 from .npz import NpzError, inspect
+from .targets import CONTRACT
 
-FORMAT = "edgetl-state"
-VERSION = 1
-FILE = "state.safetensors"
+FORMAT: str = CONTRACT["state"]["format"]
+VERSION: int = CONTRACT["state"]["version"]
+FILE: str = CONTRACT["state"]["file"]
 
 
 def encode(arrays: dict[str, np.ndarray]) -> bytes:

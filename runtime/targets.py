@@ -1,4 +1,6 @@
-"""The bundle contract of each target, stated once (BUNDLE.md renders it; a test keeps the two equal).
+"""The bundle contract of each target, stated once, as data: `contract.json` beside this file, which
+the JavaScript runtime reads too (runtime/js/src/contract.js is generated from it; tests on both
+sides keep the two equal). BUNDLE.md renders the specs; a test keeps the two equal.
 
 A target is the kind of device runtime a bundle is exported for. Its spec says which programs the
 bundle holds (role in the manifest's `programs`, file name, input and output signature), which
@@ -14,14 +16,21 @@ name). The one exception is ONNX Runtime's own: its `generate_artifacts` names t
 `labels` and the loss output itself (format version 1 keeps ORT's names)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib.resources import files
 
 from .errors import BundleError
 
-X, Y, LR, LOSS, LOGITS = "x", "y", "lr", "loss", "logits"
-PARAMS, STATE = "param.*", "state.*"
-NEW_PARAMS, NEW_STATE = "new_param.*", "new_state.*"
-ORT_LABELS = "labels"
+CONTRACT_FILE = "contract.json"
+# The contract's facts (formats, versions, file names, tensor names, targets), for every module here.
+CONTRACT: dict = json.loads(files(__package__).joinpath(CONTRACT_FILE).read_text(encoding="utf-8"))
+
+_N = CONTRACT["tensor_names"]
+X, Y, LR, LOSS, LOGITS = _N["x"], _N["y"], _N["lr"], _N["loss"], _N["logits"]
+PARAMS, STATE = _N["params"], _N["state"]
+NEW_PARAMS, NEW_STATE = _N["new_params"], _N["new_state"]
+ORT_LABELS = _N["ort_labels"]
 
 # How a runtime binds a program's tensors: by their names, or by position (ExecuTorch programs
 # carry no names: the spec's order is the program's order).
@@ -34,17 +43,17 @@ STATE_IN_PROGRAM, STATE_IN_ORT_CHECKPOINT = "program", "ort-checkpoint"
 
 def param_name(i: int) -> str:
     """The program name exporters give the i-th trainable tensor (manifest order)."""
-    return f"param.{i}"
+    return f"{_N['param_prefix']}{i}"
 
 
 def state_name(i: int) -> str:
     """The program name exporters give the i-th optimizer state tensor (manifest order)."""
-    return f"state.{i}"
+    return f"{_N['state_prefix']}{i}"
 
 
 def new_name(name: str) -> str:
     """The output name of the updated value of the input `name`."""
-    return f"new_{name}"
+    return f"{_N['new_prefix']}{name}"
 
 
 @dataclass(frozen=True)
@@ -111,44 +120,14 @@ class TargetSpec:
         return self.optimizer_state == STATE_IN_PROGRAM
 
 
-ONNX = TargetSpec(
-    name="onnx",
-    summary="the lean step as one ONNX model, run by onnxruntime's InferenceSession (any build)",
-    program_format="onnx", bind=BY_NAME,
-    programs=(
-        ProgramSpec("train_step", "train_step.onnx", (X, Y, LR, PARAMS, STATE),
-                    (LOSS, LOGITS, NEW_PARAMS, NEW_STATE), static_batch=True),
-        ProgramSpec("eval", "eval.onnx", (X, PARAMS), (LOGITS,)),
-    ),
-)
+def _spec(t: dict) -> TargetSpec:
+    programs = tuple(ProgramSpec(**{**p, "inputs": tuple(p.get("inputs", ())), "outputs": tuple(p.get("outputs", ()))})
+                     for p in t["programs"])
+    return TargetSpec(**{**t, "programs": programs, "files": tuple(t["files"])})
 
-ORT_TRAINING = TargetSpec(
-    name="ort-training",
-    summary="ONNX Runtime's on-device training artifacts (Module, Optimizer, CheckpointState)",
-    program_format="onnx", bind=BY_NAME,
-    programs=(
-        ProgramSpec("training", "training_model.onnx", (X, ORT_LABELS, PARAMS), (LOSS, LOGITS),
-                    more_inputs=True, more_outputs=True),
-        ProgramSpec("eval", "eval_model.onnx", (X, ORT_LABELS, PARAMS), (LOSS, LOGITS), more_inputs=True),
-        ProgramSpec("optimizer", "optimizer_model.onnx", opaque=True),
-    ),
-    files=("checkpoint",),
-    optimizer_state=STATE_IN_ORT_CHECKPOINT,
-    sgd_momentum=False,
-)
 
-EXECUTORCH = TargetSpec(
-    name="executorch",
-    summary="the lean step as a memory-planned ExecuTorch .pte, run by ExecuTorch's C++ runtime",
-    program_format="pte", bind=BY_POSITION,
-    programs=(
-        ProgramSpec("train_step", "train_step.pte", (X, Y, LR, PARAMS, STATE),
-                    (LOSS, LOGITS, NEW_PARAMS, NEW_STATE), static_batch=True),
-        ProgramSpec("eval", "eval.pte", (X, PARAMS), (LOGITS,), static_batch=True),
-    ),
-)
-
-TARGETS: dict[str, TargetSpec] = {t.name: t for t in (ONNX, ORT_TRAINING, EXECUTORCH)}
+TARGETS: dict[str, TargetSpec] = {t["name"]: _spec(t) for t in CONTRACT["targets"]}
+ONNX, ORT_TRAINING, EXECUTORCH = TARGETS["onnx"], TARGETS["ort-training"], TARGETS["executorch"]
 TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
 
 
@@ -178,7 +157,7 @@ def targets_help() -> str:
     return "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
 
 
-__all__ = ["BY_NAME", "BY_POSITION", "EXECUTORCH", "LOGITS", "LOSS", "LR", "NEW_PARAMS", "NEW_STATE", "ONNX",
+__all__ = ["BY_NAME", "BY_POSITION", "CONTRACT", "EXECUTORCH", "LOGITS", "LOSS", "LR", "NEW_PARAMS", "NEW_STATE", "ONNX",
            "ORT_LABELS", "ORT_TRAINING", "PARAMS", "STATE", "STATE_IN_ORT_CHECKPOINT", "STATE_IN_PROGRAM",
            "TARGETS", "TARGET_NAMES", "X", "Y", "ProgramSpec", "TargetSpec", "io_maps", "new_name", "param_name",
            "state_name", "target_spec", "targets_help"]

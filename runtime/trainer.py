@@ -18,15 +18,16 @@ import numpy as np
 from . import checkpoint as ckpt
 from .backends import Backend, make_backend
 from .bundle import MANIFEST_DIGEST, Bundle, inside, load_bundle
+from .checkpoint import SCHEDULES
 from .data import check_images, check_labels, normalize
 from .errors import BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError, RuntimeNotice
 from .progress import Progress
+from .targets import CONTRACT
 
-SCHEDULES = ("constant", "cosine")
 # Divergence, beyond NaN/Inf: a batch loss this many times the run's first (at least ln C, at
 # least 1), or a trainable tensor this many times larger than at the start of the fit (at least 1).
-LOSS_GROWTH = 10.0
-PARAM_GROWTH = 1e3
+LOSS_GROWTH = float(CONTRACT["divergence"]["loss_growth"])
+PARAM_GROWTH = float(CONTRACT["divergence"]["param_growth"])
 
 
 class _Guard:

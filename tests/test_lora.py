@@ -204,7 +204,39 @@ def test_mnist_lora_fits_on_onnx_like_torch_and_merges(tmp_path, recipe):
     merged = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
     trained = trainer.backend.logits(trainer._x(x))
     assert np.abs(merged - trained).max() <= 1e-4 * max(1.0, float(np.abs(trained).max()))
+    _lora_file_is_safetensors_and_old_npz_still_merges(trainer, tmp_path)
     _bad_lora_entry_is_refused(trainer.bundle.root, tmp_path)
+
+
+def _lora_file_is_safetensors_and_old_npz_still_merges(trainer, tmp_path):
+    """The lora file is safetensors (any language reads it, no pickle); a bundle exported before
+    it, whose lora file is an npz, merges to the same weights."""
+    import json
+    import shutil
+
+    from edgetl.runtime import Trainer, safetensors
+    from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest, sha256
+    from edgetl.runtime.lora_merge import merged_weights
+
+    root = trainer.bundle.root
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["lora"]["file"] == "lora.safetensors" and "lora.safetensors" in m["files"]
+    arrays, meta = safetensors.decode((root / "lora.safetensors").read_bytes())
+    assert meta["format"] == "edgetl-lora" and any(a.dtype == np.int8 for a in arrays.values())
+    params = dict(zip(trainer.bundle.trainable, trainer.backend.params))
+    new = merged_weights(trainer.bundle, params)
+
+    old = tmp_path / "old_bundle"
+    shutil.copytree(root, old)
+    (old / "lora.safetensors").unlink()
+    np.savez(old / "lora.npz", **arrays)
+    del m["files"]["lora.safetensors"]
+    m["files"]["lora.npz"] = sha256(old / "lora.npz")
+    m["lora"]["file"] = "lora.npz"
+    m[MANIFEST_DIGEST] = manifest_digest(m)
+    (old / "manifest.json").write_text(json.dumps(m))
+    got = merged_weights(Trainer.load(old).bundle, params)
+    assert got.keys() == new.keys() and all(np.array_equal(got[k], new[k]) for k in new)
 
 
 def _bad_lora_entry_is_refused(root, tmp_path):

@@ -1,4 +1,5 @@
-"""The bundle contract is stated once, in the TargetSpec registry (runtime/targets.py), and read by
+"""The bundle contract is stated once, in runtime/contract.json (runtime/targets.py builds the
+TargetSpec registry from it; the JS runtime's src/contract.js is generated from it), and read by
 everyone: the manifest validator refuses what the registry does not describe, every exporter's
 bundle matches its target's spec, the command lines offer the registry's targets, and BUNDLE.md's
 tables are the registry's (so the document cannot drift from the code)."""
@@ -251,3 +252,34 @@ def test_bundle_md_states_the_format_version_it_describes():
     m = re.search(r"bundle format version (\d+)", text)
     assert m and int(m.group(1)) == FORMAT_VERSION
     assert "BUNDLE.md" in (ROOT / "README.md").read_text()
+
+
+# ---- one source for both runtimes ---------------------------------------------------------------
+def test_the_js_runtime_reads_the_same_contract_byte_for_byte():
+    """runtime/js/src/contract.js is runtime/contract.json as runtime/js/scripts/contract.mjs writes it
+    (JSON.stringify(contract, null, 2) under a fixed header), so the JS runtime's targets, names,
+    formats and versions are the Python runtime's."""
+    source = json.loads((ROOT / "runtime" / "contract.json").read_text(encoding="utf-8"))
+    assert source == targets.CONTRACT
+    assert [t["name"] for t in source["targets"]] == list(TARGETS)
+    js = (ROOT / "runtime" / "js" / "src" / "contract.js").read_text(encoding="utf-8")
+    header, sep, body = js.partition("export const CONTRACT = ")
+    assert sep and header.startswith("// Generated from runtime/contract.json"), "contract.js is not the generated module"
+    assert body == json.dumps(source, indent=2, ensure_ascii=False) + ";\n", \
+        "runtime/js/src/contract.js differs from runtime/contract.json: run node runtime/js/scripts/contract.mjs"
+
+
+def test_the_specs_and_formats_are_built_from_the_contract():
+    from edgetl.runtime import checkpoint, signing, state
+    from edgetl.runtime import bundle as bundle_mod
+
+    c = targets.CONTRACT
+    for t in c["targets"]:
+        spec = TARGETS[t["name"]]
+        assert spec.roles == tuple(p["role"] for p in t["programs"])
+        assert [list(p.inputs) for p in spec.programs] == [p.get("inputs", []) for p in t["programs"]]
+        assert spec.sgd_momentum is t["sgd_momentum"] and spec.optimizer_state == t["optimizer_state"]
+    assert (bundle_mod.FORMAT, bundle_mod.FORMAT_VERSION, bundle_mod.MANIFEST) == \
+        (c["bundle"]["format"], c["bundle"]["format_version"], c["bundle"]["manifest"])
+    assert (checkpoint.FORMAT, checkpoint.VERSION, state.FILE, signing.SIGNATURE) == \
+        (c["checkpoint"]["format"], c["checkpoint"]["version"], c["state"]["file"], c["signature"]["file"])

@@ -9,15 +9,12 @@ import { parsePy, plain, pyDumps } from "./pyjson.js";
 import { readNpz, NpzError } from "./npz.js";
 import { floatTensor, readSafetensorsHeader, SafetensorsError } from "./safetensors.js";
 import { sha256Hex, verifySignature, SIGNATURE } from "./signing.js";
+import { CONTRACT } from "./contract.js";
+import { TARGET_NAMES, TARGET_SPECS } from "./targets.js";
 
-export const FORMAT = "edgetl-bundle";
-export const FORMAT_VERSION = 1;
-export const MANIFEST = "manifest.json";
-export const MANIFEST_DIGEST = "manifest_sha256";
-export const TARGETS = ["onnx"]; // what this runtime runs (the Python one also runs ort-training, executorch)
-const KNOWN_TARGETS = ["onnx", "ort-training", "executorch"];
-const REQUIRED_PROGRAMS = { onnx: ["train_step", "eval"] };
-const MAX_MANIFEST_BYTES = 16 << 20;
+export const { format: FORMAT, format_version: FORMAT_VERSION, manifest: MANIFEST, manifest_digest: MANIFEST_DIGEST } = CONTRACT.bundle;
+const { max_manifest_bytes: MAX_MANIFEST_BYTES, required_fields: REQUIRED_FIELDS } = CONTRACT.bundle;
+export const TARGETS = ["onnx"]; // of the contract's targets, what this runtime runs (the Python one runs all)
 
 const short = (v, limit = 80) => {
   const s = typeof v === "string" ? `'${v}'` : JSON.stringify(v) ?? String(v);
@@ -65,11 +62,11 @@ function checkTensors(entries, what) {
 
 /** The structure and types of every manifest field the runtime reads (validate_manifest in Python). */
 export function validateManifest(m) {
-  for (const key of ["target", "input", "num_classes", "programs", "trainable", "optimizer", "state_file", "state_keys", "files"]) {
+  for (const key of REQUIRED_FIELDS) {
     need(key in m, `lacks '${key}'`);
   }
   need(typeof m.target === "string", "'target' must be a string");
-  if (!KNOWN_TARGETS.includes(m.target)) throw new BundleError(`unknown target ${short(m.target)}; this runtime runs ${TARGETS.join(", ")}`);
+  if (!TARGET_NAMES.includes(m.target)) throw new BundleError(`unknown target ${short(m.target)}; this runtime runs ${TARGETS.join(", ")}`);
   if (!TARGETS.includes(m.target)) {
     throw new BundleError(`a ${m.target} bundle cannot run in the JavaScript runtime, which runs ${TARGETS.join(", ")}; export with --target onnx`);
   }
@@ -93,7 +90,7 @@ export function validateManifest(m) {
   const programs = m.programs;
   need(programs && typeof programs === "object" && Object.values(programs).every((v) => typeof v === "string"),
        "'programs' must map roles to file names");
-  const missing = REQUIRED_PROGRAMS[m.target].filter((r) => !(r in programs));
+  const missing = TARGET_SPECS[m.target].programs.map((p) => p.role).filter((r) => !(r in programs));
   need(!missing.length, `a ${m.target} bundle needs the program(s) ${missing.join(", ")}`);
   const trainable = checkTensors(m.trainable, "trainable");
   const opt = m.optimizer;
@@ -205,7 +202,7 @@ export class Bundle {
 export async function loadBundle(source, { trustedKey = null, name = "bundle" } = {}) {
   const raw = await source.read(MANIFEST);
   if (raw == null) throw new BundleError(`'${name}' is not an edgetl bundle: no ${MANIFEST}`);
-  if (raw.length > MAX_MANIFEST_BYTES) throw new BundleError(`${MANIFEST} is larger than 16 MiB; not an edgetl manifest`);
+  if (raw.length > MAX_MANIFEST_BYTES) throw new BundleError(`${MANIFEST} is larger than ${MAX_MANIFEST_BYTES >> 20} MiB; not an edgetl manifest`);
   if (trustedKey != null) await verifySignature(raw, await source.read(SIGNATURE), trustedKey);
   let tree;
   try {

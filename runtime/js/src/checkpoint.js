@@ -7,20 +7,17 @@
 // sha256 over Python's json.dumps text) is still read. Here only the bytes are made and checked;
 // where they are stored (a file with a previous generation in Node, IndexedDB in a browser) is
 // the store's job (node.js: fileCheckpointStore).
+import { CONTRACT } from "./contract.js";
 import { CheckpointError } from "./errors.js";
 import { readNpz } from "./npz.js";
 import { parsePy, plain, pyDumps } from "./pyjson.js";
 import { encodeSafetensors, floatTensor, readSafetensorsHeader, SafetensorsError } from "./safetensors.js";
 import { sha256Hex } from "./signing.js";
 
-export const VERSION = 4;
-export const READS = [3, 4];
-const FORMAT = "edgetl-checkpoint";
-const INT_KEYS = ["version", "step", "epoch", "seed"];
-const JSON_KEYS = ["schedule", "bundle"];
+export const { version: VERSION, reads: READS, format: FORMAT, schedules: SCHEDULES } = CONTRACT.checkpoint;
+const { int_keys: INT_KEYS, json_keys: JSON_KEYS } = CONTRACT.checkpoint;
 const DECIMAL = /^(0|[1-9][0-9]{0,17})$/;
 const HEADER = "__header__";
-const SCHEDULES = ["constant", "cosine"];
 const DTYPE_NAMES = { "<f4": "float32", "<f8": "float64", "|f1": "float8" };
 
 // str(np.ascontiguousarray(a).shape) as Python's digest writes it: ascontiguousarray makes a 0-d

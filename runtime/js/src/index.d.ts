@@ -57,6 +57,27 @@ export function manifestDigest(manifest: object): Promise<string>;
 export const MANIFEST: string;
 export const FORMAT_VERSION: number;
 
+export interface ProgramSpec {
+  role: string; file: string; inputs?: string[]; outputs?: string[];
+  static_batch?: boolean; more_inputs?: boolean; more_outputs?: boolean; opaque?: boolean;
+}
+export interface TargetSpec {
+  name: string; summary: string; program_format: "onnx" | "pte"; bind: "name" | "position";
+  programs: ProgramSpec[]; files: string[]; optimizer_state: "program" | "ort-checkpoint"; sgd_momentum: boolean;
+}
+/** The bundle contract (runtime/contract.json, shared with the Python runtime; BUNDLE.md). */
+export const CONTRACT: {
+  about: string;
+  bundle: { format: string; format_version: number; manifest: string; manifest_digest: string; max_manifest_bytes: number; required_fields: string[] };
+  state: { format: string; version: number; file: string };
+  lora: { format: string; version: number; file: string };
+  checkpoint: { format: string; version: number; reads: number[]; schedules: string[]; int_keys: string[]; json_keys: string[] };
+  divergence: { loss_growth: number; param_growth: number };
+  signature: { format: string; format_version: number; file: string; signed_file: string };
+  tensor_names: Record<string, string>;
+  targets: TargetSpec[];
+};
+
 export interface Progress { step: number; total: number; done: number; epoch: number; loss: number; lr: number; ms: number }
 
 export interface FitOptions {

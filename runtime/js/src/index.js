@@ -2,6 +2,7 @@
 // Browser-safe: no Node API here (see node.js for the file-system helpers).
 export { Trainer, SCHEDULES, DEFAULT_SESSION_OPTIONS } from "./trainer.js";
 export { Bundle, loadBundle, validateManifest, manifestDigest, MANIFEST, FORMAT_VERSION } from "./bundle.js";
+export { CONTRACT } from "./contract.js";
 export { encodeCheckpoint, decodeCheckpoint, checkpointDigest } from "./checkpoint.js";
 export { encodeSafetensors, readSafetensorsHeader, floatTensor, SafetensorsError } from "./safetensors.js";
 export { checkImages, checkLabels, normalize, datasetFromNpz } from "./data.js";

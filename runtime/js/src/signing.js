@@ -2,9 +2,10 @@
 // on WebCrypto (`crypto.subtle`): Node >= 20, Chrome >= 137, Firefox >= 129, Safari >= 17.
 // Engines without WebCrypto Ed25519 (older browsers, React Native without a polyfill) refuse
 // a trusted key with a clear error instead of skipping the check.
+import { CONTRACT } from "./contract.js";
 import { BundleError, EdgeRuntimeError } from "./errors.js";
 
-export const SIGNATURE = "manifest.sig";
+export const { file: SIGNATURE, format: SIGNATURE_FORMAT, format_version: SIGNATURE_VERSION } = CONTRACT.signature;
 
 export class SigningKeyError extends EdgeRuntimeError {}
 
@@ -50,8 +51,8 @@ export async function verifySignature(manifestBytes, signatureBytes, trustedKey)
   let doc, sig;
   try {
     doc = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(signatureBytes));
-    const ok = doc && typeof doc === "object" && doc.format === "edgetl-signature" && doc.format_version === 1 &&
-      doc.algorithm === "ed25519" && doc.signed_file === "manifest.json" && typeof doc.signature === "string";
+    const ok = doc && typeof doc === "object" && doc.format === SIGNATURE_FORMAT && doc.format_version === SIGNATURE_VERSION &&
+      doc.algorithm === "ed25519" && doc.signed_file === CONTRACT.signature.signed_file && typeof doc.signature === "string";
     sig = ok ? b64decode(doc.signature) : null;
   } catch { sig = null; }
   if (!sig || sig.length !== 64) throw new BundleError(`${SIGNATURE} is not a valid edgetl signature file`);

@@ -2,17 +2,18 @@
 // module is passed in: onnxruntime-node or onnxruntime-web in Node, onnxruntime-web in a browser,
 // onnxruntime-react-native on Android/iOS; nothing here uses a Node-only API.
 import { Bundle, loadBundle, MANIFEST_DIGEST } from "./bundle.js";
-import { decodeCheckpoint, encodeCheckpoint } from "./checkpoint.js";
+import { decodeCheckpoint, encodeCheckpoint, SCHEDULES } from "./checkpoint.js";
 import { checkImages, checkLabels, normalize } from "./data.js";
 import { BundleError, CheckpointError, DivergenceError, EdgeRuntimeError, InputError } from "./errors.js";
 import { externalTensors, ProtoError } from "./onnx_proto.js";
 import { permutation } from "./shuffle.js";
+import { CONTRACT } from "./contract.js";
+import { expandNames, NAMES, programSpec } from "./targets.js";
 
-export const SCHEDULES = ["constant", "cosine"];
+export { SCHEDULES };
 // Divergence, beyond NaN/Inf (as the Python runtime): a batch loss this many times the run's
 // first (at least ln C, at least 1), or a trainable tensor this many times larger than at the start.
-const LOSS_GROWTH = 10.0;
-const PARAM_GROWTH = 1e3;
+const { loss_growth: LOSS_GROWTH, param_growth: PARAM_GROWTH } = CONTRACT.divergence;
 
 const now = () => (globalThis.performance ? performance.now() : Date.now());
 /** Python's f"{v:.3g}" (the messages match the Python runtime's word for word). */
@@ -71,9 +72,22 @@ function median(a) {
   return s.length % 2 ? s[h] : (s[h - 1] + s[h]) / 2;
 }
 
+// The program roles this runtime runs, and their tensors by the contract's naming scheme (in the
+// programs' order: x, y, lr, param.*, state.* in; loss, logits, new_param.*, new_state.* out).
+const TRAIN = "train_step", EVAL = "eval";
+
+function programNames(bundle) {
+  const io = bundle.manifest.io;
+  const params = bundle.trainable.map((t) => io.params[t]), state = bundle.stateNames.map((s) => io.state[s]);
+  const train = programSpec(bundle.target, TRAIN), ev = programSpec(bundle.target, EVAL);
+  return { train: expandNames(train.inputs, params, state), trainOutputs: expandNames(train.outputs, params, state),
+    eval: expandNames(ev.inputs, params, state) };
+}
+
 export class Trainer {
   constructor(bundle, ort, train, evalSession, state) {
     this.bundle = bundle;
+    this.names = programNames(bundle);
     this.ort = ort;
     this.train = train;
     this.evalSession = evalSession;
@@ -93,7 +107,8 @@ export class Trainer {
   static async load(source, { ort, trustedKey = null, sessionOptions = {}, name } = {}) {
     if (!ort || !ort.InferenceSession) throw new EdgeRuntimeError("Trainer.load needs `ort`, an onnxruntime module (onnxruntime-node, -web or -react-native)");
     const bundle = source instanceof Bundle ? source : await loadBundle(source, { trustedKey, name });
-    for (const role of ["train_step", "eval"]) {
+    const roles = [TRAIN, EVAL];
+    for (const role of roles) {
       const file = bundle.manifest.programs[role];
       let external;
       try {
@@ -110,16 +125,15 @@ export class Trainer {
     const options = { ...DEFAULT_SESSION_OPTIONS, ...sessionOptions };
     let train, ev;
     try {
-      train = await ort.InferenceSession.create(bundle.program("train_step"), options);
-      ev = await ort.InferenceSession.create(bundle.program("eval"), options);
+      train = await ort.InferenceSession.create(bundle.program(TRAIN), options);
+      ev = await ort.InferenceSession.create(bundle.program(EVAL), options);
     } catch (e) {
       throw new BundleError(`the onnx runtime cannot load bundle '${name ?? "bundle"}': ${String(e.message ?? e).split(/\s+/).join(" ").slice(0, 200)}`);
     }
-    const io = bundle.manifest.io;
-    const need = [..."x y lr".split(" "), ...bundle.trainable.map((t) => io.params[t])];
-    const lacking = need.filter((n) => !train.inputNames.includes(n));
-    if (lacking.length || train.outputNames.length !== 2 + bundle.trainable.length + bundle.stateNames.length) {
-      throw new BundleError(`the manifest does not match its programs: the 'train_step' program ${lacking.length ? `has no input '${lacking[0]}'` : "has other outputs than loss, logits and the new parameters and state"}`);
+    const names = programNames(bundle);
+    const lacking = names.train.filter((n) => !train.inputNames.includes(n));
+    if (lacking.length || train.outputNames.length !== names.trainOutputs.length) {
+      throw new BundleError(`the manifest does not match its programs: the '${TRAIN}' program ${lacking.length ? `has no input '${lacking[0]}'` : "has other outputs than loss, logits and the new parameters and state"}`);
     }
     return new Trainer(bundle, ort, train, ev, state);
   }
@@ -247,19 +261,18 @@ export class Trainer {
   async trainStep(x, y) {
     const guard = this.guard ?? new Guard(this);
     const { Tensor } = this.ort;
-    const bundle = this.bundle, io = bundle.manifest.io;
+    const bundle = this.bundle;
     const before = this.state;
-    const feeds = {
-      x: new Tensor("float32", x, [bundle.batchSize, ...bundle.inputShape]),
-      y: new Tensor("int64", y, [bundle.batchSize]),
-      lr: new Tensor("float32", Float32Array.of(this.lrAt(this.step)), []),
-    };
     const shapes = bundle.tensorShapes();
-    for (const t of bundle.trainable) feeds[io.params[t]] = new Tensor("float32", before[t], shapes[t]);
-    for (const s of bundle.stateNames) feeds[io.state[s]] = new Tensor("float32", before[s], shapes[s]);
-    for (const k of Object.keys(feeds)) if (!this.train.inputNames.includes(k)) delete feeds[k];
+    const values = [
+      new Tensor("float32", x, [bundle.batchSize, ...bundle.inputShape]),
+      new Tensor("int64", y, [bundle.batchSize]),
+      new Tensor("float32", Float32Array.of(this.lrAt(this.step)), []),
+      ...[...bundle.trainable, ...bundle.stateNames].map((t) => new Tensor("float32", before[t], shapes[t])),
+    ];
+    const feeds = Object.fromEntries(this.names.train.map((n, i) => [n, values[i]]));
     const t0 = now();
-    const outs = await this.#run("train_step", this.train, feeds, before);
+    const outs = await this.#run(TRAIN, this.train, feeds, before);
     const ms = now() - t0;
     const names = this.train.outputNames;
     const loss = Number(outs[names[0]].data[0]);
@@ -290,17 +303,17 @@ export class Trainer {
     if (!isInt(chunk) || chunk < 1) throw new InputError(`chunk must be a positive integer, got ${chunk}`);
     const xs = this.#x(x);
     const { Tensor } = this.ort;
-    const io = this.bundle.manifest.io, shapes = this.bundle.tensorShapes();
+    const shapes = this.bundle.tensorShapes();
     const per = xs.shape.slice(1).reduce((a, b) => a * b, 1), n = xs.shape[0];
     const c = this.bundle.numClasses;
     const out = new Float32Array(n * c);
     for (let i = 0; i < n; i += chunk) {
       const m = Math.min(chunk, n - i);
-      const feeds = { x: new Tensor("float32", xs.data.slice(i * per, (i + m) * per), [m, ...xs.shape.slice(1)]) };
-      for (const t of this.bundle.trainable) feeds[io.params[t]] = new Tensor("float32", this.state[t], shapes[t]);
-      for (const k of Object.keys(feeds)) if (!this.evalSession.inputNames.includes(k)) delete feeds[k];
-      const r = await this.#run("eval", this.evalSession, feeds, null);
-      const logits = r.logits ?? r[this.evalSession.outputNames[0]];
+      const values = [new Tensor("float32", xs.data.slice(i * per, (i + m) * per), [m, ...xs.shape.slice(1)]),
+        ...this.bundle.trainable.map((t) => new Tensor("float32", this.state[t], shapes[t]))];
+      const feeds = Object.fromEntries(this.names.eval.map((n, i) => [n, values[i]]));
+      const r = await this.#run(EVAL, this.evalSession, feeds, null);
+      const logits = r[NAMES.logits] ?? r[this.evalSession.outputNames[0]];
       out.set(logits.data, i * c);
     }
     return { data: out, shape: [n, c] };
