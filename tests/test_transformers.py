@@ -13,7 +13,7 @@ from families._common import prepare_model, random_batch
 from helpers import lean_vs_reference
 from test_families import _runtime_matches_torch
 
-RECIPES = ["bias", "bias+q8", "norm", "full", "head", "side"]
+RECIPES = ["bias", "bias+q8", "norm", "full", "head"]
 TOL = 1e-4
 
 
