@@ -87,6 +87,10 @@ CASES = {
                   lambda x, param: torch.cat((param.expand(x.shape[0], -1, -1), x), 1)),
     "token_after": (lambda: R.ParamConcat(0, first=False), [(2, 5, 8)], {"param": _t((1, 2, 8), 5)},
                     lambda x, param: torch.cat((x, param.expand(x.shape[0], -1, -1)), 1)),
+    "ladder_gate": (R.LadderGate, [(2, 5, 8), (2, 5, 8)], {"gate": _t((1,), 5)},
+                    lambda s, z, gate: torch.sigmoid(gate) * s + (1 - torch.sigmoid(gate)) * z),
+    "ladder_gate_per_channel": (R.LadderGate, [(2, 3, 4, 8), (2, 3, 4, 8)], {"gate": _t((8,), 5)},
+                                lambda s, z, gate: torch.sigmoid(gate) * s + (1 - torch.sigmoid(gate)) * z),
 }
 
 
@@ -129,6 +133,8 @@ def test_what_each_rule_keeps():
     assert _kept("pos_embed", Need((True,), frozenset({"param"}))) == {}
     assert set(_kept("layer_scale", Need((True,), frozenset({"param"})))) == {"x"}
     assert _kept("layer_scale", Need((True,), frozenset())) == {}
+    assert set(_kept("ladder_gate", Need((True, True), frozenset({"gate"})))) == {"diff"}  # s - z, one tensor
+    assert _kept("ladder_gate", Need((True, True), frozenset())) == {}
 
 
 QUANT = {"gelu": 0.02, "softmax_last": 0.02, "attention": 0.03, "layernorm_tokens": 0.03, "groupnorm": 0.03}

@@ -12,11 +12,12 @@ from .attention import Attention, MatMul, Softmax
 from .norm import GroupNorm, LayerNorm
 from .param import ParamAdd, ParamConcat, ParamMul  # after structural: its builders wrap structural's
 from .smooth import GELU
+from .ladder import LadderGate
 
 __all__ = [
     "ACTIVATIONS", "AdaptiveAvgPool", "Add", "Affine", "AvgPool", "AvgPool2d", "Concat", "ConstOp", "Conv1d",
     "Conv2d", "Expand", "Flatten", "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool",
     "MaxPool2d", "Mean", "Mul", "Need", "Pad", "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "SMOOTH", "Select",
     "SiLU", "Sigmoid", "Slice", "Sub", "Tanh",
-    "Attention", "GELU", "GroupNorm", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul", "Softmax",
+    "Attention", "GELU", "GroupNorm", "LadderGate", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul", "Softmax",
 ]
