@@ -13,6 +13,11 @@ Optimizer moments are not federated: each round starts from the global trainable
 the bundle's initial (zero) moments and a fresh step count, so a round is `local-epochs` of plain
 local training from the global model. Flower is imported only when the app is built (the `fleet`
 extra); this module never imports torch.
+
+Privacy (`fleet simulate --secagg`, `--dp-noise/--dp-clip`): a round that asks for Flower's
+SecAgg+ protocol (its messages carry a `secaggplus_configs` record) goes through Flower's
+`secaggplus_mod`, and one that asks for client-side clipping through its `fixedclipping_mod`;
+those rounds speak Flower's legacy fit format, which `_train_legacy` answers.
 """
 from __future__ import annotations
 
@@ -157,14 +162,16 @@ def _clip_when_asked(msg, context, call_next):
     return call_next(msg, context)
 
 
-def client_app():
-    """A Flower ClientApp that trains with `edgetl.runtime.Trainer` (needs the `fleet` extra)."""
+def client_app(train=None):
+    """A Flower ClientApp that trains with `edgetl.runtime.Trainer` (needs the `fleet` extra),
+    with Flower's SecAgg+ and client-side DP clipping for the rounds that ask for them.
+    `train(msg, context)` replaces the training function under those mods (tests)."""
     try:
         from flwr.clientapp import ClientApp
     except ImportError as e:
         raise ImportError("federated training needs Flower: pip install 'edgetl[fleet]'") from e
     app = ClientApp(mods=[_secagg_when_asked, _clip_when_asked])
-    app.train()(_train)
+    app.train()(train or _train)
     return app
 
 
