@@ -25,16 +25,18 @@ SHAPES = {"w": (100, 50), "b": (50,)}
 DIGEST = "d" * 64
 
 
-def _reply(node: int, arrays: dict, n: int):
-    """A client's reply as Flower's runtime hands it to the strategy."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Metadata, MetricRecord, RecordDict
+def _reply(node: int, arrays: dict | None, n: int = 0):
+    """A client's reply as Flower's runtime hands it to the strategy (None: the client failed)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
     from flwr.app.message import make_message
 
-    content = RecordDict({ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-                          METRICS: MetricRecord({WEIGHT: n}), META: ConfigRecord({"bundle": DIGEST})})
     md = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
                   reply_to_message_id=f"ins-{node}", group_id="1", created_at=time.time(), ttl=60.0,
                   message_type="train")
+    if arrays is None:
+        return make_message(md, error=Error(code=0, reason=f"device {node} died mid-round"))
+    content = RecordDict({ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+                          METRICS: MetricRecord({WEIGHT: n}), META: ConfigRecord({"bundle": DIGEST})})
     return make_message(md, content)
 
 
@@ -46,7 +48,7 @@ def _clients():
     return g, new, [50, 100, 30]
 
 
-def _dp_round(noise: float, clip: float, with_nan: bool = False):
+def _dp_round(noise: float, clip: float, with_bad: bool = False):
     """One round's aggregate through make_strategy with server-side DP (Flower's wrapper)."""
     from flwr.app import Array, ArrayRecord
 
@@ -56,10 +58,11 @@ def _dp_round(noise: float, clip: float, with_nan: bool = False):
     report = FleetReport()
     strategy = make_strategy(SHAPES, DIGEST, cfg, report)
     strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in g.items()})  # what configure_train records
-    strategy.strategy.sent = 3 + with_nan
+    strategy.strategy.sent = 3 + 2 * with_bad
     replies = [_reply(i + 1, a, n) for i, (a, n) in enumerate(zip(new, ns))]
-    if with_nan:
+    if with_bad:  # Flower's DP wrapper alone would skip a round with a failed client, and clip NaN
         replies.insert(1, _reply(9, {k: np.full_like(v, np.nan) for k, v in g.items()}, 500))
+        replies.append(_reply(8, None))
     arrays, _ = strategy.aggregate_train(1, replies)
     return {k: v.numpy() for k, v in arrays.items()}, g, new, ns, report
 
@@ -76,12 +79,13 @@ def _clipped_fedavg(g, new, ns, clip):
 
 
 def test_dp_without_noise_is_fedavg_of_the_clipped_updates_and_bad_replies_never_reach_it():
-    got, g, new, ns, report = _dp_round(0.0, 1.0, with_nan=True)
+    got, g, new, ns, report = _dp_round(0.0, 1.0, with_bad=True)
     want, factors = _clipped_fedavg(g, new, ns, 1.0)
     assert factors[0] == 1.0 and factors[2] < 0.5  # one update inside the norm, one clipped hard
     for k in SHAPES:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
-    assert [d["node"] for d in report.dropped] == [9] and "is not finite" in report.dropped[0]["reason"]
+    assert [d["node"] for d in report.dropped] == [9, 8] and report.skipped_rounds == []
+    assert "is not finite" in report.dropped[0]["reason"] and "device 8 died" in report.dropped[1]["reason"]
 
 
 def test_dp_noise_has_the_promised_standard_deviation():
