@@ -229,6 +229,7 @@ def run_server(grid, cfg: FleetConfig, report: FleetReport, context=None) -> Fle
     bar.update(done)
 
     def evaluate_arrays(server_round: int, new: dict[str, np.ndarray]) -> float | None:
+        report.wire.round = server_round + 1
         if server_round == 0 and done:
             return None  # the checkpointed state, evaluated when it was saved
         start_round(trainer, new)

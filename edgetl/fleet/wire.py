@@ -11,6 +11,7 @@ class WireCount:
     up: int = 0  # replies: client -> server
     down: int = 0  # instructions: server -> client
     messages: int = 0
+    round: int = 1  # the round under way; the server moves it on when it evaluates a round's result
     participations: set = field(default_factory=set)  # (round, node) pairs that sent something
 
     def per_client_round(self) -> dict:
@@ -44,5 +45,5 @@ class CountingGrid:
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
         for r in replies:
             self._count.up += message_bytes(r)
-            self._count.participations.add((r.metadata.group_id, r.metadata.src_node_id))
+            self._count.participations.add((self._count.round, r.metadata.src_node_id))
         return replies
