@@ -185,6 +185,7 @@ def test_device_client_app_loads_without_torch():
     code = ("from edgetl.runtime.notorch import block_torch; block_torch()\n"
             "import edgetl.runtime.fleet as f\n"
             "from flwr.clientapp import ClientApp\n"
+            "from flwr.client.mod import fixedclipping_mod, secaggplus_mod  # what --secagg, --dp-* run there\n"
             "assert isinstance(f.app, ClientApp)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

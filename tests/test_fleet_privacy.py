@@ -117,15 +117,6 @@ def test_cli_bad_privacy_flag_is_one_line_before_ray_starts(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "needs both --dp-noise and --dp-clip" in r.stderr
 
 
-def test_device_privacy_mods_load_without_torch():
-    code = ("from edgetl.runtime.notorch import block_torch; block_torch()\n"
-            "import edgetl.runtime.fleet as f\n"
-            "from flwr.client.mod import fixedclipping_mod, secaggplus_mod\n"
-            "assert f.app is not None\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-
-
 def _recording_app(folder):
     """The device ClientApp (Flower's SecAgg+ and clipping mods around edgetl's training), whose
     training also writes what it received and what it would send in the clear to `folder`: the
