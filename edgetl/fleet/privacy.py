@@ -34,11 +34,10 @@ class Privacy:
 
     def check(self) -> Privacy:
         if self.secagg:
-            if isinstance(self.shares, int) and not isinstance(self.shares, bool):
-                if self.shares < 3:
-                    raise EdgeTLError(f"--secagg-shares must be an integer ≥ 3 or a fraction in (0, 1], got {self.shares}")
-            elif not 0 < self.shares <= 1:
-                raise EdgeTLError(f"--secagg-shares must be an integer ≥ 3 or a fraction in (0, 1], got {self.shares}")
+            count = isinstance(self.shares, int) and not isinstance(self.shares, bool)
+            if (count and self.shares < 3) or (not count and not 0 < self.shares <= 1):
+                raise EdgeTLError(f"--secagg-shares must be an integer ≥ 3 or a fraction in (0, 1], "
+                                  f"got {self.shares}")
             if isinstance(self.threshold, int) and not isinstance(self.threshold, bool):
                 if self.threshold < 2 or (isinstance(self.shares, int) and self.threshold >= self.shares):
                     raise EdgeTLError(f"--secagg-threshold must be an integer in [2, shares) or a fraction in (0, 1], "

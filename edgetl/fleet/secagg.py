@@ -47,7 +47,8 @@ def run_secagg(grid, context, cfg, report, shapes: dict[str, tuple], digest: str
             need = max(2, math.ceil(cfg.min_reply_fraction * sampled))
             if len(results) < need:
                 return skip(r, f"{len(results)} of {sampled} clients are in the secure sum, {need} needed")
-            others = [str(res.metrics.get("bundle", "?"))[:12] for _, res in results if res.metrics.get("bundle") != digest]
+            others = [str(res.metrics.get("bundle", "?"))[:12] for _, res in results
+                      if res.metrics.get("bundle") != digest]
             if others:  # their tensors are in the sum and cannot be taken out of it
                 return skip(r, f"{len(others)} clients' tensors are of another bundle ({others[0]}…)")
             agg = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the secure average
