@@ -117,21 +117,24 @@ def test_cli_bad_privacy_flag_is_one_line_before_ray_starts(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "needs both --dp-noise and --dp-clip" in r.stderr
 
 
-def _recording_app(folder):
+def _recording_app(folder, dies: int):
     """The device ClientApp (Flower's SecAgg+ and clipping mods around edgetl's training), whose
     training also writes what it received and what it would send in the clear to `folder`: the
-    plain updates that SecAgg+ hides from the server, to check its sum against."""
+    plain updates that SecAgg+ hides from the server, to check its sum against. Client `dies`
+    dies in its training (after the key exchange)."""
     from edgetl.runtime.fleet import _train, client_app
 
     def train(msg, context):
         from flwr.common import parameters_to_ndarrays
         from flwr.compat.common import recorddict_compat as compat
 
+        pid = int(context.node_config["partition-id"])
+        if pid == dies:
+            raise RuntimeError(f"device {pid} died mid-round")
         sent = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, keep_input=True).parameters)
         reply = _train(msg, context)
         res = compat.recorddict_to_fitres(reply.content, keep_input=True)
         new = parameters_to_ndarrays(res.parameters)
-        pid = int(context.node_config["partition-id"])
         np.savez(folder / f"client-{pid}.npz", n=res.num_examples, **{f"sent{i}": a for i, a in enumerate(sent)},
                  **{f"new{i}": a for i, a in enumerate(new)})
         return reply
@@ -141,9 +144,10 @@ def _recording_app(folder):
 
 @pytest.mark.slow
 def test_secagg_sum_of_client_clipped_updates_equals_plain_fedavg_within_quantization(tmp_path):
-    """3 clients of different sizes, one SecAgg+ round with client-side clipping and no noise:
-    the global tiny parts equal the example-weighted mean of the clients' clipped updates, to
-    within the bound that SecAgg+'s quantization allows."""
+    """4 clients of different sizes, one SecAgg+ round with client-side clipping and no noise,
+    one client dying after the key exchange: the global tiny parts equal the example-weighted
+    mean of the other clients' clipped updates (SecAgg+ rebuilds the dead client's masks from
+    its shares), to within the bound that SecAgg+'s quantization allows."""
     import cloudpickle
 
     from edgetl.datasets import load_dataset
@@ -158,25 +162,27 @@ def test_secagg_sum_of_client_clipped_updates_equals_plain_fedavg_within_quantiz
     (tmp_path / "sent").mkdir()
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Ray workers cannot import this file
     clip = 1.5
-    out = simulate(str(bundle), str(data), clients=3, rounds=1, partition_scheme="dirichlet:1.0", seed=0, lr=0.05,
-                   checkpoint=str(tmp_path / "global.npz"), client_app=_recording_app(tmp_path / "sent"),
+    out = simulate(str(bundle), str(data), clients=4, rounds=1, partition_scheme="dirichlet:1.0", seed=0, lr=0.05,
+                   checkpoint=str(tmp_path / "global.npz"), client_app=_recording_app(tmp_path / "sent", dies=3),
                    privacy=Privacy(secagg=True, dp_noise=0.0, dp_clip=clip))
-    assert out["dropped"] == [] and out["skipped_rounds"] == []
+    assert out["skipped_rounds"] == [] and len(out["dropped"]) == 1
+    assert out["dropped"][0]["reason"] == "the client failed: device 3 died mid-round"
     assert out["dp"]["clipping"] == "client" and out["secagg"]["max_weight"] == max(out["client_samples"])
-    # SecAgg+'s four messages a round; the masked tensors are 64-bit integers, twice the float32 payload
-    assert out["wire_messages_per_client_round"] == 4
-    assert out["wire_bytes_up_per_client_round"] > 2 * out["bytes_up_per_client_round"]
+    # SecAgg+'s four messages a round (the dead client gets no unmask message); the masked tensors
+    # are 64-bit integers, twice the float32 payload (the dead client sends only keys and shares)
+    assert out["wire_messages_per_client_round"] == 15 / 4
+    assert out["wire_bytes_up_per_client_round"] > 1.5 * out["bytes_up_per_client_round"]
 
     clients = [np.load(tmp_path / "sent" / f"client-{i}.npz") for i in range(3)]
     names = [k for k in edgetl.runtime.Trainer.load(bundle).bundle.trainable]
     g = {k: clients[0][f"sent{i}"] for i, k in enumerate(names)}
     new = [{k: c[f"new{i}"] for i, k in enumerate(names)} for c in clients]
     ns = [int(c["n"]) for c in clients]
-    assert sorted(ns) == sorted(out["client_samples"]) and len(set(ns)) == 3
+    assert ns == out["client_samples"][:3] and len(set(ns)) == 3
     want, factors = _clipped_fedavg(g, new, ns, clip)
     assert min(factors) < 1  # the clipping took part
     arrays, _ = ckpt.load_checkpoint(tmp_path / "global.npz")
-    p = Privacy(secagg=True, max_weight=float(max(ns)))
+    p = Privacy(secagg=True, max_weight=float(max(out["client_samples"])))
     max_abs = max(float(np.abs(a[k]).max()) for a in [g, *new] for k in names)
     bound = secagg_error_bound(p, ns, max_abs) + 1e-7 * max_abs  # + float32 rounding
     err = max(float(np.abs(arrays[k] - want[k]).max()) for k in names)

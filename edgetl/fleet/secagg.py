@@ -26,6 +26,8 @@ def run_secagg(grid, context, cfg, report, shapes: dict[str, tuple], digest: str
     from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
+    from .server import client_failure
+
     names, p = list(shapes), cfg.privacy
     sampled = secagg_sampled(cfg.clients, cfg.fraction)
 
@@ -36,8 +38,14 @@ def run_secagg(grid, context, cfg, report, shapes: dict[str, tuple], digest: str
 
     class SecureTinyPartsFedAvg(FedAvg):
         def note_failures(self, server_round: int, failures) -> None:
+            seen = set()  # Flower's SecAgg+ workflow lists a client that failed in its training twice
             for f in failures:
-                why = f"the client failed: {' '.join(str(f).split())[:200]}"
+                err = f.args[0] if isinstance(f, Exception) and f.args else f
+                if id(err) in seen:
+                    continue
+                seen.add(id(err))
+                why = client_failure(str(getattr(err, "reason", err)))
+                # the workflow keeps the error, not the node: node -1
                 report.dropped.append({"round": server_round + done, "node": -1, "reason": why})
                 log.warning("round %d: dropped a client of the secure sum: %s", server_round + done, why)
 

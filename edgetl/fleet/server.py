@@ -54,14 +54,18 @@ class FleetReport:
     wire: WireCount = field(default_factory=WireCount)
 
 
+def client_failure(reason: str) -> str:
+    """The drop reason of a client that failed, from the error Flower reports for it."""
+    # a simulated client's exception arrives wrapped in Ray's traceback; its own message is last
+    if "ClientAppException" in reason:
+        reason = reason.rsplit("Message: ", 1)[-1].strip().rstrip("'>")
+    return f"the client failed: {' '.join(reason.split())[:200]}"
+
+
 def reply_problem(msg, shapes: dict[str, tuple], digest: str) -> str | None:
     """Why a client's reply cannot be averaged in, or None when it can."""
     if msg.has_error():
-        reason = str(msg.error.reason)
-        # a simulated client's exception arrives wrapped in Ray's traceback; its own message is last
-        if "ClientAppException" in reason:
-            reason = reason.rsplit("Message: ", 1)[-1].strip().rstrip("'>")
-        return f"the client failed: {' '.join(reason.split())[:200]}"
+        return client_failure(str(msg.error.reason))
     content = msg.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         return f"the reply has no '{ARRAYS}' or '{METRICS}' record"
