@@ -13,6 +13,11 @@ Optimizer moments are not federated: each round starts from the global trainable
 the bundle's initial (zero) moments and a fresh step count, so a round is `local-epochs` of plain
 local training from the global model. Flower is imported only when the app is built (the `fleet`
 extra); this module never imports torch.
+
+Privacy (`fleet simulate --secagg`, `--dp-noise/--dp-clip`): a round that asks for Flower's
+SecAgg+ protocol (its messages carry a `secaggplus_configs` record) goes through Flower's
+`secaggplus_mod`, and one that asks for client-side clipping through its `fixedclipping_mod`;
+those rounds speak Flower's legacy fit format, which `_train_legacy` answers.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ __all__ = ["app", "bundle_id", "client_app", "start_round", "train_round", "trai
 
 ARRAYS, METRICS, META = "arrays", "metrics", "meta"  # keys of the records in a reply
 WEIGHT = "num-examples"  # FedAvg's weight: the examples a client trained on
+# Flower's own record names: its SecAgg+ protocol's, its legacy fit message's, its DP clipping norm's
+SECAGG_CONFIGS, LEGACY_PARAMS, LEGACY_CONFIG, CLIPPING_NORM = ("secaggplus_configs", "fitins.parameters",
+                                                               "fitins.config", "clipping_norm")
 
 _trainers: dict[str, Trainer] = {}  # one loaded bundle per process (a Ray actor serves many rounds)
 
@@ -84,35 +92,86 @@ def _local_files(config, node_config) -> tuple[str, str]:
     return str(bundle), str(data)
 
 
-def _train(msg, context):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
-    config = msg.content["config"]
+def _round(config, arrays_of, context) -> tuple[Trainer, dict[str, np.ndarray], dict]:
+    """The work of one round: (trainer, new trainable tensors, metrics). `arrays_of(trainer)`
+    gives the global tensors the server sent, by name."""
     bundle, data_file = _local_files(config, context.node_config)
     trainer = _trainer(bundle)
     data = load_npz(data_file)
     x, y = data["x_train"], data["y_train"]
-    arrays = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
     lr = float(config["lr"]) if float(config.get("lr", 0.0)) > 0 else None
     seed = int(config.get("seed", 0)) + int(config.get("server-round", 0))
-    new, loss = train_round(trainer, arrays, x, y, int(config.get("local-epochs", 1)), lr, seed)
+    new, loss = train_round(trainer, arrays_of(trainer), x, y, int(config.get("local-epochs", 1)), lr, seed)
     metrics = {WEIGHT: int(len(x))}
     if loss is not None:
         metrics["train-loss"] = float(loss)
+    return trainer, new, metrics
+
+
+def _train(msg, context):
+    if LEGACY_PARAMS in msg.content.array_records:
+        return _train_legacy(msg, context)
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    arrays = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+    trainer, new, metrics = _round(msg.content["config"], lambda t: arrays, context)
     content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in new.items()}),
                           METRICS: MetricRecord(metrics),
                           META: ConfigRecord({"bundle": bundle_id(trainer.bundle)})})
     return Message(content=content, reply_to=msg)
 
 
-def client_app():
-    """A Flower ClientApp that trains with `edgetl.runtime.Trainer` (needs the `fleet` extra)."""
+def _train_legacy(msg, context):
+    """A round in Flower's legacy fit format, which its SecAgg+ protocol speaks: the tensors are
+    an unnamed list in the bundle's trainable order; the bundle's id travels in the metrics."""
+    from flwr.app import Message
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    sent = parameters_to_ndarrays(fitins.parameters)
+
+    def arrays_of(trainer: Trainer) -> dict[str, np.ndarray]:
+        names = list(trainer.bundle.trainable)
+        if len(sent) != len(names):
+            raise InputError(f"the server sent {len(sent)} tensors; this bundle trains {len(names)}")
+        return dict(zip(names, sent))
+
+    trainer, new, metrics = _round(fitins.config, arrays_of, context)
+    res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([new[t] for t in trainer.bundle.trainable]),
+                 metrics.pop(WEIGHT), {**metrics, "bundle": bundle_id(trainer.bundle)})
+    return Message(content=compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def _secagg_when_asked(msg, context, call_next):
+    """Flower's SecAgg+ client protocol for the messages of a SecAgg+ round; others pass."""
+    if SECAGG_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _clip_when_asked(msg, context, call_next):
+    """Flower's client-side fixed clipping (central DP) when the server asks for it in a legacy
+    fit message (what a SecAgg+ round carries: the server cannot clip what it cannot see)."""
+    if LEGACY_CONFIG in msg.content.config_records and CLIPPING_NORM in msg.content[LEGACY_CONFIG]:
+        from flwr.client.mod import fixedclipping_mod
+
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def client_app(train=None):
+    """A Flower ClientApp that trains with `edgetl.runtime.Trainer` (needs the `fleet` extra),
+    with Flower's SecAgg+ and client-side DP clipping for the rounds that ask for them.
+    `train(msg, context)` replaces the training function under those mods (tests)."""
     try:
         from flwr.clientapp import ClientApp
     except ImportError as e:
         raise ImportError("federated training needs Flower: pip install 'edgetl[fleet]'") from e
-    app = ClientApp()
-    app.train()(_train)
+    app = ClientApp(mods=[_secagg_when_asked, _clip_when_asked])
+    app.train()(train or _train)
     return app
 
 

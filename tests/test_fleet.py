@@ -58,6 +58,10 @@ def test_simulation_learns_sending_only_the_tiny_parts(run):
     assert run["test_accuracy"] > run["initial_accuracy"] + 0.5
     assert run["bytes_up_per_client_round"] == 3050 * 4  # the 3,050 trainable parameters, float32
     assert run["full_model_bytes"] == 390_410 * 4
+    # on the wire: one message each way per client and round, the payload plus Flower's framing
+    assert run["wire_messages_per_client_round"] == 1
+    assert run["bytes_up_per_client_round"] < run["wire_bytes_up_per_client_round"] < 3050 * 4 + 2000
+    assert run["secagg"] is None and run["dp"] is None
     assert run["dropped"] == [] and run["skipped_rounds"] == []
     assert sum(run["client_samples"]) == 480 and run["wall_s"] > 0
 
@@ -181,6 +185,7 @@ def test_device_client_app_loads_without_torch():
     code = ("from edgetl.runtime.notorch import block_torch; block_torch()\n"
             "import edgetl.runtime.fleet as f\n"
             "from flwr.clientapp import ClientApp\n"
+            "from flwr.client.mod import fixedclipping_mod, secaggplus_mod  # what --secagg, --dp-* run there\n"
             "assert isinstance(f.app, ClientApp)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

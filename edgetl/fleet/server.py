@@ -18,6 +18,8 @@ from ..runtime.errors import CheckpointError
 from ..runtime.fleet import ARRAYS, META, METRICS, WEIGHT, bundle_id, start_round, trainable_state
 from ..runtime.progress import Progress
 from ..runtime.trainer import Trainer
+from .privacy import Privacy
+from .wire import CountingGrid, WireCount
 
 log = logging.getLogger("edgetl.fleet")
 
@@ -38,6 +40,7 @@ class FleetConfig:
     shards: str | None = None  # simulation: the folder of client-<i>.npz
     round_timeout: float = 600.0
     progress: bool = False
+    privacy: "Privacy" = field(default_factory=lambda: Privacy())
 
 
 @dataclass
@@ -48,16 +51,21 @@ class FleetReport:
     skipped_rounds: list[int] = field(default_factory=list)  # too few usable updates: global kept
     resumed_from: int = 0
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    wire: WireCount = field(default_factory=WireCount)
+
+
+def client_failure(reason: str) -> str:
+    """The drop reason of a client that failed, from the error Flower reports for it."""
+    # a simulated client's exception arrives wrapped in Ray's traceback; its own message is last
+    if "ClientAppException" in reason:
+        reason = reason.rsplit("Message: ", 1)[-1].strip().rstrip("'>")
+    return f"the client failed: {' '.join(reason.split())[:200]}"
 
 
 def reply_problem(msg, shapes: dict[str, tuple], digest: str) -> str | None:
     """Why a client's reply cannot be averaged in, or None when it can."""
     if msg.has_error():
-        reason = str(msg.error.reason)
-        # a simulated client's exception arrives wrapped in Ray's traceback; its own message is last
-        if "ClientAppException" in reason:
-            reason = reason.rsplit("Message: ", 1)[-1].strip().rstrip("'>")
-        return f"the client failed: {' '.join(reason.split())[:200]}"
+        return client_failure(str(msg.error.reason))
     content = msg.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         return f"the reply has no '{ARRAYS}' or '{METRICS}' record"
@@ -88,7 +96,10 @@ def reply_problem(msg, shapes: dict[str, tuple], digest: str) -> str | None:
 
 
 def make_strategy(shapes: dict[str, tuple], digest: str, cfg: FleetConfig, report: FleetReport, offset: int = 0):
-    from flwr.serverapp.strategy import FedAvg
+    """FedAvg over the tiny parts that drops bad replies; with --dp-noise, wrapped in Flower's
+    central DP with server-side fixed clipping, which sees only the usable replies."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 
     class TinyPartsFedAvg(FedAvg):
@@ -101,13 +112,17 @@ def make_strategy(shapes: dict[str, tuple], digest: str, cfg: FleetConfig, repor
             self.sent = len(msgs)
             return msgs
 
-        def aggregate_train(self, server_round, replies):
+        def usable(self, server_round, replies) -> list | None:
+            """The replies that can be averaged in (tensors in the bundle's order), or None when
+            too few are (the global tiny parts are then kept)."""
             r = server_round + offset
             good = []
             for msg in replies:
                 why = reply_problem(msg, shapes, digest)
                 if why is None:
-                    good.append(msg.content)
+                    arrays = msg.content[ARRAYS]
+                    msg.content[ARRAYS] = ArrayRecord({k: Array(arrays[k].numpy()) for k in shapes})
+                    good.append(msg)
                     continue
                 node = msg.metadata.src_node_id
                 report.dropped.append({"round": r, "node": int(node), "reason": why})
@@ -117,12 +132,34 @@ def make_strategy(shapes: dict[str, tuple], digest: str, cfg: FleetConfig, repor
                 report.skipped_rounds.append(r)
                 log.warning("round %d: %d of %d clients sent a usable update, %d needed; the global tiny parts "
                             "are kept", r, len(good), self.sent, need)
-                return None, None
-            arrays = aggregate_arrayrecords(good, WEIGHT)
-            return arrays, aggregate_metricrecords([_metrics_only(c) for c in good], WEIGHT)
+                return None
+            return good
 
-    return TinyPartsFedAvg(fraction_train=cfg.fraction, fraction_evaluate=0.0, min_train_nodes=1,
-                           min_available_nodes=cfg.clients)
+        def aggregate_train(self, server_round, replies):
+            good = self.usable(server_round, replies)
+            if good is None:
+                return None, None
+            contents = [m.content for m in good]
+            return (aggregate_arrayrecords(contents, WEIGHT),
+                    aggregate_metricrecords([_metrics_only(c) for c in contents], WEIGHT))
+
+    fedavg = TinyPartsFedAvg(fraction_train=cfg.fraction, fraction_evaluate=0.0, min_train_nodes=1,
+                             min_available_nodes=cfg.clients)
+    dp = cfg.privacy
+    if dp.dp_noise is None:
+        return fedavg
+
+    class UsableRepliesDP(DifferentialPrivacyServerSideFixedClipping):
+        def aggregate_train(self, server_round, replies):
+            good = fedavg.usable(server_round, replies)
+            return (None, None) if good is None else super().aggregate_train(server_round, good)
+
+    return UsableRepliesDP(fedavg, dp.dp_noise, dp.dp_clip, sampled_clients(cfg))
+
+
+def sampled_clients(cfg: FleetConfig) -> int:
+    """How many clients a round samples (Flower's FedAvg: the fraction of the nodes, at least one)."""
+    return max(int(cfg.clients * cfg.fraction), 1)
 
 
 def _metrics_only(content):
@@ -176,8 +213,9 @@ def check_checkpoint(path: str | None, bundle) -> int:
         raise EdgeTLError(str(e)) from None
 
 
-def run_server(grid, cfg: FleetConfig, report: FleetReport) -> FleetReport:
-    """The ServerApp's work: federate for cfg.rounds rounds (resuming from cfg.checkpoint)."""
+def run_server(grid, cfg: FleetConfig, report: FleetReport, context=None) -> FleetReport:
+    """The ServerApp's work: federate for cfg.rounds rounds (resuming from cfg.checkpoint).
+    `context`: the ServerApp's (SecAgg+ runs in Flower's legacy workflow, which needs it)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
     trainer = Trainer.load(cfg.bundle)
@@ -194,29 +232,38 @@ def run_server(grid, cfg: FleetConfig, report: FleetReport) -> FleetReport:
     bar = Progress(cfg.rounds, desc="fleet", enabled=cfg.progress)
     bar.update(done)
 
-    def evaluate(server_round: int, record) -> MetricRecord | None:
-        new = {k: v.numpy().astype(np.float32) for k, v in record.items()}
+    def evaluate_arrays(server_round: int, new: dict[str, np.ndarray]) -> float | None:
+        report.wire.round = server_round + 1
         if server_round == 0 and done:
             return None  # the checkpointed state, evaluated when it was saved
         start_round(trainer, new)
         acc = trainer.evaluate(cfg.x_test, cfg.y_test)["accuracy"]
         if server_round == 0:
             report.initial_accuracy = acc
-            return MetricRecord({"accuracy": acc})
+            return acc
         r = done + server_round
         report.accuracy_per_round.append(acc)
         report.arrays = new
         if cfg.checkpoint:
             _save_checkpoint(cfg.checkpoint, trainer, r, report.accuracy_per_round, cfg)
         bar.update(1, round=r, acc=acc)
-        return MetricRecord({"accuracy": acc})
+        return acc
+
+    def evaluate(server_round: int, record) -> MetricRecord | None:
+        acc = evaluate_arrays(server_round, {k: v.numpy().astype(np.float32) for k, v in record.items()})
+        return None if acc is None else MetricRecord({"accuracy": acc})
 
     config = {"local-epochs": int(cfg.local_epochs), "lr": float(cfg.lr or 0.0), "seed": int(cfg.seed),
               "bundle": str(Path(cfg.bundle).resolve())}
     if cfg.shards:
         config["shards"] = str(Path(cfg.shards).resolve())
+    grid = CountingGrid(grid, report.wire)
     try:
-        if done < cfg.rounds:
+        if done < cfg.rounds and cfg.privacy.secagg:
+            from .secagg import run_secagg
+
+            run_secagg(grid, context, cfg, report, shapes, digest, arrays, done, config, evaluate_arrays)
+        elif done < cfg.rounds:
             strategy = make_strategy(shapes, digest, cfg, report, offset=done)
             strategy.start(grid, ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
                            num_rounds=cfg.rounds - done, timeout=cfg.round_timeout,
@@ -234,6 +281,6 @@ def server_app(cfg: FleetConfig, report: FleetReport):
 
     @app.main()
     def main(grid, context) -> None:
-        run_server(grid, cfg, report)
+        run_server(grid, cfg, report, context)
 
     return app

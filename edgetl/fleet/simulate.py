@@ -7,6 +7,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -14,7 +15,9 @@ from ..errors import EdgeTLError
 from ..runtime.bundle import load_bundle
 from ..runtime.data import check_images, check_labels, load_npz
 from .partition import partition, write_shards
-from .server import FleetConfig, FleetReport, check_checkpoint, server_app
+from .privacy import Privacy
+from .secagg import secagg_sampled
+from .server import FleetConfig, FleetReport, check_checkpoint, sampled_clients, server_app
 
 
 def upload_bytes(bundle) -> int:
@@ -31,9 +34,10 @@ def full_model_bytes(bundle) -> int:
 def simulate(bundle: str, data: str, clients: int, rounds: int, partition_scheme: str = "iid",
              fraction: float = 1.0, local_epochs: int = 1, lr: float | None = None, seed: int = 0,
              checkpoint: str | None = None, progress: bool = False, min_reply_fraction: float = 0.5,
-             client_app=None, verbose: bool = False) -> dict:
+             client_app=None, verbose: bool = False, privacy: Privacy | None = None) -> dict:
     """Run the federation; `client_app` replaces the device runtime's ClientApp (e.g. a faulty
     fleet in tests). Returns the summary that `--json` prints."""
+    privacy = (privacy or Privacy()).check()
     if rounds < 1:
         raise EdgeTLError(f"--rounds must be ≥ 1, got {rounds}")
     if not 0 < fraction <= 1:
@@ -52,6 +56,11 @@ def simulate(bundle: str, data: str, clients: int, rounds: int, partition_scheme
     y_test = check_labels(d["y_test"], len(x_test), b.num_classes, "y_test")
     parts = partition(y, clients, partition_scheme, seed, min_size=b.batch_size)
     check_checkpoint(checkpoint, b)  # before Ray starts
+    if privacy.secagg:
+        if clients < 3:
+            raise EdgeTLError(f"--secagg needs at least 3 clients, got {clients}")
+        # the biggest shard weighs 1: the finest quantization of the weighted tensors that cannot overflow
+        privacy = replace(privacy, max_weight=float(max(len(p) for p in parts)))
 
     from flwr.simulation import run_simulation
 
@@ -68,7 +77,7 @@ def simulate(bundle: str, data: str, clients: int, rounds: int, partition_scheme
         cfg = FleetConfig(bundle=str(bundle), x_test=x_test, y_test=y_test, rounds=rounds, clients=clients,
                           fraction=fraction, local_epochs=local_epochs, lr=lr, seed=seed,
                           min_reply_fraction=min_reply_fraction, checkpoint=checkpoint, shards=shards,
-                          progress=progress)
+                          progress=progress, privacy=privacy)
         cpus = max(1, min(os.cpu_count() or 1, clients))
         run_simulation(server_app(cfg, report), client_app or device_client_app(), num_supernodes=clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -84,4 +93,6 @@ def simulate(bundle: str, data: str, clients: int, rounds: int, partition_scheme
             "partition": partition_scheme, "fraction": fraction, "local_epochs": local_epochs,
             "client_samples": [int(len(p)) for p in parts], "dropped": report.dropped,
             "skipped_rounds": report.skipped_rounds, "resumed_from": report.resumed_from,
+            **report.wire.per_client_round(),
+            **privacy.summary(secagg_sampled(clients, fraction) if privacy.secagg else sampled_clients(cfg)),
             "wall_s": time.perf_counter() - t0}
