@@ -37,7 +37,7 @@ CONFIGS = {
         # A DeiT-Tiny-sized ViT (tests/families/deit.py): edgetl's transformer recipes against torch and
         # HF peft's LoRA at the same rank on the same layers (the `bench` extra installs peft)
         {"model": "deit_tiny-like", "size": 224, "batch": 8, "steps": 3, "et": [], "joint": False,
-         "recipes": ["lora", "bias+q8", "side", "full"], "autograd": [], "ort": [], "peft": [4]},
+         "recipes": ["lora", "lora+q8", "bias+q8", "side", "full"], "autograd": [], "ort": [], "peft": [4]},
     ],
     "smoke": [{"model": "mnist_cnn", "size": 28, "batch": 8, "steps": 2, "et": [], "joint": False,
                "recipes": ["bias+mask"], "ort": ["bias"]}],
