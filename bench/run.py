@@ -199,16 +199,21 @@ def with_ratios(rows: list[dict]) -> list[dict]:
             r["x_less_than_torch_full"] = base["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
         if ort:
             r["x_less_than_ort_same_set"] = ort["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
-        peft = next((x for x in rows if x["model"] == r["model"] and x["system"] == "torch-peft"
-                     and x["recipe"] == r["recipe"] and "measured_peak_bytes" in x), None)
-        if peft and r["system"].startswith("edgetl"):
+        peft = _peft(rows, r)
+        if peft and "measured_peak_bytes" in peft and r["system"].startswith("edgetl"):
             r["x_less_than_peft_same_rank"] = peft["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
     return rows
 
 
 def _peft(rows: list[dict], r: dict) -> dict | None:
+    """The peft LoRA row at the rank of `r`'s lora part (`lora+q8` against peft's `lora`)."""
+    parts = r["recipe"].split("+")
     return next((x for x in rows if x["model"] == r["model"] and x["system"] == "torch-peft"
-                 and x["recipe"] == r["recipe"]), None)
+                 and x["recipe"] in parts), None)
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}× less memory" if ratio >= 1 else f"{1 / ratio:.2f}× more memory"
 
 
 def _mb(v) -> str:
@@ -259,7 +264,7 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
                 f"{_mb(analytic)} | {_step(r)} | {_mb(r.get('bundle_bytes'))} | "
                 f"{_x(r.get('x_less_than_torch_full'))} | {_x(r.get('x_less_than_ort_same_set'))} |")
         lines += [f"\nedgetl `{r['recipe']}` ({r['row'].removeprefix('edgetl lean step, ')}) against torch + HF peft LoRA "
-                  f"at the same rank on the same layers: {_x(r['x_less_than_peft_same_rank'])} less memory"
+                  f"at the same rank on the same layers: {_times(r['x_less_than_peft_same_rank'])}"
                   + (f", step time ×{r['step_ms_median'] / p['step_ms_median']:.2f}" if (p := _peft(rows, r)) and
                      r.get("step_ms_median") and p.get("step_ms_median") else "") + "."
                   for r in rs if r.get("x_less_than_peft_same_rank")]
