@@ -34,6 +34,10 @@ CONFIGS = {
          "recipes": ["bias+mask", "side", "full"], "autograd": ["bias"], "ort": []},
         {"model": "efficientnet_b0-like", "size": 128, "batch": 8, "steps": 3, "et": [], "joint": False,
          "recipes": ["bias+mask", "bias+mask+q8", "side", "full"], "autograd": ["bias"], "ort": []},
+        # A DeiT-Tiny-sized ViT (tests/families/deit.py): edgetl's transformer recipes against torch and
+        # HF peft's LoRA at the same rank on the same layers (the `bench` extra installs peft)
+        {"model": "deit_tiny-like", "size": 224, "batch": 8, "steps": 3, "et": [], "joint": False,
+         "recipes": ["lora", "lora+q8", "bias+q8", "side", "full"], "autograd": [], "ort": [], "peft": [4]},
     ],
     "smoke": [{"model": "mnist_cnn", "size": 28, "batch": 8, "steps": 2, "et": [], "joint": False,
                "recipes": ["bias+mask"], "ort": ["bias"]}],
@@ -133,6 +137,9 @@ def bench_config(cfg: dict, work: Path, log) -> list[dict]:
         bundle = _export(m, recipe, "ort-training", size, b, work / f"{m}-{recipe}-ort")
         add({"row": "ONNX Runtime training artifacts", "system": "ort-training", "recipe": recipe},
             _profile(bundle, steps))
+    for rank in cfg.get("peft", []):
+        add({"row": "torch + HF peft LoRA", "system": "torch-peft", "recipe": "lora" if rank == 4 else f"lora{rank}"},
+            _run_split([sys.executable, "bench/worker.py", "torch-peft", m, str(size), str(b), str(steps), str(rank)]))
     if cfg["joint"]:
         add({"row": "ExecuTorch joint-graph training", "system": "executorch-joint", "recipe": "bias"},
             _run_split([sys.executable, "bench/worker.py", "et-joint", m, str(size), str(b), "2", "bias"],
@@ -192,7 +199,21 @@ def with_ratios(rows: list[dict]) -> list[dict]:
             r["x_less_than_torch_full"] = base["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
         if ort:
             r["x_less_than_ort_same_set"] = ort["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
+        peft = _peft(rows, r)
+        if peft and "measured_peak_bytes" in peft and r["system"].startswith("edgetl"):
+            r["x_less_than_peft_same_rank"] = peft["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
     return rows
+
+
+def _peft(rows: list[dict], r: dict) -> dict | None:
+    """The peft LoRA row at the rank of `r`'s lora part (`lora+q8` against peft's `lora`)."""
+    parts = r["recipe"].split("+")
+    return next((x for x in rows if x["model"] == r["model"] and x["system"] == "torch-peft"
+                 and x["recipe"] in parts), None)
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}× less memory" if ratio >= 1 else f"{1 / ratio:.2f}× more memory"
 
 
 def _mb(v) -> str:
@@ -242,6 +263,11 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
                 f"| {r['row']} | {r['recipe']} | {_mb(r.get('measured_peak_bytes'))} | "
                 f"{_mb(analytic)} | {_step(r)} | {_mb(r.get('bundle_bytes'))} | "
                 f"{_x(r.get('x_less_than_torch_full'))} | {_x(r.get('x_less_than_ort_same_set'))} |")
+        lines += [f"\nedgetl `{r['recipe']}` ({r['row'].removeprefix('edgetl lean step, ')}) against torch + HF peft LoRA "
+                  f"at the same rank on the same layers: {_times(r['x_less_than_peft_same_rank'])}"
+                  + (f", step time ×{r['step_ms_median'] / p['step_ms_median']:.2f}" if (p := _peft(rows, r)) and
+                     r.get("step_ms_median") and p.get("step_ms_median") else "") + "."
+                  for r in rs if r.get("x_less_than_peft_same_rank")]
         size = next((r for r in rows if r["model"] == model and r.get("row") == "bundle size check"), None)
         if size:
             lines += ["", f"Bundle with an int8 backbone: {_mb(size['int8_bundle_bytes'])} MB, with fp32: "
@@ -289,7 +315,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     colors = {"torch": "#8c8c8c", "ort-training": "#dd8452", "executorch-joint": "#937860",
-              "edgetl-onnx": "#4c72b0", "edgetl-executorch": "#55a868"}
+              "torch-peft": "#c44e52", "edgetl-onnx": "#4c72b0", "edgetl-executorch": "#55a868"}
     files = []
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model and "measured_peak_bytes" in r]

@@ -5,6 +5,7 @@ joint-graph training flow. (edgetl's programs and ONNX Runtime's artifacts are m
     python bench/worker.py torch-full MODEL SIZE BATCH STEPS
     python bench/worker.py torch-autograd MODEL SIZE BATCH STEPS RECIPE
     python bench/worker.py et-joint MODEL SIZE BATCH STEPS RECIPE
+    python bench/worker.py torch-peft MODEL SIZE BATCH STEPS RANK
 
 bench/run.py runs each row twice, for memory with MALLOC_MMAP_THRESHOLD_=65536 and for step time
 with the default allocator, and keeps each figure from its own run.
@@ -23,8 +24,12 @@ from edgetl.runtime import profile
 
 NUM_CLASSES = 10
 ROOT = Path(__file__).resolve().parent.parent
-# Bring-your-own-CNN rows: the model as users write it (tests/families), not a registered backbone
-FAMILY_MODELS = {"resnet18-like": "resnet18", "efficientnet_b0-like": "efficientnet_b0"}
+# Bring-your-own-model rows: the model as users write it (tests/families), not a registered backbone
+FAMILY_MODELS = {"resnet18-like": "resnet18", "efficientnet_b0-like": "efficientnet_b0", "deit_tiny-like": "deit_tiny"}
+# peft's LoRA on the layers edgetl's `lora` adapts in a ViT: every Linear of the blocks (the 16×16
+# patch conv and the head excluded; the head trains in full, as with edgetl)
+PEFT_TARGETS = r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+PEFT_ALPHA = 8.0  # peft's default lora_alpha, as edgetl's lora
 
 
 def family_model(model: str) -> nn.Module | None:
@@ -33,8 +38,9 @@ def family_model(model: str) -> nn.Module | None:
         return None
     sys.path.insert(0, str(ROOT / "tests"))
     from families import FAMILIES
+    from families.deit import deit_tiny_like
 
-    return FAMILIES[FAMILY_MODELS[model]](num_classes=NUM_CLASSES)
+    return (FAMILIES | {"deit_tiny": deit_tiny_like})[FAMILY_MODELS[model]](num_classes=NUM_CLASSES)
 
 
 def prepare(model: str, recipe: str, size: int, **kw):
@@ -110,6 +116,34 @@ def torch_autograd(model: str, size: int, batch: int, steps: int, recipe: str) -
     return measure_steps(step, steps)
 
 
+def torch_peft(model: str, size: int, batch: int, steps: int, rank: str) -> dict:
+    """HF peft's LoRA, as a user would write it: get_peft_model on the model in train mode, frozen
+    fp32 weights, LoRA (rank `rank`, alpha 8) on the blocks' Linears and the head trained."""
+    # transformers (which peft imports) loads torchvision where installed, and the CPU-torch host's
+    # torchvision is broken: mark it missing
+    sys.modules.setdefault("torchvision", None)
+    from peft import LoraConfig, get_peft_model
+
+    net = family_model(model)
+    if net is None:
+        raise SystemExit(f"torch-peft: no ViT model '{model}'")
+    channels = net.input_shape[0]
+    net = get_peft_model(net, LoraConfig(r=int(rank), lora_alpha=PEFT_ALPHA, lora_dropout=0.0,
+                                         target_modules=PEFT_TARGETS, modules_to_save=["head"])).train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    x, y = _batch(channels, size, batch)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    step()
+    out = measure_steps(step, steps)
+    out["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return out
+
+
 def et_joint(model: str, size: int, batch: int, steps: int, recipe: str) -> dict:
     """ExecuTorch's own training flow: the joint forward-backward program, SGD outside it."""
     import tempfile
@@ -142,7 +176,8 @@ def et_joint(model: str, size: int, batch: int, steps: int, recipe: str) -> dict
 def main() -> None:
     kind, model, size, batch, steps, *rest = sys.argv[1:]
     args = (model, int(size), int(batch), int(steps), *rest)
-    fn = {"torch-full": torch_full, "torch-autograd": torch_autograd, "et-joint": et_joint}[kind]
+    fn = {"torch-full": torch_full, "torch-autograd": torch_autograd, "et-joint": et_joint,
+          "torch-peft": torch_peft}[kind]
     print(json.dumps(fn(*args)))
 
 

@@ -20,7 +20,8 @@ def _human(n: float) -> str:
 def _model_args(p: argparse.ArgumentParser, planning: bool = False) -> None:
     p.add_argument("model", help="built-in backbone name or path/to/file.py:function")
     p.add_argument("--recipe", required=not planning, help="e.g. bias+mask, side, full, bias+last2"
-                   + (" (with --device/--budget-mb: only this recipe is tried)" if planning else ""))
+                   + (" (several, comma-separated: each in turn; with --device/--budget-mb: only these are tried)"
+                      if planning else ""))
     p.add_argument("--num-classes", "--classes", type=int, required=not planning, default=10 if planning else None)
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
     p.add_argument("--input-shape", default=None,
@@ -68,7 +69,7 @@ def cmd_plan_device(args) -> int:
         shapes = [_parse_shape(args.input_shape)]
     target = args.target
     p = plan(args.model, args.num_classes, args.device, args.budget_mb, target,
-             recipes=[args.recipe] if args.recipe else None,
+             recipes=[r.strip() for r in args.recipe.split(",") if r.strip()] if args.recipe else None,
              batches=[args.batch_size] if args.batch_size else None, input_shapes=shapes,
              input_size=args.input_size, head=args.head,
              optimizer=_optimizer(args) if args.optimizer != "sgd" or args.lr or args.momentum is not None else None)
@@ -97,13 +98,28 @@ def cmd_plan(args) -> int:
     if args.batch_size < 1:
         raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     optimizer = _optimizer(args)
+    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]  # `lora,bias+q8,side`: each in turn
+    if not recipes:
+        raise EdgeTLError(f"--recipe names no recipe: '{args.recipe}'")
+    outs = []
+    for i, recipe in enumerate(recipes):
+        args.recipe = recipe
+        outs.append(_plan_recipe(args, optimizer, first=i == 0))
+    if args.json:
+        print(json.dumps(outs[0] if len(outs) == 1 else outs, indent=2))
+    return 0
+
+
+def _plan_recipe(args, optimizer, first: bool) -> dict:
+    """One recipe's analytic memory (printed unless --json), and where its kept memory goes."""
     pm = _prepare(args)
     mem = pm.memory(args.batch_size, optimizer)
     out = {**pm.summary(), "batch_size": args.batch_size, "analytic_peak_bytes": mem.analytic_peak_bytes,
            "breakdown": mem.breakdown()}
     if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+        return out
+    if not first:
+        print()
     print(f"{pm.name} · recipe {pm.recipe.text} · input {'×'.join(map(str, pm.input_shape))} · batch {args.batch_size}")
     print(f"  trainable      {out['trainable_params']:,} of {out['total_params']:,} params "
           f"({100 * out['trainable_fraction']:.2f}%)")
@@ -113,7 +129,11 @@ def cmd_plan(args) -> int:
     for name, v in rows:
         print(f"  {name:<17}{_human(v):>12}")
     print(f"  (peak reached at {mem.peak_at})")
-    return 0
+    if mem.kept_by_kind:
+        print("  kept for backward, by what it is for:")
+        for kind, v in sorted(mem.kept_by_kind.items(), key=lambda kv: -kv[1]):
+            print(f"    {kind:<38}{_human(v):>12}  {100 * v / max(mem.kept_activations_bytes, 1):5.1f}%")
+    return out
 
 
 def _refuse_file_as_dir(path: str, flag: str) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .kept_kinds import KINDS, kept_kind
 from .optim import OptimizerConfig
 from .program import Program, cross_entropy_with_grad
 
@@ -122,6 +123,7 @@ class KeptTensor:
     dtype: str
     bits: int
     bytes: int
+    kind: str = ""  # what it is for (edgetl.kept_kinds): attention probabilities, LoRA inputs, ...
 
 
 @dataclass
@@ -138,6 +140,7 @@ class MemoryReport:
     peak_at: str
     peak_by_kind: dict[str, int]
     kept: list[KeptTensor] = field(default_factory=list)
+    kept_by_kind: dict[str, int] = field(default_factory=dict)  # kept bytes by kept_kinds kind, shared storage once
 
     def breakdown(self) -> dict:
         d = asdict(self)
@@ -160,8 +163,8 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
     program = Program(prepared.graph, lambda name, zero=None: torch.empty(shapes[name], device=meta))
     tracker = Tracker()
     with _Observe(tracker):
-        peak, peak_at, by_kind, kept_list, kept_bytes = _replay(prepared, program, optimizer, x, y, params, state,
-                                                                tracker)
+        peak, peak_at, by_kind, kept_list, kept_bytes, kept_by_kind = _replay(
+            prepared, program, optimizer, x, y, params, state, tracker)
     static = {
         "frozen": sum(_nbytes(s) for stored in prepared.stored.values() for s in stored),
         "params": sum(_nbytes(v) for v in params.values()),
@@ -181,18 +184,22 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
         peak_at=peak_at,
         peak_by_kind=by_kind,
         kept=kept_list,
+        kept_by_kind=kept_by_kind,
     )
 
 
 def _replay(prepared, program, optimizer, x, y, params, state, tracker):
     """One step on meta tensors, as the program schedules it; returns the tracker's findings."""
     logits, kept = program.forward(x, params, True, tracker)
-    kept_list, kept_storages = [], {}
+    kept_list, kept_storages, kept_by_kind = [], {}, dict.fromkeys(KINDS, 0)
     for node, tensors in kept.items():
         layer = prepared.graph.node(node).rule.describe()
         for name, t in tensors.items():
+            kind = kept_kind(prepared.graph, node, name)
             kept_list.append(KeptTensor(node, layer, name, list(t.shape), str(t.dtype).replace("torch.", ""),
-                                        t.element_size() * 8, _nbytes(t)))
+                                        t.element_size() * 8, _nbytes(t), kind))
+            if _sid(t) not in kept_storages:  # a tensor two rules keep (softmax's p, the next matmul's a) once
+                kept_by_kind[kind] += t.untyped_storage().nbytes()
             kept_storages[_sid(t)] = t.untyped_storage().nbytes()
         del tensors
     kept_bytes = sum(kept_storages.values())
@@ -209,7 +216,8 @@ def _replay(prepared, program, optimizer, x, y, params, state, tracker):
             tracker.hold(f"new:{k}", v, "updated params and state")
         tracker.release(f"pgrad:{t}")
         del new_p, new_s
-    return tracker.peak, tracker.peak_at, tracker.peak_by_kind, kept_list, kept_bytes
+    kept_by_kind = {k: v for k, v in kept_by_kind.items() if v}
+    return tracker.peak, tracker.peak_at, tracker.peak_by_kind, kept_list, kept_bytes, kept_by_kind
 
 
 def _state_of(optimizer: OptimizerConfig, state: dict[str, Tensor], t: str) -> dict[str, Tensor]:

@@ -38,6 +38,10 @@ from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
 
+from .lora import LORA_FILE, merged_model, write_lora_file
+
+INFERENCE_FILE = "inference.pte"
+
 
 def _trainable(w, role: str) -> bool:
     """Whether the tensor in `role` of a node's Weights is a trainable (input) tensor."""
@@ -237,7 +241,19 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
         "train_step_ops": _delegated_ops(et_step),
         "eval_ops": _delegated_ops(et_eval),
     }
-    return {"extra": {"executorch": info}}
+    res = {"extra": {"executorch": info}}
+    merged = merged_model(prepared)
+    if merged is not None:  # LoRA: an inference program reading the merged weights as inputs (see lora.py)
+        mev = LeanEval(merged).eval()
+        if delegate:
+            weights_as_fp32_constants(mev)
+        mp = merged.initial_params()
+        _write(_lower(mev, (x, *(mp[t] for t in merged.trainable)), delegate), out / INFERENCE_FILE, channels)
+        lora = write_lora_file(prepared, out, "inference")
+        lora["inputs"] = list(merged.trainable)  # the program's inputs after x, in order (bound by position)
+        res |= {"programs": {"inference": INFERENCE_FILE}, "files": [LORA_FILE]}
+        res["extra"]["lora"] = lora
+    return res
 
 
 # ---- peer baseline: ExecuTorch's own training flow (not wired into `export`) ---------------------

@@ -239,7 +239,7 @@ def _lora_file_is_safetensors_and_old_npz_still_merges(trainer, tmp_path):
     assert got.keys() == new.keys() and all(np.array_equal(got[k], new[k]) for k in new)
 
 
-def _bad_lora_entry_is_refused(root, tmp_path):
+def _bad_lora_entry_is_refused(root, tmp_path, name="bad.onnx"):
     import json
 
     from edgetl.runtime import Trainer
@@ -251,8 +251,8 @@ def _bad_lora_entry_is_refused(root, tmp_path):
     m[MANIFEST_DIGEST] = manifest_digest(m)
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="lora layer 'merged.0' does not match"):
-        Trainer.load(root).export_inference(tmp_path / "bad.onnx")
-    assert not (tmp_path / "bad.onnx").exists()
+        Trainer.load(root).export_inference(tmp_path / name)
+    assert not (tmp_path / name).exists()
 
 
 @pytest.mark.slow
@@ -269,6 +269,23 @@ def test_family_with_1x1_convs_fits_lora_on_onnx_like_torch_and_merges(tmp_path,
 
 
 @pytest.mark.slow
-def test_mnist_lora_fits_on_executorch_like_torch(tmp_path):
+def test_mnist_lora_fits_on_executorch_like_torch_and_merges(tmp_path):
+    import json
+
     pytest.importorskip("executorch")
-    _fit_matches_torch(tmp_path, edgetl.prepare("mnist_cnn", "bias+lora+mask", num_classes=10), "executorch")
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    pm = edgetl.prepare("mnist_cnn", "bias+lora+mask", num_classes=10)
+    trainer, x = _fit_matches_torch(tmp_path, pm, "executorch")
+    pte, npz, meta = trainer.export_inference(tmp_path / "model.pte")
+    side = json.loads(meta.read_text())
+    # the original layers: the merged weights (one per LoRA layer) are inputs, no A or B
+    branch = {t for t in pm.trainable if t.endswith(("lora_a", "lora_b"))}
+    layers = sum(1 for n in pm.graph.nodes if isinstance(n.rule, (LoraLinear, LoraConv2d)))
+    assert side["inputs"][1:] == [t for t in pm.trainable if t not in branch] + [f"merged.{i}" for i in range(layers)]
+    with np.load(npz) as z:
+        params = [z[side["params_keys"][n]] for n in side["inputs"][1:]]
+    merged = NativeMethod(pte.read_bytes())([trainer._x(x), *params])[0]
+    trained = trainer.backend.logits(trainer._x(x))
+    assert np.abs(merged - trained).max() <= 1e-4 * max(1.0, float(np.abs(trained).max()))
+    _bad_lora_entry_is_refused(trainer.bundle.root, tmp_path, "bad.pte")

@@ -79,3 +79,34 @@ def test_plan_needs_a_recipe_or_a_budget(capsys):
 def test_bad_budget_or_batch_exits_2(bad, capsys):
     assert main(["plan", "mnist_cnn", *bad]) == 2
     assert capsys.readouterr().err.startswith("edgetl: error: ")
+
+
+def test_plan_shows_where_a_transformers_kept_memory_goes(tmp_path, capsys):
+    """deit (2 blocks, dim 32, MLP 64, 2 heads, 16 tokens + class): each recipe's kept memory by
+    what it is for, counted from the shapes the model has; q8 keeps probabilities and GELU inputs at 8 bits."""
+    from edgetl.kept_kinds import GELU_IN, LORA, NORM, PROBS
+    from families._common import prepare_model
+    from families.transformers import TRANSFORMERS
+
+    mems = {r: prepare_model(TRANSFORMERS, "deit", r).memory(8) for r in ("lora", "bias", "bias+q8")}
+    for m in mems.values():
+        assert sum(m.kept_by_kind.values()) == m.kept_activations_bytes
+    b, n, fp32 = 8, 17, 4
+    lora, bias, q8 = (mems[r].kept_by_kind for r in ("lora", "bias", "bias+q8"))
+    assert lora[LORA] == b * n * (32 + 32 + 32 + 64) * 2 * fp32  # every qkv, proj, fc1, fc2 keeps its input
+    probs = b * 2 * n * n  # one block's softmax(q kᵀ), per byte
+    assert bias[PROBS] == 2 * probs * fp32  # the explicit block's matmul shares the softmax's kept p
+    gelu = 2 * b * n * 64
+    assert bias[GELU_IN] == gelu * fp32 and gelu <= q8[GELU_IN] < gelu + 1024  # uint8 codes + scales
+    # the fused block's probabilities at 8 bits; the explicit block's next matmul still keeps p at fp32
+    assert probs * (1 + 1 + fp32) <= q8[PROBS] < probs * (1 + 1 + fp32) + 1024
+    assert NORM in lora and q8[NORM] < bias[NORM]
+
+    model = tmp_path / "deit_model.py"
+    model.write_text("from families.deit import deit_like\n\n\ndef deit():\n    return deit_like(num_classes=5)\n")
+    assert main(["plan", f"{model}:deit", "--recipe", "lora,bias+q8", "--num-classes", "5",
+                 "--input-shape", "3,32,32"]) == 0
+    out = capsys.readouterr().out
+    lora_part, q8_part = out.split("recipe bias+q8")
+    assert "recipe lora" in lora_part and f"{LORA} " in lora_part and f"{PROBS} " in lora_part
+    assert f"{LORA} " not in q8_part and f"{GELU_IN} " in q8_part and f"{NORM} " in q8_part

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import EdgeRuntimeError, InputError
+from ..errors import BundleError, EdgeRuntimeError, InputError
+from ..lora_merge import merged_weights
 from ..programs import check_positional_programs
 from ..targets import X
 from .base import HostStateBackend
@@ -370,13 +371,16 @@ class ExecuTorchBackend(HostStateBackend):
         """ExecuTorch programs cannot be re-written without torch, so the inference program is the
         bundle's eval program (`out`, a .pte) with the trained parameters beside it (`out` with
         suffix .npz) and a JSON sidecar naming the input order, static batch and preprocessing
-        (inputs are normalized images: (x - mean) / std, unlike the onnx target's model)."""
+        (inputs are normalized images: (x - mean) / std, unlike the onnx target's model). With LoRA
+        it is the bundle's inference program, whose layers are the original ones reading the merged
+        weights W' = W + scale·B·A from the .npz (no LoRA branch left)."""
         out, npz, meta = self.inference_files(out)
+        names, params, data = self.bundle.trainable, list(self.params), self.bundle.program_bytes("eval")
+        if "lora" in self.bundle.manifest:  # LoRA: the updates merged into the weights of the original layers
+            names, params, data = self._merged_inference()
         out.parent.mkdir(parents=True, exist_ok=True)
-        data = self.bundle.program_bytes("eval")
         out.write_bytes(unpack(data).tobytes() if is_packed(data) else data)  # a plain .pte for other runtimes
-        names = self.bundle.trainable
-        np.savez(npz, **{f"a{i}": p for i, p in enumerate(self.params)})
+        np.savez(npz, **{f"a{i}": p for i, p in enumerate(params)})
         m = self.bundle.manifest
         meta.write_text(json.dumps({
             "program": out.name, "params_file": npz.name,
@@ -385,6 +389,24 @@ class ExecuTorchBackend(HostStateBackend):
             "note": "x must be normalized: (x - mean) / std per channel, x in [0, 1]; pad to the static batch",
         }, indent=2))
         return [out, npz, meta]
+
+    def _merged_inference(self) -> tuple[list[str], list[np.ndarray], bytes]:
+        """The LoRA inference program's input names and values after x (the trained parameters
+        outside the branches, then W' = W + scale·B·A per layer) and its bytes, checked against
+        the program's inputs before anything is written."""
+        spec = self.bundle.manifest["lora"]
+        named = dict(zip(self.bundle.trainable, self.params))
+        named |= merged_weights(self.bundle, named)
+        names = spec.get("inputs")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n in named for n in names):
+            raise BundleError("the bundle's lora entry does not name the inference program's inputs")
+        params = [named[n] for n in names]
+        data = self.bundle.program_bytes(spec["program"])
+        program = NativeMethod(data, name=self.bundle.program(spec["program"]).name)
+        given = [(np.dtype(np.float32), tuple(p.shape)) for p in params]
+        if [(np.dtype(d), s) for d, s in program.inputs[1:]] != given:
+            raise BundleError("the bundle's LoRA inference program does not take the merged weights its lora entry names")
+        return names, params, data
 
     def planned_bytes(self):
         info = self.bundle.manifest.get("executorch", {})

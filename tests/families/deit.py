@@ -59,3 +59,16 @@ def deit_like(num_classes: int = 10) -> nn.Module:
 def deit_mean_like(num_classes: int = 10) -> nn.Module:
     """The same with mean pooling over the patch tokens (timm global_pool='avg')."""
     return build(lambda: _make(num_classes, "avg"), (3, 32, 32))
+
+
+def deit_tiny_like(num_classes: int = 10, img: int = 224) -> nn.Module:
+    """DeiT-Tiny's size, for the bench: 16×16 patches (196 tokens + the class token at 224×224),
+    dim 192, 3 heads, 12 fused-SDPA blocks with MLP ratio 4 (5.5M parameters)."""
+
+    def make() -> nn.Module:
+        model = DeiTLike(num_classes, img=img, patch=16, dim=192, heads=3)
+        model.blocks = nn.Sequential(*(Block(192, 3, mlp_ratio=4.0) for _ in range(12)))
+        randomize_norms(model)
+        return model
+
+    return build(make, (3, img, img))
