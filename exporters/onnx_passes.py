@@ -33,7 +33,7 @@ class _Constants:
             value = numpy_helper.to_array(a.t) if a is not None and a.name == "value" else None
         elif n.op_type in _SHAPE_OPS:
             ins = [self.get(i) if i else None for i in n.input]
-            if any(i and v is None for i, v in zip(n.input, ins)) or any(v is not None and v.size > _SMALL for v in ins):
+            if any(i and v is None for i, v in zip(n.input, ins)):
                 return None
             value = self._run(n, ins)
         else:

@@ -541,7 +541,8 @@ def test_rules_run_as_one_executorch_program(tmp_path):
     from edgetl.exporters.executorch import _lower
     from edgetl.runtime.backends.executorch import NativeMethod
 
-    cases = ["max_resnet_3s2p1", "max_1d_2s2_ceil", "max_2s2_floor_tiles", "max_1d_3s3_floor_tiles", "avg_3s2p1_ceil_exclude", "adaptive_3x2_non_divisible",
+    cases = ["max_resnet_3s2p1", "max_1d_2s2_ceil", "max_2s2_floor_tiles", "max_1d_3s3_floor_tiles",
+             "avg_3s2p1_ceil_exclude", "adaptive_3x2_non_divisible",
              "sigmoid_q8", "silu_q4", "tanh"]
     built = [_rule_step(c) for c in cases]
     module = _Steps([b[0] for b in built]).eval()
