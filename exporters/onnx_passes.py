@@ -1,20 +1,71 @@
 """Small rewrites of an exported ONNX graph that torch's exporter cannot express."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
+
+# Shape arithmetic torch's exporter emits around constants (F.pad's pads become a chain of these
+# when constant folding is off, as it must be to keep the frozen weights int8).
+_SHAPE_OPS = {"Cast", "Concat", "ConstantOfShape", "Gather", "Mul", "Reshape", "Shape", "Slice", "Squeeze",
+              "Sub", "Add", "Transpose", "Unsqueeze"}
+_SMALL = 64  # elements: pads and shapes, never a weight
+
+
+class _Constants:
+    """Values of the graph that are small constants: initializers, Constant nodes and the shape
+    arithmetic on them, evaluated on demand (onnx's reference evaluator, one node at a time)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.values = {i.name: numpy_helper.to_array(i) for i in g.initializer if np.prod(i.dims) <= _SMALL}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.opset = model.opset_import
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self.values:
+            return self.values[name]
+        n = self.producer.get(name)
+        if n is None:
+            return None
+        if n.op_type == "Constant":
+            a = n.attribute[0] if n.attribute else None
+            value = numpy_helper.to_array(a.t) if a is not None and a.name == "value" else None
+        elif n.op_type in _SHAPE_OPS:
+            ins = [self.get(i) if i else None for i in n.input]
+            if any(i and v is None for i, v in zip(n.input, ins)):
+                return None
+            value = self._run(n, ins)
+        else:
+            return None
+        if value is None or value.size > _SMALL:
+            return None
+        self.values[name] = value
+        return value
+
+    def _run(self, node: onnx.NodeProto, ins: list) -> np.ndarray | None:
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"in{k}" if i else "" for k, i in enumerate(node.input)]
+        one = onnx.helper.make_node(node.op_type, names, ["out"], **{
+            a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+        graph = onnx.helper.make_graph(
+            [one], "c", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names if n],
+            [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.UNDEFINED, None)])
+        try:
+            out = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=self.opset)).run(
+                None, {n: v for n, v in zip(names, ins) if n})
+        except Exception:  # an op the reference cannot run here: leave the graph as it is
+            return None
+        return np.asarray(out[0])
 
 
 def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
     """Fold a zero Pad (spatial only, constant pads) into the Conv that alone consumes it:
-    ONNX Conv takes asymmetric pads, torch's conv2d cannot. Returns how many were folded."""
+    ONNX Conv takes asymmetric pads, torch's conv2d cannot (TF-same padding of stride-2 convs).
+    Saves the padded copy of the input. Returns how many were folded."""
     g = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for n in g.node:  # constants, and casts of constants (how torch emits F.pad's pads)
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        elif n.op_type == "Cast" and n.input[0] in consts:
-            consts[n.output[0]] = consts[n.input[0]]
+    consts = _Constants(model)
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
@@ -28,12 +79,16 @@ def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
         cons = users.get(pad.output[0], [])
         if mode != "constant" or len(cons) != 1 or cons[0].op_type != "Conv" or cons[0].input[0] != pad.output[0]:
             continue
-        if pad.input[1] not in consts or (len(pad.input) > 2 and pad.input[2] and
-                                          (pad.input[2] not in consts or consts[pad.input[2]].any())):
-            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            value = consts.get(pad.input[2])
+            if value is None or value.any():
+                continue
         if len(pad.input) > 3 and pad.input[3]:
             continue
-        pads = [int(v) for v in consts[pad.input[1]]]
+        pads_value = consts.get(pad.input[1])
+        if pads_value is None:
+            continue
+        pads = [int(v) for v in pads_value.reshape(-1)]
         if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
             continue
         conv = cons[0]
@@ -49,4 +104,17 @@ def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
         folded.append(pad)
     for pad in folded:
         g.node.remove(pad)
+    _drop_dead(model)
     return len(folded)
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is used (the folded pads' shape arithmetic)."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)

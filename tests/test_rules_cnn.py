@@ -40,6 +40,9 @@ MAX_POOLS = {  # name: (rule args, input shape, torch reference)
     "1d_3s2p1": (([3], [2], [1]), X1, lambda x: F.max_pool1d(x, 3, 2, 1)),
     "1d_2s2_ceil": ((2, 2, 0, 1, True), X1, lambda x: F.max_pool1d(x, 2, 2, 0, 1, True)),
     "1d_dilated": ((3, 1, 1, 2), X1, lambda x: F.max_pool1d(x, 3, 1, 1, 2)),
+    "1d_3s3_floor_tiles": (([3], [3]), X1, lambda x: F.max_pool1d(x, 3, 3)),
+    "2x3_tiles": (((2, 3), (2, 3)), X2, lambda x: F.max_pool2d(x, (2, 3), (2, 3))),
+    "3s3_floor_tiles": ((3, 3), X2, lambda x: F.max_pool2d(x, 3, 3)),
 }
 
 AVG_POOLS = {
@@ -95,7 +98,8 @@ def test_max_pool_matches_autograd_and_keeps_a_byte_per_output(case):
     assert kept["i"].numel() == ref(_x(shape)).numel()  # one byte per output, never the float input
 
 
-@pytest.mark.parametrize("case", ["resnet_3s2p1", "3s2p1_ceil", "rect", "1d_3s2p1"])
+@pytest.mark.parametrize("case", ["resnet_3s2p1", "3s2p1_ceil", "rect", "1d_3s2p1", "2s2_floor_tiles",
+                                  "2x3_tiles", "1d_3s3_floor_tiles", "3s3_floor_tiles"])
 def test_max_pool_ties_go_to_the_first_maximum_as_torch(case):
     """ReLU outputs before a pool are full of equal zeros: the gradient must go where torch sends it."""
     args, shape, ref = MAX_POOLS[case]
@@ -109,7 +113,7 @@ def test_max_pool_all_equal_window_sends_one_gradient():
     assert gx.sum() == 1 and gx[0, 0, 0, 0] == 1
 
 
-@pytest.mark.parametrize("args", [(3, 1, 1), (3, 2, 1)])
+@pytest.mark.parametrize("args", [(3, 1, 1), (3, 2, 1), (2, 2)])
 def test_max_pool_backward_holds_one_tap_gradient_at_a_time(args):
     """The backward's live memory, as the analytic model counts it, stays a few input sizes
     (a stack of all k*k masked tap gradients alone would be 9 output sizes)."""
@@ -537,7 +541,8 @@ def test_rules_run_as_one_executorch_program(tmp_path):
     from edgetl.exporters.executorch import _lower
     from edgetl.runtime.backends.executorch import NativeMethod
 
-    cases = ["max_resnet_3s2p1", "max_1d_2s2_ceil", "avg_3s2p1_ceil_exclude", "adaptive_3x2_non_divisible",
+    cases = ["max_resnet_3s2p1", "max_1d_2s2_ceil", "max_2s2_floor_tiles", "max_1d_3s3_floor_tiles",
+             "avg_3s2p1_ceil_exclude", "adaptive_3x2_non_divisible",
              "sigmoid_q8", "silu_q4", "tanh"]
     built = [_rule_step(c) for c in cases]
     module = _Steps([b[0] for b in built]).eval()
