@@ -77,7 +77,8 @@ class Res2Net(nn.Module):
                  num_classes: int = 10, base_width: int = 32, scale: int = 4) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(
-            nn.Conv2d(3, stem // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(3, stem // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem // 2),
+            nn.ReLU(inplace=True),
             nn.Conv2d(stem // 2, stem // 2, 3, padding=1, bias=False), nn.BatchNorm2d(stem // 2), nn.ReLU(inplace=True),
             nn.Conv2d(stem // 2, stem, 3, padding=1, bias=False))
         self.bn1 = nn.BatchNorm2d(stem)
