@@ -22,6 +22,10 @@ RECIPES = ["bias+mask", "side", "full", "bias+last2", "bias+mask+q8"]
 TARGETS = ["onnx", "executorch"]
 BATCH, STEPS = 2, 3
 TOL = 1e-4  # relative to the parameter's largest magnitude, as tests/test_families.py
+# SGD with momentum 0.9 on one random batch; full fine-tuning of the ResNeXt-like model diverges at 0.05
+# (loss 134 at step 3: the runtime's divergence guard stops fit), so full runs at 0.01.
+LR = {"full": 0.01}
+DEFAULT_LR = 0.05
 
 
 def _families() -> dict:
@@ -50,7 +54,7 @@ def run_one(make, recipe: str, target: str, work: Path) -> dict:
     pm = edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
     if not _applies(pm, recipe):
         return {"status": "n/a", "why": "no SiLU/Sigmoid/Tanh to quantize"}
-    opt = edgetl.OptimizerConfig.make("sgd", lr=0.05, momentum=0.9)
+    opt = edgetl.OptimizerConfig.make("sgd", lr=LR.get(recipe, DEFAULT_LR), momentum=0.9)
     t0 = time.perf_counter()
     trainer = Trainer.load(export(pm, target, work, opt, batch_size=BATCH))
     export_s = time.perf_counter() - t0
@@ -70,7 +74,7 @@ def run_one(make, recipe: str, target: str, work: Path) -> dict:
     got = trainer.backend.get_state()
     err = max(float(np.abs(got[t] - params[t].numpy()).max() / max(1.0, float(params[t].abs().max())))
               for t in pm.trainable)
-    return {"status": "ok" if err <= TOL else "mismatch", "max_rel_param_err": err, "export_s": export_s,
+    return {"status": "ok" if err <= TOL else "mismatch", "max_rel_param_err": err, "lr": opt.lr, "export_s": export_s,
             "fit_s": fit_s, "final_loss": fit.final_loss,
             "trainable": sum(int(np.prod(v.shape)) for v in params.values())}
 

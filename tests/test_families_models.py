@@ -30,6 +30,10 @@ DISTINCTIVE_OPS: dict[str, set[str]] = {
     "mnasnet": {"add", "relu", "mean", "addmm"},
     "kws1d": {"unsqueeze", "squeeze", "max_pool2d_with_indices", "add", "relu", "mean", "addmm"},
     "nonsquare": {"max_pool2d_with_indices", "relu", "mean", "addmm"},
+    # three branches summed, the identity branch a BatchNorm of the block input (an affine)
+    "repvgg": {"add", "relu", "_native_batch_norm_legit_no_training", "mean", "addmm"},
+    "vovnet": {"cat", "max_pool2d_with_indices", "relu", "hardtanh", "mean", "mul", "add", "addmm"},
+    "res2net": {"split_with_sizes", "cat", "avg_pool2d", "add", "max_pool2d_with_indices", "mean", "addmm"},
 }
 NO_BATCHNORM = {"squeezenet"}
 

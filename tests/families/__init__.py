@@ -19,9 +19,12 @@ from .mnasnet import mnasnet_like
 from .mobilenetv3 import mobilenet_v3_like
 from .nonsquare import nonsquare_like
 from .regnet import regnet_like
+from .repvgg import repvgg_like
+from .res2net import res2net_like
 from .resnet import resnet18_like, resnext_like
 from .shufflenet import shufflenet_v2_like
 from .squeezenet import squeezenet_like
+from .vovnet import vovnet_like
 
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "resnet18": resnet18_like,
@@ -39,6 +42,9 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "mnasnet": mnasnet_like,
     "kws1d": kws1d_like,
     "nonsquare": nonsquare_like,
+    "repvgg": repvgg_like,
+    "vovnet": vovnet_like,
+    "res2net": res2net_like,
 }
 
 __all__ = ["FAMILIES"]
