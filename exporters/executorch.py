@@ -18,6 +18,12 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   (the bias is an input, not a constant), but the separate add is faster.
 * `g * mask.float()` in the masked backward is rewritten to `where(mask, g, 0)` (exact): the
   bool→float cast is a slow generic kernel in ExecuTorch and its float copy costs planned memory.
+* The memory plan follows the step as written: delegates are cut where their outputs are used
+  outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
+  every activation a mask is made from, are alive at once) and the written order is restored
+  after lowering (`restore_program_order`: XNNPACK's lowering re-sorts the graph breadth-first).
+  Without both, `bias+mask` had the same plan as `bias` (EfficientNet-Lite0 64×64 b8: 17.6 MB
+  both; now 17.2 and 8.4 MB).
 
 With `delegate=False` only ExecuTorch's own kernels are used and int8 weights stay int8 in the
 program, dequantized where they are used (small file, ~50x slower step).
