@@ -40,8 +40,9 @@ def planned(tmp_path_factory):
 
 @pytest.mark.slow
 def test_masks_shrink_the_executorch_plan(planned):
-    """Each ReLU6 keeps 1 byte per element instead of 4, so with five activations of 8×16..32×32×32
-    the plan must shrink by far more than noise; it did not before (the plans were equal)."""
+    """Each ReLU6 keeps 1 byte per element instead of 4. Measured plans (bias+mask / bias): 3.41 /
+    6.30 MB (0.54×); without cutting the delegates 5.77 / 6.30 MB (0.92×); without restoring the
+    written order 3.41 / 4.46 MB (0.76×: the hoisted comparisons give `bias` masks too)."""
     bias = planned["bias"][1]["executorch"]["planned_bytes"]
     masked = planned["bias+mask"][1]["executorch"]["planned_bytes"]
-    assert masked < 0.75 * bias, (masked, bias)
+    assert masked < 0.65 * bias, (masked, bias)
