@@ -18,13 +18,21 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   (the bias is an input, not a constant), but the separate add is faster.
 * `g * mask.float()` in the masked backward is rewritten to `where(mask, g, 0)` (exact): the
   bool→float cast is a slow generic kernel in ExecuTorch and its float copy costs planned memory.
+* The memory plan follows the step as written: delegates are cut where their outputs are used
+  outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
+  every activation a mask is made from, are alive at once) and the written order is restored
+  after lowering (`restore_program_order`: XNNPACK's lowering re-sorts the graph breadth-first).
+  Without both, `bias+mask` had the same plan as `bias` (EfficientNet-Lite0 64×64 b8: 17.6 MB
+  both; now 17.2 and 8.4 MB).
 
 With `delegate=False` only ExecuTorch's own kernels are used and int8 weights stay int8 in the
 program, dequantized where they are used (small file, ~50x slower step).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import heapq
 import warnings
 from pathlib import Path
 
@@ -146,6 +154,121 @@ def masks_as_where(ep) -> int:
     return n_done
 
 
+# A node's position in the step as written, kept in node.meta["custom"]: the one meta entry that
+# survives decomposition (which rebuilds every node) and ExecuTorch's passes.
+_ORDER = "edgetl_order"
+
+
+def number_nodes(graph: torch.fx.Graph) -> None:
+    """Record each node's position in the step's own schedule (forward, keeps, backward)."""
+    for i, node in enumerate(graph.nodes):
+        node.meta["custom"] = {**node.meta.get("custom", {}), _ORDER: i}
+
+
+def _written(node) -> int | None:
+    return node.meta.get("custom", {}).get(_ORDER)
+
+
+def _priority(node, done: dict) -> float:
+    """Where `node` belongs in the written schedule: its recorded position; for a delegate call,
+    the earliest position among the nodes it replaced; else right after its latest input."""
+    if _written(node) is not None:
+        return _written(node)
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "executorch_call_delegate":
+        sub = getattr(node.graph.owning_module, node.args[0].target).original_module.graph
+        orders = [o for o in map(_written, sub.nodes) if o is not None]
+        if orders:
+            return min(orders)
+    return max((done[i] for i in node.all_input_nodes), default=-1.0) + 0.5
+
+
+def restore_program_order(graph: torch.fx.Graph) -> int:
+    """Put the nodes back in the step's written order, as far as the dependencies allow, in place.
+
+    Lowering to XNNPACK re-sorts the whole graph breadth-first (`legalize_graph`, after each
+    partition is fused), which runs every op as soon as its inputs exist: the backward's
+    comparisons are hoisted into the forward (a ReLU's float output then dies at once, so `bias`
+    keeps masks as `bias+mask` does, and a max-pool keeps one bool per tap instead of one uint8
+    index), and independent branches are all opened at once. ExecuTorch's memory plan follows
+    the graph's order, so it is restored here: a topological sort that always runs the ready node
+    written first. Returns how many nodes moved."""
+    nodes = list(graph.nodes)
+    body = [n for n in nodes if n.op not in ("placeholder", "output")]
+    index = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: sum(1 for i in n.all_input_nodes if i.op != "placeholder") for n in body}
+    done: dict = {n: -1.0 for n in nodes if n.op == "placeholder"}
+    ready = []
+    for n in body:
+        if waiting[n] == 0:
+            done[n] = _priority(n, done)
+            heapq.heappush(ready, (done[n], index[n], n))
+    order = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        order.append(n)
+        for u in n.users:
+            if u in waiting:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    done[u] = _priority(u, done)
+                    heapq.heappush(ready, (done[u], index[u], u))
+    assert len(order) == len(body), "graph has a cycle"
+    anchor = [n for n in nodes if n.op == "placeholder"][-1] if done else None
+    moved = sum(1 for a, b in zip(order, body) if a is not b)
+    for n in order:
+        if anchor is None:
+            nodes[0].prepend(n)
+        else:
+            anchor.append(n)
+        anchor = n
+    graph.lint()
+    return moved
+
+
+def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
+    """Cut each delegate partition where a value it makes is used outside it, so each piece runs
+    where the step runs it and its outputs are made when needed.
+
+    XNNPACK merges all its ops into as few delegates as it can: for a CNN the whole forward is
+    one call, whose outputs are every activation a kept mask is made from (comparisons run
+    outside XNNPACK), so all of them are alive at once and masks save nothing. Cut at the graph
+    positions of the outside users, a convex partition gives convex pieces (an interval of a
+    topological order), each ending where its outputs are used. Frozen weights (placeholders)
+    go with their first user; the lowering shares a constant between pieces that use it."""
+    from torch.fx.passes.infra.partitioner import Partition
+
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    out, next_id = [], 0
+    for part in partitions:
+        members = set(part.nodes)
+        compute = [n for n in members if n.op != "placeholder"]
+        cuts = sorted({index[u] for n in compute for u in n.users if u not in members})
+        piece = {n: bisect.bisect_left(cuts, index[n]) for n in compute}
+        for n in members - set(compute):
+            users = [u for u in n.users if u in piece]
+            piece[n] = min((piece[u] for u in users), default=0)
+        groups: dict[int, list] = {}
+        for n, k in piece.items():
+            groups.setdefault(k, []).append(n)
+        for k in sorted(groups):
+            if all(n.op == "placeholder" for n in groups[k]):
+                continue
+            out.append(Partition(id=next_id, nodes=groups[k]))
+            next_id += 1
+    return out
+
+
+def _partitioner():
+    """XNNPACK's partitioner, its partitions cut by `split_at_outside_uses`."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class SplitXnnpackPartitioner(XnnpackPartitioner):
+        def generate_partitions(self, ep):
+            return split_at_outside_uses(ep.graph_module.graph, super().generate_partitions(ep))
+
+    return SplitXnnpackPartitioner()
+
+
 def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
     """torch.export → (mask rewrite) → edge (→ XNNPACK) → ExecuTorch program manager."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
@@ -155,15 +278,15 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, args, strict=False)
         masks_as_where(ep)
+        number_nodes(ep.graph)
         # ExecuTorch's own exporter warns about experimental APIs; the program is checked by tests.
         cfg = EdgeCompileConfig(_check_ir_validity=False)
         if delegate:
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
             ep = constant_prop_pass(ep)  # fold flipped/transposed frozen kernels into constants
-            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], compile_config=cfg)
+            edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=cfg)
         else:
             edge = to_edge(ep, compile_config=cfg)
+        restore_program_order(edge.exported_program().graph)
         return edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
 
 

@@ -1,0 +1,48 @@
+"""The `executorch` target's memory plan follows the lean step: `mask` makes it smaller.
+
+A small ReLU6 CNN (the activation of MobileNet/EfficientNet-Lite) is exported for `bias` (each
+ReLU6 keeps its float output) and `bias+mask` (a bool mask). XNNPACK would otherwise fuse the
+whole forward into one delegate call whose outputs are all the activations the masks are made
+from, alive at once, and re-sort the graph breadth-first: both recipes then get the same plan."""
+import json
+
+import pytest
+import torch.nn as nn
+
+pytest.importorskip("executorch")
+
+import edgetl  # noqa: E402
+from edgetl.exporters import export  # noqa: E402
+from edgetl.optim import OptimizerConfig  # noqa: E402
+
+B, SIZE = 8, 32
+
+
+def _relu6_cnn() -> nn.Module:
+    def block(cin, cout, groups=1):
+        return [nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()]
+
+    return nn.Sequential(*block(3, 16), *block(16, 16, groups=16), *block(16, 32), *block(32, 32, groups=32),
+                         *block(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("etmem")
+    out = {}
+    for recipe in ("bias", "bias+mask"):
+        pm = edgetl.prepare(_relu6_cnn(), recipe, num_classes=10, input_shape=(3, SIZE, SIZE))
+        bundle = export(pm, "executorch", root / recipe.replace("+", "_"), OptimizerConfig.make("sgd", lr=0.05),
+                        batch_size=B)
+        out[recipe] = (pm, json.loads((bundle / "manifest.json").read_text()))
+    return out
+
+
+@pytest.mark.slow
+def test_masks_shrink_the_executorch_plan(planned):
+    """Each ReLU6 keeps 1 byte per element instead of 4. Measured plans (bias+mask / bias): 3.41 /
+    6.30 MB (0.54×); without cutting the delegates 5.77 / 6.30 MB (0.92×); without restoring the
+    written order 3.41 / 4.46 MB (0.76×: the hoisted comparisons give `bias` masks too)."""
+    bias = planned["bias"][1]["executorch"]["planned_bytes"]
+    masked = planned["bias+mask"][1]["executorch"]["planned_bytes"]
+    assert masked < 0.65 * bias, (masked, bias)
