@@ -2,6 +2,7 @@
 equals plain FedAvg up to SecAgg+'s quantization, clipping without noise is plain FedAvg of the
 clipped updates, and the noise has the standard deviation DP promises."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -162,9 +163,11 @@ def test_secagg_sum_of_client_clipped_updates_equals_plain_fedavg_within_quantiz
     (tmp_path / "sent").mkdir()
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Ray workers cannot import this file
     clip = 1.5
+    pythonpath = os.environ.get("PYTHONPATH")
     out = simulate(str(bundle), str(data), clients=4, rounds=1, partition_scheme="dirichlet:1.0", seed=0, lr=0.05,
                    checkpoint=str(tmp_path / "global.npz"), client_app=_recording_app(tmp_path / "sent", dies=3),
                    privacy=Privacy(secagg=True, dp_noise=0.0, dp_clip=clip))
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Ray's change to it undone: other Pythons still start
     assert out["skipped_rounds"] == [] and len(out["dropped"]) == 1
     assert out["dropped"][0]["reason"] == "the client failed: device 3 died mid-round"
     assert out["dp"]["clipping"] == "client" and out["secagg"]["max_weight"] == max(out["client_samples"])

@@ -27,12 +27,18 @@ MAX_SITE_PACKAGES_MB = 160  # site-packages without pip and setuptools
 HOST_ONLY = ("torch", "onnx", "executorch", "sklearn", "skimage", "matplotlib", "cryptography", "cffi")
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment less what would point another interpreter at this one's modules."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "EDGETL_TRUSTED_KEY")}
+
+
 def _python(version: str) -> str | None:
     """An interpreter of `version` that runs (pyenv shims of versions not selected do not)."""
     candidates = [shutil.which(f"python{version}")]
     candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))
     for c in filter(None, candidates):
-        r = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+        r = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True,
+                           env=_clean_env())
         if r.returncode == 0 and r.stdout.strip() == str(tuple(int(v) for v in version.split("."))):
             return c
     return None
@@ -69,12 +75,13 @@ def _light_venv(version: str, wheel: Path, tmp_path_factory, without: tuple[str,
     if base is None:
         pytest.skip(f"python{version} is not installed")
     venv = tmp_path_factory.mktemp(f"py{version}") / "venv"
-    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120, env=_clean_env())
     pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--disable-pip-version-check"]
-    r = subprocess.run([*pip, "install", str(wheel)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*pip, "install", str(wheel)], capture_output=True, text=True, timeout=600, env=_clean_env())
     assert r.returncode == 0, r.stderr[-2000:]
     if without:
-        r = subprocess.run([*pip, "uninstall", "-y", *without], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*pip, "uninstall", "-y", *without], capture_output=True, text=True, timeout=120,
+                           env=_clean_env())
         assert r.returncode == 0, r.stderr[-2000:]
     return venv / "bin" / "python"
 
@@ -101,10 +108,9 @@ def bundle_and_data(tmp_path_factory):
 
 
 def _cli(python, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGETL_TRUSTED_KEY")}
     # run outside the source tree, so that only the installed package can be imported
     return subprocess.run([str(python), "-m", "edgetl.runtime", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=Path(python).parent)
+                          timeout=300, env=_clean_env(), cwd=Path(python).parent)
 
 
 def _site_packages_mb(python: Path) -> float:

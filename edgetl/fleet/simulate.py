@@ -79,10 +79,19 @@ def simulate(bundle: str, data: str, clients: int, rounds: int, partition_scheme
                           min_reply_fraction=min_reply_fraction, checkpoint=checkpoint, shards=shards,
                           progress=progress, privacy=privacy)
         cpus = max(1, min(os.cpu_count() or 1, clients))
-        run_simulation(server_app(cfg, report), client_app or device_client_app(), num_supernodes=clients,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": cpus, "num_gpus": 0}},
-                       verbose_logging=verbose)
+        # Flower's Ray backend sets this process's PYTHONPATH to its sys.path (this Python's stdlib
+        # included) and leaves it: any Python of another version started afterwards would not start.
+        pythonpath = os.environ.get("PYTHONPATH")
+        try:
+            run_simulation(server_app(cfg, report), client_app or device_client_app(), num_supernodes=clients,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                           "init_args": {"num_cpus": cpus, "num_gpus": 0}},
+                           verbose_logging=verbose)
+        finally:
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
     if len(report.accuracy_per_round) < rounds:
         raise EdgeTLError(f"the federation stopped after {len(report.accuracy_per_round)} of {rounds} rounds "
                           f"(see the log above)")
