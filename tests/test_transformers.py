@@ -98,3 +98,9 @@ def test_full_trains_the_attention_bias_tables_and_bias_leaves_them_frozen():
 def test_vision_transformer_exports_for_executorch_and_steps_on_the_runtime(tmp_path):
     pytest.importorskip("executorch")
     _runtime_matches_torch(tmp_path, "deit", "bias+q8", "executorch", _prepare)
+
+
+@pytest.mark.slow
+def test_attention_bias_tables_export_for_executorch_and_step_on_the_runtime(tmp_path):
+    pytest.importorskip("executorch")
+    _runtime_matches_torch(tmp_path, "swin", "full", "executorch", _prepare)
