@@ -44,6 +44,16 @@ KEEP_WHOLE = (aten.linear.default, aten.hardswish.default, aten.hardsigmoid.defa
 _PARAM_VIEWS = {aten.expand.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
                 aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
                 aten._to_copy.default, aten.to.dtype, aten.lift_fresh_copy.default}
+_DTYPE_ONLY = {aten._to_copy.default, aten.to.dtype, aten.lift_fresh_copy.default, aten.alias.default,
+               aten.detach.default, aten.clone.default, aten.contiguous.default}
+# Ops that gather or rearrange the elements of their first argument (a table indexed by constant
+# positions, then viewed and permuted): applied to the positions too, the result stays a gathered
+# parameter that a recipe may train (rules/param.py ParamTableAdd).
+_GATHERS = _PARAM_VIEWS | {aten.index.Tensor, aten.embedding.default, aten.index_select.default,
+                           aten.gather.default, aten.permute.default, aten.transpose.int, aten.t.default,
+                           aten.select.int, aten.slice.Tensor, aten.squeeze.dim, aten.squeeze.dims,
+                           aten.squeeze.default, aten._unsafe_view.default, aten.flatten.using_ints,
+                           aten.unflatten.int, aten.narrow.default}
 
 
 class _Poison:
@@ -219,6 +229,9 @@ class _Walker:
         names = [v.name for v in consts if v.name]
         param = n.target in _PARAM_VIEWS and len(consts) == 1 and consts[0].param
         out = n.target(*plain[0], **plain[1])
+        gathered = None if param else _gathered(n.target, args, kwargs, plain)
+        if gathered is not None and isinstance(out, torch.Tensor):
+            return Const(out.detach(), args[0].name, False, *gathered)
         return _map(lambda v: Const(v.detach(), names[0] if names else "", param) if isinstance(v, torch.Tensor)
                     else v, out)
 
@@ -304,6 +317,21 @@ class _Walker:
         if len(outs) != 1 or not isinstance(outs[0], Act) or outs[0].name == INPUT:
             raise EdgeTLError("the model's forward must return one tensor (the logits)")
         self.output = outs[0].name
+
+
+def _gathered(target, args, kwargs, plain) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(table, positions) when `target` gathers or rearranges a parameter (or a value already
+    gathered from one) by constants only: the same op applied to the element positions."""
+    src = args[0] if args else None
+    if target not in _GATHERS or not isinstance(src, Const) or not (src.param or src.pos is not None) \
+            or any(isinstance(v, Const) and v.param for v in _leaves((args[1:], kwargs))):
+        return None
+    table = src.table if src.pos is not None else src.value
+    pos = src.pos if src.pos is not None else torch.arange(table.numel()).reshape(table.shape)
+    if target in _DTYPE_ONLY:
+        return table, pos
+    rest = plain[0][1:]
+    return table, target(pos, *rest, **{k: v for k, v in plain[1].items() if k not in ("dtype", "memory_format")})
 
 
 class _BatchMoved:

@@ -50,6 +50,14 @@ def _autograd(ref, xs, w, g):
 # name: (rule factory, input shapes (with batch), weights, torch reference (xs..., **weights))
 LN_W = {"weight": _t((8,), 5, 0.3) + 1, "bias": _t((8,), 6, 0.2)}
 GN_W = {"weight": _t((6,), 5, 0.3) + 1, "bias": _t((6,), 6, 0.2)}
+IDX = torch.randint(0, 7, (16,), generator=torch.Generator().manual_seed(3))  # repeats: the scatter must add
+
+
+def _rel_bias(table):  # Swin: table[index].view(N, N, H).permute(2, 0, 1)
+    return table[IDX].reshape(4, 4, 2).permute(2, 0, 1)
+
+
+POS = _rel_bias(torch.arange(14).reshape(7, 2))
 CASES = {
     "layernorm_tokens": (lambda: R.LayerNorm((8,), 1e-6), [(2, 5, 8)], LN_W,
                          lambda x, weight, bias: F.layer_norm(x, (8,), weight, bias, 1e-6)),
@@ -87,6 +95,10 @@ CASES = {
                   lambda x, param: torch.cat((param.expand(x.shape[0], -1, -1), x), 1)),
     "token_after": (lambda: R.ParamConcat(0, first=False), [(2, 5, 8)], {"param": _t((1, 2, 8), 5)},
                     lambda x, param: torch.cat((x, param.expand(x.shape[0], -1, -1)), 1)),
+    "rel_pos_bias": (lambda: R.ParamTableAdd(POS), [(2, 2, 4, 4)], {"param": _t((7, 2), 5)},
+                     lambda x, param: x + _rel_bias(param)),
+    "table_scale": (lambda: R.ParamTableMul(POS), [(2, 2, 4, 4)], {"param": _t((7, 2), 5)},
+                    lambda x, param: x * _rel_bias(param)),
     "ladder_gate": (R.LadderGate, [(2, 5, 8), (2, 5, 8)], {"gate": _t((1,), 5)},
                     lambda s, z, gate: torch.sigmoid(gate) * s + (1 - torch.sigmoid(gate)) * z),
     "ladder_gate_per_channel": (R.LadderGate, [(2, 3, 4, 8), (2, 3, 4, 8)], {"gate": _t((8,), 5)},
@@ -133,6 +145,8 @@ def test_what_each_rule_keeps():
     assert _kept("pos_embed", Need((True,), frozenset({"param"}))) == {}
     assert set(_kept("layer_scale", Need((True,), frozenset({"param"})))) == {"x"}
     assert _kept("layer_scale", Need((True,), frozenset())) == {}
+    assert _kept("rel_pos_bias", Need((True,), frozenset({"param"}))) == {}  # only the constant positions
+    assert set(_kept("table_scale", Need((True,), frozenset({"param"})))) == {"x"}
     assert set(_kept("ladder_gate", Need((True, True), frozenset({"gate"})))) == {"diff"}  # s - z, one tensor
     assert _kept("ladder_gate", Need((True, True), frozenset())) == {}
 
@@ -234,12 +248,32 @@ def test_timm_qkv_split_moving_the_batch_traces_to_selects():
     assert rel_err(y, m(x)) < 1e-5
 
 
-def test_relative_position_bias_from_a_table_is_a_frozen_constant():
+def test_relative_position_bias_from_a_table_trains_under_full_only():
+    import edgetl
+    from edgetl.optim import OptimizerConfig
+    from helpers import lean_vs_reference
+
     m = _TimmAttention(bias_table=True).eval()
     g = trace(m, (4, 8))
-    const = [n for n in g.nodes if n.rule.kind == "const_op"]
-    assert any(isinstance(n.rule.other, torch.Tensor) and n.rule.other.shape == (2, 4, 4) for n in const)
+    node = next(n for n in g.nodes if n.rule.kind == "param_table_add")
+    assert node.params == {"param": "table"} and g.tensors["table"].shape == (7, 2)  # the table in its own shape
+    assert not any(isinstance(n.rule, R.ConstOp) and isinstance(n.rule.other, torch.Tensor) for n in g.nodes)
+    pm = edgetl.prepare(m, "full", num_classes=3, input_shape=(4, 8))
+    assert "table" in pm.trainable
+    gerr, perr = lean_vs_reference(pm, _t((2, 4, 8)), torch.tensor([0, 2]), OptimizerConfig.make("sgd", lr=0.1))
+    assert gerr["table"] < 1e-5 and max(perr.values()) < 1e-5
+    assert "table" not in edgetl.prepare(m, "bias", num_classes=3, input_shape=(4, 8)).trainable
+
+
+def test_a_table_scaled_by_arithmetic_in_forward_stays_a_frozen_constant():
+    class Scaled(_TimmAttention):
+        def forward(self, x):
+            q = self.qkv(x)[..., :8]
+            return self.head((q + self.table[self.index].reshape(4, 4, 2).permute(1, 0, 2).reshape(4, 8) * 2).mean(1))
+
+    g = trace(Scaled(bias_table=True).eval(), (4, 8))
     assert not any(n.rule.kind.startswith("param_") for n in g.nodes)
+    assert any(isinstance(n.rule, R.ConstOp) and isinstance(n.rule.other, torch.Tensor) for n in g.nodes)
 
 
 class _Direct(nn.Module):

@@ -62,7 +62,7 @@ def test_deep_vision_transformer_taps_at_most_max_taps_evenly_spaced():
     assert [int(t.split("_")[1]) for t in taps] == [1, 4, 6, 9, 11]  # evenly spaced, the last block in
 
 
-@pytest.mark.parametrize("name", ["deit", "mobilevit", "convnext"])
+@pytest.mark.parametrize("name", ["deit", "mobilevit", "convnext", "swin"])
 def test_no_gradient_enters_the_backbone_and_only_taps_are_kept(name):
     pm = _prepare(name)
     assert all(t.startswith(("side.", "head.")) for t in pm.trainable)
@@ -77,7 +77,7 @@ def test_no_gradient_enters_the_backbone_and_only_taps_are_kept(name):
     assert backbone_reads == taps | {features}
 
 
-@pytest.mark.parametrize("name", ["deit", "deit_mean", "mobilevit", "convnext"])
+@pytest.mark.parametrize("name", ["deit", "deit_mean", "mobilevit", "convnext", "swin"])
 def test_side_two_steps_match_autograd(name):
     pm = _prepare(name)
     gerr, perr = lean_vs_reference(pm, *random_batch(pm), OptimizerConfig.make("sgd", lr=0.5), steps=2)

@@ -79,6 +79,28 @@ def test_transformer_exports_for_onnx_and_steps_on_the_runtime(tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["full", "lora", "bias+q8"])
+def test_window_transformer_with_attention_bias_tables_steps_on_the_runtime(tmp_path, recipe):
+    """Swin's relative position bias table and LeViT's attention biases train under full (gather
+    forward, scatter-add backward in the exported program) and stay frozen otherwise."""
+    _runtime_matches_torch(tmp_path, "swin", recipe, "onnx", _prepare)
+
+
+def test_full_trains_the_attention_bias_tables_and_bias_leaves_them_frozen():
+    tables = {"block1.attn.relative_position_bias_table", "block2.attn.attention_biases"}
+    assert tables <= set(_prepare("swin", "full").trainable)
+    assert _trainable_kinds(_prepare("swin", "full"))["param_table_add"] == {"param"}
+    for recipe in ("bias", "norm", "lora"):
+        assert not tables & set(_prepare("swin", recipe).trainable), recipe
+
+
+@pytest.mark.slow
 def test_vision_transformer_exports_for_executorch_and_steps_on_the_runtime(tmp_path):
     pytest.importorskip("executorch")
     _runtime_matches_torch(tmp_path, "deit", "bias+q8", "executorch", _prepare)
+
+
+@pytest.mark.slow
+def test_attention_bias_tables_export_for_executorch_and_step_on_the_runtime(tmp_path):
+    pytest.importorskip("executorch")
+    _runtime_matches_torch(tmp_path, "swin", "full", "executorch", _prepare)

@@ -10,7 +10,7 @@ from .smooth import SMOOTH, SiLU, Sigmoid, Tanh
 from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
 from .attention import Attention, MatMul, Softmax
 from .norm import GroupNorm, LayerNorm
-from .param import ParamAdd, ParamConcat, ParamMul  # after structural: its builders wrap structural's
+from .param import ParamAdd, ParamConcat, ParamMul, ParamTableAdd, ParamTableMul  # after structural: its builders wrap structural's
 from .smooth import GELU
 from .ladder import LadderGate
 
@@ -19,5 +19,6 @@ __all__ = [
     "Conv2d", "Expand", "Flatten", "GlobalAvgPool", "Hardsigmoid", "Hardswish", "Identity", "Linear", "MaxPool",
     "MaxPool2d", "Mean", "Mul", "Need", "Pad", "Permute", "ReLU", "ReLU6", "Reshape", "Rule", "SMOOTH", "Select",
     "SiLU", "Sigmoid", "Slice", "Sub", "Tanh",
-    "Attention", "GELU", "GroupNorm", "LadderGate", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul", "Softmax",
+    "Attention", "GELU", "GroupNorm", "LadderGate", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul",
+    "ParamTableAdd", "ParamTableMul", "Softmax",
 ]

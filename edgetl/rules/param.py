@@ -2,8 +2,14 @@
 the tokens (`x + pos_embed`), a layer-scale gamma (`x * gamma`), a class token concatenated before
 the tokens (`cat((cls_token.expand(B, -1, -1), x), 1)`). Each becomes a node that holds the
 parameter (role "param", in the model's own shape), so it trains when the recipe says so (`full`)
-and is a frozen constant otherwise. Values computed from parameters in forward (e.g. a relative
-position bias gathered from its table by a constant index) stay frozen constants (ConstOp).
+and is a frozen constant otherwise. A value gathered from a parameter by a constant index and then
+only rearranged (a relative position bias `table[index].view(N, N, H).permute(2, 0, 1)` as Swin,
+LeViT, EfficientFormer and EfficientViT write it) is added or multiplied by ParamTableAdd /
+ParamTableMul: the tracer records where each element comes from in the table (`Const.pos`), the
+forward gathers it and the backward scatter-adds the gradient into the table, keeping nothing but
+the constant positions. Like every direct parameter it trains under `full` only (`bias` and `norm`
+leave it frozen: it is neither a bias of a layer nor a norm shift). Values computed from parameters
+with arithmetic stay frozen constants (ConstOp).
 
 The builders here take over `add`, `mul` and `cat` when a direct parameter is among the operands
 and hand every other call to the builders registered before them (structural.py)."""
@@ -81,6 +87,50 @@ class ParamConcat(Rule):
         return [gx], grads
 
 
+def _gather(table: Tensor, pos: Tensor) -> Tensor:
+    return table.reshape(-1)[pos.to(table.device)]
+
+
+def _scatter(g: Tensor, table: Tensor, pos: Tensor) -> Tensor:
+    """The table's gradient: each element of `g` (reduced to pos's shape) added at its position."""
+    g = _reduce_to(g, tuple(pos.shape)).reshape(-1)
+    flat = torch.zeros(table.numel(), dtype=g.dtype, device=g.device)
+    return flat.scatter_add(0, pos.reshape(-1).to(g.device), g).reshape(table.shape)
+
+
+class ParamTableAdd(ParamAdd):
+    """x + table.flatten()[pos] (broadcast): a relative position bias gathered from its table by a
+    constant index. Keeps nothing; the table's gradient is a scatter-add."""
+
+    kind = "param_table_add"
+
+    def __init__(self, pos: Tensor):
+        self.pos = pos
+
+    def compute(self, xs, w):
+        return xs[0] + _gather(w["param"], self.pos)
+
+    def backward(self, g, kept, w, need):
+        grads = {"param": _scatter(g, w["param"], self.pos)} if "param" in need.params else {}
+        return [g if need.inputs[0] else None], grads
+
+
+class ParamTableMul(ParamMul):
+    """x * table.flatten()[pos] (broadcast): a scale gathered from a table. Keeps x when it trains."""
+
+    kind = "param_table_mul"
+
+    def __init__(self, pos: Tensor):
+        self.pos = pos
+
+    def compute(self, xs, w):
+        return xs[0] * _gather(w["param"], self.pos)
+
+    def backward(self, g, kept, w, need):
+        grads = {"param": _scatter(g * kept["x"], w["param"], self.pos)} if "param" in need.params else {}
+        return [g * _gather(w["param"], self.pos) if need.inputs[0] else None], grads
+
+
 # ---- which traced ops these rules run ------------------------------------------------------------
 
 _BEFORE = {op: builder_for(op) for op in (aten.add.Tensor, aten.mul.Tensor, aten.cat.default)}
@@ -100,6 +150,12 @@ def _param_arith(call: Call):
     a, b = call.args[0], call.args[1]
     alpha = call.kwargs.get("alpha", call.args[2] if len(call.args) > 2 else 1)
     pair = (a, b) if isinstance(a, Act) else (b, a)
+    if isinstance(pair[0], Act) and isinstance(pair[1], Const) and pair[1].pos is not None and alpha == 1:
+        x, c = pair
+        if c.pos.dim() > len(x.shape) + 1 or (c.pos.dim() == len(x.shape) + 1 and c.pos.shape[0] != 1):
+            raise Unsupported("a parameter that differs along the batch")
+        rule = ParamTableAdd(c.pos) if call.op is aten.add.Tensor else ParamTableMul(c.pos)
+        return Lowered(rule, [x], {"param": Const(c.table, c.name, True)})
     if isinstance(pair[0], Act) and isinstance(pair[1], Const) and pair[1].param and alpha == 1:
         x, p = pair
         if p.value.dim() > len(x.shape) + 1 or (p.value.dim() == len(x.shape) + 1 and p.value.shape[0] != 1):

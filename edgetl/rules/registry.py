@@ -43,6 +43,9 @@ class Const:
     value: torch.Tensor
     name: str = ""
     param: bool = False  # a parameter of the model as it is (or expanded/reshaped), not a value computed from one
+    # a value gathered from the parameter `table` (named `name`) and rearranged: value == table.flatten()[pos]
+    table: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
 
 
 @dataclass
