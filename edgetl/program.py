@@ -115,6 +115,12 @@ class Program:
                 # in the backward, keeping the float activation it is made from alive until then.
                 ws = _Anchored(w, torch.stack(pending).sum() * 0.0)
                 pending = []
+            elif pending and getattr(n.rule, "kind", None) == "maxpool":
+                # A max pool builds its -inf-padded copy and its taps from its input: pinned here,
+                # the masks made from that input (a stem ReLU's) come first and it dies after the
+                # pad, instead of living through the pooling (ResNet: 1 input size less at peak).
+                xs = [xs[0] + torch.stack(pending).sum() * 0.0, *xs[1:]]
+                pending = []
             y, k = n.rule.forward(xs, ws, need)
             w.done()
             if self.anchor_masks:

@@ -46,7 +46,9 @@ def normalize(x: np.ndarray, manifest: dict) -> np.ndarray:
     per_channel = (1, c, *[1] * (x.ndim - 2))
     mean = np.asarray(pre["mean"], dtype=np.float32).reshape(per_channel)
     std = np.asarray(pre["std"], dtype=np.float32).reshape(per_channel)
-    return (x - mean) / std
+    out = np.subtract(x, mean)  # one new array, divided in place: no second batch-sized temporary
+    np.divide(out, std, out=out)
+    return out
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")

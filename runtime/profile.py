@@ -120,10 +120,13 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     x = rng.random((b.batch_size, *b.input_shape), dtype=np.float32)
     y = rng.integers(0, b.num_classes, b.batch_size).astype(np.int64)
     lr, step, state = trainer.lr_at(trainer.step), trainer.step, trainer.get_state()
-    # check=False: the step as the device runs it, without the divergence guard's copy of the state
+    # The batch normalized once, before the measured steps, as fit feeds it (fit normalizes the data
+    # set up front); train_step would normalize a new copy inside each step, which fit never pays for.
+    # check=False: the step as the device runs it, without the divergence guard's copy of the state.
+    x, y = trainer._xy(x, y)
     for _ in range(warmup):
-        trainer.train_step(x, y, lr=lr, check=False)
-    above, times, hwm = measure_steps(lambda: trainer.train_step(x, y, lr=lr, check=False), steps)
+        trainer._train_step(x, y, lr, check=False)
+    above, times, hwm = measure_steps(lambda: trainer._train_step(x, y, lr, check=False), steps)
     trainer.set_state(state)  # profiling leaves the trainer as it was
     trainer.step = step
     planned = trainer.backend.planned_bytes()

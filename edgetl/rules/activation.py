@@ -19,7 +19,9 @@ class _Activation(Rule):
 
     def backward(self, g, kept, w, need):
         if "m" in kept:
-            gm = g * kept["m"].to(g.dtype)
+            # the mask is made float only once g exists (an always-false element from g): left
+            # free, onnxruntime casts it early and holds the float copy until g arrives
+            gm = g * (kept["m"] | (g.reshape(-1)[:1] > float("inf"))).to(g.dtype)
             return [gm * self.mask_scale if self.mask_scale != 1.0 else gm], {}
         return [self._float_backward(g, kept)], {}
 

@@ -91,25 +91,31 @@ class _Windowed(Rule):
         (ho, wo), (sh, sw), (dh, dw) = self.out_hw, self.s, self.d
         return xp[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
 
-    def _spread(self, tap_grad: Callable[[int], Tensor]) -> Tensor:
+    def _spread(self, tap_grad: Callable[..., Tensor], chain: bool = False) -> Tensor:
         """Sum each output's gradient into its window: tap t (row a, column b) of output (i, j) is
         input (i*s + a*d, j*s + b*d). Split by stride phase, r = a*d mod s, that is coarse row
         i + a*d // s of phase r: so each tap's (N, C, Ho, Wo) gradient `tap_grad(t)` is padded
         (shifted) onto its phase's coarse grid and added, and the phases are interleaved into the
         input grid by one stack and reshape. A scatter-add with no scatter, and only one tap's
-        gradient alive at a time (a stacked grouped transposed conv held all k*k of them)."""
+        gradient alive at a time (a stacked grouped transposed conv held all k*k of them).
+        With `chain`, `tap_grad(t, last)` also gets the sum the previous tap was added into (None
+        for the first), to make tap t depend on it: onnxruntime otherwise computes every tap's
+        gradient before adding any (measured: 9 gradient-sized tensors alive in a 3x3 max pool)."""
         (kh, kw), (sh, sw), (dh, dw) = self.k, self.s, self.d
         (ho, wo), (h, w), (ph, pw) = self.out_hw, self.hw, self.p
         rh, rw = self._reach()
         hc, wc = -(-rh // sh), -(-rw // sw)  # coarse grid of every phase
         phases: dict[tuple[int, int], Tensor] = {}
+        last: Tensor | None = None
         for a in range(kh):
             for b in range(kw):
                 (oa, ra), (ob, rb) = divmod(a * dh, sh), divmod(b * dw, sw)
-                t = tap_grad(a * kw + b)
+                t = tap_grad(a * kw + b, last) if chain else tap_grad(a * kw + b)
                 pads = (ob, wc - wo - ob, oa, hc - ho - oa)
                 t = F.pad(t, pads) if any(pads) else t
-                phases[ra, rb] = phases[ra, rb] + t if (ra, rb) in phases else t
+                phases[ra, rb] = last = phases[ra, rb] + t if (ra, rb) in phases else t
+                del t
+        del last
         if (sh, sw) == (1, 1):
             gx = phases[0, 0]
         else:
@@ -128,6 +134,12 @@ class _Windowed(Rule):
         if (ph, pw, fh, fw) != (0, 0, h, w):
             gx = gx[:, :, ph : ph + h, pw : pw + w].clone()  # a copy, as the exported Slice: frees gx
         return gx
+
+
+def _exact_zero(t: Tensor) -> Tensor:
+    """A one-element 0.0 computed from `t` (NaN and inf included): a data dependency on `t` for
+    graph runtimes with their own scheduler, at the cost of one element."""
+    return (t.reshape(-1)[:1] > float("inf")).to(t.dtype)
 
 
 class MaxPool(_Windowed):
@@ -160,10 +172,14 @@ class MaxPool(_Windowed):
             return self.compute(xs, w), {}
         xp = self._pad(self._4d(xs[0], self.hw), float("-inf"))
         kh, kw = self.k
-        m = self._tap(xp, 0, 0)
+        # Every tap's view first (free in eager): onnxruntime's default order is a depth-first walk
+        # back from the outputs that visits an op's latest-created input first, so slices created
+        # before the running max are each computed just before their comparison, not all up front.
+        views = [self._tap(xp, t // kw, t % kw) for t in range(self.taps)]
+        m = views[0]
         idx = torch.zeros_like(m, dtype=self.index_dtype)
         for t in range(1, self.taps):
-            v = self._tap(xp, t // kw, t % kw)
+            v = views[t]
             better = v > m  # strict: the first maximum stays
             m = torch.where(better, v, m)
             idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
@@ -173,7 +189,8 @@ class MaxPool(_Windowed):
         g = self._4d(g, self.out_hw)
         idx = kept["i"].to(g.dtype)  # compared as float: integer Equal kernels are patchy in runtimes
         square_tiles = self.tiles and self.nd == 2 and self.k[0] == self.k[1]
-        gx = self._tile_spread(g, idx) if square_tiles else self._spread(lambda t: torch.where(idx == t, g, 0.0))
+        gx = self._tile_spread(g, idx) if square_tiles else self._spread(
+            lambda t, last: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0), chain=True)
         return [self._nd(gx, self.hw)], {}
 
     def _tile_spread(self, g: Tensor, idx: Tensor) -> Tensor:
