@@ -256,6 +256,10 @@ def markdown(results: dict) -> str:
                    f"{t['batch_size']}")
         out.append("")
         out.append(f"{t['note']}. {t['train_n']} train / {t['test_n']} test images, {t['num_classes']} classes.")
+        if t.get("run"):  # a task run on its own, later than the rest, and merged into the results file
+            run = t["run"]
+            out.append(f"Run on its own on {run['date']} ({run['machine']}, onnxruntime {run['onnxruntime']}) "
+                       f"with `{run['command']}`, {run['total_s'] / 60:.1f} min in all.")
         out.append("")
         out.append("| recipe | trainable | lr | epochs | steps | test acc % | Δ full | train acc % | ms/step | "
                    "time/run (export + fit) |")
