@@ -133,16 +133,24 @@ def test_light_install_has_no_host_packages_and_is_small(light):
     assert _site_packages_mb(light) <= MAX_SITE_PACKAGES_MB
 
 
-def test_light_install_fits_to_the_hosts_loss(light, bundle_and_data, tmp_path):
+def _fit_matches_the_host(python, bundle_and_data, *device_args) -> dict:
+    """One epoch of `fit` with the signed bundle on `python`'s light install and on the host: the same
+    steps and final loss. The device's JSON."""
     bundle, data, pub = bundle_and_data
     fit = ("fit", bundle, "--data", data, "--epochs", 1, "--json", "--no-progress")
-    device = _cli(light, *fit, "--checkpoint", tmp_path / "ckpt.npz", "--trusted-key", pub)
+    device = _cli(python, *fit, *device_args, "--trusted-key", pub)
     assert device.returncode == 0, device.stderr
     host = _cli(sys.executable, *fit)
     assert host.returncode == 0, host.stderr
     d, h = json.loads(device.stdout), json.loads(host.stdout)
     assert d["steps"] == h["steps"] > 0
     np.testing.assert_allclose(d["final_loss"], h["final_loss"], rtol=1e-4)
+    return d
+
+
+def test_light_install_fits_to_the_hosts_loss(light, bundle_and_data, tmp_path):
+    bundle = bundle_and_data[0]
+    d = _fit_matches_the_host(light, bundle_and_data, "--checkpoint", tmp_path / "ckpt.npz")
     assert d["test_accuracy"] > 0.5
 
     out = tmp_path / "model.onnx"
@@ -168,12 +176,4 @@ def test_light_install_refuses_a_bundle_altered_after_signing(light, bundle_and_
 def test_python310_light_install_less_sympy_is_small_and_fits_to_the_hosts_loss(wheel, bundle_and_data, tmp_path_factory):
     python = _light_venv("3.10", wheel, tmp_path_factory, without=("sympy", "mpmath"))
     assert _site_packages_mb(python) <= MAX_SITE_PACKAGES_MB
-    bundle, data, pub = bundle_and_data
-    fit = ("fit", bundle, "--data", data, "--epochs", 1, "--json", "--no-progress")
-    device = _cli(python, *fit, "--trusted-key", pub)
-    assert device.returncode == 0, device.stderr
-    host = _cli(sys.executable, *fit)
-    assert host.returncode == 0, host.stderr
-    d, h = json.loads(device.stdout), json.loads(host.stdout)
-    assert d["steps"] == h["steps"] > 0
-    np.testing.assert_allclose(d["final_loss"], h["final_loss"], rtol=1e-4)
+    _fit_matches_the_host(python, bundle_and_data)
