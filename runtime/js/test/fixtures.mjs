@@ -1,11 +1,16 @@
 // Test fixtures made by the host: an `onnx` bundle of mnist_cnn bias+mask and the digits data,
-// exported once per checkout into a temp directory (EDGETL_JS_FIXTURES overrides it).
+// exported once per checkout into node_modules/.cache (EDGETL_JS_FIXTURES overrides it); the scratch
+// files a test makes lie in one temp directory per test process, removed when the process exits.
 import { execFileSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+
+// onnxruntime-node 1.30's telemetry leaves an empty /tmp/mat-debug-<pid>.log behind every process that
+// makes a session (read when the first session is made; child processes inherit it)
+process.env.ORT_DISABLE_TELEMETRY ??= "1";
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const PYTHON = process.env.EDGETL_PYTHON ?? path.join(ROOT, ".venv/bin/python");
@@ -21,7 +26,18 @@ export function fixtures() {
     for (const f of fs.readdirSync(path.join(ROOT, dir)).filter((f) => f.endsWith(".py")).sort()) h.update(fs.readFileSync(path.join(ROOT, dir, f)));
   }
   const key = h.digest("hex").slice(0, 12);
-  const dir = process.env.EDGETL_JS_FIXTURES ?? path.join(os.tmpdir(), `edgetl-js-fixtures-${key}`);
+  let dir = process.env.EDGETL_JS_FIXTURES;
+  if (!dir) {
+    // inside the checkout, not the shared temp directory: a new version of the exporters replaces the
+    // fixtures of older ones (and the leftovers of an interrupted export) instead of adding a directory
+    const cache = path.join(ROOT, "runtime/js/node_modules/.cache/edgetl-test-fixtures");
+    dir = path.join(cache, key);
+    if (fs.existsSync(cache)) {
+      for (const old of fs.readdirSync(cache).filter((f) => f !== key && !f.startsWith(`${key}.tmp-`))) {
+        fs.rmSync(path.join(cache, old), { recursive: true, force: true });
+      }
+    }
+  }
   const bundle = path.join(dir, "bundle"), data = path.join(dir, "digits.npz"), small = path.join(dir, "small.npz");
   const adamw = path.join(dir, "adamw");
   if (!fs.existsSync(path.join(dir, "done"))) {
@@ -48,11 +64,23 @@ export function fixtures() {
   return { dir, bundle, data, small, adamw };
 }
 
+let scratch = null;
+
+/** This process's temp directory (made on first use, removed with everything in it at exit). */
+function scratchDir() {
+  if (scratch === null) {
+    scratch = fs.mkdtempSync(path.join(os.tmpdir(), "edgetl-js-"));
+    process.on("exit", () => fs.rmSync(scratch, { recursive: true, force: true }));
+  }
+  return scratch;
+}
+
 /** A copy of the bundle in a fresh temp directory, to tamper with. */
 export function copyBundle(bundle) {
-  const out = fs.mkdtempSync(path.join(os.tmpdir(), "edgetl-js-bundle-"));
+  const out = fs.mkdtempSync(path.join(scratchDir(), "bundle-"));
   fs.cpSync(bundle, out, { recursive: true });
   return out;
 }
 
-export const tmpFile = (name) => path.join(fs.mkdtempSync(path.join(os.tmpdir(), "edgetl-js-")), name);
+/** A path `name` in a fresh, empty temp directory. */
+export const tmpFile = (name) => path.join(fs.mkdtempSync(path.join(scratchDir(), "f-")), name);
