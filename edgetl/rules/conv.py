@@ -116,8 +116,11 @@ class Conv2d(Rule):
         # trim the far pads to what the last tap reads: the result is then exactly kh x kw
         b = (kh - 1) * dh + sh * (ho - 1) + 1 - t - h
         r = (kw - 1) * dw + sw * (wo - 1) + 1 - l - wd
-        xt = x.reshape(-1, gr, cin_g, h, wd).permute(2, 1, 0, 3, 4).reshape(cin_g, -1, h, wd)
-        gt = g.reshape(-1, gr, cout_g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, -1, ho, wo)
+        # the batch as a Python int: ONNX Conv's exporter needs the kernel's (gt's) shape, and the
+        # exported train step's batch is static anyway
+        n = int(x.shape[0])
+        xt = x.reshape(n, gr, cin_g, h, wd).permute(2, 1, 0, 3, 4).reshape(cin_g, gr * n, h, wd)
+        gt = g.reshape(n, gr, cout_g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, n, ho, wo)
         if t == b and l == r:
             pad = (t, l)
         else:  # a zero Pad the ONNX pass folds into the Conv (a crop where negative: stays a Pad)
