@@ -13,6 +13,13 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def bias_grad(g: Tensor, chw: tuple[int, int, int]) -> Tensor:
+    """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw): positions first, then the
+    batch. onnxruntime's ReduceSum over the contiguous last axis and then a small (N, C) one is ~2x
+    faster than one ReduceSum over axes (0, 2, 3). Static sizes: one constant shape, no Shape ops."""
+    return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
+
+
 class Conv2d(Rule):
     kind = "conv2d"
     quantizable = True
@@ -55,7 +62,7 @@ class Conv2d(Rule):
     def backward(self, g, kept, w, need):
         grads: dict[str, Tensor] = {}
         if "bias" in need.params:
-            grads["bias"] = g.sum((0, 2, 3))
+            grads["bias"] = bias_grad(g, self.out_chw)
         if "weight" in need.params:
             grads["weight"] = self._weight_grad(kept["x"], g)
         gx = self._input_grad(g, w["weight"]) if need.inputs[0] else None
