@@ -15,7 +15,7 @@ from edgetl.runtime.targets import LOGITS, ONNX, X, param_name, state_name
 from edgetl.step import LeanEval, LeanStep
 
 from .lora import LORA_FILE, merged_model, write_lora_file
-from .onnx_passes import fuse_pad_into_conv
+from .onnx_passes import fuse_pad_into_conv, rank_match_scalars
 
 OPSET = 17
 
@@ -48,6 +48,7 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
                           do_constant_folding=False, dynamo=False, dynamic_axes=dynamic)
     model = onnx.load_from_string(buf.getvalue())
     fuse_pad_into_conv(model)
+    rank_match_scalars(model)
     onnx.checker.check_model(model)
     onnx.save(model, path)
 

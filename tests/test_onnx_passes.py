@@ -1,4 +1,5 @@
-"""The onnx exporter's graph rewrites: TF-same (asymmetric) padding runs as the Conv's own pads, no Pad copy."""
+"""The onnx exporter's graph rewrites: TF-same (asymmetric) padding runs as the Conv's own pads, no Pad copy;
+scalars broadcast at the other operand's rank (onnxruntime's slow path for (O, I, 1, 1) weights)."""
 import numpy as np
 import onnx
 import torch
@@ -20,16 +21,14 @@ def _tf_same_net() -> nn.Module:
     return net.eval()
 
 
-def test_asymmetric_pads_fold_into_conv_and_the_step_still_matches_torch(tmp_path):
-    pm = edgetl.prepare(_tf_same_net(), "bias+mask", num_classes=4, input_shape=(3, 16, 16))
-    opt = edgetl.OptimizerConfig.make("sgd", lr=0.05, momentum=0.0)
-    bundle = export(pm, "onnx", tmp_path / "b", opt, batch_size=4)
-    for program in ("train_step", "eval"):
-        g = onnx.load(bundle / f"{program}.onnx").graph
-        assert not [n.name for n in g.node if n.op_type == "Pad"], program
-        pads = [list(a.ints) for n in g.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
-        assert [0, 0, 1, 1] in pads and [1, 1, 2, 2] in pads, (program, pads)
+def _tf_same_pointwise_net() -> nn.Module:
+    net = _tf_same_net()
+    net.insert(8, nn.Conv2d(16, 12, 1))  # a pointwise weight (O, I, 1, 1) for the optimizer's scalars
+    net[-1] = nn.Linear(12, 10)
+    return net
 
+
+def _steps_match_torch(pm, opt, bundle) -> None:
     rng = np.random.default_rng(0)
     batches = [(rng.random((4, 3, 16, 16), dtype=np.float32), rng.integers(0, 4, 4)) for _ in range(3)]
     step = pm.step_module(opt)
@@ -43,3 +42,34 @@ def test_asymmetric_pads_fold_into_conv_and_the_step_still_matches_torch(tmp_pat
     for name in pm.trainable:
         ref = params[name].numpy()
         assert np.abs(got[name] - ref).max() <= 1e-4 * (np.abs(ref).max() + 1e-12), name
+
+
+def test_scalars_broadcast_at_full_rank_and_full_fine_tuning_matches_torch(tmp_path):
+    """`full` with momentum: the update's scalars meet 4-D weights (rank-matched by the pass), and the
+    weight gradients of strided, TF-same, depthwise and pointwise convs run in onnxruntime."""
+    pm = edgetl.prepare(_tf_same_pointwise_net(), "full", num_classes=4, input_shape=(3, 16, 16))
+    opt = edgetl.OptimizerConfig.make("sgd", lr=0.05, momentum=0.9)
+    bundle = export(pm, "onnx", tmp_path / "b", opt, batch_size=4)
+    g = onnx.shape_inference.infer_shapes(onnx.load(bundle / "train_step.onnx")).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*g.input, *g.value_info]}
+    shapes |= {i.name: list(i.dims) for i in g.initializer}
+    assert any(len(s) == 4 and s[2:] == [1, 1] for s in shapes.values())  # the pointwise weight is there
+    lower_rank_scalars = [n.name for n in g.node if n.op_type in ("Add", "Sub", "Mul", "Div")
+                          for a, b in [[shapes.get(i) for i in n.input]] if a is not None and b is not None
+                          and min(len(a), len(b)) < max(len(a), len(b)) >= 2
+                          and all(d == 1 for d in min(a, b, key=len))]
+    assert not lower_rank_scalars
+    _steps_match_torch(pm, opt, bundle)
+
+
+def test_asymmetric_pads_fold_into_conv_and_the_step_still_matches_torch(tmp_path):
+    pm = edgetl.prepare(_tf_same_net(), "bias+mask", num_classes=4, input_shape=(3, 16, 16))
+    opt = edgetl.OptimizerConfig.make("sgd", lr=0.05, momentum=0.0)
+    bundle = export(pm, "onnx", tmp_path / "b", opt, batch_size=4)
+    for program in ("train_step", "eval"):
+        g = onnx.load(bundle / f"{program}.onnx").graph
+        assert not [n.name for n in g.node if n.op_type == "Pad"], program
+        pads = [list(a.ints) for n in g.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
+        assert [0, 0, 1, 1] in pads and [1, 1, 2, 2] in pads, (program, pads)
+
+    _steps_match_torch(pm, opt, bundle)

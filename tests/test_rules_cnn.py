@@ -551,3 +551,62 @@ def test_rules_run_as_one_executorch_program(tmp_path):
     outs = NativeMethod(tmp_path / "rules.pte")([a.numpy() for a in args])
     for got, want in zip(outs, module(*args)):
         np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+# --- conv weight gradients: each form (swapped-batch conv, batched 1x1 matmul, per-tap matmuls) ----
+
+CONV_WEIGHT_GRADS = {  # name: (rule args, Cin, Cout, (H, W)) -- the weight gradient's form in brackets
+    "dense_3x3s1p1": ((3, 1, 1), 4, 6, (9, 7)),  # [conv]
+    "dense_3x3s2p1_even": ((3, 2, 1), 4, 6, (10, 8)),  # [conv] the far pad trimmed to what the last tap reads
+    "tf_same_s2": ((5, 2, (1, 2, 1, 2)), 3, 6, (10, 10)),  # [conv] asymmetric pads, folded into the Conv
+    "crop_s3": ((3, 3, 0), 4, 4, (11, 10)),  # [conv] rows no tap reads: a negative pad crops them
+    "depthwise_k5s1p2": ((5, 1, 2, 1, 4), 4, 4, (9, 7)),  # [conv]
+    "depthwise_s2": ((3, 2, 1, 1, 4), 4, 4, (10, 9)),  # [conv]
+    "depthwise_multiplier": ((3, 2, 1, 1, 3), 3, 6, (9, 9)),  # [conv]
+    "grouped_rect": (((3, 2), (2, 1), (1, 0), 1, 2), 4, 6, (9, 7)),  # [conv]
+    "dilated": ((3, 1, 2, 2), 4, 4, (9, 8)),  # [conv]
+    "dilated_strided_grouped": ((3, 2, 2, 2, 2), 4, 4, (11, 9)),  # [conv]
+    "pointwise": ((1,), 4, 6, (5, 4)),  # [batched matmul]
+    "pointwise_wide": ((1,), 24, 32, (2, 2)),  # [one tap] channels dwarf positions
+    "pointwise_s2": ((1, 2), 4, 6, (7, 6)),  # [one tap]
+    "pointwise_grouped": ((1, 1, 0, 1, 2), 4, 6, (5, 4)),  # [one tap]
+}
+
+
+def _autograd_weight_grad(rule, x, wt, g):
+    t, b, l, r = rule.pads
+    w = wt.clone().requires_grad_(True)
+    F.conv2d(F.pad(x, (l, r, t, b)), w, None, rule.stride, 0, rule.dilation, rule.groups).backward(g)
+    return w.grad
+
+
+@pytest.mark.parametrize("case", list(CONV_WEIGHT_GRADS))
+def test_conv_weight_gradient_matches_autograd_in_torch_and_onnxruntime(case):
+    import onnx
+
+    from exporters.onnx_passes import fuse_pad_into_conv
+
+    args, cin, cout, hw = CONV_WEIGHT_GRADS[case]
+    rule = R.Conv2d(*args)
+    x, wt, b = _x((3, cin, *hw)), _x((cout, cin // rule.groups, *rule.kernel), 1) * 0.3, _x((cout,), 2)
+    rule = bind(rule, x, {"weight": wt, "bias": b})
+    g = torch.randn(rule.compute([x], {"weight": wt}).shape, generator=torch.Generator().manual_seed(4))
+    ref = _autograd_weight_grad(rule, x, wt, g)
+    _, _, gp, _ = lean_grads(rule, x, g, {"weight": wt, "bias": b}, frozenset({"weight"}))
+    assert gp["weight"].shape == wt.shape and rel_err(gp["weight"], ref) < 1e-5
+
+    class WeightGrad(torch.nn.Module):
+        def forward(self, x, g):
+            return rule.backward(g, {"x": x}, {"weight": wt}, Need((False,), frozenset({"weight"})))[1]["weight"]
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WeightGrad(), (x, g), buf, input_names=["x", "g"], output_names=["dw"], opset_version=17,
+                          do_constant_folding=False, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    fuse_pad_into_conv(model)  # as the onnx exporter does
+    assert ("Pad" in {n.op_type for n in model.graph.node}) == (case == "crop_s3")  # zero pads live in the Conv
+    sess = ort.InferenceSession(model.SerializeToString())
+    (dw,) = sess.run(None, {"x": x.numpy(), "g": g.numpy()})
+    assert rel_err(torch.from_numpy(dw), ref) < 1e-5

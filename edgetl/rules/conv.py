@@ -13,6 +13,13 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def bias_grad(g: Tensor, chw: tuple[int, int, int]) -> Tensor:
+    """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw): positions first, then the
+    batch. onnxruntime's ReduceSum over the contiguous last axis and then a small (N, C) one is ~2x
+    faster than one ReduceSum over axes (0, 2, 3). Static sizes: one constant shape, no Shape ops."""
+    return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
+
+
 class Conv2d(Rule):
     kind = "conv2d"
     quantizable = True
@@ -55,7 +62,7 @@ class Conv2d(Rule):
     def backward(self, g, kept, w, need):
         grads: dict[str, Tensor] = {}
         if "bias" in need.params:
-            grads["bias"] = g.sum((0, 2, 3))
+            grads["bias"] = bias_grad(g, self.out_chw)
         if "weight" in need.params:
             grads["weight"] = self._weight_grad(kept["x"], g)
         gx = self._input_grad(g, w["weight"]) if need.inputs[0] else None
@@ -88,9 +95,48 @@ class Conv2d(Rule):
         return wt if (kh, kw) == (1, 1) else wt.flip(2, 3)
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
-        # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d]:
-        # one strided slice of the input and one batched matmul per kernel tap. Shapes are static
-        # Python ints (only the batch is left to the runtime), so it exports cleanly.
+        # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d].
+        # Shapes are static Python ints (only the batch is left to the runtime), so it exports cleanly.
+        # Measured in onnxruntime (one thread, Lite0 shapes): a kxk kernel as one convolution with batch
+        # and channels swapped is 2-7x faster than a matmul per kernel tap; a 1x1 kernel as one batched
+        # matmul over the batch is 4-8x faster than one tap, unless the channels dwarf the positions.
+        cin, cout = self.in_chw[0], self.out_chw[0]
+        p = self.out_chw[1] * self.out_chw[2]
+        if self.kernel != (1, 1):
+            return self._weight_grad_conv(x, g)
+        if self.groups == 1 and self.stride == (1, 1) and not any(self.pads) and cin * cout <= p * (cin + cout):
+            # (N, Cout, P) @ (N, P, Cin) summed over N; onnxruntime fuses the transpose into the matmul
+            return torch.matmul(g.reshape(-1, cout, p), x.reshape(-1, cin, p).transpose(1, 2)).sum(0).reshape(
+                cout, cin, 1, 1)
+        return self._weight_grad_taps(x, g)
+
+    def _weight_grad_conv(self, x: Tensor, g: Tensor) -> Tensor:
+        # The input with batch and channels swapped, (Cin_g, G*N, H, W), convolved with the gradient as
+        # the kernel, (Cout, N, Ho, Wo), in G groups: the stride becomes the dilation and the dilation
+        # the stride, and the result is (Cin_g, Cout, kh, kw).
+        cin, h, wd = self.in_chw
+        cout, ho, wo = self.out_chw
+        gr = self.groups
+        cin_g, cout_g = cin // gr, cout // gr
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        t, b, l, r = self.pads
+        # trim the far pads to what the last tap reads: the result is then exactly kh x kw
+        b = (kh - 1) * dh + sh * (ho - 1) + 1 - t - h
+        r = (kw - 1) * dw + sw * (wo - 1) + 1 - l - wd
+        # the batch as a Python int: ONNX Conv's exporter needs the kernel's (gt's) shape, and the
+        # exported train step's batch is static anyway
+        n = int(x.shape[0])
+        xt = x.reshape(n, gr, cin_g, h, wd).permute(2, 1, 0, 3, 4).reshape(cin_g, gr * n, h, wd)
+        gt = g.reshape(n, gr, cout_g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, n, ho, wo)
+        if t == b and l == r:
+            pad = (t, l)
+        else:  # a zero Pad the ONNX pass folds into the Conv (a crop where negative: stays a Pad)
+            xt, pad = F.pad(xt, (l, r, t, b)), (0, 0)
+        dw_ = F.conv2d(xt, gt, None, self.dilation, pad, self.stride, gr)
+        return dw_.permute(1, 0, 2, 3)
+
+    def _weight_grad_taps(self, x: Tensor, g: Tensor) -> Tensor:
+        # one strided slice of the input and one batched matmul per kernel tap
         x, pad = self._padded(x)
         if pad != (0, 0):
             x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))

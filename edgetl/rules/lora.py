@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import Rule, Tensor
-from .conv import Conv2d
+from .conv import Conv2d, bias_grad
 from .linear import Linear
 
 LORA_ROLES = ("lora_a", "lora_b")
@@ -108,7 +108,7 @@ class LoraConv2d(Conv2d):
         a, b = w["lora_a"], w["lora_b"]
         r = a.shape[0]
         if "bias" in need.params:
-            grads["bias"] = g.sum((0, 2, 3))
+            grads["bias"] = bias_grad(g, self.out_chw)
         # the gradient reaching A·x: B^T applied per position, (N, r, Ho, Wo)
         gb = F.conv2d(g, b.reshape(cout, r).t().reshape(r, cout, 1, 1))
         if _needs_x(need):
