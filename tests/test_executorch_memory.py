@@ -6,6 +6,7 @@ whole forward into one delegate call whose outputs are all the activations the m
 from, alive at once, and re-sort the graph breadth-first: both recipes then get the same plan."""
 import json
 
+import numpy as np
 import pytest
 import torch.nn as nn
 
@@ -34,7 +35,7 @@ def planned(tmp_path_factory):
         pm = edgetl.prepare(_relu6_cnn(), recipe, num_classes=10, input_shape=(3, SIZE, SIZE))
         bundle = export(pm, "executorch", root / recipe.replace("+", "_"), OptimizerConfig.make("sgd", lr=0.05),
                         batch_size=B)
-        out[recipe] = (pm, json.loads((bundle / "manifest.json").read_text()))
+        out[recipe] = (pm, json.loads((bundle / "manifest.json").read_text()), bundle)
     return out
 
 
@@ -46,3 +47,35 @@ def test_masks_shrink_the_executorch_plan(planned):
     bias = planned["bias"][1]["executorch"]["planned_bytes"]
     masked = planned["bias+mask"][1]["executorch"]["planned_bytes"]
     assert masked < 0.65 * bias, (masked, bias)
+
+
+def _train(bundle, release: bool):
+    from edgetl.runtime import Trainer
+
+    t = Trainer.load(bundle, release_program=release)
+    rng = np.random.default_rng(0)
+    x = rng.random((3 * B, 3, SIZE, SIZE), dtype=np.float32)
+    y = rng.integers(0, 10, len(x))
+    t.fit(x, y, epochs=2, seed=0)
+    return t, t.get_state(), t.backend.logits(t._x(x))
+
+
+@pytest.mark.slow
+def test_released_program_pages_are_not_read_again(planned):
+    """After loading, the backend hands back the pages of each program that ExecuTorch has freed,
+    above all the fp32 frozen weights (restored from int8) once XNNPACK has packed them. Were any
+    of them still read, it would read zeros: training and evaluation must match a load that keeps
+    the whole program, bit for bit, and the release must cover the frozen weights."""
+    from edgetl.runtime.backends.executorch_q8 import _header
+
+    bundle = planned["bias+mask"][2]
+    released, state, logits = _train(bundle, True)
+    kept, state_k, logits_k = _train(bundle, False)
+    assert kept.backend.train.released_bytes == 0
+    for name in state_k:
+        assert np.array_equal(state[name], state_k[name]), name
+    assert np.array_equal(logits, logits_k)
+    for method, file in ((released.backend.train, "train_step.pte"), (released.backend.eval, "eval.pte")):
+        blobs = [b[1] for b in _header((bundle / file).read_bytes())[0]["blobs"]]  # the fp32 frozen weights
+        # whole pages only: up to one page lost at each end of each blob
+        assert blobs and method.released_bytes >= sum(blobs) - 2 * 4096 * len(blobs), (file, method.released_bytes)
