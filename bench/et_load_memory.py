@@ -7,7 +7,7 @@ Each bundle runs in a fresh child process with torch blocked and glibc returning
 stage it records resident memory (VmRSS) and the process peak so far (VmHWM), both from /proc:
 interpreter and runtime imported, bundle checked, each program restored / loaded / its freed pages
 released (ExecuTorch) or its session created (onnx), state set, a warm-up step, the measured steps.
-`--keep-program` loads ExecuTorch programs without releasing the pages ExecuTorch has freed (before/after).
+`--keep-program` loads ExecuTorch programs as before: every page kept, no packed weights shared.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def child(path: str, steps: int, keep: bool) -> list[dict]:
 
         _lib()
         stage("ExecuTorch runtime libraries loaded")
-        backend = ExecuTorchBackend(bundle, release_program=not keep, on_stage=stage)
+        backend = ExecuTorchBackend(bundle, release_program=not keep, share_weights=not keep, on_stage=stage)
     else:
         import onnxruntime  # noqa: F401
 

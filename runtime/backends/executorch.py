@@ -47,6 +47,8 @@ _SHIM_SOURCE = r"""
 #include <utility>
 #include <vector>
 
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/core/data_loader.h>
 #include <executorch/extension/memory_allocator/malloc_memory_allocator.h>
 #include <executorch/runtime/executor/method.h>
@@ -181,6 +183,39 @@ void* etl_open(const void* data, size_t size, const char* name) {
   return h.release();
 }
 
+// XNNPACK's workspace sharing (0: one workspace per delegate call, 1: per program, 2: all programs);
+// mode < 0 only reads it. Returns the mode in effect, or -1 (see etl_last_error).
+int etl_xnnpack_sharing(int mode) {
+  runtime_init();
+  if (mode >= 0) {
+    BackendOptions<1> set;
+    set.set_option("workspace_sharing_mode", mode);
+    Error e = set_option("XnnpackBackend", set.view());
+    if (e != Error::Ok) return fail("XNNPACK refused workspace_sharing_mode " + std::to_string(mode));
+  }
+  BackendOptions<1> get;
+  get.set_option("workspace_sharing_mode", -1);
+  if (get_option("XnnpackBackend", get.view()) != Error::Ok) return fail("cannot read XNNPACK's options");
+  const int* v = std::get_if<int>(&get.view()[0].value);
+  return v ? *v : fail("XNNPACK's workspace_sharing_mode is not an integer");
+}
+
+// XNNPACK's weight cache (packed weights shared by every delegate call and program that packs the
+// same constant); enable < 0 only reads it. Returns 0 or 1, or -1 (see etl_last_error).
+int etl_xnnpack_weight_cache(int enable) {
+  runtime_init();
+  if (enable >= 0) {
+    BackendOptions<1> set;
+    set.set_option("weight_cache_enabled", enable != 0);
+    if (set_option("XnnpackBackend", set.view()) != Error::Ok) return fail("XNNPACK refused weight_cache_enabled");
+  }
+  BackendOptions<1> get;
+  get.set_option("weight_cache_enabled", false);
+  if (get_option("XnnpackBackend", get.view()) != Error::Ok) return fail("cannot read XNNPACK's options");
+  const bool* v = std::get_if<bool>(&get.view()[0].value);
+  return v ? (int)*v : fail("XNNPACK's weight_cache_enabled is not a bool");
+}
+
 void etl_close(void* p) { delete static_cast<Handle*>(p); }
 size_t etl_release(void* p) { return static_cast<Handle*>(p)->loader->release(); }
 size_t etl_planned_bytes(void* p) { return static_cast<Handle*>(p)->planned_bytes; }
@@ -313,6 +348,19 @@ def _build_shim() -> Path:
 _LIB = None
 
 
+def share_packed_weights(on: bool) -> bool:
+    """Whether XNNPACK packs a constant once for every delegate call and program that uses it (its
+    weight cache), e.g. the frozen weights of the eval program and the train step's forward; for
+    programs loaded after the call, process-wide. False where the runtime cannot (an older shim)."""
+    L = _lib()
+    if not hasattr(L, "etl_xnnpack_weight_cache"):
+        return False
+    got = L.etl_xnnpack_weight_cache(1 if on else 0)
+    if got < 0:
+        raise EdgeRuntimeError(f"ExecuTorch: {(L.etl_last_error() or b'').decode(errors='replace')}")
+    return bool(got)
+
+
 def _lib():
     global _LIB
     if _LIB is None:
@@ -332,6 +380,9 @@ def _lib():
             L.etl_output_meta.argtypes = [vp, i32, ip, ip, i64p]
         L.etl_set_input.argtypes = [vp, i32, vp, i32, i32, i64p]
         L.etl_output.argtypes = [vp, i32, ip, ip, i64p, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)]
+        for f in ("etl_xnnpack_weight_cache", "etl_xnnpack_sharing"):
+            if hasattr(L, f):
+                getattr(L, f).argtypes = [i32]
         _LIB = L
     return _LIB
 
@@ -427,10 +478,13 @@ class NativeMethod:
 
 
 class ExecuTorchBackend(HostStateBackend):
-    def __init__(self, bundle: Bundle, release_program: bool = True, on_stage: Callable[[str], None] | None = None):
-        """`release_program`, `on_stage`: see NativeMethod (stages are named 'train_step: loaded', ...)."""
+    def __init__(self, bundle: Bundle, release_program: bool = True, share_weights: bool = True,
+                 on_stage: Callable[[str], None] | None = None):
+        """`release_program`, `on_stage`: see NativeMethod (stages are named 'train_step: loaded', ...).
+        `share_weights`: see share_packed_weights (the eval program then packs no weights of its own)."""
         super().__init__(bundle)
         stage = on_stage or (lambda _: None)
+        share_packed_weights(share_weights)
         methods = {}
         for role in ("train_step", "eval"):
             # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
