@@ -6,7 +6,7 @@ blocked, accepts only `torch.Tensor` inputs (numpy arrays, buffers and DLPack ob
 with "Unsupported python type") and returns torch tensors; `executorch.runtime.Runtime` goes
 through the same extension. The wheel's C++ runtime libraries (`libexecutorch*.so`) do not
 depend on torch, and the wheel ships their headers, so this backend drives them through a tiny C
-shim (below, ~120 lines) built once with the system C++ compiler and cached, called via ctypes
+shim (below) built once with the system C++ compiler and cached, called via ctypes
 with numpy arrays. Set EDGETL_ET_SHIM to a prebuilt shim to skip the build (e.g. on a device).
 """
 from __future__ import annotations
@@ -474,7 +474,10 @@ class NativeMethod:
         self._buffer = None  # the view first: a mapping with a live export cannot close
         m = getattr(self, "_map", None)
         if m is not None:
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view of it is still alive somewhere: the mapping goes with it
+                pass
 
 
 class ExecuTorchBackend(HostStateBackend):
