@@ -162,6 +162,10 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
     shapes = {name: t.shape for name, t in prepared.graph.tensors.items()}
     program = Program(prepared.graph, lambda name, zero=None: torch.empty(shapes[name], device=meta))
     tracker = Tracker()
+    # The batch is resident for the whole step (input_bytes, below); a rule that keeps it for its
+    # backward (the first layer's weight gradient keeps x) holds the same storage, counted once.
+    tracker.hold("input:x", x, "input")
+    tracker.hold("input:y", y, "input")
     with _Observe(tracker):
         peak, peak_at, by_kind, kept_list, kept_bytes, kept_by_kind = _replay(
             prepared, program, optimizer, x, y, params, state, tracker)
@@ -179,10 +183,10 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
         optimizer_state_bytes=static["state"],
         input_bytes=static["input"],
         kept_activations_bytes=kept_bytes,
-        transient_peak_bytes=peak,
-        analytic_peak_bytes=sum(static.values()) + peak,
+        transient_peak_bytes=peak - static["input"],
+        analytic_peak_bytes=sum(static.values()) + peak - static["input"],
         peak_at=peak_at,
-        peak_by_kind=by_kind,
+        peak_by_kind={k: v for k, v in by_kind.items() if k != "input"},  # the batch: input_bytes
         kept=kept_list,
         kept_by_kind=kept_by_kind,
     )

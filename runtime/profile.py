@@ -102,6 +102,26 @@ def measure_steps(step, steps: int) -> tuple[int, list[float], int]:
     return max(hwm - before, 0), times, hwm
 
 
+def analytic_step_bytes(manifest: dict, planned: int | None) -> int:
+    """The analytic model of what `measured_peak_bytes` measures, from the manifest.
+
+    A runtime with a planned arena (ExecuTorch): that plan, which its exporter computed from the
+    step's program (every tensor the program creates outside XNNPACK's delegates, at the offsets
+    the planner gave them). What the runtime allocates outside it is resident before the measured
+    step and so in neither figure: XNNPACK's packed weights (load) and its workspace for values
+    inside a delegate call (the first step; see BENCHMARKS.md, the ExecuTorch whole-process
+    breakdown). Otherwise: edgetl's lean-step model (the live set over the step's schedule) less
+    what is resident before the step."""
+    mem = manifest["analytic_memory"]
+    plan = manifest.get("executorch", {}).get("planned_bytes")
+    if planned is not None and plan is not None:
+        return int(plan)
+    resident = mem["frozen_weights_bytes"] + mem["trainable_params_bytes"] + mem["optimizer_state_bytes"]
+    if planned is None:  # the batch is the caller's array, resident before the step (a planned arena copies it in)
+        resident += mem["input_bytes"]
+    return int(mem["analytic_peak_bytes"] - resident)
+
+
 def check_profilable(trainer, steps: int, warmup: int) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
@@ -132,10 +152,7 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     planned = trainer.backend.planned_bytes()
     measured = above + (planned or 0)
     mem = b.manifest["analytic_memory"]
-    resident = mem["frozen_weights_bytes"] + mem["trainable_params_bytes"] + mem["optimizer_state_bytes"]
-    if planned is None:  # the batch is the caller's array, resident before the step (a planned arena copies it in)
-        resident += mem["input_bytes"]
-    step_bytes = mem["analytic_peak_bytes"] - resident
+    step_bytes = analytic_step_bytes(b.manifest, planned)
     return Profile(
         model=b.manifest["model"], recipe=b.manifest["recipe"], target=b.target, batch_size=b.batch_size,
         input_shape=list(b.input_shape), steps=steps, warmup=warmup, step_ms_median=float(np.median(times)),

@@ -6,7 +6,7 @@ blocked, accepts only `torch.Tensor` inputs (numpy arrays, buffers and DLPack ob
 with "Unsupported python type") and returns torch tensors; `executorch.runtime.Runtime` goes
 through the same extension. The wheel's C++ runtime libraries (`libexecutorch*.so`) do not
 depend on torch, and the wheel ships their headers, so this backend drives them through a tiny C
-shim (below, ~120 lines) built once with the system C++ compiler and cached, called via ctypes
+shim (below) built once with the system C++ compiler and cached, called via ctypes
 with numpy arrays. Set EDGETL_ET_SHIM to a prebuilt shim to skip the build (e.g. on a device).
 """
 from __future__ import annotations
@@ -15,11 +15,13 @@ import ctypes
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,12 +34,22 @@ from .base import HostStateBackend
 from .executorch_q8 import is_packed, unpack, unpacked_size
 
 _SHIM_SOURCE = r"""
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include <executorch/extension/data_loader/buffer_data_loader.h>
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
+#include <executorch/runtime/core/data_loader.h>
 #include <executorch/extension/memory_allocator/malloc_memory_allocator.h>
 #include <executorch/runtime/executor/method.h>
 #include <executorch/runtime/executor/program.h>
@@ -47,15 +59,89 @@ using namespace executorch::runtime;
 using executorch::aten::ScalarType;
 using executorch::aten::Tensor;
 using executorch::aten::TensorImpl;
-using executorch::extension::BufferDataLoader;
 using executorch::extension::MallocMemoryAllocator;
 
 namespace {
 thread_local std::string g_err;
 int fail(const std::string& msg) { g_err = msg; return -1; }
 
+// Reads the caller's buffer (which must outlive it) and counts, per loaded range, the loads
+// ExecuTorch still holds. What it has freed (a delegate's blob once the backend is initialized,
+// the weights XNNPACK has packed into its own storage) it promises not to read again, so
+// `release` can return those pages to the system.
+class CountingLoader final : public DataLoader {
+ public:
+  CountingLoader(const void* data, size_t size) : data_(static_cast<const uint8_t*>(data)), size_(size) {}
+
+  Result<FreeableBuffer> load(size_t offset, size_t size, const SegmentInfo&) const override {
+    if (offset > size_ || size > size_ - offset) return Error::InvalidArgument;
+    std::lock_guard<std::mutex> g(mu_);
+    ++held_[{offset, size}];
+    return FreeableBuffer(data_ + offset, size, &CountingLoader::on_free, const_cast<CountingLoader*>(this));
+  }
+
+  Error load_into(size_t offset, size_t size, const SegmentInfo&, void* buffer) const override {
+    if (buffer == nullptr || offset > size_ || size > size_ - offset) return Error::InvalidArgument;
+    std::memcpy(buffer, data_ + offset, size);
+    return Error::Ok;
+  }
+
+  Result<size_t> size() const override { return size_; }
+
+  // Drops (MADV_DONTNEED) the whole pages that only freed loads covered; returns their bytes.
+  // Only for a private anonymous mapping: those pages then read as zeros.
+  size_t release() const {
+    std::lock_guard<std::mutex> g(mu_);
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t base = (uintptr_t)data_;
+    std::vector<std::pair<uintptr_t, uintptr_t>> freed, held;  // absolute [start, end)
+    for (const auto& [range, n] : held_) {
+      uintptr_t a = base + range.first, b = a + range.second;
+      (n > 0 ? held : freed).emplace_back(a, b);
+    }
+    for (auto& [a, b] : held) a = a / page * page, b = (b + page - 1) / page * page;
+    std::sort(freed.begin(), freed.end());  // overlapping freed ranges merged: each page counted once
+    std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+    for (auto [a, b] : freed) {
+      if (!merged.empty() && a <= merged.back().second) merged.back().second = std::max(merged.back().second, b);
+      else merged.emplace_back(a, b);
+    }
+    freed.swap(merged);
+    size_t released = 0;
+    for (auto [a, b] : freed) {
+      uintptr_t pos = (a + page - 1) / page * page, stop = b / page * page;
+      while (pos < stop) {  // the freed pages between held ones
+        uintptr_t end = stop;
+        bool inside = false;
+        for (auto [ha, hb] : held) {
+          if (ha <= pos && pos < hb) { pos = hb; inside = true; break; }
+          if (pos < ha && ha < end) end = ha;
+        }
+        if (inside) continue;
+        if (madvise((void*)pos, end - pos, MADV_DONTNEED) == 0) released += end - pos;
+        pos = end;
+      }
+    }
+    held_.clear();  // each page at most once; nothing is loaded after the method is
+    return released;
+  }
+
+ private:
+  static void on_free(void* ctx, void* data, size_t size) {
+    auto* self = static_cast<CountingLoader*>(ctx);
+    std::lock_guard<std::mutex> g(self->mu_);
+    auto it = self->held_.find({(size_t)((const uint8_t*)data - self->data_), size});
+    if (it != self->held_.end() && it->second > 0) --it->second;
+  }
+
+  const uint8_t* const data_;
+  const size_t size_;
+  mutable std::mutex mu_;
+  mutable std::map<std::pair<size_t, size_t>, int> held_;  // (offset, size) -> loads not yet freed
+};
+
 struct Handle {
-  std::unique_ptr<BufferDataLoader> loader;  // reads the caller's buffer, which must outlive this
+  std::unique_ptr<CountingLoader> loader;
   std::unique_ptr<Program> program;
   MallocMemoryAllocator method_alloc;
   MallocMemoryAllocator temp_alloc;
@@ -74,7 +160,7 @@ const char* etl_last_error() { return g_err.c_str(); }
 void* etl_open(const void* data, size_t size, const char* name) {
   runtime_init();
   auto h = std::make_unique<Handle>();
-  h->loader = std::make_unique<BufferDataLoader>(data, size);
+  h->loader = std::make_unique<CountingLoader>(data, size);
   auto program = Program::load(h->loader.get(), Program::Verification::InternalConsistency);
   if (!program.ok()) {
     fail("cannot load the program (error " + std::to_string((int)program.error()) + ")");
@@ -97,7 +183,41 @@ void* etl_open(const void* data, size_t size, const char* name) {
   return h.release();
 }
 
+// XNNPACK's workspace sharing (0: one workspace per delegate call, 1: per program, 2: all programs);
+// mode < 0 only reads it. Returns the mode in effect, or -1 (see etl_last_error).
+int etl_xnnpack_sharing(int mode) {
+  runtime_init();
+  if (mode >= 0) {
+    BackendOptions<1> set;
+    set.set_option("workspace_sharing_mode", mode);
+    Error e = set_option("XnnpackBackend", set.view());
+    if (e != Error::Ok) return fail("XNNPACK refused workspace_sharing_mode " + std::to_string(mode));
+  }
+  BackendOptions<1> get;
+  get.set_option("workspace_sharing_mode", -1);
+  if (get_option("XnnpackBackend", get.view()) != Error::Ok) return fail("cannot read XNNPACK's options");
+  const int* v = std::get_if<int>(&get.view()[0].value);
+  return v ? *v : fail("XNNPACK's workspace_sharing_mode is not an integer");
+}
+
+// XNNPACK's weight cache (packed weights shared by every delegate call and program that packs the
+// same constant); enable < 0 only reads it. Returns 0 or 1, or -1 (see etl_last_error).
+int etl_xnnpack_weight_cache(int enable) {
+  runtime_init();
+  if (enable >= 0) {
+    BackendOptions<1> set;
+    set.set_option("weight_cache_enabled", enable != 0);
+    if (set_option("XnnpackBackend", set.view()) != Error::Ok) return fail("XNNPACK refused weight_cache_enabled");
+  }
+  BackendOptions<1> get;
+  get.set_option("weight_cache_enabled", false);
+  if (get_option("XnnpackBackend", get.view()) != Error::Ok) return fail("cannot read XNNPACK's options");
+  const bool* v = std::get_if<bool>(&get.view()[0].value);
+  return v ? (int)*v : fail("XNNPACK's weight_cache_enabled is not a bool");
+}
+
 void etl_close(void* p) { delete static_cast<Handle*>(p); }
+size_t etl_release(void* p) { return static_cast<Handle*>(p)->loader->release(); }
 size_t etl_planned_bytes(void* p) { return static_cast<Handle*>(p)->planned_bytes; }
 int etl_num_inputs(void* p) { return (int)static_cast<Handle*>(p)->method->inputs_size(); }
 int etl_num_outputs(void* p) { return (int)static_cast<Handle*>(p)->method->outputs_size(); }
@@ -168,7 +288,6 @@ int etl_output(void* p, int i, int* dtype, int* ndim, int64_t* sizes, const void
 _DTYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int32): 3, np.dtype(np.int64): 4,
            np.dtype(np.float32): 6, np.dtype(np.float64): 7, np.dtype(np.bool_): 11}
 _NP = {v: k for k, v in _DTYPES.items()}
-_ALIGN = 64
 
 
 def _executorch_root() -> Path:
@@ -229,6 +348,19 @@ def _build_shim() -> Path:
 _LIB = None
 
 
+def share_packed_weights(on: bool) -> bool:
+    """Whether XNNPACK packs a constant once for every delegate call and program that uses it (its
+    weight cache), e.g. the frozen weights of the eval program and the train step's forward; for
+    programs loaded after the call, process-wide. False where the runtime cannot (an older shim)."""
+    L = _lib()
+    if not hasattr(L, "etl_xnnpack_weight_cache"):
+        return False
+    got = L.etl_xnnpack_weight_cache(1 if on else 0)
+    if got < 0:
+        raise EdgeRuntimeError(f"ExecuTorch: {(L.etl_last_error() or b'').decode(errors='replace')}")
+    return bool(got)
+
+
 def _lib():
     global _LIB
     if _LIB is None:
@@ -238,6 +370,8 @@ def _lib():
         L.etl_last_error.restype = ctypes.c_char_p
         L.etl_open.restype, L.etl_open.argtypes = vp, [vp, ctypes.c_size_t, ctypes.c_char_p]
         L.etl_close.argtypes = [vp]
+        if hasattr(L, "etl_release"):
+            L.etl_release.restype, L.etl_release.argtypes = ctypes.c_size_t, [vp]
         L.etl_planned_bytes.restype, L.etl_planned_bytes.argtypes = ctypes.c_size_t, [vp]
         for f in (L.etl_num_inputs, L.etl_num_outputs, L.etl_execute):
             f.argtypes = [vp]
@@ -246,6 +380,9 @@ def _lib():
             L.etl_output_meta.argtypes = [vp, i32, ip, ip, i64p]
         L.etl_set_input.argtypes = [vp, i32, vp, i32, i32, i64p]
         L.etl_output.argtypes = [vp, i32, ip, ip, i64p, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)]
+        for f in ("etl_xnnpack_weight_cache", "etl_xnnpack_sharing"):
+            if hasattr(L, f):
+                getattr(L, f).argtypes = [i32]
         _LIB = L
     return _LIB
 
@@ -253,25 +390,38 @@ def _lib():
 class NativeMethod:
     """One method of a .pte program on ExecuTorch's C++ runtime: numpy in, numpy out."""
 
-    def __init__(self, program: Path | bytes, method: str = "forward", name: str | None = None):
-        """`program`: a .pte file, or its bytes (a bundle's, as checked against its manifest)."""
+    def __init__(self, program: Path | bytes, method: str = "forward", name: str | None = None,
+                 release: bool = True, on_stage: Callable[[str], None] | None = None):
+        """`program`: a .pte file, or its bytes (a bundle's, as checked against its manifest).
+        `release`: once the method is loaded, return to the system the pages of the program that
+        ExecuTorch has freed (the delegates' blobs, and the weights XNNPACK packed into its own
+        storage: for frozen weights, the fp32 copy restored from int8). `on_stage(name)` is called
+        after each load stage (for memory breakdowns: bench/et_load_memory.py)."""
+        stage = on_stage or (lambda _: None)
         self.L = _lib()
         name = name or (Path(program).name if not isinstance(program, bytes) else "program")
         data = program if isinstance(program, bytes) else Path(program).read_bytes()
         packed = is_packed(data)  # frozen weights stored int8: rebuilt byte-exactly into the buffer
         size = unpacked_size(data) if packed else len(data)
-        # The runtime reads constants and delegate blobs from this buffer: keep it alive (and aligned).
-        raw = np.empty(size + _ALIGN, np.uint8)
-        off = (-raw.ctypes.data) % _ALIGN
-        self._buffer = raw[off : off + size]
+        # The runtime reads constants and delegate blobs from this buffer, so it lives as long as the
+        # method: a private anonymous mapping of its own (page-aligned whatever the allocator does),
+        # whose pages the shim hands back once ExecuTorch has freed what they hold.
+        self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._buffer = np.frombuffer(self._map, np.uint8, size)
         if packed:
             unpack(data, self._buffer)
         else:
             self._buffer[:] = np.frombuffer(data, np.uint8)
         del data
+        stage("restored")
         self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
         if not self.h:
             raise EdgeRuntimeError(f"ExecuTorch cannot load '{name}': {self._error()}")
+        stage("loaded")
+        self.released_bytes = 0
+        if release and hasattr(self.L, "etl_release"):  # a prebuilt shim (EDGETL_ET_SHIM) may predate it
+            self.released_bytes = int(self.L.etl_release(self.h))
+            stage("released")
         self.inputs = []
         for i in range(self.L.etl_num_inputs(self.h)):
             dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
@@ -321,14 +471,30 @@ class NativeMethod:
         h, self.h = getattr(self, "h", None), None
         if h:
             self.L.etl_close(h)
+        self._buffer = None  # the view first: a mapping with a live export cannot close
+        m = getattr(self, "_map", None)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # a view of it is still alive somewhere: the mapping goes with it
+                pass
 
 
 class ExecuTorchBackend(HostStateBackend):
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, release_program: bool = True, share_weights: bool = True,
+                 on_stage: Callable[[str], None] | None = None):
+        """`release_program`, `on_stage`: see NativeMethod (stages are named 'train_step: loaded', ...).
+        `share_weights`: see share_packed_weights (the eval program then packs no weights of its own)."""
         super().__init__(bundle)
-        # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
-        self.train = NativeMethod(bundle.program_bytes("train_step"), name=bundle.program("train_step").name)
-        self.eval = NativeMethod(bundle.program_bytes("eval"), name=bundle.program("eval").name)
+        stage = on_stage or (lambda _: None)
+        share_packed_weights(share_weights)
+        methods = {}
+        for role in ("train_step", "eval"):
+            # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
+            methods[role] = NativeMethod(bundle.program_bytes(role), name=bundle.program(role).name,
+                                         release=release_program, on_stage=lambda s, r=role: stage(f"{r}: {s}"))
+            stage(f"{role}: file bytes dropped")
+        self.train, self.eval = methods["train_step"], methods["eval"]
         check_positional_programs(bundle.manifest, {
             role: (m.inputs, m.num_outputs, m.outputs) for role, m in (("train_step", self.train), ("eval", self.eval))})
         self.batch = int(self.eval.inputs[0][1][0])

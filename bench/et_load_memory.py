@@ -1,0 +1,101 @@
+"""Whole-process memory of a bundle's training over loading and steps, stage by stage, torch-free.
+
+    .venv/bin/python bench/et_load_memory.py BUNDLE [BUNDLE ...] [--keep-program] [--steps 3]
+
+Each bundle runs in a fresh child process with torch blocked and glibc returning every freed block
+(MALLOC_MMAP_THRESHOLD_=65536, as `python -m edgetl.runtime profile` measures memory). After each
+stage it records resident memory (VmRSS) and the process peak so far (VmHWM), both from /proc:
+interpreter and runtime imported, bundle checked, each program restored / loaded / its freed pages
+released (ExecuTorch) or its session created (onnx), state set, a warm-up step, the measured steps.
+`--keep-program` loads ExecuTorch programs as before: every page kept, no packed weights shared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+MB = 2**20
+
+
+def _kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def child(path: str, steps: int, keep: bool) -> list[dict]:
+    from edgetl.runtime.notorch import block_torch
+
+    block_torch()
+    rows: list[dict] = []
+
+    def stage(name: str) -> None:
+        rows.append({"stage": name, "rss": _kb("VmRSS"), "peak": _kb("VmHWM")})
+
+    import numpy as np
+
+    from edgetl.runtime.bundle import load_bundle
+    from edgetl.runtime.trainer import Trainer
+
+    stage("python, numpy, edgetl.runtime imported")
+    bundle = load_bundle(path)
+    stage("bundle checked (manifest, initial state)")
+    if bundle.target == "executorch":
+        from edgetl.runtime.backends.executorch import ExecuTorchBackend, _lib
+
+        _lib()
+        stage("ExecuTorch runtime libraries loaded")
+        backend = ExecuTorchBackend(bundle, release_program=not keep, share_weights=not keep, on_stage=stage)
+    else:
+        import onnxruntime  # noqa: F401
+
+        stage("onnxruntime imported")
+        from edgetl.runtime.backends import make_backend
+
+        backend = make_backend(bundle)
+        stage("train_step and eval sessions created")
+    trainer = Trainer(bundle, backend)
+    stage("trainer ready (parameters, optimizer state)")
+    rng = np.random.default_rng(0)
+    x = rng.random((bundle.batch_size, *bundle.input_shape), dtype=np.float32)
+    y = rng.integers(0, bundle.num_classes, bundle.batch_size).astype(np.int64)
+    x, y = trainer._xy(x, y)
+    stage("batch normalized")
+    lr = trainer.lr_at(0)
+    trainer._train_step(x, y, lr, check=False)
+    stage("warm-up step")
+    for _ in range(steps):
+        trainer._train_step(x, y, lr, check=False)
+    stage(f"{steps} steps")
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 3
+    keep = "--keep-program" in argv
+    bundles = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--steps")]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for b in bundles:
+        cmd = [sys.executable, __file__, "--child", b, str(steps), "1" if keep else "0"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            sys.exit(f"{b}: {r.stderr.strip().splitlines()[-1]}")
+        rows = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"\n{b}{' (--keep-program)' if keep else ''}\n| stage | RSS MB | Δ MB | peak so far MB |\n|---|---:|---:|---:|")
+        prev = rows[0]["rss"]
+        for row in rows:
+            print(f"| {row['stage']} | {row['rss'] / MB:.1f} | {(row['rss'] - prev) / MB:+.1f} | {row['peak'] / MB:.1f} |")
+            prev = row["rss"]
+        print(f"whole process peak: {rows[-1]['peak'] / MB:.1f} MB; above the imports: "
+              f"{(rows[-1]['peak'] - rows[0]['rss']) / MB:.1f} MB")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")))
+    else:
+        main(sys.argv[1:])
