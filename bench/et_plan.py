@@ -23,7 +23,7 @@ def lowered_step(model: str, size: int, batch: int, recipe: str):
     params = pm.initial_params()
     state = opt.init_state(params)
     flat = [params[t] for t in pm.trainable] + [state[k] for k in opt.state_names(pm.trainable)]
-    step = LeanStep(pm, opt).eval()
+    step = LeanStep(pm, opt, ex.lowering(True)).eval()
     ex.weights_as_fp32_constants(step)
     x, y = torch.zeros(batch, *pm.graph.input_shape), torch.zeros(batch, dtype=torch.int64)
     return ex._lower(step, (x, y, torch.tensor(0.05), *flat), True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .graph import LeanGraph
 from .interpret import interpret
+from .lowering import EAGER, Lowering
 from .rules import Need
 
 Tensor = torch.Tensor
@@ -28,10 +29,14 @@ class Weights(Mapping[str, Tensor]):
     afresh on every access, so no float copy of a frozen weight outlives the op using it."""
 
     def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[..., Tensor],
-                 tracker, tag: str, zero: Tensor | None = None):
+                 tracker, tag: str, zero: Tensor | None = None, lowering: Lowering = EAGER):
         self.roles, self.params, self.frozen, self.tracker, self.tag = roles, params, frozen, tracker, tag
         self.zero = zero  # an exact zero made from the op's input: dequantize no earlier than the op
+        self.lowering = lowering  # what the target needs from the rules (read through this mapping)
         self.transients: list[str] = []
+
+    def trainable(self, role: str) -> bool:
+        return role in self.roles and self.roles[role] in self.params
 
     def __getitem__(self, role: str) -> Tensor:
         name = self.roles[role]
@@ -71,13 +76,15 @@ class _Anchored(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.w)
 
+    def __getattr__(self, name: str):  # the Weights' lowering and trainable() (rules read them)
+        if name == "w":
+            raise AttributeError(name)
+        return getattr(self.w, name)
+
 
 class Program:
-    def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor], anchor_masks: bool = False):
-        # anchor_masks: add exact zeros made from kept masks (and other integer keeps: q8/q4 codes) to
-        # the next bias, so graph runtimes with their own scheduler (onnxruntime) compute each in the
-        # forward (set by the ONNX exporter)
-        self.graph, self.frozen, self.anchor_masks = graph, frozen, anchor_masks
+    def __init__(self, graph: LeanGraph, frozen: Callable[..., Tensor], lowering: Lowering = EAGER):
+        self.graph, self.frozen, self.lowering = graph, frozen, lowering
         trainable = set(graph.trainable)
         self.req = graph.requires_grad()
         self.need = {
@@ -95,8 +102,9 @@ class Program:
         # Graph runtimes schedule an op with no data inputs (dequantizing a frozen weight) as
         # early as they like, and then every float copy of the weights is alive at once. An
         # exact zero made from the op's own input pins each dequantization to its use.
-        zero = anchor.reshape(-1)[:1].sum() * 0.0 if anchor is not None and self.dequantizes[node.name] else None
-        return Weights(node.params, params, self.frozen, tracker, node.name, zero)
+        pin = self.lowering.pin_schedule and anchor is not None and self.dequantizes[node.name]
+        zero = anchor.reshape(-1)[:1].sum() * 0.0 if pin else None
+        return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
@@ -123,7 +131,7 @@ class Program:
                 pending = []
             y, k = n.rule.forward(xs, ws, need)
             w.done()
-            if self.anchor_masks:
+            if self.lowering.pin_schedule:
                 # masks, and the codes of q8/q4 keeps: made only for the backward, from a float tensor
                 pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values()
                             if not t.dtype.is_floating_point]

@@ -6,21 +6,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .lowering import EAGER, Lowering
 from .optim import OptimizerConfig
 from .program import Program
-from .quant import dequantize_per_channel
 
 Tensor = torch.Tensor
 
 
 class _FrozenStore(nn.Module):
-    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used. Exporters
-    replace `dequantize` to emit their runtime's own op (e.g. ONNX DequantizeLinear)."""
+    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used with the
+    lowering's op (e.g. ONNX DequantizeLinear)."""
 
-    dequantize = staticmethod(dequantize_per_channel)
-
-    def __init__(self, prepared):
+    def __init__(self, prepared, lowering: Lowering = EAGER):
         super().__init__()
+        self.dequantize = lowering.dequantize
         self.slots: dict[str, tuple[str, ...]] = {}
         for i, (name, stored) in enumerate(prepared.stored.items()):
             keys = tuple(f"f{i}_{j}" for j in range(len(stored)))
@@ -37,14 +36,14 @@ class _FrozenStore(nn.Module):
 
 
 class LeanStep(nn.Module):
-    def __init__(self, prepared, optimizer: OptimizerConfig, anchor_masks: bool = False):
+    def __init__(self, prepared, optimizer: OptimizerConfig, lowering: Lowering = EAGER):
         super().__init__()
         self.prepared = prepared
         self.optimizer = optimizer
         self.trainable = prepared.trainable
         self.state_names = optimizer.state_names(self.trainable)
-        self.store = _FrozenStore(prepared)
-        self.program = Program(prepared.graph, self.store.get, anchor_masks)
+        self.store = _FrozenStore(prepared, lowering)
+        self.program = Program(prepared.graph, self.store.get, lowering)
 
     def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.optimizer.init_state(params)
@@ -71,11 +70,11 @@ class LeanStep(nn.Module):
 class LeanEval(nn.Module):
     """Logits from (batch, params): the eval and inference program."""
 
-    def __init__(self, prepared):
+    def __init__(self, prepared, lowering: Lowering = EAGER):
         super().__init__()
         self.trainable = prepared.trainable
-        self.store = _FrozenStore(prepared)
-        self.program = Program(prepared.graph, self.store.get)
+        self.store = _FrozenStore(prepared, lowering)
+        self.program = Program(prepared.graph, self.store.get, lowering)
 
     def forward(self, x: Tensor, *flat: Tensor) -> Tensor:
         return self.program.forward(x, dict(zip(self.trainable, flat)), train=False)[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..lowering import separate_bias
 from .base import Rule
 
 
@@ -11,6 +12,8 @@ class Linear(Rule):
     quantizable = True
 
     def compute(self, xs, w):
+        if "bias" in w and separate_bias(w):
+            return F.linear(xs[0], w["weight"]) + w["bias"]
         return F.linear(xs[0], w["weight"], w.get("bias"))
 
     def keep(self, xs, y, w, need):
