@@ -29,6 +29,15 @@ class Lowering:
 
 
 EAGER = Lowering()
+# onnxruntime's schedule (the `onnx` target's step, less its dequantize op): what the analytic
+# memory model follows unless it is given a target's lowering
+PINNED = Lowering(pin_schedule=True)
+
+
+def pins(w) -> bool:
+    """Whether a rule, given its node's tensors `w`, adds the data dependencies that pin a graph
+    runtime's schedule (see `Lowering.pin_schedule`)."""
+    return getattr(w, "lowering", EAGER).pin_schedule
 
 
 def separate_bias(w) -> bool:

@@ -83,10 +83,11 @@ class PreparedModel:
             "input_shape": list(self.input_shape),
         }
 
-    def memory(self, batch_size: int, optimizer=None):
+    def memory(self, batch_size: int, optimizer=None, lowering=None):
+        """The analytic memory of one step, as `lowering` (default: the onnx target's) runs it."""
         from .memory import analyze
 
-        return analyze(self, batch_size, optimizer)
+        return analyze(self, batch_size, optimizer, lowering)
 
     def step_module(self, optimizer=None):
         from .optim import OptimizerConfig

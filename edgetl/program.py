@@ -83,8 +83,13 @@ class _Anchored(Mapping[str, Tensor]):
 
 
 class Program:
-    def __init__(self, graph: LeanGraph, frozen: Callable[..., Tensor], lowering: Lowering = EAGER):
+    def __init__(self, graph: LeanGraph, frozen: Callable[..., Tensor], lowering: Lowering = EAGER,
+                 replay: bool = False):
+        # replay (the analytic memory model): the rules run as `lowering` asks, but the program's own
+        # schedule pins (exact zeros added to scales, biases and pool inputs) are left out: they
+        # order a graph runtime's schedule and hold no memory there
         self.graph, self.frozen, self.lowering = graph, frozen, lowering
+        self.pins = lowering.pin_schedule and not replay
         trainable = set(graph.trainable)
         self.req = graph.requires_grad()
         self.need = {
@@ -102,7 +107,7 @@ class Program:
         # Graph runtimes schedule an op with no data inputs (dequantizing a frozen weight) as
         # early as they like, and then every float copy of the weights is alive at once. An
         # exact zero made from the op's own input pins each dequantization to its use.
-        pin = self.lowering.pin_schedule and anchor is not None and self.dequantizes[node.name]
+        pin = self.pins and anchor is not None and self.dequantizes[node.name]
         zero = anchor.reshape(-1)[:1].sum() * 0.0 if pin else None
         return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering)
 
@@ -131,7 +136,7 @@ class Program:
                 pending = []
             y, k = n.rule.forward(xs, ws, need)
             w.done()
-            if self.lowering.pin_schedule:
+            if self.pins:
                 # masks, and the codes of q8/q4 keeps: made only for the backward, from a float tensor
                 pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values()
                             if not t.dtype.is_floating_point]

@@ -3,6 +3,7 @@ onnxruntime InferenceSession runs, plus an eval program (logits from batch and p
 Frozen int8 weights are initializers feeding DequantizeLinear."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from edgetl.lowering import Lowering
+from edgetl.lowering import PINNED
 from edgetl.quant import dequantize_per_channel
 from edgetl.runtime.targets import LOGITS, ONNX, X, param_name, state_name
 from edgetl.step import LeanEval, LeanStep
@@ -34,7 +35,7 @@ class _DequantizeLinear(torch.autograd.Function):
 
 # What onnxruntime needs from the step: its own dequantize op, and the data dependencies that pin
 # its scheduler (frozen weights dequantized at their use, masks made in the forward).
-LOWERING = Lowering(dequantize=_DequantizeLinear.apply, pin_schedule=True)
+LOWERING = dataclasses.replace(PINNED, dequantize=_DequantizeLinear.apply)
 
 
 def onnx_names(prepared, optimizer) -> tuple[list[str], list[str]]:
