@@ -179,12 +179,15 @@ def mcu_plan() -> dict:
     import edgetl
     from edgetl.plan import plan
 
+    from edgetl.exporters import lowering
+
     p = plan("mnist_cnn", device="mcu-256kb", recipes=["bias+mask"], batches=[1], input_size=28)
     (c,) = p.candidates
-    mem = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10).memory(1)
+    mem = edgetl.prepare("mnist_cnn", "bias+mask", num_classes=10).memory(
+        1, edgetl.OptimizerConfig.make("sgd", None, momentum=0.9), lowering(p.target, p.weight_block_bytes))
     return {"command": MCU_PLAN, "ram_bytes": c.ram_bytes, "flash_bytes": c.flash_bytes,
             "ram_budget_bytes": p.budget_bytes, "flash_budget_bytes": p.flash_budget_bytes,
-            "peak_at": mem.peak_at, "peak_by_kind": mem.peak_by_kind}
+            "weight_block_bytes": p.weight_block_bytes, "peak_at": mem.peak_at, "peak_by_kind": mem.peak_by_kind}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -297,12 +300,11 @@ def mcu_plan_lines(pl: dict) -> list[str]:
             f"| {pl['flash_budget_bytes'] / kb:.0f} KB |", ""]
     flash = ("The int8 weights fit the flash. " if pl["flash_bytes"] <= pl["flash_budget_bytes"] else
              f"The int8 weights are {(pl['flash_bytes'] - pl['flash_budget_bytes']) / kb:.0f} KB over the flash. ")
-    verdict = flash + (f"The step's RAM is {over / kb:.0f} KB over 256 KB: at its peak "
-               f"(`{pl['peak_at']}`) the largest part is {top} ({top_bytes / kb:.0f} KB), the fp32 copy of one frozen "
-               f"weight while its op runs; without it that point of the step would hold {(pl['ram_bytes'] - top_bytes) / kb:.0f} "
-               "KB (another point may then be the peak). "
-               "An int8 kernel that reads the weight as stored removes it (not done: the step is not re-architected "
-               "here)." if over > 0 else "The step fits the RAM budget.")
+    blocks = (f"Frozen weights are dequantized in row blocks of at most {pl['weight_block_bytes'] / kb:.0f} KB "
+              "(`--weight-block-kb`), so no fp32 copy of a whole weight is in RAM. " if pl.get("weight_block_bytes") else "")
+    verdict = flash + blocks + (f"The step's RAM is {over / kb:.0f} KB over 256 KB: at its peak "
+               f"(`{pl['peak_at']}`) the largest part is {top} ({top_bytes / kb:.0f} KB); parts at the peak: "
+               + ", ".join(f"{k} {v / kb:.0f} KB" for k, v in kinds) + "." if over > 0 else "The step fits the RAM budget.")
     return ["Analytic plan, RAM and flash apart (goal 4), from the analytic model only: "
             f"`{pl['command']}`.", "", *rows, verdict, ""]
 

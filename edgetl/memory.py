@@ -156,7 +156,8 @@ def _nbytes(t: Tensor) -> int:
 def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None,
             lowering: Lowering | None = None) -> MemoryReport:
     """One step's memory as the step lowered by `lowering` holds it (default: the onnx target's
-    schedule); what depends on the target: masks applied with or without a float copy."""
+    schedule); what depends on the target: masks applied with or without a float copy, frozen
+    weights dequantized whole or by row blocks."""
     optimizer = optimizer or OptimizerConfig()
     meta = torch.device("meta")
     x = torch.empty(batch_size, *prepared.graph.input_shape, device=meta)
@@ -164,8 +165,11 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None,
     params = {t: v.to(meta) for t, v in prepared.initial_params().items()}
     state = {k: v.to(meta) for k, v in optimizer.init_state(prepared.initial_params()).items()}
     shapes = {name: t.shape for name, t in prepared.graph.tensors.items()}
-    program = Program(prepared.graph, lambda name, zero=None: torch.empty(shapes[name], device=meta),
-                      lowering or PINNED, replay=True)
+    def frozen(name: str, zero=None, rows: tuple[int, int] | None = None) -> Tensor:
+        shape = shapes[name] if rows is None else (rows[1] - rows[0], *shapes[name][1:])
+        return torch.empty(shape, device=meta)
+
+    program = Program(prepared.graph, frozen, lowering or PINNED, replay=True)
     tracker = Tracker()
     with _Observe(tracker):
         peak, peak_at, by_kind, kept_list, kept_bytes, kept_by_kind = _replay(

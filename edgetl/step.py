@@ -21,14 +21,34 @@ class _FrozenStore(nn.Module):
         super().__init__()
         self.dequantize = lowering.dequantize
         self.slots: dict[str, tuple[str, ...]] = {}
+        # tensors the lowering dequantizes by rows: one set of buffers per row block, [lo, hi) -> keys
+        self.block_slots: dict[str, dict[tuple[int, int], tuple[str, ...]]] = {}
+        blocks = lowering.row_blocks(prepared.graph)
         for i, (name, stored) in enumerate(prepared.stored.items()):
+            if name in blocks:
+                self.block_slots[name] = {}
+                for b, (lo, hi) in enumerate(blocks[name]):
+                    keys = tuple(f"f{i}_b{b}_{j}" for j in range(len(stored)))
+                    for k, t in zip(keys, stored):
+                        self.register_buffer(k, t[lo:hi].clone())
+                    self.block_slots[name][(lo, hi)] = keys
+                continue
             keys = tuple(f"f{i}_{j}" for j in range(len(stored)))
             for k, t in zip(keys, stored):
                 self.register_buffer(k, t.clone())
             self.slots[name] = keys
 
-    def get(self, name: str, zero: Tensor | None = None) -> Tensor:
-        keys = self.slots[name]
+    def get(self, name: str, zero: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+        """A frozen tensor as the step uses it (or its rows [lo, hi) where it is stored by rows)."""
+        if name in self.block_slots:
+            blocks = self.block_slots[name]
+            if rows is not None:
+                return self._read(blocks[rows], zero)
+            return torch.cat([self._read(keys, zero) for keys in blocks.values()])
+        t = self._read(self.slots[name], zero)
+        return t if rows is None else t[rows[0]:rows[1]]
+
+    def _read(self, keys: tuple[str, ...], zero: Tensor | None) -> Tensor:
         if len(keys) == 2:
             scale = getattr(self, keys[1])
             return self.dequantize(getattr(self, keys[0]), scale if zero is None else scale + zero)

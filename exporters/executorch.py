@@ -31,6 +31,7 @@ program, dequantized where they are used (small file, ~50x slower step).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import warnings
 from pathlib import Path
@@ -61,17 +62,24 @@ def lowering(delegate: bool) -> Lowering:
 
 def weights_as_fp32_constants(module: torch.nn.Module) -> int:
     """Replace the int8+scale buffers of `module.store` by one fp32 buffer each (dequantized
-    now), so the exported program holds them as constants. Returns how many were converted."""
+    now; each row block apart where the lowering stores a weight by rows), so the exported
+    program holds them as constants. Returns how many were converted."""
     store = module.store
-    n = 0
-    for name, keys in list(store.slots.items()):
-        if len(keys) != 2:
-            continue
+
+    def fp32(keys: tuple[str, ...]) -> tuple[str, ...]:
         w = store.dequantize(getattr(store, keys[0]), getattr(store, keys[1])).contiguous()
         delattr(store, keys[0])
         delattr(store, keys[1])
         store.register_buffer(keys[0], w)
-        store.slots[name] = (keys[0],)
+        return (keys[0],)
+
+    n = 0
+    for name, keys in list(store.slots.items()):
+        if len(keys) == 2:
+            store.slots[name] = fp32(keys)
+            n += 1
+    for name, blocks in store.block_slots.items():
+        store.block_slots[name] = {rows: fp32(keys) if len(keys) == 2 else keys for rows, keys in blocks.items()}
         n += 1
     return n
 
@@ -298,7 +306,9 @@ def planned_bytes(et) -> int:
     return int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
 
 
-def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate: bool = True) -> dict:
+def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate: bool = True,
+                      weight_block_bytes: int | None = None) -> dict:
+    low = dataclasses.replace(lowering(delegate), weight_block_bytes=weight_block_bytes)
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     snames = optimizer.state_names(prepared.trainable)
@@ -308,8 +318,8 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in snames]
     n = len(prepared.trainable)
 
-    step = LeanStep(prepared, optimizer, lowering(delegate)).eval()
-    ev = LeanEval(prepared, lowering(delegate)).eval()
+    step = LeanStep(prepared, optimizer, low).eval()
+    ev = LeanEval(prepared, low).eval()
     if delegate:
         weights_as_fp32_constants(step)
         weights_as_fp32_constants(ev)
@@ -339,7 +349,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     res = {"extra": {"executorch": info}}
     merged = merged_model(prepared)
     if merged is not None:  # LoRA: an inference program reading the merged weights as inputs (see lora.py)
-        mev = LeanEval(merged, lowering(delegate)).eval()
+        mev = LeanEval(merged, low).eval()
         if delegate:
             weights_as_fp32_constants(mev)
         mp = merged.initial_params()

@@ -58,7 +58,8 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
     onnx.save(model, path)
 
 
-def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
+def export_onnx(prepared, optimizer, batch_size: int, out: Path, weight_block_bytes: int | None = None) -> dict:
+    lowering = dataclasses.replace(LOWERING, weight_block_bytes=weight_block_bytes)
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     pnames, snames = onnx_names(prepared, optimizer)
@@ -67,17 +68,17 @@ def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
     lr = torch.tensor(optimizer.lr, dtype=torch.float32)
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in optimizer.state_names(prepared.trainable)]
     train, ev = ONNX.program("train_step"), ONNX.program("eval")
-    step = LeanStep(prepared, optimizer, LOWERING).eval()
+    step = LeanStep(prepared, optimizer, lowering).eval()
     _export(step, (x, y, lr, *flat), train.input_names(pnames, snames), train.output_names(pnames, snames),
             out / train.file)
-    _export(LeanEval(prepared, LOWERING).eval(), (x, *flat[: len(pnames)]), ev.input_names(pnames, snames),
+    _export(LeanEval(prepared, lowering).eval(), (x, *flat[: len(pnames)]), ev.input_names(pnames, snames),
             ev.output_names(pnames, snames), out / ev.file, dynamic={X: {0: "batch"}, LOGITS: {0: "batch"}})
     res: dict = {}
     merged = merged_model(prepared)
     if merged is not None:  # LoRA: the inference program takes the merged weights as inputs (see lora.py)
         inputs = dict(zip(prepared.trainable, pnames))
         mp = merged.initial_params()
-        _export(LeanEval(merged, LOWERING).eval(), (x, *(mp[t] for t in merged.trainable)),
+        _export(LeanEval(merged, lowering).eval(), (x, *(mp[t] for t in merged.trainable)),
                 [X, *(inputs.get(t, t) for t in merged.trainable)], [LOGITS], out / "inference.onnx",
                 dynamic={X: {0: "batch"}, LOGITS: {0: "batch"}})
         res["programs"] = {"inference": "inference.onnx"}
