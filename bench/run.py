@@ -165,10 +165,26 @@ def mcu_row(work: Path) -> dict:
     man = json.loads((bundle / "manifest.json").read_text())
     planned = man["executorch"]["planned_bytes"]
     mem = man["analytic_memory"]
+    pl = mcu_plan()
     return {"model": "mnist_cnn", "batch": 1, "recipe": "bias+mask", "planned_bytes": planned,
             "program_bytes": (bundle / man["programs"]["train_step"]).stat().st_size,
             "frozen_weights_bytes": mem["frozen_weights_bytes"], "analytic_peak_bytes": mem["analytic_peak_bytes"],
-            "vs_256kb": planned / (256 * 1024), "plan": mcu_plan()}
+            "vs_256kb": planned / (256 * 1024), "plan": pl, "portable": mcu_portable(pl["weight_block_bytes"])}
+
+
+def mcu_portable(block: int) -> dict:
+    """ExecuTorch's memory plan of the step on its own kernels (int8 weights in the program,
+    dequantized in the step), with whole weights and with the plan's row blocks (bench/et_plan.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from et_plan import lowered_step
+    from edgetl.exporters.executorch import planned_bytes
+
+    return {"weight_block_bytes": block, "command": MCU_PORTABLE.format(kb=block // 1024),
+            "whole_planned_bytes": planned_bytes(lowered_step("mnist_cnn", 28, 1, "bias+mask", False)),
+            "blocked_planned_bytes": planned_bytes(lowered_step("mnist_cnn", 28, 1, "bias+mask", False, block))}
+
+
+MCU_PORTABLE = "python bench/et_plan.py --portable --weight-block-kb {kb} mnist_cnn 28 1 bias+mask"
 
 
 MCU_PLAN = "edgetl plan mnist_cnn --device mcu-256kb --recipe bias+mask --batch-size 1 --input-size 28"
@@ -285,8 +301,22 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
                   "fp32 constants XNNPACK packs (its packed copy is in RAM). edgetl's analytic peak for the whole step "
                   f"(weights as int8, parameters, state, live set): {mcu['analytic_peak_bytes'] / 1024:.0f} KB.", ""]
         lines += mcu_plan_lines(mcu.get("plan") or mcu_plan())
+        if mcu.get("portable"):
+            lines += mcu_portable_lines(mcu["portable"])
     lines.append("<!-- memory:end -->")
     return "\n".join(lines)
+
+
+def mcu_portable_lines(pt: dict) -> list[str]:
+    kb = 1024
+    return [f"On ExecuTorch's own kernels (no XNNPACK), the program holds the weights as int8 (flash) and the step "
+            f"dequantizes them: its memory plan (MB: 10^6 bytes) is {pt['whole_planned_bytes'] / 1e6:.2f} MB with whole weights (two fp32 "
+            f"copies of the fc weight at once, the cast and the scaled copy) and {pt['blocked_planned_bytes'] / 1e6:.2f} MB "
+            f"with row blocks of {pt['weight_block_bytes'] / kb:.0f} KB (`{pt['command']}`; the plan holds the step's "
+            "inputs and outputs too: parameters, optimizer state, new values). An onnx bundle with the same blocks: "
+            f"`edgetl export mnist_cnn --recipe bias+mask --target onnx --batch-size 1 --num-classes 10 --weight-block-kb "
+            f"{pt['weight_block_bytes'] // kb} --out mcu-bundle` (tests/test_weight_blocks.py: it trains torch-free like the "
+            "torch step).", ""]
 
 
 def mcu_plan_lines(pl: dict) -> list[str]:
