@@ -37,6 +37,22 @@ def _model_args(p: argparse.ArgumentParser, planning: bool = False) -> None:
                    help=f"SGD momentum (default 0.9; 0 for {no_momentum}, whose SGD has none)")
 
 
+def _block_arg(p: argparse.ArgumentParser, planning: bool = False) -> None:
+    p.add_argument("--weight-block-kb", type=float, default=None,
+                   help="dequantize large frozen int8 weights in row blocks of at most this many KB of fp32, "
+                        "not whole (microcontroller RAM; onnx and executorch targets)"
+                   + (" (with a 'program' --device: 1/16 of its RAM unless given)" if planning else ""))
+
+
+def _block_bytes(args) -> int | None:
+    kb = getattr(args, "weight_block_kb", None)
+    if kb is None:
+        return None
+    if not kb > 0:
+        raise EdgeTLError(f"--weight-block-kb must be > 0, got {kb:g}")
+    return max(1, int(kb * 1024))
+
+
 def _optimizer(args):
     from .optim import OptimizerConfig
 
@@ -71,7 +87,7 @@ def cmd_plan_device(args) -> int:
     p = plan(args.model, args.num_classes, args.device, args.budget_mb, target,
              recipes=[r.strip() for r in args.recipe.split(",") if r.strip()] if args.recipe else None,
              batches=[args.batch_size] if args.batch_size else None, input_shapes=shapes,
-             input_size=args.input_size, head=args.head,
+             input_size=args.input_size, head=args.head, weight_block_bytes=_block_bytes(args),
              optimizer=_optimizer(args) if args.optimizer != "sgd" or args.lr or args.momentum is not None else None)
     print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))
     if p.chosen is None:
@@ -112,10 +128,13 @@ def cmd_plan(args) -> int:
 
 def _plan_recipe(args, optimizer, first: bool) -> dict:
     """One recipe's analytic memory (printed unless --json), and where its kept memory goes."""
+    from .lowering import Lowering
+
     pm = _prepare(args)
-    mem = pm.memory(args.batch_size, optimizer)
+    block = _block_bytes(args)
+    mem = pm.memory(args.batch_size, optimizer, Lowering(weight_block_bytes=block))
     out = {**pm.summary(), "batch_size": args.batch_size, "analytic_peak_bytes": mem.analytic_peak_bytes,
-           "breakdown": mem.breakdown()}
+           "breakdown": mem.breakdown(), **({"weight_block_bytes": block} if block else {})}
     if args.json:
         return out
     if not first:
@@ -129,6 +148,8 @@ def _plan_recipe(args, optimizer, first: bool) -> dict:
     for name, v in rows:
         print(f"  {name:<17}{_human(v):>12}")
     print(f"  (peak reached at {mem.peak_at})")
+    if block:
+        print(f"  frozen weights dequantized in row blocks of at most {_human(block)}")
     if mem.kept_by_kind:
         print("  kept for backward, by what it is for:")
         for kind, v in sorted(mem.kept_by_kind.items(), key=lambda kv: -kv[1]):
@@ -153,7 +174,9 @@ def cmd_export(args) -> int:
         load_private_key(args.sign_key)  # a bad key is reported before the (long) export
     optimizer = _optimizer(args)
     pm = _prepare(args, args.seed)
-    out = export(pm, args.target, args.out, optimizer, args.batch_size, sign_key=args.sign_key)
+    block = _block_bytes(args)
+    out = export(pm, args.target, args.out, optimizer, args.batch_size, sign_key=args.sign_key,
+                 weight_block_bytes=block)
     s = pm.summary()
     signed = ", signed" if args.sign_key is not None else ""
     print(f"wrote {args.target} bundle to {out} ({s['trainable_params']:,} trainable of {s['total_params']:,} "
@@ -233,10 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=TARGET_NAMES, default=None,
                    help="the runtime (default: the device's, or onnx)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _block_arg(p, planning=True)
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("export", help="export an on-device training bundle")
     _model_args(e)
     e.add_argument("--target", required=True, choices=TARGET_NAMES, help=f"the device runtime: {targets_help()}")
+    _block_arg(e)
     e.add_argument("--seed", type=int, default=0, help="initialisation of new parts (head, side network)")
     e.add_argument("--out", required=True, help="bundle directory to write")
     e.add_argument("--sign-key", default=None, help="sign the bundle with this Ed25519 private key (edgetl keygen)")

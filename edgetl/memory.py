@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .kept_kinds import KINDS, kept_kind
+from .lowering import PINNED, Lowering
 from .optim import OptimizerConfig
 from .program import Program, cross_entropy_with_grad
 
@@ -152,7 +153,11 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None) -> MemoryReport:
+def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None,
+            lowering: Lowering | None = None) -> MemoryReport:
+    """One step's memory as the step lowered by `lowering` holds it (default: the onnx target's
+    schedule); what depends on the target: masks applied with or without a float copy, frozen
+    weights dequantized whole or by row blocks."""
     optimizer = optimizer or OptimizerConfig()
     meta = torch.device("meta")
     x = torch.empty(batch_size, *prepared.graph.input_shape, device=meta)
@@ -160,7 +165,11 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None)
     params = {t: v.to(meta) for t, v in prepared.initial_params().items()}
     state = {k: v.to(meta) for k, v in optimizer.init_state(prepared.initial_params()).items()}
     shapes = {name: t.shape for name, t in prepared.graph.tensors.items()}
-    program = Program(prepared.graph, lambda name, zero=None: torch.empty(shapes[name], device=meta))
+    def frozen(name: str, zero=None, rows: tuple[int, int] | None = None) -> Tensor:
+        shape = shapes[name] if rows is None else (rows[1] - rows[0], *shapes[name][1:])
+        return torch.empty(shape, device=meta)
+
+    program = Program(prepared.graph, frozen, lowering or PINNED, replay=True)
     tracker = Tracker()
     # The batch is resident for the whole step (input_bytes, below); a rule that keeps it for its
     # backward (the first layer's weight gradient keeps x) holds the same storage, counted once.

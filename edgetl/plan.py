@@ -7,6 +7,8 @@ What a candidate needs is compared with the device's budget as `runtime/devices.
   runtime's own resident memory (its libraries, measured once per runtime: `_runtime_base_mb`).
 - 'program' devices (microcontrollers): RAM holds the step (analytic peak minus the frozen
   weights) and flash holds the frozen weights (int8 plus per-channel scales); each has its budget.
+  Their step dequantizes large frozen weights in row blocks (`weight_block_bytes`: 1/16 of the
+  RAM budget), not whole, so no fp32 copy of a whole weight is in RAM; export with the same.
 Micro-batches are not planned: the exported step runs its whole batch at once (no micro-batch
 accumulation inside the step yet), so the batch is the step's memory batch.
 """
@@ -53,6 +55,7 @@ class Plan:
     runtime_base_bytes: int | None  # 'process' devices: the runtime's own memory, added to each candidate
     chosen: Candidate | None
     candidates: list[Candidate] = field(default_factory=list)
+    weight_block_bytes: int | None = None  # 'program' devices: frozen weights dequantized in row blocks this size
     micro_batch: int | None = None
     micro_batch_note: str = MICRO_BATCH_NOTE
     nothing_fits: str | None = None
@@ -73,6 +76,12 @@ def candidate_shapes(default: tuple[int, ...]) -> list[tuple[int, ...]]:
     sides = dict.fromkeys(max(4, int(round(default[1] * f / 4)) * 4) if f < 1 else default[1]
                           for f in SIZE_FRACTIONS)
     return [(default[0], s, s) for s in sides]
+
+
+def program_block_bytes(budget: int) -> int:
+    """The row-block size of frozen-weight dequantization on a 'program' device with RAM `budget`:
+    1/16 of it (16 KB at 256 KB), so the transient fp32 weight is small beside the rest of the step."""
+    return max(1024, budget // 16)
 
 
 def _human(n: float) -> str:
@@ -110,10 +119,12 @@ def _judge(c: Candidate, mem, counts: str, budget: int, flash_budget: int | None
 def plan(model: str, num_classes: int = 10, device: str | None = None, budget_mb: float | None = None,
          target: str | None = None, recipes: list[str] | None = None, batches: list[int] | None = None,
          input_shapes: list[tuple[int, ...]] | None = None, optimizer=None, head: str | None = None,
-         input_size: int | None = None) -> Plan:
+         input_size: int | None = None, weight_block_bytes: int | None = None) -> Plan:
     """Try the grid and pick the candidate with the most trainable parameters that fits (ties: the
-    larger input, then the larger batch). `input_shapes` None: the model's own and a few smaller."""
+    larger input, then the larger batch). `input_shapes` None: the model's own and a few smaller.
+    `weight_block_bytes`: the step's frozen-weight row blocks (default: 'program' devices' own)."""
     from .backbones import load_backbone
+    from .exporters import lowering as target_lowering
     from .optim import OptimizerConfig
     from .prepared import prepare
 
@@ -127,6 +138,8 @@ def plan(model: str, num_classes: int = 10, device: str | None = None, budget_mb
     budget = int(spec["budget_mb"] * 2**20)
     flash = None if spec["flash_mb"] is None else int(spec["flash_mb"] * 2**20)
     base = runtime_base_bytes(target) if counts == "process" else None
+    block = weight_block_bytes or (program_block_bytes(budget) if counts == "program" else None)
+    lowering = target_lowering(target, block)  # the memory the target's step holds
     if optimizer is None:
         optimizer = OptimizerConfig.make("sgd", None, momentum=0.0 if target == "ort-training" else 0.9)
     bb = load_backbone(model)
@@ -179,7 +192,7 @@ def plan(model: str, num_classes: int = 10, device: str | None = None, budget_mb
                     elif hopeless and b != batches[0]:
                         c.reason = SKIPPED
                     else:
-                        _judge(c, pm.memory(b, optimizer), counts, budget, flash, base)
+                        _judge(c, pm.memory(b, optimizer, lowering), counts, budget, flash, base)
                         if not c.fits:
                             too_big_at = b
                         elif best is None or (trainable, list(shape[1:]), b) > best:
@@ -199,7 +212,7 @@ def plan(model: str, num_classes: int = 10, device: str | None = None, budget_mb
                 c.reason = "fits; smaller input or batch than the proposal"
             else:
                 c.reason = "fits; as much capacity as the proposal, listed after it"
-    p = Plan(bb.name, device, counts, target, budget, flash, base, chosen, out)
+    p = Plan(bb.name, device, counts, target, budget, flash, base, chosen, out, weight_block_bytes=block)
     if chosen is None:
         judged = [c for c in out if c.ram_bytes is not None]
         least = min(judged, key=lambda c: c.ram_bytes, default=None)
@@ -228,6 +241,10 @@ def render(p: Plan) -> str:
         flash = f", flash {_human(c.flash_bytes)}" if c.flash_bytes is not None else ""
         lines.append(f"proposal: recipe {c.recipe}, batch {c.batch}, input {'×'.join(map(str, c.input_shape))}: "
                      f"{c.trainable_params:,} trainable params, needs {_human(c.ram_bytes)}{flash}")
+    if p.weight_block_bytes:
+        kb = p.weight_block_bytes // 1024
+        lines.append(f"frozen weights: dequantized in row blocks of at most {_human(p.weight_block_bytes)} while "
+                     f"their op runs (export with --weight-block-kb {kb})")
     lines.append(f"micro-batch: {p.micro_batch_note}")
     lines.append("")
     mem_col = "RAM" if p.counts == "program" else "planned"

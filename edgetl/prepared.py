@@ -56,10 +56,12 @@ class PreparedModel:
     def trainable(self) -> list[str]:
         return list(self.graph.trainable)
 
-    def frozen(self, name: str, zero: torch.Tensor | None = None) -> torch.Tensor:
-        """A frozen tensor as the step uses it: int8 ones are dequantized afresh on each call.
-        (`zero`, an exact zero the exported programs use for scheduling, changes nothing here.)"""
-        stored = self.stored[name]
+    def frozen(self, name: str, zero: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+               ) -> torch.Tensor:
+        """A frozen tensor as the step uses it (or its rows [lo, hi)): int8 ones are dequantized
+        afresh on each call. (`zero`, an exact zero the exported programs use for scheduling,
+        changes nothing here.)"""
+        stored = self.stored[name] if rows is None else tuple(t[rows[0]:rows[1]] for t in self.stored[name])
         return dequantize_per_channel(*stored) if len(stored) == 2 else stored[0]
 
     def initial_params(self) -> dict[str, torch.Tensor]:
@@ -83,10 +85,11 @@ class PreparedModel:
             "input_shape": list(self.input_shape),
         }
 
-    def memory(self, batch_size: int, optimizer=None):
+    def memory(self, batch_size: int, optimizer=None, lowering=None):
+        """The analytic memory of one step, as `lowering` (default: the onnx target's) runs it."""
         from .memory import analyze
 
-        return analyze(self, batch_size, optimizer)
+        return analyze(self, batch_size, optimizer, lowering)
 
     def step_module(self, optimizer=None):
         from .optim import OptimizerConfig

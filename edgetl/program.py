@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .graph import LeanGraph
 from .interpret import interpret
+from .lowering import EAGER, Lowering
 from .rules import Need
 
 Tensor = torch.Tensor
@@ -28,10 +29,16 @@ class Weights(Mapping[str, Tensor]):
     afresh on every access, so no float copy of a frozen weight outlives the op using it."""
 
     def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[..., Tensor],
-                 tracker, tag: str, zero: Tensor | None = None):
+                 tracker, tag: str, zero: Tensor | None = None, lowering: Lowering = EAGER,
+                 blocks: Mapping[str, list[tuple[int, int]]] | None = None):
         self.roles, self.params, self.frozen, self.tracker, self.tag = roles, params, frozen, tracker, tag
         self.zero = zero  # an exact zero made from the op's input: dequantize no earlier than the op
+        self.lowering = lowering  # what the target needs from the rules (read through this mapping)
+        self.blocks = blocks or {}  # frozen tensors dequantized in row blocks: their [lo, hi) ranges
         self.transients: list[str] = []
+
+    def trainable(self, role: str) -> bool:
+        return role in self.roles and self.roles[role] in self.params
 
     def __getitem__(self, role: str) -> Tensor:
         name = self.roles[role]
@@ -42,6 +49,33 @@ class Weights(Mapping[str, Tensor]):
         self.tracker.hold(key, t, "weights (dequantized, transient)")
         self.transients.append(key)
         return t
+
+    def in_blocks(self, role: str) -> bool:
+        return role in self.roles and self.roles[role] in self.blocks and self.roles[role] not in self.params
+
+    def row_blocks(self, role: str, fn: Callable[[int, int, Tensor], Tensor], add: bool = False) -> list[Tensor]:
+        """`fn(lo, hi, rows)` per row block of the tensor in `role` (see `lowering.by_rows`); with
+        `add`, one running sum of them. Each block is dequantized when reached and dropped after
+        its `fn`, so one block is alive at a time; where the schedule is pinned, a block is made
+        only after the previous part exists."""
+        name = self.roles[role]
+        if not self.in_blocks(role):
+            t = self[role]
+            return [fn(0, t.shape[0], t)]
+        parts: list[Tensor] = []
+        zero = self.zero
+        for lo, hi in self.blocks[name]:
+            t = self.frozen(name, zero, (lo, hi))
+            key = f"w:{self.tag}:{role}:rows{lo}"
+            self.tracker.hold(key, t, "weights (dequantized, transient)")
+            part = fn(lo, hi, t)
+            del t
+            self.tracker.release(key)
+            parts = [parts[0] + part] if add and parts else [*parts, part]
+            del part
+            if zero is not None:
+                zero = parts[-1].reshape(-1)[:1].sum() * 0.0
+        return parts
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.roles)
@@ -71,13 +105,20 @@ class _Anchored(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.w)
 
+    def __getattr__(self, name: str):  # the Weights' lowering and trainable() (rules read them)
+        if name == "w":
+            raise AttributeError(name)
+        return getattr(self.w, name)
+
 
 class Program:
-    def __init__(self, graph: LeanGraph, frozen: Callable[[str], Tensor], anchor_masks: bool = False):
-        # anchor_masks: add exact zeros made from kept masks (and other integer keeps: q8/q4 codes) to
-        # the next bias, so graph runtimes with their own scheduler (onnxruntime) compute each in the
-        # forward (set by the ONNX exporter)
-        self.graph, self.frozen, self.anchor_masks = graph, frozen, anchor_masks
+    def __init__(self, graph: LeanGraph, frozen: Callable[..., Tensor], lowering: Lowering = EAGER,
+                 replay: bool = False):
+        # replay (the analytic memory model): the rules run as `lowering` asks, but the program's own
+        # schedule pins (exact zeros added to scales, biases and pool inputs) are left out: they
+        # order a graph runtime's schedule and hold no memory there
+        self.graph, self.frozen, self.lowering = graph, frozen, lowering
+        self.pins = lowering.pin_schedule and not replay
         trainable = set(graph.trainable)
         self.req = graph.requires_grad()
         self.need = {
@@ -90,13 +131,15 @@ class Program:
         uses = graph.consumers()
         self.uses = {k: len(v) for k, v in uses.items()}
         self.dequantizes = {n.name: any(graph.is_quantized(t) for t in n.params.values()) for n in graph.nodes}
+        self.blocks = lowering.row_blocks(graph)
 
     def weights(self, node, params, tracker, anchor: Tensor | None = None) -> Weights:
         # Graph runtimes schedule an op with no data inputs (dequantizing a frozen weight) as
         # early as they like, and then every float copy of the weights is alive at once. An
         # exact zero made from the op's own input pins each dequantization to its use.
-        zero = anchor.reshape(-1)[:1].sum() * 0.0 if anchor is not None and self.dequantizes[node.name] else None
-        return Weights(node.params, params, self.frozen, tracker, node.name, zero)
+        pin = self.pins and anchor is not None and self.dequantizes[node.name]
+        zero = anchor.reshape(-1)[:1].sum() * 0.0 if pin else None
+        return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering, self.blocks)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
@@ -123,7 +166,7 @@ class Program:
                 pending = []
             y, k = n.rule.forward(xs, ws, need)
             w.done()
-            if self.anchor_masks:
+            if self.pins:
                 # masks, and the codes of q8/q4 keeps: made only for the backward, from a float tensor
                 pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values()
                             if not t.dtype.is_floating_point]

@@ -6,30 +6,49 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .lowering import EAGER, Lowering
 from .optim import OptimizerConfig
 from .program import Program
-from .quant import dequantize_per_channel
 
 Tensor = torch.Tensor
 
 
 class _FrozenStore(nn.Module):
-    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used. Exporters
-    replace `dequantize` to emit their runtime's own op (e.g. ONNX DequantizeLinear)."""
+    """Frozen tensors as buffers (int8 + scale, or fp32), dequantized where used with the
+    lowering's op (e.g. ONNX DequantizeLinear)."""
 
-    dequantize = staticmethod(dequantize_per_channel)
-
-    def __init__(self, prepared):
+    def __init__(self, prepared, lowering: Lowering = EAGER):
         super().__init__()
+        self.dequantize = lowering.dequantize
         self.slots: dict[str, tuple[str, ...]] = {}
+        # tensors the lowering dequantizes by rows: one set of buffers per row block, [lo, hi) -> keys
+        self.block_slots: dict[str, dict[tuple[int, int], tuple[str, ...]]] = {}
+        blocks = lowering.row_blocks(prepared.graph)
         for i, (name, stored) in enumerate(prepared.stored.items()):
+            if name in blocks:
+                self.block_slots[name] = {}
+                for b, (lo, hi) in enumerate(blocks[name]):
+                    keys = tuple(f"f{i}_b{b}_{j}" for j in range(len(stored)))
+                    for k, t in zip(keys, stored):
+                        self.register_buffer(k, t[lo:hi].clone())
+                    self.block_slots[name][(lo, hi)] = keys
+                continue
             keys = tuple(f"f{i}_{j}" for j in range(len(stored)))
             for k, t in zip(keys, stored):
                 self.register_buffer(k, t.clone())
             self.slots[name] = keys
 
-    def get(self, name: str, zero: Tensor | None = None) -> Tensor:
-        keys = self.slots[name]
+    def get(self, name: str, zero: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+        """A frozen tensor as the step uses it (or its rows [lo, hi) where it is stored by rows)."""
+        if name in self.block_slots:
+            blocks = self.block_slots[name]
+            if rows is not None:
+                return self._read(blocks[rows], zero)
+            return torch.cat([self._read(keys, zero) for keys in blocks.values()])
+        t = self._read(self.slots[name], zero)
+        return t if rows is None else t[rows[0]:rows[1]]
+
+    def _read(self, keys: tuple[str, ...], zero: Tensor | None) -> Tensor:
         if len(keys) == 2:
             scale = getattr(self, keys[1])
             return self.dequantize(getattr(self, keys[0]), scale if zero is None else scale + zero)
@@ -37,14 +56,14 @@ class _FrozenStore(nn.Module):
 
 
 class LeanStep(nn.Module):
-    def __init__(self, prepared, optimizer: OptimizerConfig, anchor_masks: bool = False):
+    def __init__(self, prepared, optimizer: OptimizerConfig, lowering: Lowering = EAGER):
         super().__init__()
         self.prepared = prepared
         self.optimizer = optimizer
         self.trainable = prepared.trainable
         self.state_names = optimizer.state_names(self.trainable)
-        self.store = _FrozenStore(prepared)
-        self.program = Program(prepared.graph, self.store.get, anchor_masks)
+        self.store = _FrozenStore(prepared, lowering)
+        self.program = Program(prepared.graph, self.store.get, lowering)
 
     def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.optimizer.init_state(params)
@@ -71,11 +90,11 @@ class LeanStep(nn.Module):
 class LeanEval(nn.Module):
     """Logits from (batch, params): the eval and inference program."""
 
-    def __init__(self, prepared):
+    def __init__(self, prepared, lowering: Lowering = EAGER):
         super().__init__()
         self.trainable = prepared.trainable
-        self.store = _FrozenStore(prepared)
-        self.program = Program(prepared.graph, self.store.get)
+        self.store = _FrozenStore(prepared, lowering)
+        self.program = Program(prepared.graph, self.store.get, lowering)
 
     def forward(self, x: Tensor, *flat: Tensor) -> Tensor:
         return self.program.forward(x, dict(zip(self.trainable, flat)), train=False)[0]

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from edgetl.errors import EdgeTLError
+from edgetl.lowering import Lowering
 from edgetl.optim import OptimizerConfig
 from edgetl.runtime import signing
 from edgetl.runtime.checkpoint import pid_alive
@@ -32,6 +34,20 @@ def _exporter(spec):
     elif spec is EXECUTORCH:
         from .executorch import export_executorch as run
     return run
+
+
+def lowering(target: str, weight_block_bytes: int | None = None) -> Lowering:
+    """What `target`'s programs need from the step (its exporter's `Lowering`), with frozen weights
+    dequantized in row blocks of `weight_block_bytes` when given: what the analytic memory of its
+    bundles replays."""
+    spec = _SPECS[target]
+    if spec is EXECUTORCH:
+        from .executorch import lowering as et
+
+        base = et(delegate=True)
+    else:  # onnx, and ort-training (whose forward is exported the same way; ORT schedules its backward)
+        from .onnx import LOWERING as base
+    return dataclasses.replace(base, weight_block_bytes=weight_block_bytes)
 
 
 # What a bundle holds beside the files its manifest lists; anything else there is the user's.
@@ -118,15 +134,24 @@ def refuse_current_dir(out: str | Path) -> None:
 
 
 def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | None = None,
-           batch_size: int = 8, sign_key: str | Path | None = None) -> Path:
+           batch_size: int = 8, sign_key: str | Path | None = None, weight_block_bytes: int | None = None) -> Path:
     """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
     replaced only once the new one is complete; anything else there is refused, never deleted.
-    With `sign_key` (an Ed25519 private key file from `edgetl keygen`) the bundle is signed."""
+    With `sign_key` (an Ed25519 private key file from `edgetl keygen`) the bundle is signed. With
+    `weight_block_bytes` the step dequantizes large frozen int8 weights in row blocks of at most
+    that many fp32 bytes (`edgetl.lowering.Lowering`; microcontroller-sized RAM), onnx and
+    executorch targets."""
     spec = _SPECS.get(target) if isinstance(target, str) else None
     if spec is None:
         raise EdgeTLError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EdgeTLError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if weight_block_bytes is not None:
+        if not isinstance(weight_block_bytes, int) or weight_block_bytes < 1:
+            raise EdgeTLError(f"weight_block_bytes must be a positive integer, got {weight_block_bytes!r}")
+        if spec is ORT_TRAINING:
+            raise EdgeTLError("weight blocks are for the onnx and executorch targets: ONNX Runtime's training "
+                              "artifacts derive their own backward from whole weights")
     optimizer = optimizer or OptimizerConfig()
     signer = None if sign_key is None else signing.load_private_key(sign_key)  # a bad key fails before any work
     out = Path(out)
@@ -142,9 +167,13 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the bundle's mode
     old = None
     try:
-        res = run(prepared, optimizer, batch_size, tmp)  # the spec's programs and files, written into tmp
-        write_bundle(tmp, prepared, spec, optimizer, batch_size, res.get("extra"), signer=signer,
-                     more_programs=res.get("programs"), more_files=res.get("files", ()))
+        blocks = {} if weight_block_bytes is None else {"weight_block_bytes": weight_block_bytes}
+        # the spec's programs and files, written into tmp
+        res = run(prepared, optimizer, batch_size, tmp, **blocks)
+        extra = {**(res.get("extra") or {}), **({"lowering": blocks} if blocks else {})}
+        write_bundle(tmp, prepared, spec, optimizer, batch_size, extra or None, signer=signer,
+                     more_programs=res.get("programs"), more_files=res.get("files", ()),
+                     lowering=lowering(target, weight_block_bytes))
         _replaceable(out)  # still only a bundle (nothing was added while exporting)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".old", dir=out.parent))
@@ -164,4 +193,4 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     return out
 
 
-__all__ = ["TARGETS", "export", "refuse_current_dir"]
+__all__ = ["TARGETS", "export", "lowering", "refuse_current_dir"]

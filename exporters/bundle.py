@@ -21,11 +21,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: int, extra: dict | None = None,
-                 signer=None, more_programs: dict[str, str] | None = None, more_files=()) -> Path:
+                 signer=None, more_programs: dict[str, str] | None = None, more_files=(), lowering=None) -> Path:
     """Complete a bundle for the target `spec` in `out`, whose programs and required files (the
     spec's names) are already written; `extra`: target-specific manifest fields. The manifest is
     written last, atomically, so a half-written bundle never looks valid; with `signer` (an
-    Ed25519 private key) its signature, `manifest.sig`, is written just before it."""
+    Ed25519 private key) its signature, `manifest.sig`, is written just before it. `lowering`: how
+    the programs run the step (its weight blocks count in the analytic memory)."""
     import edgetl
 
     params = prepared.initial_params()
@@ -35,7 +36,7 @@ def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: i
     arrays = {**{t: params[t] for t in prepared.trainable}, **{k: state[k] for k in state_names}}
     keys = {name: name for name in arrays}  # the state file's tensors are named as the manifest names them
     (out / state_file.FILE).write_bytes(state_file.encode({n: v.detach().cpu().numpy() for n, v in arrays.items()}))
-    mem = prepared.memory(batch_size, optimizer)
+    mem = prepared.memory(batch_size, optimizer, lowering)
     # `more_programs` / `more_files`: optional ones beyond the spec's (e.g. LoRA's merged inference program)
     programs = {**spec.program_files(), **(more_programs or {})}
     rels = list(programs.values()) + [state_file.FILE, *spec.files, *more_files]

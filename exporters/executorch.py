@@ -31,7 +31,7 @@ program, dequantized where they are used (small file, ~50x slower step).
 from __future__ import annotations
 
 import bisect
-import contextlib
+import dataclasses
 import heapq
 import warnings
 from pathlib import Path
@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetl.interpret import computing, interpret, weights_from
-from edgetl.rules.conv import Conv2d
-from edgetl.rules.linear import Linear
+from edgetl.lowering import Lowering
 from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
@@ -51,55 +50,36 @@ from .lora import LORA_FILE, merged_model, write_lora_file
 INFERENCE_FILE = "inference.pte"
 
 
-def _trainable(w, role: str) -> bool:
-    """Whether the tensor in `role` of a node's Weights is a trainable (input) tensor."""
-    name = w.roles.get(role)
-    return name is not None and name in w.params
+# What ExecuTorch needs from the step, with XNNPACK and without: it runs the step as written (no
+# schedule pins); with XNNPACK, a trainable bias of a frozen-weight linear is a separate add, so the
+# delegated op has no bias to bake into its packed weights (the conv rule always adds its bias).
+DELEGATED, PORTABLE = Lowering(bias_as_add=True), Lowering()
 
 
-def _conv_compute(self, xs, w):
-    if not (_trainable(w, "bias") and not _trainable(w, "weight")):
-        return _ORIG_CONV(self, xs, w)
-    x, pad = self._padded(xs[0])
-    y = F.conv2d(x, w["weight"], None, self.stride, pad, self.dilation, self.groups)
-    return y + w["bias"].reshape(1, -1, 1, 1)
-
-
-def _linear_compute(self, xs, w):
-    if not (_trainable(w, "bias") and not _trainable(w, "weight")):
-        return _ORIG_LINEAR(self, xs, w)
-    return F.linear(xs[0], w["weight"]) + w["bias"]
-
-
-_ORIG_CONV, _ORIG_LINEAR = Conv2d.compute, Linear.compute
-
-
-@contextlib.contextmanager
-def bias_as_add():
-    """While tracing: a trainable bias of a frozen-weight conv/linear becomes a separate add, so
-    the delegated op has no bias to bake. (The conv rule already emits its bias as an add; this
-    keeps the guarantee for linear layers and for any rule that fuses it. Not thread-safe: it
-    swaps the rules' `compute` for the duration of an export.)"""
-    Conv2d.compute, Linear.compute = _conv_compute, _linear_compute
-    try:
-        yield
-    finally:
-        Conv2d.compute, Linear.compute = _ORIG_CONV, _ORIG_LINEAR
+def lowering(delegate: bool) -> Lowering:
+    return DELEGATED if delegate else PORTABLE
 
 
 def weights_as_fp32_constants(module: torch.nn.Module) -> int:
     """Replace the int8+scale buffers of `module.store` by one fp32 buffer each (dequantized
-    now), so the exported program holds them as constants. Returns how many were converted."""
+    now; each row block apart where the lowering stores a weight by rows), so the exported
+    program holds them as constants. Returns how many were converted."""
     store = module.store
-    n = 0
-    for name, keys in list(store.slots.items()):
-        if len(keys) != 2:
-            continue
+
+    def fp32(keys: tuple[str, ...]) -> tuple[str, ...]:
         w = store.dequantize(getattr(store, keys[0]), getattr(store, keys[1])).contiguous()
         delattr(store, keys[0])
         delattr(store, keys[1])
         store.register_buffer(keys[0], w)
-        store.slots[name] = (keys[0],)
+        return (keys[0],)
+
+    n = 0
+    for name, keys in list(store.slots.items()):
+        if len(keys) == 2:
+            store.slots[name] = fp32(keys)
+            n += 1
+    for name, blocks in store.block_slots.items():
+        store.block_slots[name] = {rows: fp32(keys) if len(keys) == 2 else keys for rows, keys in blocks.items()}
         n += 1
     return n
 
@@ -274,7 +254,7 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
-    with torch.no_grad(), warnings.catch_warnings(), (bias_as_add() if delegate else contextlib.nullcontext()):
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, args, strict=False)
         masks_as_where(ep)
@@ -326,7 +306,9 @@ def planned_bytes(et) -> int:
     return int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
 
 
-def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate: bool = True) -> dict:
+def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate: bool = True,
+                      weight_block_bytes: int | None = None) -> dict:
+    low = dataclasses.replace(lowering(delegate), weight_block_bytes=weight_block_bytes)
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     snames = optimizer.state_names(prepared.trainable)
@@ -336,8 +318,8 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in snames]
     n = len(prepared.trainable)
 
-    step = LeanStep(prepared, optimizer).eval()
-    ev = LeanEval(prepared).eval()
+    step = LeanStep(prepared, optimizer, low).eval()
+    ev = LeanEval(prepared, low).eval()
     if delegate:
         weights_as_fp32_constants(step)
         weights_as_fp32_constants(ev)
@@ -367,7 +349,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     res = {"extra": {"executorch": info}}
     merged = merged_model(prepared)
     if merged is not None:  # LoRA: an inference program reading the merged weights as inputs (see lora.py)
-        mev = LeanEval(merged).eval()
+        mev = LeanEval(merged, low).eval()
         if delegate:
             weights_as_fp32_constants(mev)
         mp = merged.initial_params()

@@ -3,6 +3,7 @@ onnxruntime InferenceSession runs, plus an eval program (logits from batch and p
 Frozen int8 weights are initializers feeding DequantizeLinear."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from edgetl.lowering import PINNED
 from edgetl.quant import dequantize_per_channel
 from edgetl.runtime.targets import LOGITS, ONNX, X, param_name, state_name
 from edgetl.step import LeanEval, LeanStep
@@ -31,6 +33,11 @@ class _DequantizeLinear(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero, axis_i=0)
 
 
+# What onnxruntime needs from the step: its own dequantize op, and the data dependencies that pin
+# its scheduler (frozen weights dequantized at their use, masks made in the forward).
+LOWERING = dataclasses.replace(PINNED, dequantize=_DequantizeLinear.apply)
+
+
 def onnx_names(prepared, optimizer) -> tuple[list[str], list[str]]:
     """Graph input names for trainable tensors and optimizer state (the spec's; ONNX-safe, stable)."""
     params = [param_name(i) for i in range(len(prepared.trainable))]
@@ -40,7 +47,6 @@ def onnx_names(prepared, optimizer) -> tuple[list[str], list[str]]:
 
 def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
             dynamic: dict | None = None) -> None:
-    module.store.dequantize = _DequantizeLinear.apply
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: shapes are static by design
@@ -53,7 +59,8 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
     onnx.save(model, path)
 
 
-def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
+def export_onnx(prepared, optimizer, batch_size: int, out: Path, weight_block_bytes: int | None = None) -> dict:
+    lowering = dataclasses.replace(LOWERING, weight_block_bytes=weight_block_bytes)
     params = prepared.initial_params()
     state = optimizer.init_state(params)
     pnames, snames = onnx_names(prepared, optimizer)
@@ -62,17 +69,17 @@ def export_onnx(prepared, optimizer, batch_size: int, out: Path) -> dict:
     lr = torch.tensor(optimizer.lr, dtype=torch.float32)
     flat = [params[t] for t in prepared.trainable] + [state[k] for k in optimizer.state_names(prepared.trainable)]
     train, ev = ONNX.program("train_step"), ONNX.program("eval")
-    step = LeanStep(prepared, optimizer, anchor_masks=True).eval()
+    step = LeanStep(prepared, optimizer, lowering).eval()
     _export(step, (x, y, lr, *flat), train.input_names(pnames, snames), train.output_names(pnames, snames),
             out / train.file)
-    _export(LeanEval(prepared).eval(), (x, *flat[: len(pnames)]), ev.input_names(pnames, snames),
+    _export(LeanEval(prepared, lowering).eval(), (x, *flat[: len(pnames)]), ev.input_names(pnames, snames),
             ev.output_names(pnames, snames), out / ev.file, dynamic={X: {0: "batch"}, LOGITS: {0: "batch"}})
     res: dict = {}
     merged = merged_model(prepared)
     if merged is not None:  # LoRA: the inference program takes the merged weights as inputs (see lora.py)
         inputs = dict(zip(prepared.trainable, pnames))
         mp = merged.initial_params()
-        _export(LeanEval(merged).eval(), (x, *(mp[t] for t in merged.trainable)),
+        _export(LeanEval(merged, lowering).eval(), (x, *(mp[t] for t in merged.trainable)),
                 [X, *(inputs.get(t, t) for t in merged.trainable)], [LOGITS], out / "inference.onnx",
                 dynamic={X: {0: "batch"}, LOGITS: {0: "batch"}})
         res["programs"] = {"inference": "inference.onnx"}

@@ -25,7 +25,7 @@ from edgetl.runtime.errors import EdgeRuntimeError
 from edgetl.runtime.targets import LOGITS, ORT_TRAINING, X, param_name
 from edgetl.step import _FrozenStore
 
-from .onnx import OPSET, _DequantizeLinear
+from .onnx import LOWERING, OPSET
 
 
 class _Forward(nn.Module):
@@ -34,8 +34,8 @@ class _Forward(nn.Module):
     def __init__(self, prepared):
         super().__init__()
         self.graph = prepared.graph
-        self.store = _FrozenStore(prepared)
-        self.store.dequantize = _DequantizeLinear.apply
+        # the onnx target's dequantize op (ORT derives the backward and schedules it itself)
+        self.store = _FrozenStore(prepared, LOWERING)
         init = prepared.initial_params()
         # `param` makes the exporter name them param.0, param.1, ...: the spec's names (checked below)
         self.param = nn.ParameterList([nn.Parameter(init[t]) for t in prepared.trainable])

@@ -498,7 +498,7 @@ def test_cnn_step_exports_to_onnx_and_matches_the_torch_step(model, tmp_path):
     """The whole hand-built CNN with bias+mask+q8, as the `onnx` target exports it."""
     from edgetl.exporters.onnx import export_onnx
 
-    from edgetl.exporters.onnx import _export, onnx_names
+    from edgetl.exporters.onnx import LOWERING, _export, onnx_names
     from edgetl.step import LeanStep
 
     pm = {"se_cnn": se_cnn, "kws_cnn": kws_cnn}[model]("bias+mask+q8")
@@ -513,7 +513,7 @@ def test_cnn_step_exports_to_onnx_and_matches_the_torch_step(model, tmp_path):
     else:  # export_onnx (and memory, the runtime's input checks) still assume (C, H, W) inputs
         pnames, snames = onnx_names(pm, opt)
         args = (x, y, torch.tensor(0.1), *map(torch.from_numpy, flat))
-        _export(LeanStep(pm, opt, anchor_masks=True).eval(), args, ["x", "y", "lr", *pnames, *snames],
+        _export(LeanStep(pm, opt, LOWERING).eval(), args, ["x", "y", "lr", *pnames, *snames],
                 ["loss", "logits", *(f"new_{n}" for n in pnames + snames)], tmp_path / "train_step.onnx")
     sess = ort.InferenceSession(str(tmp_path / "train_step.onnx"))
     names = [i.name for i in sess.get_inputs()]

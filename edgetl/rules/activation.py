@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..lowering import pins
 from .base import Rule
 
 
@@ -19,9 +20,12 @@ class _Activation(Rule):
 
     def backward(self, g, kept, w, need):
         if "m" in kept:
-            # the mask is made float only once g exists (an always-false element from g): left
-            # free, onnxruntime casts it early and holds the float copy until g arrives
-            gm = g * (kept["m"] | (g.reshape(-1)[:1] > float("inf"))).to(g.dtype)
+            if pins(w):
+                # the mask is made float only once g exists (an always-false element from g): left
+                # free, onnxruntime casts it early and holds the float copy until g arrives
+                gm = g * (kept["m"] | (g.reshape(-1)[:1] > float("inf"))).to(g.dtype)
+            else:  # runtimes that run the step as written: no float copy of the mask
+                gm = torch.where(kept["m"], g, 0.0)
             return [gm * self.mask_scale if self.mask_scale != 1.0 else gm], {}
         return [self._float_backward(g, kept)], {}
 

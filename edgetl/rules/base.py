@@ -62,6 +62,11 @@ class Rule:
             raise AttributeError(f"{type(self).__name__} is bound to its shapes and immutable; use replace()")
         object.__setattr__(self, name, value)
 
+    def by_rows(self, role: str) -> bool:
+        """Whether this rule can run with its frozen tensor in `role` given in row blocks
+        (`lowering.by_rows`), so a lowering may dequantize it a block at a time."""
+        return False
+
     def compute(self, xs: list[Tensor], w: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
 

@@ -6,6 +6,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..lowering import by_rows, in_blocks, summed_by_rows
 from .base import Need, Rule, Tensor
 
 
@@ -49,9 +50,16 @@ class Conv2d(Rule):
             return x, (t, l)
         return F.pad(x, (l, r, t, b)), (0, 0)
 
+    def by_rows(self, role):
+        return role == "weight" and self.groups == 1
+
     def compute(self, xs, w):
         x, pad = self._padded(xs[0])
-        y = F.conv2d(x, w["weight"], None, self.stride, pad, self.dilation, self.groups)
+        if in_blocks(w, "weight"):  # output channels by blocks of the weight's rows
+            y = torch.cat(by_rows(w, "weight", lambda lo, hi, wr: F.conv2d(x, wr, None, self.stride, pad,
+                                                                           self.dilation)), 1)
+        else:
+            y = F.conv2d(x, w["weight"], None, self.stride, pad, self.dilation, self.groups)
         # The bias as a separate add: onnxruntime's depthwise kernel is several times slower with a
         # fused bias, and XNNPACK would bake a trainable bias into its frozen blob.
         return y + w["bias"].reshape(1, -1, 1, 1) if "bias" in w else y
@@ -65,7 +73,11 @@ class Conv2d(Rule):
             grads["bias"] = bias_grad(g, self.out_chw)
         if "weight" in need.params:
             grads["weight"] = self._weight_grad(kept["x"], g)
-        gx = self._input_grad(g, w["weight"]) if need.inputs[0] else None
+        gx = None
+        if need.inputs[0]:
+            cout = self.out_chw[0]  # by row blocks: each block's output channels' share, added
+            gx = summed_by_rows(w, "weight", lambda lo, hi, wr: self._input_grad(
+                g if hi - lo == cout else g[:, lo:hi].clone(), wr))
         return [gx], grads
 
     def _input_grad(self, g: Tensor, weight: Tensor) -> Tensor:
@@ -177,7 +189,14 @@ class _Weight2d(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.w)
 
-    def __getattr__(self, name: str):  # roles/params of the program's Weights (the ExecuTorch exporter reads them)
+    def row_blocks(self, role: str, fn, add: bool = False):
+        inner = getattr(self.w, "row_blocks", None)
+        if inner is None:
+            t = self[role]
+            return [fn(0, t.shape[0], t)]
+        return inner(role, lambda lo, hi, t: fn(lo, hi, t.unsqueeze(2) if role == "weight" else t), add)
+
+    def __getattr__(self, name: str):  # the program Weights' lowering, trainable(), in_blocks()
         if name == "w":  # not set yet (copy/pickle): no recursion
             raise AttributeError(name)
         return getattr(self.w, name)

@@ -1,8 +1,10 @@
 """Linear (fully connected) layer, on feature vectors or on the last dim of tokens (..., D)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
+from ..lowering import by_rows, in_blocks, separate_bias, summed_by_rows
 from .base import Rule
 
 
@@ -10,8 +12,17 @@ class Linear(Rule):
     kind = "linear"
     quantizable = True
 
+    def by_rows(self, role):
+        return role == "weight"
+
     def compute(self, xs, w):
-        return F.linear(xs[0], w["weight"], w.get("bias"))
+        x = xs[0]
+        if in_blocks(w, "weight"):  # output features by blocks of rows
+            y = torch.cat(by_rows(w, "weight", lambda lo, hi, wr: F.linear(x, wr)), -1)
+            return y + w["bias"] if "bias" in w else y
+        if "bias" in w and separate_bias(w):
+            return F.linear(x, w["weight"]) + w["bias"]
+        return F.linear(x, w["weight"], w.get("bias"))
 
     def keep(self, xs, y, w, need):
         return {"x": xs[0]} if "weight" in need.params else {}
@@ -28,7 +39,10 @@ class Linear(Rule):
             grads["bias"] = g2.sum(0)
         if "weight" in need.params:
             grads["weight"] = g2.t() @ x
-        gx = g @ w["weight"] if need.inputs[0] else None
+        gx = None
+        if need.inputs[0]:
+            out = self.out_shape[-1]
+            gx = summed_by_rows(w, "weight", lambda lo, hi, wr: (g if hi - lo == out else g[..., lo:hi]) @ wr)
         return [gx], grads
 
 

@@ -34,6 +34,9 @@ class LoraLinear(Linear):
         new.__dict__.update({k: v for k, v in base.__dict__.items() if k != "_bound"})
         return new
 
+    def by_rows(self, role):
+        return False  # the weight is read whole (its branch shares the op)
+
     def compute(self, xs, w):
         x = xs[0]
         y = F.linear(x, w["weight"]) + F.linear(F.linear(x, w["lora_a"]), w["lora_b"]) * self.scale
@@ -90,6 +93,9 @@ class LoraConv2d(Conv2d):
     def _strided(self, x: Tensor) -> Tensor:
         sh, sw = self.stride
         return x if (sh, sw) == (1, 1) else x[:, :, ::sh, ::sw]
+
+    def by_rows(self, role):
+        return False
 
     def compute(self, xs, w):
         x = xs[0]

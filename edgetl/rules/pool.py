@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..lowering import pins
 from .base import Rule, Tensor, upsample_to
 
 IntArg = int | Sequence[int]
@@ -190,7 +191,8 @@ class MaxPool(_Windowed):
         idx = kept["i"].to(g.dtype)  # compared as float: integer Equal kernels are patchy in runtimes
         square_tiles = self.tiles and self.nd == 2 and self.k[0] == self.k[1]
         gx = self._tile_spread(g, idx) if square_tiles else self._spread(
-            lambda t, last: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0), chain=True)
+            lambda t, last=None: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0),
+            chain=pins(w))
         return [self._nd(gx, self.hw)], {}
 
     def _tile_spread(self, g: Tensor, idx: Tensor) -> Tensor:
