@@ -1,5 +1,5 @@
-"""Activations beyond ReLU/SiLU (LeakyReLU, PReLU, Hardtanh/clamp, ELU/SELU/CELU, Softplus, Mish) and
-upsampling (nearest, bilinear, 1-D linear): each rule against torch autograd of torch's own op,
+"""Activations beyond ReLU/SiLU (LeakyReLU, PReLU, Hardtanh/clamp, ELU/SELU/CELU, Softplus, Mish),
+upsampling (nearest, bilinear, 1-D linear) and global max pooling: each rule against torch autograd of torch's own op,
 what it keeps, its forward + backward exported to ONNX (run in onnxruntime), lowered by
 torch.export and run as one ExecuTorch program; traced from models as users write them, with the
 recipes that change what they keep (mask, q8, full for PReLU's slope)."""
@@ -144,6 +144,15 @@ def test_upsample_matches_autograd_and_keeps_nothing(case):
     assert _check(R.Upsample(*args), _x(shape), ref) == {}
 
 
+@pytest.mark.parametrize("shape", [X2, (2, 3, 11), (2, 3, 20, 20)])
+def test_global_max_pool_matches_autograd_and_keeps_one_position_per_channel(shape):
+    ref = (lambda x: F.adaptive_max_pool2d(x, 1)) if len(shape) == 4 else (lambda x: F.adaptive_max_pool1d(x, 1))
+    x = F.relu(torch.randint(-2, 2, shape, generator=torch.Generator().manual_seed(1)).float())  # ties: the first wins
+    kept = _check(R.GlobalMaxPool(), x, ref, tol=0.0)
+    assert list(kept) == ["i"] and kept["i"].shape == shape[:2]
+    assert kept["i"].dtype == (torch.uint8 if np.prod(shape[2:]) <= 256 else torch.int32)
+
+
 def test_nearest_by_an_integer_factor_is_a_repeat_not_a_matmul():
     rule = bind(R.Upsample("nearest", (18, 14), False, [2.0, 2.0]), _x(X2))
     assert rule.repeat == (2, 2)
@@ -161,6 +170,8 @@ def _export_cases():
     cases["prelu"] = (R.PReLU, X2, {"weight": torch.tensor([0.25, -0.1, 0.6])})
     cases["prelu_mask"] = (lambda: R.PReLU().replace(mask=True), X2, {"weight": torch.tensor([0.2])})
     cases |= {f"up_{k}": (lambda a=a: R.Upsample(*a), s, {}) for k, (a, s, _) in UPSAMPLE.items()}
+    cases["global_max"] = (R.GlobalMaxPool, X2, {})
+    cases["global_max_1d"] = (R.GlobalMaxPool, (2, 3, 11), {})
     return cases
 
 
@@ -218,7 +229,7 @@ def test_rules_run_as_one_executorch_program(tmp_path):
 
     cases = ["leaky_relu_0.1_mask", "hardtanh_mask", "prelu", "prelu_mask", "elu", "selu", "celu_0.5",
              "softplus_beta2_threshold3", "mish", "mish_q8", "up_nearest_x2", "up_bilinear_x2", "up_nearest_x1.5",
-             "up_1d_linear_x2"]
+             "up_1d_linear_x2", "global_max"]
     built = [_rule_step(c) for c in cases]
     module = _Steps([b[0] for b in built]).eval()
     args = tuple(t for _, x, g in built for t in (x, g))
@@ -244,9 +255,22 @@ RULE_OF = {"leaky_relu": R.LeakyReLU, "prelu": R.PReLU, "hardtanh": R.Clamp, "el
            "celu": R.ELU, "softplus": R.Softplus, "mish": R.Mish}
 
 
+@pytest.mark.parametrize("pool", ["global", "2x2"])
+def test_traced_adaptive_max_pool_matches_autograd(pool):
+    torch.manual_seed(0)
+    size = 1 if pool == "global" else 2
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(size), nn.Flatten(),
+                          nn.Linear(8 * size * size, 4)).eval()
+    pm = edgetl.prepare(model, "bias+mask", num_classes=4, input_size=10)
+    assert any(isinstance(n.rule, R.GlobalMaxPool if pool == "global" else R.MaxPool) for n in pm.graph.nodes)
+    x = torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    gerr, _ = lean_vs_reference(pm, x, torch.tensor([0, 1, 3]), OptimizerConfig.make("sgd", lr=0.1))
+    assert max(gerr.values()) < 1e-5
+
+
 class ActNet(nn.Module):
-    """conv → BN → act → upsample ×2 (nearest) → conv → act → bilinear ×2 → pool → fc, and a
-    channel slice written in place (x[:, :2].mul_(...)) so the tracer takes its core ATen pass."""
+    """conv → BN → act → upsample ×2 (nearest) → conv → act → bilinear ×2 → pool → fc; with
+    `core`, a swapaxes pair (no rule before decomposition) so the tracer takes its core ATen pass."""
 
     def __init__(self, act, core: bool = False):
         super().__init__()
@@ -259,8 +283,7 @@ class ActNet(nn.Module):
         y = self.act1(self.bn(self.conv1(x)))
         y = self.act2(self.conv2(F.interpolate(y, scale_factor=2, mode="nearest")))
         if self.core:
-            y = y.clone()
-            y[:, :2].mul_(0.5)
+            y = y.swapaxes(2, 3).swapaxes(2, 3)
         return self.fc(self.up(y).mean((2, 3)))
 
 

@@ -4,7 +4,7 @@ from .activation import ACTIVATIONS, Clamp, Hardsigmoid, Hardswish, LeakyReLU, P
 from .base import Need, Rule
 from .conv import Conv1d, Conv2d
 from .linear import Linear
-from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d, Upsample
+from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d, GlobalMaxPool, Upsample
 from .shape import Expand, Mean, Permute, Reshape, Select, Slice
 from .smooth import ELU, SMOOTH, Mish, SiLU, Sigmoid, Softplus, Tanh
 from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
@@ -21,5 +21,5 @@ __all__ = [
     "SiLU", "Sigmoid", "Slice", "Sub", "Tanh",
     "Attention", "GELU", "GroupNorm", "LadderGate", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul",
     "ParamTableAdd", "ParamTableMul", "Softmax",
-    "Clamp", "ELU", "LeakyReLU", "Mish", "PReLU", "Softplus", "Upsample",
+    "Clamp", "ELU", "GlobalMaxPool", "LeakyReLU", "Mish", "PReLU", "Softplus", "Upsample",
 ]

@@ -361,6 +361,37 @@ class GlobalAvgPool(AdaptiveAvgPool):
         return self.kind
 
 
+class GlobalMaxPool(Rule):
+    """`aten.adaptive_max_pool{1,2}d` to 1 (global max pooling). Keeps, per channel, the position
+    of its maximum (uint8 up to 256 positions, else int32; the first maximum wins ties, as in
+    torch); the backward sends g there by comparing the positions with a constant ramp."""
+
+    kind = "global_maxpool"
+
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
+        shape = in_shapes[0]
+        self.c, self.n = shape[0], math.prod(shape[1:])
+        self.pooled = (self.c, *[1] * (len(shape) - 1))
+        self.index_dtype = torch.uint8 if self.n <= 256 else torch.int32
+
+    def compute(self, xs, w):
+        return xs[0].reshape(-1, self.c, self.n).amax(2).reshape(-1, *self.pooled)
+
+    def forward(self, xs, w, need):
+        if not need.inputs[0]:
+            return self.compute(xs, w), {}
+        flat = xs[0].reshape(-1, self.c, self.n)
+        y, idx = flat.max(2)
+        return y.reshape(-1, *self.pooled), {"i": idx.to(self.index_dtype)}
+
+    def backward(self, g, kept, w, need):
+        ramp = torch.arange(self.n, dtype=g.dtype, device=g.device)
+        hit = ramp == kept["i"].to(g.dtype).reshape(-1, self.c, 1)  # compared as float, as MaxPool
+        gx = torch.where(hit, g.reshape(-1, self.c, 1), 0.0)
+        return [gx.reshape(-1, *self.in_shapes[0])], {}
+
+
 _RESIZE_OPS = {"nearest": torch.ops.aten.upsample_nearest2d.default,
                "nearest-exact": torch.ops.aten._upsample_nearest_exact2d.default,
                "linear": torch.ops.aten.upsample_bilinear2d.default}
@@ -504,3 +535,18 @@ def _upsample(call: Call) -> Lowered:
         scales = [call.arg(first + i, key) for i, key in enumerate(names)]
     scales = [None if s is None else float(s) for s in scales] if scales else None
     return Lowered(Upsample(mode, call.out_shape[1:], align, scales), [x])
+
+
+@handles(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default)
+def _adaptive_max_pool(call: Call):
+    x, size = call.act(0), call.arg(1, "output_size")
+    sizes = [size] if isinstance(size, int) else list(size)
+    sizes = [n if s is None else int(s) for n, s in zip(x.shape[1:], sizes * (len(x.shape) - 1 if len(sizes) == 1 else 1))]
+    if all(s == 1 for s in sizes):
+        rule = GlobalMaxPool()
+    elif all(n % s == 0 for n, s in zip(x.shape[1:], sizes)):  # equal windows: a plain max pooling
+        k = [n // s for n, s in zip(x.shape[1:], sizes)]
+        rule = MaxPool(k, k)
+    else:
+        raise Unsupported(f"adaptive max pooling of {tuple(x.shape[1:])} to {tuple(sizes)} (windows of unequal size)")
+    return Lowered(rule, [x]), None  # (values, indices): nothing may use the indices
