@@ -541,7 +541,8 @@ def _upsample(call: Call) -> Lowered:
 def _adaptive_max_pool(call: Call):
     x, size = call.act(0), call.arg(1, "output_size")
     sizes = [size] if isinstance(size, int) else list(size)
-    sizes = [n if s is None else int(s) for n, s in zip(x.shape[1:], sizes * (len(x.shape) - 1 if len(sizes) == 1 else 1))]
+    sizes = sizes * (len(x.shape) - 1) if len(sizes) == 1 else sizes
+    sizes = [n if s is None else int(s) for n, s in zip(x.shape[1:], sizes)]
     if all(s == 1 for s in sizes):
         rule = GlobalMaxPool()
     elif all(n % s == 0 for n, s in zip(x.shape[1:], sizes)):  # equal windows: a plain max pooling

@@ -1,5 +1,5 @@
-"""Smooth activations: SiLU, Sigmoid, Tanh, GELU, ELU (SELU, CELU), Softplus, Mish. No mask can represent their derivative, so the `mask`
-modifier leaves them exact. Each keeps the one float tensor torch autograd keeps (SiLU its input,
+"""Smooth activations: SiLU, Sigmoid, Tanh, GELU, ELU (SELU, CELU), Softplus, Mish. No mask can
+represent their derivative, so the `mask` modifier leaves them exact. Each keeps the one float tensor torch autograd keeps (SiLU its input,
 Sigmoid and Tanh their output). With the `q8` / `q4` modifiers (Mesa, S2A) each keeps instead its
 derivative dy/dx, computed in the forward, as 8- or 4-bit codes with a per-channel scale and zero
 point; the backward is g * dequantized derivative. The derivative has a small fixed range (SiLU

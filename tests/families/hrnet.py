@@ -37,9 +37,10 @@ class HighResolutionModule(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList([BasicBlock(c) for c in chs])
         self.fuse_layers = nn.ModuleList([
-            nn.ModuleList([None, nn.Sequential(nn.Conv2d(chs[1], chs[0], 1, 1, 0, bias=False), nn.BatchNorm2d(chs[0]),
-                                               nn.Upsample(scale_factor=2, mode="nearest"))]),
-            nn.ModuleList([nn.Sequential(nn.Conv2d(chs[0], chs[1], 3, 2, 1, bias=False), nn.BatchNorm2d(chs[1])), None]),
+            nn.ModuleList([None, nn.Sequential(nn.Conv2d(chs[1], chs[0], 1, 1, 0, bias=False),
+                                               nn.BatchNorm2d(chs[0]), nn.Upsample(scale_factor=2, mode="nearest"))]),
+            nn.ModuleList([nn.Sequential(nn.Conv2d(chs[0], chs[1], 3, 2, 1, bias=False), nn.BatchNorm2d(chs[1])),
+                           None]),
         ])
         self.relu = nn.ReLU(False)
 
@@ -65,7 +66,8 @@ class HRNet(nn.Module):
         self.transition = nn.Sequential(nn.Conv2d(chs[0], chs[1], 3, 2, 1, bias=False), nn.BatchNorm2d(chs[1]),
                                         nn.ReLU(inplace=True))
         self.stage = nn.Sequential(*[HighResolutionModule(chs) for _ in range(num_modules)])
-        self.last_layer = nn.Sequential(nn.Conv2d(sum(chs), 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
+        self.last_layer = nn.Sequential(nn.Conv2d(sum(chs), 24, 1, bias=False), nn.BatchNorm2d(24),
+                                        nn.ReLU(inplace=True))
         self.classifier = nn.Linear(24, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
