@@ -53,7 +53,7 @@ def run_one(make, recipe: str, target: str, work: Path) -> dict:
     model = make()
     pm = edgetl.prepare(model, recipe, num_classes=5, input_shape=model.input_shape)
     if not _applies(pm, recipe):
-        return {"status": "n/a", "why": "no SiLU/Sigmoid/Tanh to quantize"}
+        return {"status": "n/a", "why": "no smooth activation (SiLU, Sigmoid, Mish, ...) to quantize"}
     opt = edgetl.OptimizerConfig.make("sgd", lr=LR.get(recipe, DEFAULT_LR), momentum=0.9)
     t0 = time.perf_counter()
     trainer = Trainer.load(export(pm, target, work, opt, batch_size=BATCH))

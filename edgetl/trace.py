@@ -14,6 +14,7 @@ finite op set an op without a builder is unsupported.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import operator
 import os
@@ -37,7 +38,9 @@ aten = torch.ops.aten
 KEEP_WHOLE = (aten.linear.default, aten.hardswish.default, aten.hardsigmoid.default, aten.silu.default,
               aten.hardtanh.default, aten.relu6.default, aten.sigmoid.default, aten.tanh.default,
               aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.default, aten.gelu.default,
-              aten.softmax.int, aten.matmul.default, aten.scaled_dot_product_attention.default)
+              aten.softmax.int, aten.matmul.default, aten.scaled_dot_product_attention.default,
+              aten.leaky_relu.default, aten.prelu.default, aten.elu.default, aten.selu.default, aten.celu.default,
+              aten.softplus.default, aten.mish.default)
 
 # Ops on a parameter alone whose result is still that parameter (moved, broadcast or reshaped):
 # it stays a direct parameter that a recipe may train (see rules/param.py).
@@ -112,12 +115,17 @@ def _functional(op):
 
 
 def _where(node: fx.Node) -> str:
-    """file:line of the innermost frame of the user's own code that produced `node`."""
+    """file:line of the innermost frame of the user's own code that produced `node`; "" when none
+    (torch layers called by torch code only, e.g. an nn.Sequential of them: the module path names
+    it), never a line inside torch."""
     frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    mine = [f for f in frames if not f[0].startswith(torch_dir)]
-    f = (mine or frames or [None])[-1]
-    return f"{f[0]}:{f[1]}" if f else ""
+    mine = [f for f in frames if not _in_torch(f[0])]
+    return f"{mine[-1][0]}:{mine[-1][1]}" if mine else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _in_torch(path: str) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(os.path.dirname(torch.__file__)) + os.sep)
 
 
 def _module(node: fx.Node) -> tuple[str, str]:
@@ -181,7 +189,7 @@ class _Walker:
             return
         if n.target is operator.getitem:
             value = args[0][args[1]]
-            if value is None:
+            if value is None and n.users:
                 self.fail(n, "it uses the indices of a max pooling")
                 return
             self.env[n.name] = value
@@ -296,6 +304,9 @@ class _Walker:
         node, reason = self.unsupported[0]
         path, kind = _module(node)
         op = str(node.target)
+        source = [str(getattr(f, "target", "")) for f in node.meta.get("from_node") or []]
+        if source and source[0] not in ("", op):  # a composite op the decomposition broke up
+            op = f"{op} (from {source[0]})"
         raise UnsupportedLayerError(op, reason, path, kind, _where(node), len(self.unsupported) - 1)
 
     def run(self) -> list[Node]:

@@ -13,7 +13,7 @@ from families._common import prepare_model, random_batch
 from helpers import lean_vs_reference
 
 RECIPES = ["bias+mask", "side", "full", "bias+last2"]
-SMOOTH = {"silu", "sigmoid", "tanh"}
+SMOOTH = {"silu", "sigmoid", "tanh", "mish"}
 TOL = 1e-4  # float32 over deep graphs; masks and ceil-mode windows make ties rare but possible
 
 
@@ -34,7 +34,7 @@ def test_family_step_matches_autograd(name, recipe):
 
 
 # The families whose graphs have SiLU / Sigmoid / Tanh (what q8 quantizes); the test checks the list.
-SMOOTH_FAMILIES = ["efficientnet_b0", "hybrid", "regnet"]
+SMOOTH_FAMILIES = ["efficientnet_b0", "hybrid", "regnet", "cspdarknet"]
 
 
 @pytest.mark.parametrize("name", SMOOTH_FAMILIES)

@@ -34,6 +34,9 @@ DISTINCTIVE_OPS: dict[str, set[str]] = {
     "repvgg": {"add", "relu", "_native_batch_norm_legit_no_training", "mean", "addmm"},
     "vovnet": {"cat", "max_pool2d_with_indices", "relu", "hardtanh", "mean", "mul", "add", "addmm"},
     "res2net": {"split_with_sizes", "cat", "avg_pool2d", "add", "max_pool2d_with_indices", "mean", "addmm"},
+    # Mish is decomposed by run_decompositions (edgetl keeps it whole); the neck's LeakyReLU is not
+    "cspdarknet": {"split_with_sizes", "cat", "add", "tanh", "log1p", "leaky_relu", "mean", "addmm"},
+    "hrnet": {"upsample_nearest2d", "upsample_bilinear2d", "cat", "add", "relu", "mean", "addmm"},
 }
 NO_BATCHNORM = {"squeezenet"}
 

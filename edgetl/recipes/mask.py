@@ -1,5 +1,6 @@
 """`mask`: activations keep a boolean mask for their backward instead of a float tensor.
-Exact for ReLU, ReLU6 and Hardsigmoid; Hard-Swish uses MobileTL's sign approximation.
+Exact for ReLU, ReLU6, Hardtanh/clamp, LeakyReLU, PReLU (slope frozen) and Hardsigmoid; Hard-Swish
+uses MobileTL's sign approximation.
 The mask is stored as one byte per element (bool) in the exported programs: standard ONNX ops
 have no bitwise kernel that would make 8-per-byte packing pay, and the memory model counts
 the bytes really stored."""

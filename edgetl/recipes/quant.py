@@ -1,10 +1,10 @@
-"""`q8` / `q4`: smooth activations (SiLU, Sigmoid, Tanh, GELU), whose derivative no mask represents,
-keep what their backward needs (their derivative) as 8-bit (Mesa) or 4-bit (S2A) codes with a
-per-channel scale and zero point instead of fp32, dequantized in the backward. Softmax and
-attention keep their probabilities, and norm layers their normalized input, the same way. An
-approximation: the gradient error against exact is measured in tests/test_rules_cnn.py and
-tests/test_rules_attn.py. Piecewise-linear activations are
-left to `mask` (exact), so `bias+mask+q8` quantizes only what a mask cannot hold."""
+"""`q8` / `q4`: smooth activations (SiLU, Sigmoid, Tanh, GELU, ELU/SELU/CELU, Softplus, Mish), whose
+derivative no mask represents, keep what their backward needs (their derivative) as 8-bit (Mesa) or
+4-bit (S2A) codes with a per-channel scale and zero point instead of fp32, dequantized in the
+backward. Softmax and attention keep their probabilities, and norm layers their normalized input, the
+same way. An approximation: the gradient error against exact is measured in tests/test_rules_cnn.py,
+tests/test_rules_activations.py and tests/test_rules_attn.py. Piecewise-linear activations are left to
+`mask` (exact), so `bias+mask+q8` quantizes only what a mask cannot hold."""
 import re
 
 from ..errors import RecipeError

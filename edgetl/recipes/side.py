@@ -79,7 +79,7 @@ class Side(Part):
 
 _KEEPS_LAYOUT = (_Activation, _Smooth, _Norm, R.Identity, R.Add, R.Sub, R.Mul, R.Affine, R.Pad, R.ParamAdd,
                  R.ParamMul, R.LadderGate)
-_MAKES_MAP = (R.Conv2d, R.Conv1d, _Windowed, AdaptiveAvgPool)
+_MAKES_MAP = (R.Conv2d, R.Conv1d, _Windowed, AdaptiveAvgPool, R.GlobalMaxPool, R.Upsample)
 
 
 def _layouts(graph: LeanGraph, until: Node) -> dict[str, tuple | None]:

@@ -1,12 +1,12 @@
 """Backward rules, one family per file. Each declares what its backward keeps, and registers
 which traced ATen ops it runs (see registry.py)."""
-from .activation import ACTIVATIONS, Hardsigmoid, Hardswish, ReLU, ReLU6
+from .activation import ACTIVATIONS, Clamp, Hardsigmoid, Hardswish, LeakyReLU, PReLU, ReLU, ReLU6
 from .base import Need, Rule
 from .conv import Conv1d, Conv2d
 from .linear import Linear
-from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d
+from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d, GlobalMaxPool, Upsample
 from .shape import Expand, Mean, Permute, Reshape, Select, Slice
-from .smooth import SMOOTH, SiLU, Sigmoid, Tanh
+from .smooth import ELU, SMOOTH, Mish, SiLU, Sigmoid, Softplus, Tanh
 from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
 from .attention import Attention, MatMul, Softmax
 from .norm import GroupNorm, LayerNorm
@@ -21,4 +21,5 @@ __all__ = [
     "SiLU", "Sigmoid", "Slice", "Sub", "Tanh",
     "Attention", "GELU", "GroupNorm", "LadderGate", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul",
     "ParamTableAdd", "ParamTableMul", "Softmax",
+    "Clamp", "ELU", "GlobalMaxPool", "LeakyReLU", "Mish", "PReLU", "Softplus", "Upsample",
 ]

@@ -4,7 +4,8 @@ Max pooling keeps, per output, the position of its maximum inside its window as 
 (uint8 for up to 256 taps); average and adaptive pooling keep nothing. Every backward is exact
 and written without scatter or index ops: a gradient is spread back over its window tap by tap,
 each tap a shifted add on its stride phase's grid, the phases interleaved by a reshape (`_spread`);
-adaptive pooling is a matmul with constant averaging matrices."""
+adaptive pooling is a matmul with constant averaging matrices, and so is upsampling (nearest,
+bilinear): both are linear maps, separable per spatial axis."""
 from __future__ import annotations
 
 import math
@@ -362,6 +363,119 @@ class GlobalAvgPool(AdaptiveAvgPool):
         return self.kind
 
 
+class GlobalMaxPool(Rule):
+    """`aten.adaptive_max_pool{1,2}d` to 1 (global max pooling). Keeps, per channel, the position
+    of its maximum (uint8 up to 256 positions, else int32; the first maximum wins ties, as in
+    torch); the backward sends g there by comparing the positions with a constant ramp."""
+
+    kind = "global_maxpool"
+
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
+        shape = in_shapes[0]
+        self.c, self.n = shape[0], math.prod(shape[1:])
+        self.pooled = (self.c, *[1] * (len(shape) - 1))
+        self.index_dtype = torch.uint8 if self.n <= 256 else torch.int32
+
+    def compute(self, xs, w):
+        return xs[0].reshape(-1, self.c, self.n).amax(2).reshape(-1, *self.pooled)
+
+    def forward(self, xs, w, need):
+        if not need.inputs[0]:
+            return self.compute(xs, w), {}
+        flat = xs[0].reshape(-1, self.c, self.n)
+        y, idx = flat.max(2)
+        return y.reshape(-1, *self.pooled), {"i": idx.to(self.index_dtype)}
+
+    def backward(self, g, kept, w, need):
+        ramp = torch.arange(self.n, dtype=g.dtype, device=g.device)
+        hit = ramp == kept["i"].to(g.dtype).reshape(-1, self.c, 1)  # compared as float, as MaxPool
+        gx = torch.where(hit, g.reshape(-1, self.c, 1), 0.0)
+        return [gx.reshape(-1, *self.in_shapes[0])], {}
+
+
+_RESIZE_OPS = {"nearest": torch.ops.aten.upsample_nearest2d.default,
+               "nearest-exact": torch.ops.aten._upsample_nearest_exact2d.default,
+               "linear": torch.ops.aten.upsample_bilinear2d.default}
+
+
+def _resize_matrix(size: int, out: int, mode: str, align_corners: bool, scale: float | None) -> torch.Tensor:
+    """(out, size) matrix of torch's 1-D resampling along one axis: column i is how input i spreads
+    over the outputs, computed by torch's own 2-D kernel on one-hot inputs (the other axis 1 → 1),
+    so its index rounding and `scale_factor` semantics are torch's own."""
+    basis = torch.eye(size, dtype=torch.float64).reshape(1, size, size, 1)
+    op = _RESIZE_OPS[mode]
+    args = (basis, [out, 1], align_corners, scale, None) if mode == "linear" else (basis, [out, 1], scale, None)
+    return op(*args).reshape(size, out).t().float()
+
+
+class Upsample(Rule):
+    """`aten.upsample_nearest{1,2}d`, `_upsample_nearest_exact{1,2}d`, `upsample_bilinear2d`,
+    `upsample_linear1d` (F.interpolate, nn.Upsample), any output size or scale factor, with or
+    without align_corners. Keeps nothing: per spatial axis the resampling is a constant matrix A,
+    y = A_h · x · A_wᵀ and dL/dx = A_hᵀ · g · A_w. Nearest by an integer factor k (the common ×2) is
+    instead a repeat (expand + reshape) whose backward sums each k×k block."""
+
+    kind = "upsample"
+
+    def __init__(self, mode: str, out_size: Sequence[int], align_corners: bool = False,
+                 scales: Sequence[float | None] | None = None):
+        self.mode, self.size, self.align_corners = mode, tuple(int(v) for v in out_size), bool(align_corners)
+        self.scales = tuple(scales) if scales else (None,) * len(self.size)
+
+    def on_bind(self, in_shapes, out_shape):
+        super().on_bind(in_shapes, out_shape)
+        shape = in_shapes[0]
+        self.c, self.hw = shape[0], tuple(shape[1:])
+        self.dims = tuple(range(2, 2 + len(self.hw)))
+        self.mats = {d: _resize_matrix(n, o, self.mode, self.align_corners, s)
+                     for d, n, o, s in zip(self.dims, self.hw, self.size, self.scales)}
+        self.repeat = self._repeat_factors()
+
+    def _repeat_factors(self) -> tuple[int, ...] | None:
+        """k per axis when every axis repeats each input k times (nearest by an integer factor)."""
+        ks = []
+        for (d, a), n in zip(self.mats.items(), self.hw):
+            k = a.shape[0] // n
+            if a.shape[0] != k * n or not torch.equal(a, torch.eye(n).repeat_interleave(k, 0)):
+                return None
+            ks.append(k)
+        return tuple(ks)
+
+    def _apply(self, t: Tensor, back: bool) -> Tensor:
+        last = 1 + len(self.hw)
+        for dim, a in self.mats.items():
+            if a.shape[0] == a.shape[1] and torch.equal(a, torch.eye(a.shape[0])):
+                continue  # an axis left as it is
+            a = a.to(t.device, t.dtype)
+            if dim == last:  # (.., W) @ Aᵀ, or back with A
+                t = torch.matmul(t, a if back else a.t())
+            else:  # A @ (.., H, W), or back with Aᵀ
+                t = torch.matmul(a.t() if back else a, t)
+        return t
+
+    def compute(self, xs, w):
+        x = xs[0]
+        if self.repeat is None:
+            return self._apply(x, False)
+        c, hw, ks = self.c, self.hw, self.repeat
+        if len(hw) == 1:
+            return x[:, :, :, None].expand(-1, c, hw[0], ks[0]).reshape(-1, c, *self.size)
+        return x[:, :, :, None, :, None].expand(-1, c, hw[0], ks[0], hw[1], ks[1]).reshape(-1, c, *self.size)
+
+    def backward(self, g, kept, w, need):
+        if self.repeat is None:
+            return [self._apply(g, True)], {}
+        c, hw, ks = self.c, self.hw, self.repeat
+        if len(hw) == 1:
+            return [g.reshape(-1, c, hw[0], ks[0]).sum(3)], {}
+        return [g.reshape(-1, c, hw[0], ks[0], hw[1], ks[1]).sum((3, 5))], {}
+
+    def describe(self) -> str:
+        mode = "bilinear" if self.mode == "linear" and len(self.size) == 2 else self.mode
+        return f"upsample {mode} to {'x'.join(map(str, self.size))}"
+
+
 # ---- which traced ops these rules run ------------------------------------------------------------
 
 from .registry import Call, Lowered, aten, handles  # noqa: E402
@@ -393,3 +507,49 @@ def _adaptive_avg_pool(call: Call) -> Lowered:
     if all(s == 1 for s in sizes):
         return Lowered(GlobalAvgPool(), [x])
     return Lowered(AdaptiveAvgPool(size), [x])
+
+
+_UPSAMPLE = {  # op: (mode, whether its arguments include align_corners, whether it is the .vec overload)
+    aten.upsample_nearest2d.vec: ("nearest", False, True), aten.upsample_nearest2d.default: ("nearest", False, False),
+    aten.upsample_nearest1d.vec: ("nearest", False, True), aten.upsample_nearest1d.default: ("nearest", False, False),
+    aten._upsample_nearest_exact2d.vec: ("nearest-exact", False, True),
+    aten._upsample_nearest_exact2d.default: ("nearest-exact", False, False),
+    aten._upsample_nearest_exact1d.vec: ("nearest-exact", False, True),
+    aten._upsample_nearest_exact1d.default: ("nearest-exact", False, False),
+    aten.upsample_bilinear2d.vec: ("linear", True, True), aten.upsample_bilinear2d.default: ("linear", True, False),
+    aten.upsample_linear1d.vec: ("linear", True, True), aten.upsample_linear1d.default: ("linear", True, False),
+}
+
+
+@handles(*_UPSAMPLE)
+def _upsample(call: Call) -> Lowered:
+    mode, has_align, vec = _UPSAMPLE[call.op]
+    x = call.act(0)
+    nd = len(x.shape) - 1
+    if nd not in (1, 2) or call.out_shape is None:
+        raise Unsupported(f"upsampling of a {len(x.shape) + 1}-D tensor")
+    align = bool(call.arg(2, "align_corners", False)) if has_align else False
+    first = 3 if has_align else 2  # where the scales start
+    if vec:
+        scales = call.arg(first, "scale_factors")
+    else:
+        names = ["scales"] if nd == 1 else ["scales_h", "scales_w"]
+        scales = [call.arg(first + i, key) for i, key in enumerate(names)]
+    scales = [None if s is None else float(s) for s in scales] if scales else None
+    return Lowered(Upsample(mode, call.out_shape[1:], align, scales), [x])
+
+
+@handles(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default)
+def _adaptive_max_pool(call: Call):
+    x, size = call.act(0), call.arg(1, "output_size")
+    sizes = [size] if isinstance(size, int) else list(size)
+    sizes = sizes * (len(x.shape) - 1) if len(sizes) == 1 else sizes
+    sizes = [n if s is None else int(s) for n, s in zip(x.shape[1:], sizes)]
+    if all(s == 1 for s in sizes):
+        rule = GlobalMaxPool()
+    elif all(n % s == 0 for n, s in zip(x.shape[1:], sizes)):  # equal windows: a plain max pooling
+        k = [n // s for n, s in zip(x.shape[1:], sizes)]
+        rule = MaxPool(k, k)
+    else:
+        raise Unsupported(f"adaptive max pooling of {tuple(x.shape[1:])} to {tuple(sizes)} (windows of unequal size)")
+    return Lowered(rule, [x]), None  # (values, indices): nothing may use the indices

@@ -1,5 +1,5 @@
-"""Smooth activations: SiLU, Sigmoid, Tanh. No mask can represent their derivative, so the `mask`
-modifier leaves them exact. Each keeps the one float tensor torch autograd keeps (SiLU its input,
+"""Smooth activations: SiLU, Sigmoid, Tanh, GELU, ELU (SELU, CELU), Softplus, Mish. No mask can
+represent their derivative, so the `mask` modifier leaves them exact. Each keeps the one float tensor torch autograd keeps (SiLU its input,
 Sigmoid and Tanh their output). With the `q8` / `q4` modifiers (Mesa, S2A) each keeps instead its
 derivative dy/dx, computed in the forward, as 8- or 4-bit codes with a per-channel scale and zero
 point; the backward is g * dequantized derivative. The derivative has a small fixed range (SiLU
@@ -176,3 +176,113 @@ SMOOTH["gelu"] = GELU
 @handles(aten.gelu.default)
 def _gelu(call: Call) -> Lowered:
     return Lowered(GELU(call.kwargs.get("approximate", call.args[1] if len(call.args) > 1 else "none")), [call.act(0)])
+
+
+class ELU(_Smooth):
+    """`aten.elu` (and SELU, CELU, which are ELUs): y = scale·x for x > 0, else
+    scale·alpha·(exp(input_scale·x) - 1). Keeps its input x, as autograd does; dy/dx = scale for
+    x > 0, else input_scale·(y + scale·alpha)."""
+
+    kind = "elu"
+
+    def __init__(self, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):
+        self.alpha, self.scale, self.input_scale = float(alpha), float(scale), float(input_scale)
+
+    def compute(self, xs, w):
+        x = xs[0]
+        if self.scale == 1.0 and self.input_scale == 1.0:
+            return torch.nn.functional.elu(x, self.alpha)
+        if (self.alpha, self.scale, self.input_scale) == _SELU:
+            return torch.nn.functional.selu(x)
+        if self.scale == 1.0 and self.input_scale == 1.0 / self.alpha:
+            return torch.nn.functional.celu(x, self.alpha)
+        neg = (self.scale * self.alpha) * (torch.exp(x * self.input_scale) - 1.0)
+        return torch.where(x > 0, x * self.scale, neg)
+
+    def _keep_value(self, x, y):
+        return x
+
+    def _grad(self, g, x):
+        neg = (self.scale * self.alpha * self.input_scale) * torch.exp(x * self.input_scale)
+        return g * torch.where(x > 0, torch.full_like(x, self.scale), neg)
+
+    def _derivative(self, x, y):
+        return torch.where(x > 0, torch.full_like(x, self.scale), self.input_scale * (y + self.scale * self.alpha))
+
+    def describe(self) -> str:
+        kind = {_SELU: "selu"}.get((self.alpha, self.scale, self.input_scale), "elu")
+        return f"{kind}{f' ({self.quant_bits}-bit kept)' if self.quant_bits else ''}"
+
+
+_SELU = (1.6732632423543772, 1.0507009873554805, 1.0)  # torch's SELU constants (alpha, scale)
+
+
+class Softplus(_Smooth):
+    """`aten.softplus`: y = log(1 + exp(beta·x)) / beta, and x where beta·x > threshold. Keeps its
+    input x, as autograd does; dy/dx = sigmoid(beta·x), and 1 above the threshold."""
+
+    kind = "softplus"
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0):
+        self.beta, self.threshold = float(beta), float(threshold)
+
+    def compute(self, xs, w):
+        x = xs[0]
+        bx = x * self.beta if self.beta != 1.0 else x
+        # the threshold written out: ONNX's Softplus has none, and the exporter drops it
+        return torch.where(bx > self.threshold, x, torch.nn.functional.softplus(x, self.beta))
+
+    def _keep_value(self, x, y):
+        return x
+
+    def _grad(self, g, x):
+        return g * self._derivative(x, None)
+
+    def _derivative(self, x, y):
+        bx = x * self.beta if self.beta != 1.0 else x
+        return torch.where(bx > self.threshold, torch.ones_like(x), torch.sigmoid(bx))
+
+
+class Mish(_Smooth):
+    """`aten.mish`: y = x·tanh(softplus(x)). Keeps its input x, as autograd does;
+    dy/dx = t + x·sigmoid(x)·(1 - t²), t = tanh(softplus(x))."""
+
+    kind = "mish"
+
+    def compute(self, xs, w):
+        return torch.nn.functional.mish(xs[0])
+
+    def _keep_value(self, x, y):
+        return x
+
+    def _grad(self, g, x):
+        return g * self._derivative(x, None)
+
+    def _derivative(self, x, y):
+        t = torch.tanh(torch.nn.functional.softplus(x))
+        return t + x * torch.sigmoid(x) * (1.0 - t * t)
+
+
+SMOOTH.update(elu=ELU, softplus=Softplus, mish=Mish)
+
+
+@handles(aten.elu.default, aten.selu.default, aten.celu.default)
+def _elu(call: Call) -> Lowered:
+    if call.op is aten.selu.default:
+        rule = ELU(*_SELU)
+    elif call.op is aten.celu.default:
+        alpha = float(call.arg(1, "alpha", 1.0))
+        rule = ELU(alpha, 1.0, 1.0 / alpha)
+    else:
+        rule = ELU(call.arg(1, "alpha", 1.0), call.arg(2, "scale", 1.0), call.arg(3, "input_scale", 1.0))
+    return Lowered(rule, [call.act(0)])
+
+
+@handles(aten.softplus.default)
+def _softplus(call: Call) -> Lowered:
+    return Lowered(Softplus(call.arg(1, "beta", 1.0), call.arg(2, "threshold", 20.0)), [call.act(0)])
+
+
+@handles(aten.mish.default)
+def _mish(call: Call) -> Lowered:
+    return Lowered(Mish(), [call.act(0)])

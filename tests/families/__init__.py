@@ -8,10 +8,12 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .cspdarknet import cspdarknet_like
 from .densenet import densenet_like
 from .efficientnet import efficientnet_b0_like
 from .ghostnet import ghostnet_like
 from .googlenet import googlenet_like
+from .hrnet import hrnet_like
 from .hybrid import hybrid_like
 from .kws1d import kws1d_like
 from .lcnet import lcnet_like
@@ -45,6 +47,8 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "repvgg": repvgg_like,
     "vovnet": vovnet_like,
     "res2net": res2net_like,
+    "cspdarknet": cspdarknet_like,
+    "hrnet": hrnet_like,
 }
 
 __all__ = ["FAMILIES"]
