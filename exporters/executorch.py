@@ -45,6 +45,7 @@ from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
 
+from .et_retrace import skip_identity_retraces
 from .lora import LORA_FILE, merged_model, write_lora_file
 
 INFERENCE_FILE = "inference.pte"
@@ -263,7 +264,8 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
         cfg = EdgeCompileConfig(_check_ir_validity=False)
         if delegate:
             ep = constant_prop_pass(ep)  # fold flipped/transposed frozen kernels into constants
-            edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=cfg)
+            with skip_identity_retraces():
+                edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=cfg)
         else:
             edge = to_edge(ep, compile_config=cfg)
         restore_program_order(edge.exported_program().graph)
