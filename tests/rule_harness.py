@@ -36,3 +36,42 @@ class RuleStep(torch.nn.Module):
         y, kept = self.rule.forward([x], self.w, need)
         (gx,), _ = self.rule.backward(g, kept, self.w, need)
         return y, gx
+
+
+def rule_step(rule: Rule, x: torch.Tensor, w: dict[str, torch.Tensor] | None = None):
+    """(RuleStep in eval, x, a seeded incoming gradient g) for one rule bound to x."""
+    w = w or {}
+    rule = bind(rule, x, w)
+    g = torch.randn(rule.compute([x], w).shape, generator=torch.Generator().manual_seed(3))
+    return RuleStep(rule, w).eval(), x, g
+
+
+def assert_onnx_runs_like_torch(step: RuleStep, x: torch.Tensor, g: torch.Tensor, y_atol: float, gx_atol: float):
+    """The rule's step exported to ONNX gives torch's (y, dL/dx) in onnxruntime."""
+    import io
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, (x, g), buf, input_names=["x", "g"], output_names=["y", "gx"], opset_version=17,
+                          do_constant_folding=False, dynamo=False)
+    y, gx = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy(), "g": g.numpy()})
+    yt, gt = step(x, g)
+    np.testing.assert_allclose(y, yt.numpy(), rtol=1e-5, atol=y_atol)
+    np.testing.assert_allclose(gx, gt.numpy(), rtol=1e-5, atol=gx_atol)
+
+
+def assert_torch_export_without_scatter(step: RuleStep, x: torch.Tensor, g: torch.Tensor, y_atol: float,
+                                        gx_atol: float):
+    """The rule's step lowers with torch.export to core ATen without scatter/index ops (ExecuTorch
+    and XNNPACK run those slowly or not at all) and computes the same."""
+    ep = torch.export.export(step, (x, g), strict=False).run_decompositions({})
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not [o for o in ops if "scatter" in o or "index" in o], ops
+    y, gx = ep.module()(x, g)
+    yt, gt = step(x, g)
+    assert torch.allclose(y, yt, atol=y_atol) and torch.allclose(gx, gt, atol=gx_atol)

@@ -21,7 +21,8 @@ from edgetl.prepared import PreparedModel
 from edgetl.recipes import PrepareContext, parse_recipe
 from edgetl.rules import Need
 from helpers import lean_vs_reference, rel_err
-from rule_harness import RuleStep, bind, lean_grads
+from rule_harness import (RuleStep, assert_onnx_runs_like_torch, assert_torch_export_without_scatter, bind,
+                          lean_grads, rule_step)
 
 X2 = (2, 3, 9, 7)  # H != W, odd sizes: ceil_mode and floor leave edge windows
 X1 = (2, 3, 11)
@@ -461,36 +462,17 @@ EXPORT_CASES = _export_cases()
 
 def _rule_step(case):
     make, shape, *w = EXPORT_CASES[case]
-    w = w[0] if w else {}
-    x = _x(shape)
-    rule = bind(make(), x, w)
-    g = torch.randn(rule.compute([x], w).shape, generator=torch.Generator().manual_seed(3))
-    return RuleStep(rule, w).eval(), x, g
+    return rule_step(make(), _x(shape), w[0] if w else {})
 
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_rule_exports_to_onnx_and_runs_in_onnxruntime(case):
-    step, x, g = _rule_step(case)
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(step, (x, g), buf, input_names=["x", "g"], output_names=["y", "gx"], opset_version=17,
-                          do_constant_folding=False, dynamo=False)
-    y, gx = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy(), "g": g.numpy()})
-    yt, gt = step(x, g)
-    np.testing.assert_allclose(y, yt.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gx, gt.numpy(), rtol=1e-5, atol=1e-5)
+    assert_onnx_runs_like_torch(*_rule_step(case), y_atol=1e-6, gx_atol=1e-5)
 
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_rule_lowers_with_torch_export_without_scatter(case):
-    step, x, g = _rule_step(case)
-    ep = torch.export.export(step, (x, g), strict=False).run_decompositions({})
-    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert not [o for o in ops if "scatter" in o or "index" in o], ops
-    y, gx = ep.module()(x, g)
-    yt, gt = step(x, g)
-    assert torch.allclose(y, yt) and torch.allclose(gx, gt, atol=1e-6)
+    assert_torch_export_without_scatter(*_rule_step(case), y_atol=1e-8, gx_atol=1e-6)
 
 
 @pytest.mark.parametrize("model", ["se_cnn", "kws_cnn"])
