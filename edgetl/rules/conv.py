@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..lowering import by_rows, in_blocks, summed_by_rows
+from ..lowering import EAGER, by_rows, in_blocks, summed_by_rows
 from .base import Need, Rule, Tensor
 
 
@@ -14,11 +14,12 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def bias_grad(g: Tensor, chw: tuple[int, int, int]) -> Tensor:
-    """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw): positions first, then the
-    batch. onnxruntime's ReduceSum over the contiguous last axis and then a small (N, C) one is ~2x
-    faster than one ReduceSum over axes (0, 2, 3). Static sizes: one constant shape, no Shape ops."""
-    return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
+def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
+    """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw); in two sums (positions,
+    then the batch; one constant shape, no Shape ops) where the lowering asks for it."""
+    if getattr(w, "lowering", EAGER).two_step_bias_sum:
+        return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
+    return g.sum((0, 2, 3))
 
 
 class Conv2d(Rule):
@@ -70,7 +71,7 @@ class Conv2d(Rule):
     def backward(self, g, kept, w, need):
         grads: dict[str, Tensor] = {}
         if "bias" in need.params:
-            grads["bias"] = bias_grad(g, self.out_chw)
+            grads["bias"] = bias_grad(g, self.out_chw, w)
         if "weight" in need.params:
             grads["weight"] = self._weight_grad(kept["x"], g)
         gx = None

@@ -114,7 +114,7 @@ class LoraConv2d(Conv2d):
         a, b = w["lora_a"], w["lora_b"]
         r = a.shape[0]
         if "bias" in need.params:
-            grads["bias"] = bias_grad(g, self.out_chw)
+            grads["bias"] = bias_grad(g, self.out_chw, w)
         # the gradient reaching A·x: B^T applied per position, (N, r, Ho, Wo)
         gb = F.conv2d(g, b.reshape(cout, r).t().reshape(r, cout, 1, 1))
         if _needs_x(need):
