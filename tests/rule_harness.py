@@ -75,3 +75,30 @@ def assert_torch_export_without_scatter(step: RuleStep, x: torch.Tensor, g: torc
     y, gx = ep.module()(x, g)
     yt, gt = step(x, g)
     assert torch.allclose(y, yt, atol=y_atol) and torch.allclose(gx, gt, atol=gx_atol)
+
+
+class _Steps(torch.nn.Module):
+    """Several rule steps as one module: (x1, g1, x2, g2, ...) -> (y1, gx1, y2, gx2, ...)."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = torch.nn.ModuleList(steps)
+
+    def forward(self, *xg):
+        return tuple(t for i, s in enumerate(self.steps) for t in s(xg[2 * i], xg[2 * i + 1]))
+
+
+def assert_executorch_runs_like_torch(built: list, path) -> None:
+    """Rule steps `built` ((step, x, g) each) lowered together to one ExecuTorch program on its own
+    kernels, written to `path`, and run by its C++ runtime give torch's (y, dL/dx) for each."""
+    import numpy as np
+
+    from edgetl.exporters.executorch import _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    module = _Steps([b[0] for b in built]).eval()
+    args = tuple(t for _, x, g in built for t in (x, g))
+    path.write_bytes(_lower(module, args, delegate=False).buffer)
+    outs = NativeMethod(path)([a.numpy() for a in args])
+    for got, want in zip(outs, module(*args)):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -18,8 +17,8 @@ from edgetl import rules as R
 from edgetl.errors import UnsupportedLayerError
 from edgetl.optim import OptimizerConfig
 from helpers import lean_vs_reference, rel_err
-from rule_harness import (RuleStep, assert_onnx_runs_like_torch, assert_torch_export_without_scatter, bind,
-                          lean_grads, rule_step)
+from rule_harness import (assert_executorch_runs_like_torch, assert_onnx_runs_like_torch,
+                          assert_torch_export_without_scatter, bind, lean_grads, rule_step)
 
 X2 = (2, 3, 9, 7)  # H != W, odd sizes
 _SELU = (1.6732632423543772, 1.0507009873554805, 1.0)
@@ -191,32 +190,14 @@ def test_rule_lowers_with_torch_export_without_scatter(case):
     assert_torch_export_without_scatter(*_rule_step(case), y_atol=1e-6, gx_atol=1e-6)
 
 
-class _Steps(torch.nn.Module):
-    def __init__(self, steps):
-        super().__init__()
-        self.steps = torch.nn.ModuleList(steps)
-
-    def forward(self, *xg):
-        return tuple(t for i, s in enumerate(self.steps) for t in s(xg[2 * i], xg[2 * i + 1]))
-
-
 @pytest.mark.slow
 def test_rules_run_as_one_executorch_program(tmp_path):
     """The new rules lowered to ExecuTorch (its own kernels) and run by its C++ runtime."""
     pytest.importorskip("executorch")
-    from edgetl.exporters.executorch import _lower
-    from edgetl.runtime.backends.executorch import NativeMethod
-
     cases = ["leaky_relu_0.1_mask", "hardtanh_mask", "prelu", "prelu_mask", "elu", "selu", "celu_0.5",
              "softplus_beta2_threshold3", "mish", "mish_q8", "up_nearest_x2", "up_bilinear_x2", "up_nearest_x1.5",
              "up_1d_linear_x2", "global_max"]
-    built = [_rule_step(c) for c in cases]
-    module = _Steps([b[0] for b in built]).eval()
-    args = tuple(t for _, x, g in built for t in (x, g))
-    (tmp_path / "rules.pte").write_bytes(_lower(module, args, delegate=False).buffer)
-    outs = NativeMethod(tmp_path / "rules.pte")([a.numpy() for a in args])
-    for got, want in zip(outs, module(*args)):
-        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert_executorch_runs_like_torch([_rule_step(c) for c in cases], tmp_path / "rules.pte")
 
 
 # --- traced from models as users write them --------------------------------------------------------

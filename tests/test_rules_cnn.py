@@ -21,8 +21,8 @@ from edgetl.prepared import PreparedModel
 from edgetl.recipes import PrepareContext, parse_recipe
 from edgetl.rules import Need
 from helpers import lean_vs_reference, rel_err
-from rule_harness import (RuleStep, assert_onnx_runs_like_torch, assert_torch_export_without_scatter, bind,
-                          lean_grads, rule_step)
+from rule_harness import (assert_executorch_runs_like_torch, assert_onnx_runs_like_torch,
+                          assert_torch_export_without_scatter, bind, lean_grads, rule_step)
 
 X2 = (2, 3, 9, 7)  # H != W, odd sizes: ceil_mode and floor leave edge windows
 X1 = (2, 3, 11)
@@ -506,33 +506,15 @@ def test_cnn_step_exports_to_onnx_and_matches_the_torch_step(model, tmp_path):
         np.testing.assert_allclose(out[2 + i], new[t].numpy(), rtol=1e-5, atol=1e-6)
 
 
-class _Steps(torch.nn.Module):
-    def __init__(self, steps):
-        super().__init__()
-        self.steps = torch.nn.ModuleList(steps)
-
-    def forward(self, *xg):
-        return tuple(t for i, s in enumerate(self.steps) for t in s(xg[2 * i], xg[2 * i + 1]))
-
-
 @pytest.mark.slow
 def test_rules_run_as_one_executorch_program(tmp_path):
     """Max pooling (2-D, 1-D ceil), average pooling (ceil, excluded padding), adaptive pooling and
     q8/q4 keeps lowered to ExecuTorch (its own kernels) and run by its C++ runtime."""
     pytest.importorskip("executorch")
-    from edgetl.exporters.executorch import _lower
-    from edgetl.runtime.backends.executorch import NativeMethod
-
     cases = ["max_resnet_3s2p1", "max_1d_2s2_ceil", "max_2s2_floor_tiles", "max_1d_3s3_floor_tiles",
              "avg_3s2p1_ceil_exclude", "adaptive_3x2_non_divisible",
              "sigmoid_q8", "silu_q4", "tanh"]
-    built = [_rule_step(c) for c in cases]
-    module = _Steps([b[0] for b in built]).eval()
-    args = tuple(t for _, x, g in built for t in (x, g))
-    (tmp_path / "rules.pte").write_bytes(_lower(module, args, delegate=False).buffer)
-    outs = NativeMethod(tmp_path / "rules.pte")([a.numpy() for a in args])
-    for got, want in zip(outs, module(*args)):
-        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert_executorch_runs_like_torch([_rule_step(c) for c in cases], tmp_path / "rules.pte")
 
 
 # --- conv weight gradients: each form (swapped-batch conv, batched 1x1 matmul, per-tap matmuls) ----
