@@ -301,6 +301,18 @@ def _averaging(size: int, out: int) -> torch.Tensor:
     return a
 
 
+def per_axis_matmul(t: Tensor, mats: dict[int, Tensor], last: int, transpose: bool) -> Tensor:
+    """t with each spatial axis `dim` mapped by its matrix A (out × in): A applied along that axis, or
+    Aᵀ (`transpose`: the backward). `last` is t's last axis, taken as (.., W) @ Aᵀ."""
+    for dim, a in mats.items():
+        a = a.to(t.device, t.dtype)
+        if dim == last:  # (.., W) @ Aᵀ, or back with A
+            t = torch.matmul(t, a if transpose else a.t())
+        else:  # A @ (.., H, W), or back with Aᵀ
+            t = torch.matmul(a.t() if transpose else a, t)
+    return t
+
+
 class AdaptiveAvgPool(Rule):
     """`aten._adaptive_avg_pool2d` (and 1-D): any output size, including ones that do not divide
     the input (torch's start/end windows). Separable: y = A_h · x · A_wᵀ with constant averaging
@@ -326,14 +338,7 @@ class AdaptiveAvgPool(Rule):
         return all(o == 1 for o in self.sizes)
 
     def _apply(self, t: Tensor, transpose: bool) -> Tensor:
-        last = 1 + self.nd
-        for dim, a in self.mats.items():
-            a = a.to(t.device, t.dtype)
-            if dim == last:  # (.., W) @ Aᵀ, or back with A
-                t = torch.matmul(t, a if transpose else a.t())
-            else:  # A @ (.., H, W), or back with Aᵀ
-                t = torch.matmul(a.t() if transpose else a, t)
-        return t
+        return per_axis_matmul(t, self.mats, 1 + self.nd, transpose)
 
     def compute(self, xs, w):
         if self.is_global:
@@ -443,16 +448,9 @@ class Upsample(Rule):
         return tuple(ks)
 
     def _apply(self, t: Tensor, back: bool) -> Tensor:
-        last = 1 + len(self.hw)
-        for dim, a in self.mats.items():
-            if a.shape[0] == a.shape[1] and torch.equal(a, torch.eye(a.shape[0])):
-                continue  # an axis left as it is
-            a = a.to(t.device, t.dtype)
-            if dim == last:  # (.., W) @ Aᵀ, or back with A
-                t = torch.matmul(t, a if back else a.t())
-            else:  # A @ (.., H, W), or back with Aᵀ
-                t = torch.matmul(a.t() if back else a, t)
-        return t
+        kept = {d: a for d, a in self.mats.items()  # an axis left as it is needs no matmul
+                if not (a.shape[0] == a.shape[1] and torch.equal(a, torch.eye(a.shape[0])))}
+        return per_axis_matmul(t, kept, 1 + len(self.hw), back)
 
     def compute(self, xs, w):
         x = xs[0]
