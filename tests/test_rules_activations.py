@@ -180,6 +180,7 @@ def _rule_step(case):
     make, shape, w = EXPORT_CASES[case]
     return rule_step(make(), _x(shape), w)
 
+
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_rule_exports_to_onnx_and_runs_in_onnxruntime(case):
     assert_onnx_runs_like_torch(*_rule_step(case), y_atol=1e-5, gx_atol=1e-5)
