@@ -1,6 +1,6 @@
 """Whole-process memory of a bundle's training over loading and steps, stage by stage, torch-free.
 
-    .venv/bin/python bench/et_load_memory.py BUNDLE [BUNDLE ...] [--keep-program] [--steps 3]
+    .venv/bin/python bench/et_load_memory.py BUNDLE [BUNDLE ...] [--keep-program] [--grow-workspace] [--steps 3]
 
 Each bundle runs in a fresh child process with torch blocked and glibc returning every freed block
 (MALLOC_MMAP_THRESHOLD_=65536, as `python -m edgetl.runtime profile` measures memory). After each
@@ -8,6 +8,7 @@ stage it records resident memory (VmRSS) and the process peak so far (VmHWM), bo
 interpreter and runtime imported, bundle checked, each program restored / loaded / its freed pages
 released (ExecuTorch) or its session created (onnx), state set, a warm-up step, the measured steps.
 `--keep-program` loads ExecuTorch programs as before: every page kept, no packed weights shared.
+`--grow-workspace`: XNNPACK's workspace is not sized at load but grows during the first step.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _kb(field: str) -> int:
     raise OSError(field)
 
 
-def child(path: str, steps: int, keep: bool) -> list[dict]:
+def child(path: str, steps: int, keep: bool, grow: bool) -> list[dict]:
     from edgetl.runtime.notorch import block_torch
 
     block_torch()
@@ -49,7 +50,8 @@ def child(path: str, steps: int, keep: bool) -> list[dict]:
 
         _lib()
         stage("ExecuTorch runtime libraries loaded")
-        backend = ExecuTorchBackend(bundle, release_program=not keep, share_weights=not keep, on_stage=stage)
+        backend = ExecuTorchBackend(bundle, release_program=not keep, share_weights=not keep,
+                                     presize_workspace=not grow, on_stage=stage)
     else:
         import onnxruntime  # noqa: F401
 
@@ -77,15 +79,16 @@ def child(path: str, steps: int, keep: bool) -> list[dict]:
 def main(argv: list[str]) -> None:
     steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 3
     keep = "--keep-program" in argv
+    grow = "--grow-workspace" in argv
     bundles = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--steps")]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for b in bundles:
-        cmd = [sys.executable, __file__, "--child", b, str(steps), "1" if keep else "0"]
+        cmd = [sys.executable, __file__, "--child", b, str(steps), "1" if keep else "0", "1" if grow else "0"]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             sys.exit(f"{b}: {r.stderr.strip().splitlines()[-1]}")
         rows = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"\n{b}{' (--keep-program)' if keep else ''}\n| stage | RSS MB | Δ MB | peak so far MB |\n|---|---:|---:|---:|")
+        print(f"\n{b}{' (--keep-program)' if keep else ''}{' (--grow-workspace)' if grow else ''}\n| stage | RSS MB | Δ MB | peak so far MB |\n|---|---:|---:|---:|")
         prev = rows[0]["rss"]
         for row in rows:
             print(f"| {row['stage']} | {row['rss'] / MB:.1f} | {(row['rss'] - prev) / MB:+.1f} | {row['peak'] / MB:.1f} |")
@@ -96,6 +99,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1")))
+        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1")))
     else:
         main(sys.argv[1:])

@@ -114,29 +114,39 @@ def main(argv: list[str] | None = None) -> int:
         return _show(table(saved), args.readme)
     todo = [(f, r, t) for t in args.targets for f in args.families for r in args.recipes]
     rows = [x for x in saved if (x["family"], x["recipe"], x["target"]) not in set(todo)]
-    with tempfile.TemporaryDirectory(prefix="edgetl-families-") as d:
-        for i, (f, r, t) in enumerate(todo):
+    rows += run_grid(todo, "family", lambda f: fam_all[f], rows, path)
+    return _show(table(rows), args.readme)
+
+
+def run_grid(todo: list[tuple[str, str, str]], key: str, make, kept: list[dict], path: Path) -> list[dict]:
+    """`run_one` over (model name, recipe, target) rows, each printed as it ends (stderr) and written to
+    `path` with `kept` before it, so a stopped run loses nothing; a failed row keeps its error."""
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="edgetl-grid-") as d:
+        for i, (name, r, t) in enumerate(todo):
             t0 = time.perf_counter()
             try:
-                res = run_one(fam_all[f], r, t, Path(d) / f"{i}")
+                res = run_one(make(name), r, t, Path(d) / f"{i}")
             except Exception as e:  # a failed row must not lose the others
                 res = {"status": "failed", "error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
-            row = {"family": f, "recipe": r, "target": t, **res, "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append({key: name, "recipe": r, "target": t, **res, "seconds": time.perf_counter() - t0})
+            print(f"[{i + 1}/{len(todo)}] " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(rows, indent=1))
-    return _show(table(rows), args.readme)
+            path.write_text(json.dumps(kept + rows, indent=1))
+    return rows
+
+
+def write_section(doc: Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` in `doc` with `text`."""
+    start, end, s = f"<!-- {name}:start -->", f"<!-- {name}:end -->", doc.read_text()
+    doc.write_text(s[: s.index(start) + len(start)] + "\n" + text + "\n" + s[s.index(end):])
 
 
 def _show(text: str, readme: bool) -> int:
     print(text)
     if readme:
-        path, start, end = ROOT / "README.md", "<!-- families:start -->", "<!-- families:end -->"
-        doc = path.read_text()
-        path.write_text(doc[: doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):])
+        write_section(ROOT / "README.md", "families", text)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,9 @@ CONFIGS = {
     "full": [
         # ExecuTorch's joint flow cannot run EfficientNet-Lite0: autograd turns its TF "same" padding
         # into a negative constant_pad_nd, which ExecuTorch's portable kernel rejects.
-        {"model": "efficientnet_lite0", "size": 224, "batch": 8, "steps": 3, "et": LEAN_RECIPES[:4], "joint": False},
+        # with micro-batches too (issue 12 goal 1: bias+mask at 2 samples per call, side+mask at 1)
+        {"model": "efficientnet_lite0", "size": 224, "batch": 8, "steps": 3, "et": LEAN_RECIPES[:4], "joint": False,
+         "micro": [("bias+mask", 2), ("side+mask", 1)]},
         {"model": "mobilenet_v2", "size": 224, "batch": 8, "steps": 3, "et": ["bias+mask", "side"], "joint": True},
         {"model": "mnist_cnn", "size": 28, "batch": 32, "steps": 5, "et": LEAN_RECIPES, "joint": True},
         # Bring your own CNN: the tests/families models, written as torchvision writes them (bench/worker.py)
@@ -40,15 +43,21 @@ CONFIGS = {
          "recipes": ["lora", "lora+q8", "bias+q8", "side", "full"], "autograd": [], "ort": [], "peft": [4]},
     ],
     "smoke": [{"model": "mnist_cnn", "size": 28, "batch": 8, "steps": 2, "et": [], "joint": False,
-               "recipes": ["bias+mask"], "ort": ["bias"]}],
+               "recipes": ["bias+mask"], "ort": ["bias"], "micro": [("bias+mask", 2)]}],
 }
 # Memory and step time come from separate runs: memory with glibc returning every freed block to the
 # system (RSS follows the live set), time with the default allocator (the setting slows allocation
 # 2.5-3.5x). `profile` makes that split itself; the torch and ExecuTorch-joint workers run twice.
+# Every row computes on one thread (EDGETL_THREADS: onnxruntime's intra-op threads, torch's threads,
+# ExecuTorch's thread pool), and
+# its step time is the process's CPU time over the step: on a shared machine wall time counts the waits
+# for a core, and an idle pool thread's spinning would count as CPU time.
 ENV_TIME = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"},
-            "PYTHONWARNINGS": "ignore"}
+            "PYTHONWARNINGS": "ignore", "EDGETL_THREADS": "1"}
 ENV_MEMORY = {**ENV_TIME, "MALLOC_MMAP_THRESHOLD_": "65536"}
-TIME_KEYS = ("step_ms_median", "step_ms_min", "step_ms_max")
+TIME_KEYS = ("step_ms_median", "step_ms_min", "step_ms_max", "step_cpu_ms_median", "step_cpu_ms_min",
+             "step_cpu_ms_max")
+HOST_PACKAGES = ("torch", "onnx", "onnxruntime", "executorch")  # the exporters' side, recorded with every row
 
 
 def _run(cmd: list[str], timeout: int = 1200, env: dict | None = None) -> dict:
@@ -78,16 +87,31 @@ def _run_split(cmd: list[str], timeout: int = 1200) -> dict:
 
 
 def _step(r: dict) -> str:
-    """A row's step time, only if it came from a run with the default allocator."""
+    """A row's step CPU time; a wall time from an older run (with the memory setting, or without CPU
+    time) in parentheses with †."""
+    if r.get("step_cpu_ms_median") is not None and (r.get("time_run") or {}).get("allocator") == "default":
+        return f"{r['step_cpu_ms_median']:.0f}"
     if r.get("step_ms_median") is None:
         return "–"
-    if (r.get("time_run") or {}).get("allocator") != "default":
-        return f"({r['step_ms_median']:.0f})†"
-    return f"{r['step_ms_median']:.0f}"
+    return f"({r['step_ms_median']:.0f})†"
 
 
-def _export(model: str, recipe: str, target: str, size: int, batch: int, out: Path, **kw) -> Path | dict:
-    """The bundle, or {"error": ...} when the exporter refuses (reported in the table)."""
+def host_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in HOST_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _export(model: str, recipe: str, target: str, size: int, batch: int, out: Path, micro_batch: int | None = None,
+            **kw) -> Path | dict:
+    """The bundle, or {"error": ...} when the exporter refuses (reported in the table). `micro_batch`:
+    its step takes that many samples per call and accumulates the batch's gradients."""
     import edgetl
     from edgetl.exporters import export
     from worker import prepare
@@ -95,7 +119,8 @@ def _export(model: str, recipe: str, target: str, size: int, batch: int, out: Pa
     momentum = 0.0 if target == "ort-training" else 0.9
     try:
         pm = prepare(model, recipe, size, **kw)
-        return export(pm, target, out, edgetl.OptimizerConfig.make("sgd", lr=0.01, momentum=momentum), batch)
+        return export(pm, target, out, edgetl.OptimizerConfig.make("sgd", lr=0.01, momentum=momentum), batch,
+                      micro_batch=micro_batch)
     except Exception as e:  # a failed row must not lose the others
         return {"error": f"export failed: {type(e).__name__}: {e}"[:300]}
 
@@ -147,6 +172,10 @@ def bench_config(cfg: dict, work: Path, log) -> list[dict]:
     for recipe in cfg.get("recipes", LEAN_RECIPES):
         bundle = _export(m, recipe, "onnx", size, b, work / f"{m}-{recipe}-onnx")
         add({"row": "edgetl lean step, onnxruntime", "system": "edgetl-onnx", "recipe": recipe}, _profile(bundle, steps))
+    for recipe, micro in cfg.get("micro", []):
+        bundle = _export(m, recipe, "onnx", size, b, work / f"{m}-{recipe}-mb{micro}-onnx", micro_batch=micro)
+        add({"row": f"edgetl lean step, onnxruntime, micro-batch {micro}", "system": "edgetl-onnx", "recipe": recipe,
+             "micro_batch": micro}, _profile(bundle, steps))
     for recipe in cfg["et"]:
         bundle = _export(m, recipe, "executorch", size, b, work / f"{m}-{recipe}-et")
         add({"row": "edgetl lean step, ExecuTorch", "system": "edgetl-executorch", "recipe": recipe},
@@ -206,16 +235,27 @@ def mcu_plan() -> dict:
             "weight_block_bytes": p.weight_block_bytes, "peak_at": mem.peak_at, "peak_by_kind": mem.peak_by_kind}
 
 
+def in_config_order(rows: list[dict]) -> list[dict]:
+    """Rows by their model's place in the full configuration (a run of some models keeps the section's order)."""
+    order = {c["model"]: i for i, c in enumerate(CONFIGS["full"])}
+    return sorted(rows, key=lambda r: order.get(r["model"], len(order)))
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row against the baselines of the same model from the same run (`run`), never mixed."""
     for r in rows:
         if "measured_peak_bytes" not in r:
             continue
-        base = next((x for x in rows if x["model"] == r["model"] and x["system"] == "torch"
-                     and x["recipe"] == "full" and "measured_peak_bytes" in x), None)
-        ort = next((x for x in rows if x["model"] == r["model"] and x["system"] == "ort-training"
-                    and x["recipe"] == ORT_FOR.get(r["recipe"]) and "measured_peak_bytes" in x), None)
+        same = [x for x in rows if x["model"] == r["model"] and x.get("run") == r.get("run")
+                and "measured_peak_bytes" in x]
+        base = next((x for x in same if x["system"] == "torch" and x["recipe"] == "full"), None)
+        ort = next((x for x in same if x["system"] == "ort-training" and x["recipe"] == ORT_FOR.get(r["recipe"])), None)
         if base:
             r["x_less_than_torch_full"] = base["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
+            if r.get("whole_above_libraries_bytes") and base.get("whole_above_libraries_bytes"):
+                r["whole_x_less_than_torch_full"] = base["whole_above_libraries_bytes"] / r["whole_above_libraries_bytes"]
+            if _step(r)[0].isdigit() and _step(base)[0].isdigit():
+                r["step_x_torch_full"] = r["step_cpu_ms_median"] / base["step_cpu_ms_median"]
         if ort:
             r["x_less_than_ort_same_set"] = ort["measured_peak_bytes"] / max(r["measured_peak_bytes"], 1)
         peft = _peft(rows, r)
@@ -228,7 +268,7 @@ def _peft(rows: list[dict], r: dict) -> dict | None:
     """The peft LoRA row at the rank of `r`'s lora part (`lora+q8` against peft's `lora`)."""
     parts = r["recipe"].split("+")
     return next((x for x in rows if x["model"] == r["model"] and x["system"] == "torch-peft"
-                 and x["recipe"] in parts), None)
+                 and x["recipe"] in parts and x.get("run") == r.get("run")), None)
 
 
 def _times(ratio: float) -> str:
@@ -243,7 +283,32 @@ def _x(v) -> str:
     return "–" if v is None else f"{v:.2f}×"
 
 
-def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -> str:
+NOTES = re.compile(r"<!-- notes:(\S+) -->\n.*?<!-- /notes:\1 -->\n?", re.S)
+
+
+def read_notes(path: Path) -> dict[str, str]:
+    """Hand-written notes inside the generated section, by key (a model, or `mcu`): a regeneration
+    puts each back after its model's table, marked `<!-- notes:KEY -->` ... `<!-- /notes:KEY -->`."""
+    text = path.read_text() if path.exists() else ""
+    return {m.group(1): m.group(0).rstrip("\n") for m in NOTES.finditer(text)}
+
+
+def _versions(rs: list[dict]) -> str:
+    """The packages that exported and measured the rows, as the rows recorded them."""
+    seen: dict[str, set] = {}
+    for r in rs:
+        ran = {("onnxruntime-training (peer)" if k == "onnxruntime" and r["system"] == "ort-training" else k): v
+               for k, v in r.get("versions", {}).items()}
+        for k, v in {**r.get("host_versions", {}), **ran}.items():
+            if k != "numpy":
+                seen.setdefault(k, set()).add(v)
+    if not seen:
+        return "Versions: not recorded (rows from before bench/run.py recorded them)."
+    return "Versions: " + ", ".join(f"{k} {' / '.join(sorted(v))}" for k, v in sorted(seen.items())) + "."
+
+
+def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float, notes: dict[str, str] | None = None) -> str:
+    notes = dict(notes or {})
     lines = [
         "<!-- memory:start -->",
         "## Training memory and step time",
@@ -257,9 +322,16 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
         "artifacts (its on-device SGD has no momentum). Torch baselines get one warm-up step. "
         "Memory and step time come from separate runs of each row: memory with `MALLOC_MMAP_THRESHOLD_=65536` "
         "(glibc returns every freed block, so RSS follows the live set), step time with the default allocator "
-        "(the setting slows allocation-heavy runtimes 2.5-3.5×). A step time in parentheses with † was taken "
-        "with the setting on (results from before this method): it is not comparable, and its row needs "
-        "re-running.",
+        "(the setting slows allocation-heavy runtimes 2.5-3.5×). A step time in parentheses with † is a wall time "
+        "from a run before this method (taken with the setting on, or on several threads): it is not comparable, "
+        "and its row needs re-running. Step time is the step's CPU time: the process's CPU time over each step (all its threads; "
+        "`time.process_time`), the median over the measured steps, with every runtime on one compute thread "
+        "(onnxruntime's intra-op threads, torch's and ExecuTorch's thread pool, which XNNPACK runs on, set to 1). Wall time is in bench/results/memory.json (`step_ms_*`) but not shown: the "
+        "machine is shared, and wall time counts the waits for a core. *whole MB* is the process's peak over its "
+        "whole life (importing, loading the model or bundle, a warm-up step and the measured steps) above its "
+        "level once the runtime's libraries were imported, before any model or program; from the memory run. "
+        "*step vs torch full* is the step CPU time over torch full fine-tuning's in the same run (below 1: faster). "
+        "Every ratio is computed between rows of one run (`run` in the JSON).",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -271,27 +343,32 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
         if r0.get("command", command) != command or r0.get("note"):
             lines += [f"Rows from `{r0.get('command', command)}`. {r0.get('note', '')}".rstrip(), ""]
         lines += [f"![measured training memory](bench/results/memory_{model}.png)", "",
-                  "| system | recipe | measured MB | analytic MB | step ms (median) | bundle MB | vs torch full | vs ORT same set |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| system | recipe | measured MB | analytic MB | whole MB | step CPU ms (median) | bundle MB "
+                  "| vs torch full | whole vs torch full | step vs torch full | vs ORT same set |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             if "error" in r:
-                lines.append(f"| {r['row']} | {r['recipe']} | failed: {r['error'][:80]} | | | | | |")
+                lines.append(f"| {r['row']} | {r['recipe']} | failed: {r['error'][:80]} | | | | | | | | |")
                 continue
             analytic = r.get("analytic_step_bytes") if r["system"].startswith("edgetl") else None
             lines.append(
                 f"| {r['row']} | {r['recipe']} | {_mb(r.get('measured_peak_bytes'))} | "
-                f"{_mb(analytic)} | {_step(r)} | {_mb(r.get('bundle_bytes'))} | "
-                f"{_x(r.get('x_less_than_torch_full'))} | {_x(r.get('x_less_than_ort_same_set'))} |")
+                f"{_mb(analytic)} | {_mb(r.get('whole_above_libraries_bytes'))} | {_step(r)} | "
+                f"{_mb(r.get('bundle_bytes'))} | {_x(r.get('x_less_than_torch_full'))} | "
+                f"{_x(r.get('whole_x_less_than_torch_full'))} | {_x(r.get('step_x_torch_full'))} | "
+                f"{_x(r.get('x_less_than_ort_same_set'))} |")
         lines += [f"\nedgetl `{r['recipe']}` ({r['row'].removeprefix('edgetl lean step, ')}) against torch + HF peft LoRA "
                   f"at the same rank on the same layers: {_times(r['x_less_than_peft_same_rank'])}"
-                  + (f", step time ×{r['step_ms_median'] / p['step_ms_median']:.2f}" if (p := _peft(rows, r)) and
-                     r.get("step_ms_median") and p.get("step_ms_median") else "") + "."
+                  + (f", step CPU time ×{r['step_cpu_ms_median'] / p['step_cpu_ms_median']:.2f}" if (p := _peft(rows, r))
+                     and _step(r)[0].isdigit() and _step(p)[0].isdigit() else "") + "."
                   for r in rs if r.get("x_less_than_peft_same_rank")]
         size = next((r for r in rows if r["model"] == model and r.get("row") == "bundle size check"), None)
         if size:
             lines += ["", f"Bundle with an int8 backbone: {_mb(size['int8_bundle_bytes'])} MB, with fp32: "
                       f"{_mb(size['fp32_bundle_bytes'])} MB ({size['int8_bundle_bytes'] / size['fp32_bundle_bytes']:.2f}×)."]
-        lines.append("")
+        lines += ["", _versions(rs), ""]
+        if model in notes:
+            lines += [notes.pop(model), ""]
     if mcu:
         lines += ["### Microcontroller class: mnist_cnn, bias+mask, batch 1, ExecuTorch", "",
                   f"Planned memory of the training step: {mcu['planned_bytes'] / 1024:.0f} KB "
@@ -303,6 +380,9 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float) -
         lines += mcu_plan_lines(mcu.get("plan") or mcu_plan())
         if mcu.get("portable"):
             lines += mcu_portable_lines(mcu["portable"])
+        if "mcu" in notes:
+            lines += [notes.pop("mcu"), ""]
+    lines += [n + "\n" for n in notes.values()]  # the microcontroller's, and any whose model has no rows
     lines.append("<!-- memory:end -->")
     return "\n".join(lines)
 
@@ -312,7 +392,8 @@ def mcu_portable_lines(pt: dict) -> list[str]:
     return [f"On ExecuTorch's own kernels (no XNNPACK), the program holds the weights as int8 (flash) and the step "
             f"dequantizes them: its memory plan (MB: 10^6 bytes) is {pt['whole_planned_bytes'] / 1e6:.2f} MB with whole weights (two fp32 "
             f"copies of the fc weight at once, the cast and the scaled copy) and {pt['blocked_planned_bytes'] / 1e6:.2f} MB "
-            f"with row blocks of {pt['weight_block_bytes'] / kb:.0f} KB (`{pt['command']}`; the plan holds the step's "
+            f"({pt['blocked_planned_bytes'] / kb:.0f} KiB) with row blocks of {pt['weight_block_bytes'] / kb:.0f} KB "
+            f"(`{pt['command']}`; the plan holds the step's "
             "inputs and outputs too: parameters, optimizer state, new values). An onnx bundle with the same blocks: "
             f"`edgetl export mnist_cnn --recipe bias+mask --target onnx --batch-size 1 --num-classes 10 --weight-block-kb "
             f"{pt['weight_block_bytes'] // kb} --out mcu-bundle` (tests/test_weight_blocks.py: it trains torch-free like the "
@@ -334,7 +415,9 @@ def mcu_plan_lines(pl: dict) -> list[str]:
               "(`--weight-block-kb`), so no fp32 copy of a whole weight is in RAM. " if pl.get("weight_block_bytes") else "")
     verdict = flash + blocks + (f"The step's RAM is {over / kb:.0f} KB over 256 KB: at its peak "
                f"(`{pl['peak_at']}`) the largest part is {top} ({top_bytes / kb:.0f} KB); parts at the peak: "
-               + ", ".join(f"{k} {v / kb:.0f} KB" for k, v in kinds) + "." if over > 0 else "The step fits the RAM budget.")
+               + ", ".join(f"{k} {v / kb:.0f} KB" for k, v in kinds) + "." if over > 0 else
+               f"The step fits the RAM budget with {-over / kb:.0f} KB to spare; at its peak (`{pl['peak_at']}`): "
+               + ", ".join(f"{k} {v / kb:.0f} KB" for k, v in kinds) + ".")
     return ["Analytic plan, RAM and flash apart (goal 4), from the analytic model only: "
             f"`{pl['command']}`.", "", *rows, verdict, ""]
 
@@ -390,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         saved = json.loads(Path(args.json).read_text())
         plot(saved["rows"], Path(args.json).parent)
-        write_section(Path(args.out), markdown(saved["rows"], saved["mcu"], saved["command"], saved.get("seconds", 0)),
+        write_section(Path(args.out), markdown(with_ratios(in_config_order(saved["rows"])), saved["mcu"], saved["command"],
+                                               saved.get("seconds", 0), read_notes(Path(args.out))),
                       "<!-- memory:start -->", "<!-- memory:end -->")
         return 0
     configs = [c for c in CONFIGS["smoke" if args.smoke else "full"] if not args.models or c["model"] in args.models]
@@ -412,13 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     ran = {c["model"] for c in configs}
     command = "python bench/run.py" + (" --smoke" if args.smoke else "") + (
         f" --models {' '.join(args.models)}" if args.models else "")
+    run, hv = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), host_versions()
     for r in rows:
-        r["command"] = command
+        r["command"], r["run"], r["host_versions"] = command, run, hv
         if args.note:
             r["note"] = args.note
     rows = [r for r in previous.get("rows", []) if r["model"] not in ran] + rows
     mcu = mcu or previous.get("mcu")
-    rows = with_ratios(rows)
+    rows = with_ratios(in_config_order(rows))
     # a run of some models: the section's command and duration stay those of the last full run
     command, seconds = previous.get("command", command), previous.get("seconds", time.time() - t0)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -427,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).with_suffix(".partial.json").unlink(missing_ok=True)
     if not args.smoke:
         plot(rows, Path(args.json).parent)
-    write_section(Path(args.out), markdown(rows, mcu, command, seconds),
+    write_section(Path(args.out), markdown(rows, mcu, command, seconds, read_notes(Path(args.out))),
                   "<!-- memory:start -->", "<!-- memory:end -->")
     print(f"wrote {args.out} and {args.json}")
     return 0

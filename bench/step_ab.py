@@ -1,20 +1,28 @@
-"""Step time of `onnx` bundles (and optionally torch eager full fine-tuning) side by side in one process:
-one thread each, the programs' steps interleaved A B A B ..., so a comparison holds when the machine's
-speed drifts (a shared machine's did by 1.5x within minutes). Each step's CPU time on the calling
-thread is measured besides its wall time: with one intra-op thread onnxruntime and torch compute on
-the caller, so CPU time excludes the time the process waited for a core; ratios are paired per round.
+"""Step time of `onnx` and `executorch` bundles (and optionally torch eager full fine-tuning) side by side
+in one process: one thread each, the programs' steps interleaved A B A B ..., so a comparison holds when
+the machine's speed drifts (a shared machine's did by 1.5x within minutes). Each step's CPU time on the
+calling thread is measured besides its wall time: with one intra-op thread onnxruntime and torch compute
+on the caller, and ExecuTorch's pool is sized to one thread (EDGETL_THREADS=1, set here), so XNNPACK and
+the optimized kernels compute on the caller too; CPU time then excludes the time the process waited for a
+core. The process's CPU time (all threads) is reported too: it must match. Ratios are paired per round.
 
     python bench/step_ab.py [--steps N] [--torch-full MODEL SIZE BATCH] BUNDLE [BUNDLE ...]
+
+e.g. ExecuTorch vs onnx, same recipe: `python bench/step_ab.py --steps 8 /tmp/lite0-onnx /tmp/lite0-et`.
 
 Step time only: memory comes from `python -m edgetl.runtime profile` in its own run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from edgetl.runtime.backends.base import THREADS_VAR
 
 
 def onnx_step(path: str) -> Callable[[], None]:
@@ -34,6 +42,29 @@ def onnx_step(path: str) -> Callable[[], None]:
     x = rng.standard_normal((bundle.batch_size, *bundle.input_shape)).astype(np.float32)
     y = rng.integers(0, bundle.num_classes, bundle.batch_size).astype(np.int64)
     return lambda: backend.train_step(x, y, 1e-3)
+
+
+def executorch_step(path: str) -> Callable[[], None]:
+    """As onnx_step, for an `executorch` bundle (the Trainer's backend, its pool at one thread)."""
+    from edgetl.runtime.backends.executorch import ExecuTorchBackend
+    from edgetl.runtime.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    backend = ExecuTorchBackend(bundle)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((bundle.batch_size, *bundle.input_shape)).astype(np.float32)
+    y = rng.integers(0, bundle.num_classes, bundle.batch_size).astype(np.int64)
+    return lambda: backend.train_step(x, y, 1e-3)
+
+
+def bundle_step(path: str) -> Callable[[], None]:
+    from edgetl.runtime.bundle import load_bundle
+
+    target = load_bundle(path).manifest["target"]
+    steps = {"onnx": onnx_step, "executorch": executorch_step}
+    if target not in steps:
+        raise SystemExit(f"{path}: a '{target}' bundle; this bench runs {sorted(steps)}")
+    return steps[target](path)
 
 
 def torch_full_step(model: str, size: int, batch: int) -> Callable[[], None]:
@@ -68,19 +99,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="measured steps of each, after one warm-up step")
     p.add_argument("--torch-full", nargs=3, metavar=("MODEL", "SIZE", "BATCH"))
     a = p.parse_args()
-    runs = {b: onnx_step(b) for b in a.bundles}
+    os.environ[THREADS_VAR] = "1"  # before any ExecuTorch program loads: its pool keeps the size it had then
+    runs = {b: bundle_step(b) for b in a.bundles}
     if a.torch_full:
         m, size, batch = a.torch_full
         runs = {f"torch eager full {m} {size} b{batch}": torch_full_step(m, int(size), int(batch))} | runs
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
+    proc: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(a.steps + 1):
         for k, step in runs.items():
-            c, t = time.thread_time(), time.perf_counter()
+            c, pc, t = time.thread_time(), time.process_time(), time.perf_counter()
             step()
             if i:
                 wall[k].append(1000 * (time.perf_counter() - t))
                 cpu[k].append(1000 * (time.thread_time() - c))
+                proc[k].append(1000 * (time.process_time() - pc))
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}, one thread, {a.steps} steps each, interleaved; ms per step")
@@ -88,7 +122,8 @@ def main() -> None:
     for k in runs:
         ratio = np.array(cpu[k]) / np.array(cpu[first])
         print(f"  {k[-48:]:48s} wall median {np.median(wall[k]):7.1f}  cpu median {np.median(cpu[k]):7.1f} "
-              f"min {min(cpu[k]):7.1f}  cpu vs first (paired median) {np.median(ratio):.3f}")
+              f"min {min(cpu[k]):7.1f}  process cpu median {np.median(proc[k]):7.1f}  "
+              f"cpu vs first (paired median) {np.median(ratio):.3f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ joint-graph training flow. (edgetl's programs and ONNX Runtime's artifacts are m
     python bench/worker.py torch-peft MODEL SIZE BATCH STEPS RANK
 
 bench/run.py runs each row twice, for memory with MALLOC_MMAP_THRESHOLD_=65536 and for step time
-with the default allocator, and keeps each figure from its own run.
+with the default allocator, and keeps each figure from its own run. $EDGETL_THREADS sets torch's
+threads (bench/run.py: 1, as for onnxruntime).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgetl.runtime import profile
+from edgetl.runtime.backends.base import rss_bytes, threads_from_env
 
 NUM_CLASSES = 10
+LIBRARIES_RSS = 0  # resident memory once torch (and the row's libraries) are imported, set in main()
 ROOT = Path(__file__).resolve().parent.parent
 # Bring-your-own-model rows: the model as users write it (tests/families), not a registered backbone
 FAMILY_MODELS = {"resnet18-like": "resnet18", "efficientnet_b0-like": "efficientnet_b0", "deit_tiny-like": "deit_tiny"}
@@ -54,12 +57,18 @@ def prepare(model: str, recipe: str, size: int, **kw):
 
 
 def measure_steps(step, steps: int) -> dict:
-    """Peak RSS above the pre-step level and step times, measured as the device profiler does (the
-    caller keeps the memory of the run with the memory setting and the times of the other run)."""
-    above, times, hwm = profile.measure_steps(step, steps)
-    times.sort()
-    return {"measured_peak_bytes": above, "step_ms_median": times[len(times) // 2], "step_ms_min": times[0],
-            "step_ms_max": times[-1], "process_peak_bytes": hwm, "allocator": profile.allocator()}
+    """Peak RSS above the pre-step level, step times (wall and the process's CPU time) and the
+    process's peak over its whole life, measured as the device profiler does (the caller keeps the
+    memory of the run with the memory setting and the times of the other run)."""
+    m = profile.measure_steps(step, steps)
+    whole = max(m.load_hwm, m.hwm)
+    out = {"measured_peak_bytes": m.above, "process_peak_bytes": m.hwm, "load_peak_bytes": m.load_hwm,
+           "whole_peak_bytes": whole, "whole_above_libraries_bytes": whole - LIBRARIES_RSS,
+           "allocator": profile.allocator(), "threads": threads_from_env(), "versions": profile.versions()}
+    for key, ts in (("step_ms", m.wall_ms), ("step_cpu_ms", m.cpu_ms)):
+        ts = sorted(ts)
+        out |= {f"{key}_median": ts[len(ts) // 2], f"{key}_min": ts[0], f"{key}_max": ts[-1]}
+    return out
 
 
 def _batch(c, size, batch):
@@ -173,8 +182,29 @@ def et_joint(model: str, size: int, batch: int, steps: int, recipe: str) -> dict
     return out
 
 
+def _library_setup() -> None:
+    """What torch sets up lazily on its first optimizer and convolution step (the optimizer's first use
+    imports torch._dynamo: ~70 MB), done on a toy model: library memory, not the model's."""
+    conv = nn.Conv2d(1, 2, 3)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    conv(torch.zeros(1, 1, 4, 4)).sum().backward()
+    opt.step()
+
+
 def main() -> None:
+    global LIBRARIES_RSS
     kind, model, size, batch, steps, *rest = sys.argv[1:]
+    if threads_from_env() is not None:
+        torch.set_num_threads(threads_from_env())
+    # the row's libraries loaded before the baseline (whole_above_libraries_bytes), as torch is
+    import edgetl.backbones, edgetl.interpret  # noqa: F401, E401
+    if kind == "et-joint":
+        import executorch.extension.training  # noqa: F401
+    if kind == "torch-peft":
+        sys.modules.setdefault("torchvision", None)  # as in torch_peft
+        import peft  # noqa: F401
+    _library_setup()
+    LIBRARIES_RSS = rss_bytes() or 0
     args = (model, int(size), int(batch), int(steps), *rest)
     fn = {"torch-full": torch_full, "torch-autograd": torch_autograd, "et-joint": et_joint,
           "torch-peft": torch_peft}[kind]

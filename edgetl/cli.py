@@ -105,6 +105,9 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def cmd_plan(args) -> int:
     if args.device is not None or args.budget_mb is not None:
+        if args.micro_batch is not None:
+            raise EdgeTLError("--micro-batch is for one recipe's memory (plan --recipe R without a budget); with "
+                              "--device/--budget-mb the plan tries micro-batches itself")
         return cmd_plan_device(args)
     if args.recipe is None:
         raise EdgeTLError("give --recipe (one recipe's memory), or --device/--budget-mb (search recipes, "
@@ -113,6 +116,7 @@ def cmd_plan(args) -> int:
         args.batch_size = 8
     if args.batch_size < 1:
         raise EdgeTLError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    _check_micro_batch(args)
     optimizer = _optimizer(args)
     recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]  # `lora,bias+q8,side`: each in turn
     if not recipes:
@@ -126,20 +130,40 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _check_micro_batch(args) -> None:
+    """--micro-batch: a positive divisor of --batch-size, for a target whose step takes micro-batches."""
+    from .micro_batch import check_target
+
+    mb = args.micro_batch
+    if mb is not None and (mb < 1 or args.batch_size % mb):  # before the (long) prepare
+        raise EdgeTLError(f"--micro-batch must be a positive divisor of --batch-size {args.batch_size}, got {mb}")
+    target = TARGETS.get(getattr(args, "target", None))
+    if mb is not None and target is not None:
+        check_target(target, args.batch_size, mb)
+
+
 def _plan_recipe(args, optimizer, first: bool) -> dict:
-    """One recipe's analytic memory (printed unless --json), and where its kept memory goes."""
-    from .lowering import Lowering
+    """One recipe's analytic memory (printed unless --json), and where its kept memory goes; with
+    --micro-batch M, of the step that takes M samples and accumulates (as `export --micro-batch M`)."""
+    from .exporters import lowering
+    from .micro_batch import accumulating
 
     pm = _prepare(args)
     block = _block_bytes(args)
-    mem = pm.memory(args.batch_size, optimizer, Lowering(weight_block_bytes=block))
-    out = {**pm.summary(), "batch_size": args.batch_size, "analytic_peak_bytes": mem.analytic_peak_bytes,
+    mb = args.micro_batch if args.micro_batch != args.batch_size else None
+    step_opt = accumulating(pm, optimizer, args.batch_size, mb)
+    # the step as the target's exporter lowers it: what its bundle's manifest reports (default: onnx)
+    mem = pm.memory(mb or args.batch_size, step_opt, lowering(args.target or "onnx", block))
+    out = {**pm.summary(), "batch_size": args.batch_size, **({"micro_batch": mb} if mb else {}),
+           "analytic_peak_bytes": mem.analytic_peak_bytes,
            "breakdown": mem.breakdown(), **({"weight_block_bytes": block} if block else {})}
     if args.json:
         return out
     if not first:
         print()
-    print(f"{pm.name} · recipe {pm.recipe.text} · input {'×'.join(map(str, pm.input_shape))} · batch {args.batch_size}")
+    micro = f" in micro-batches of {mb} (one gradient accumulator per trainable, in the optimizer state)" if mb else ""
+    print(f"{pm.name} · recipe {pm.recipe.text} · input {'×'.join(map(str, pm.input_shape))} · batch "
+          f"{args.batch_size}{micro}")
     print(f"  trainable      {out['trainable_params']:,} of {out['total_params']:,} params "
           f"({100 * out['trainable_fraction']:.2f}%)")
     rows = [("frozen weights", mem.frozen_weights_bytes), ("trainable params", mem.trainable_params_bytes),
@@ -173,10 +197,12 @@ def cmd_export(args) -> int:
     if args.sign_key is not None:
         load_private_key(args.sign_key)  # a bad key is reported before the (long) export
     optimizer = _optimizer(args)
+    _check_micro_batch(args)
+    mb = args.micro_batch
     pm = _prepare(args, args.seed)
     block = _block_bytes(args)
     out = export(pm, args.target, args.out, optimizer, args.batch_size, sign_key=args.sign_key,
-                 weight_block_bytes=block)
+                 weight_block_bytes=block, micro_batch=mb)
     s = pm.summary()
     signed = ", signed" if args.sign_key is not None else ""
     print(f"wrote {args.target} bundle to {out} ({s['trainable_params']:,} trainable of {s['total_params']:,} "
@@ -256,12 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=TARGET_NAMES, default=None,
                    help="the runtime (default: the device's, or onnx)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="with --recipe (no budget): the memory of the step that takes this many samples per call, "
+                        "dividing --batch-size, as `export --micro-batch` exports it")
     _block_arg(p, planning=True)
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("export", help="export an on-device training bundle")
     _model_args(e)
     e.add_argument("--target", required=True, choices=TARGET_NAMES, help=f"the device runtime: {targets_help()}")
     _block_arg(e)
+    e.add_argument("--micro-batch", type=int, default=None,
+                   help="samples per call of the step, dividing --batch-size: the step accumulates gradients "
+                        "over batch-size/micro-batch calls, one optimizer step per batch (less memory; targets: "
+                        + ", ".join(t.name for t in TARGETS.values() if t.micro_batches) + ")")
     e.add_argument("--seed", type=int, default=0, help="initialisation of new parts (head, side network)")
     e.add_argument("--out", required=True, help="bundle directory to write")
     e.add_argument("--sign-key", default=None, help="sign the bundle with this Ed25519 private key (edgetl keygen)")

@@ -13,19 +13,25 @@ Tensor = torch.Tensor
 NodeOp = Callable[[Node, list[Tensor]], Tensor]
 
 
-def interpret(graph: LeanGraph, x: Tensor, op: NodeOp, free: Callable[[str], None] | None = None) -> Tensor:
+def interpret(graph: LeanGraph, x: Tensor, op: NodeOp, free: Callable[[str], None] | None = None,
+              order: list[Node] | None = None, vals: dict[str, Tensor] | None = None) -> Tensor:
     """The graph's output for input `x`; `op(node, inputs)` computes one node and `free(name)`
-    hears when a value is dropped."""
+    hears when a value is dropped. `order`: the nodes in another topological order than the graph's;
+    `vals`: the live values by name, the caller's (an op may replace one by an equal copy)."""
     left = {k: len(v) for k, v in graph.consumers().items()}
-    vals = {INPUT: x}
-    for n in graph.nodes:
-        vals[n.name] = op(n, [vals[i] for i in n.inputs])
-        for i in n.inputs:
+    vals = {} if vals is None else vals
+    vals[INPUT] = x
+    for n in graph.nodes if order is None else order:
+        xs = [vals[i] for i in n.inputs]
+        for i in n.inputs:  # a value's last user gets the only reference to it (it may drop it early)
             left[i] -= 1
             if left[i] == 0 and i != INPUT:
-                del vals[i]
-                if free is not None:
-                    free(i)
+                vals.pop(i, None)
+        vals[n.name] = op(n, xs)
+        xs = None
+        for i in dict.fromkeys(n.inputs):
+            if left[i] == 0 and i != INPUT and free is not None:
+                free(i)
     return vals.pop(graph.output)
 
 

@@ -19,8 +19,9 @@ Tensor = torch.Tensor
 class Lowering:
     # int8 + per-channel scale -> fp32, as the target's runtime spells it (ONNX: DequantizeLinear)
     dequantize: Callable[[Tensor, Tensor], Tensor] = dequantize_per_channel
-    # a trainable bias of a frozen-weight linear as an add after the bias-free op (ExecuTorch's
-    # XNNPACK would bake a bias fused into the op into its packed weights)
+    # a linear's bias as an add after the bias-free op where the bias or the weight trains (ExecuTorch:
+    # XNNPACK would bake a bias fused into the op into its packed weights; a trainable weight leaves
+    # the op to ExecuTorch's kernels, whose addmm is ~8x slower than mm + add: mnist_cnn's fc, b32)
     bias_as_add: bool = False
     # exact zeros made from data (the op's input, kept masks) that pin what a graph runtime with
     # its own scheduler (onnxruntime) would otherwise run early: dequantizing a frozen weight, a
@@ -35,6 +36,41 @@ class Lowering:
     # axes (0, 2, 3) is ~2x slower than the two; ExecuTorch plans the reshaped gradient as a copy
     # (+23% planned memory on a ReLU6 CNN's `bias+mask` step), so it keeps the one sum
     two_step_bias_sum: bool = False
+    # frozen depthwise conv kernels dequantized from their int8 constants alone (not pinned to data),
+    # so that onnxruntime folds them to fp32 constants when it loads the program (the runtime's session
+    # option session.disable_quant_qdq): it runs a depthwise Conv with a constant kernel in its NCHWc
+    # kernels, with a computed one as an im2col + GEMM per channel, 2-9x slower (one thread, Lite0's
+    # shapes); the kernels are small (Lite0: 182k of 4.6M weights, 0.73 MB fp32)
+    foldable_depthwise: bool = False
+    # an asymmetrically padded (TF-same) conv as one symmetrically padded conv whose kernel has zero taps
+    # added on the side padded less (exact): no pad op. In ExecuTorch's XNNPACK lowering a pad keeps its
+    # input's layout, so a pad of a value from outside the call ran NCHW beside the conv's channels-last
+    # copy of the padded value (two 96-channel 113x113 values at EfficientNet-Lite0 224 b8: what sized
+    # XNNPACK's workspace); the onnx target folds the pad into the Conv's own asymmetric pads instead
+    pads_in_kernel: bool = False
+    # a strided asymmetrically padded (TF-same) conv's input gradient as one ConvTranspose over the
+    # output gradient shifted by zero rows/columns (exact), not a larger result cropped by slices
+    # (in XNNPACK the result and the crop's copy were alive together); the onnx target folds the crop
+    # into the ConvTranspose's pads itself (exporters/onnx_passes.py)
+    shifted_strided_input_grad: bool = False
+    # convolutions with a computed kernel (a trainable weight, or the gradient as the kernel of a weight
+    # gradient) as one batched matmul per kernel tap on channels-last slices: ExecuTorch's XNNPACK
+    # delegate takes a conv only with a constant kernel but a matmul with two computed operands, and its
+    # portable conv kernel is ~50x slower than torch (mnist_cnn `full`: 95% of the step). Dense convs
+    # (groups 1) and depthwise ones; a stride-2 conv's input gradient stays a transposed conv.
+    computed_conv_as_matmul: bool = False
+
+    def foldable_weights(self, graph) -> set[str]:
+        """The frozen int8 tensors of `graph` this lowering dequantizes from constants alone (unpinned)."""
+        if not self.foldable_depthwise:
+            return set()
+        out = set()
+        for t, (node, role) in graph.weight_roles().items():
+            rule, shape = node.rule, tuple(graph.tensors[t].shape)
+            groups = getattr(rule, "groups", 1)
+            if role == "weight" and graph.is_quantized(t) and groups > 1 and len(shape) == 4 and shape[1] == 1:
+                out.add(t)
+        return out
 
     def row_blocks(self, graph) -> dict[str, list[tuple[int, int]]]:
         """The frozen tensors of `graph` this lowering dequantizes in row blocks, each as its
@@ -63,17 +99,49 @@ EAGER = Lowering()
 PINNED = Lowering(pin_schedule=True, two_step_bias_sum=True)
 
 
+def lowering_of(w) -> Lowering:
+    """The lowering a node's tensors `w` carry (the program's Weights), else eager torch's."""
+    return getattr(w, "lowering", EAGER)
+
+
 def separate_bias(w) -> bool:
     """Whether a rule emits the bias in `w` (a node's tensors) as an add after its bias-free op:
-    the target asks for it and the bias trains while the weight is frozen."""
-    lowering = getattr(w, "lowering", EAGER)
-    return lowering.bias_as_add and w.trainable("bias") and not w.trainable("weight")
+    the target asks for it and the bias or the weight trains (see `Lowering.bias_as_add`)."""
+    return lowering_of(w).bias_as_add and (w.trainable("bias") or w.trainable("weight"))
 
 
 def pins(w: Mapping[str, Tensor]) -> bool:
     """Whether a rule, given its node's tensors `w`, adds the data dependencies that pin a graph
     runtime's schedule (see `Lowering.pin_schedule`)."""
-    return getattr(w, "lowering", EAGER).pin_schedule
+    return lowering_of(w).pin_schedule
+
+
+def _nchwc_block(cpuinfo: str = "/proc/cpuinfo") -> int:
+    """MLAS's NCHWc block on this machine's CPU: 16 with AVX-512F, 8 with AVX2, 0 (no NCHWc) otherwise.
+    The analytic model replays the step as onnxruntime runs it here (where `profile` measures it)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return 0
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 0
+
+
+# onnxruntime's CPU runs a pooling, and a conv with a constant kernel, in its NCHWc kernels (on a reordered
+# copy of the input) when the channels are a multiple of MLAS's NCHWc block
+NCHWC_BLOCK = _nchwc_block()
+
+
+def runs_nchwc(channels: int) -> bool:
+    """Whether onnxruntime's CPU runs an op over `channels` channels in NCHWc (see NCHWC_BLOCK)."""
+    return NCHWC_BLOCK > 0 and channels % NCHWC_BLOCK == 0
+
+
+def replaying(w: Mapping[str, Tensor]) -> bool:
+    """Whether a rule, given its node's tensors `w`, runs in the analytic memory model's replay
+    (meta tensors): it may then spell out what the target's runtime allocates (copies where the
+    exported program's ops copy) without changing the program itself."""
+    return bool(getattr(w, "replay", False))
 
 
 def in_blocks(w: Mapping[str, Tensor], role: str) -> bool:

@@ -22,8 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .kept_kinds import KINDS, kept_kind
 from .lowering import PINNED, Lowering
-from .optim import OptimizerConfig
+from .optim import MICRO_STEP, OptimizerConfig
 from .program import Program, cross_entropy_with_grad
+from .recipes.side import backbone_first
 
 Tensor = torch.Tensor
 
@@ -102,16 +103,40 @@ class Tracker:
             self._maybe_free(sid)
 
 
+def _ort_where_selections(func, args) -> list[Tensor]:
+    """onnxruntime's CPU Where allocates two selections before its output, `cond ? X : 0` and
+    `cond ? 0 : Y`, each broadcast over the condition and its value, and merges them (where_op.cc):
+    three output sizes at once where torch makes one. Measured: the max pool's running max
+    (ResNet-18-like stem, Where of 2 taps) held 3 x 256 KB for each Where."""
+    if func.overloadpacket is not torch.ops.aten.where or len(args) != 3:
+        return []
+    cond, a, b = args
+    dtype = next((t.dtype for t in (a, b) if isinstance(t, Tensor) and t.dim()), None)
+    if dtype is None:
+        dtype = a.dtype if isinstance(a, Tensor) else b.dtype if isinstance(b, Tensor) else torch.float32
+    def shape(v):
+        return torch.broadcast_shapes(cond.shape, v.shape if isinstance(v, Tensor) else ())
+    return [torch.empty(shape(v), dtype=dtype, device=cond.device) for v in (a, b)]
+
+
 class _Observe(TorchDispatchMode):
-    def __init__(self, tracker: Tracker):
+    """Observes every tensor an op makes. `ort_kernels`: also what onnxruntime's CPU kernels
+    allocate inside an op beside its output (the replay of the onnx target's schedule)."""
+
+    def __init__(self, tracker: Tracker, ort_kernels: bool = False):
         super().__init__()
         self.tracker = tracker
+        self.ort_kernels = ort_kernels
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inner = _ort_where_selections(func, args) if self.ort_kernels else []
+        for t in inner:  # made inside the dispatch, where this mode is off: observed by hand
+            self.tracker.observe(t)
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 self.tracker.observe(t)  # views share their base's storage, so they count once
+        inner = t = None  # the kernel's own temporaries die once its output exists
         return out
 
 
@@ -169,13 +194,16 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None,
         shape = shapes[name] if rows is None else (rows[1] - rows[0], *shapes[name][1:])
         return torch.empty(shape, device=meta)
 
-    program = Program(prepared.graph, frozen, lowering or PINNED, replay=True)
+    lowering = lowering or PINNED
+    # onnxruntime runs a side-tuned step's backbone to its end before the ladder (`backbone_first`)
+    order = backbone_first(prepared.graph) if lowering.pin_schedule and "side" in prepared.notes else None
+    program = Program(prepared.graph, frozen, lowering, replay=True, order=order)
     tracker = Tracker()
     # The batch is resident for the whole step (input_bytes, below); a rule that keeps it for its
     # backward (the first layer's weight gradient keeps x) holds the same storage, counted once.
     tracker.hold("input:x", x, "input")
     tracker.hold("input:y", y, "input")
-    with _Observe(tracker):
+    with _Observe(tracker, ort_kernels=program.lowering.pin_schedule):
         peak, peak_at, by_kind, kept_list, kept_bytes, kept_by_kind = _replay(
             prepared, program, optimizer, x, y, params, state, tracker)
     static = {
@@ -219,19 +247,26 @@ def _replay(prepared, program, optimizer, x, y, params, state, tracker):
     t = None  # the loop variables must not keep a kept tensor alive
     tracker.hold("logits", logits, "activations (flowing)")
     loss, g = cross_entropy_with_grad(logits, y)
-    grads = program.backward(g, kept, params, tracker)
-    del g
-    tracker.release("logits")
     lr = torch.empty((), device=logits.device)
-    for t in prepared.trainable:  # the update: new tensors appear while the gradients are consumed
-        new_p, new_s = optimizer.update({t: params[t]}, {t: grads[t]}, _state_of(optimizer, state, t), lr)
+
+    def update(t: str, grad: Tensor) -> None:
+        new_p, new_s = optimizer.update({t: params[t]}, {t: grad}, _state_of(optimizer, state, t), lr)
         for k, v in {**new_p, **new_s}.items():
             tracker.hold(f"new:{k}", v, "updated params and state")
         tracker.release(f"pgrad:{t}")
-        del new_p, new_s
+
+    # onnxruntime's schedule (a pinned lowering) updates each parameter as soon as its gradient exists:
+    # the new parameter and state (outputs, alive to the end) replace the gradient mid-backward. A
+    # step run as written (eager, ExecuTorch) updates after the backward, consuming the gradients.
+    early = program.lowering.pin_schedule
+    grads = program.backward(g, kept, params, tracker, on_param_grad=update if early else None)
+    del g
+    tracker.release("logits")
+    for t in prepared.trainable if not early else ():
+        update(t, grads[t])
     kept_by_kind = {k: v for k, v in kept_by_kind.items() if v}
     return tracker.peak, tracker.peak_at, tracker.peak_by_kind, kept_list, kept_bytes, kept_by_kind
 
 
 def _state_of(optimizer: OptimizerConfig, state: dict[str, Tensor], t: str) -> dict[str, Tensor]:
-    return {k: v for k, v in state.items() if k.endswith(f":{t}") or k == "step"}
+    return {k: v for k, v in state.items() if k.endswith(f":{t}") or k in ("step", MICRO_STEP)}

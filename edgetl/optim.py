@@ -14,6 +14,7 @@ from .errors import EdgeTLError
 
 Tensor = torch.Tensor
 OPTIMIZERS = ("sgd", "adamw")
+MICRO_STEP = "micro_step"  # the state counting micro-batches since the last optimizer update
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,14 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    # micro-batches per optimizer step: the step accumulates (1/accumulate)·grad in `accum:{t}` state and
+    # applies the update on every accumulate-th call (counted by the `micro_step` state), else leaves the
+    # parameters and the optimizer's own state as they were
+    accumulate: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.accumulate, int) or isinstance(self.accumulate, bool) or self.accumulate < 1:
+            raise EdgeTLError(f"accumulate must be a positive integer, got {self.accumulate!r}")
         if self.name not in OPTIMIZERS:
             raise EdgeTLError(f"unknown optimizer '{self.name}'; choose one of {', '.join(OPTIMIZERS)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -54,20 +61,47 @@ class OptimizerConfig:
         return asdict(self)
 
     def state_names(self, trainable: list[str]) -> list[str]:
+        names = self._own_state_names(trainable)
+        if self.accumulate > 1:
+            names += [f"accum:{t}" for t in trainable] + [MICRO_STEP]
+        return names
+
+    def _own_state_names(self, trainable: list[str]) -> list[str]:
         if self.name == "sgd":
             return [f"momentum:{t}" for t in trainable]
         return [f"exp_avg:{t}" for t in trainable] + [f"exp_avg_sq:{t}" for t in trainable] + ["step"]
 
     def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         state = {n: torch.zeros_like(params[n.split(":", 1)[1]]) for n in self.state_names(list(params)) if ":" in n}
-        if self.name == "adamw":
-            state["step"] = torch.zeros((), dtype=torch.float32)
+        for n in ("step", MICRO_STEP):
+            if n in self.state_names(list(params)):
+                state[n] = torch.zeros((), dtype=torch.float32)
         return state
 
     def update(
         self, params: dict[str, Tensor], grads: dict[str, Tensor], state: dict[str, Tensor], lr: Tensor
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return (self._sgd if self.name == "sgd" else self._adamw)(params, grads, state, lr)
+        apply = self._sgd if self.name == "sgd" else self._adamw
+        if self.accumulate == 1:
+            return apply(params, grads, state, lr)
+        return self._accumulating(apply, params, grads, state, lr)
+
+    def _accumulating(self, apply, params, grads, state, lr):
+        """One micro-batch: grads (of the micro-batch's mean loss) added to the accumulators as
+        1/accumulate of them, and the optimizer applied to the accumulated (full-batch mean) gradient
+        on the accumulate-th call. Selected by tensor arithmetic, so the program is the same every call."""
+        k = self.accumulate
+        acc = {t: state[f"accum:{t}"] + grads[t] * (1.0 / k) for t in params}
+        count = state[MICRO_STEP] + 1
+        due = count >= k
+        own = {n: state[n] for n in self._own_state_names(list(params))}
+        new_p, new_s = apply(params, acc, own, lr)
+        out_p = {t: torch.where(due, new_p[t], params[t]) for t in params}
+        out_s = {n: torch.where(due, new_s[n], own[n]) for n in own}
+        for t in params:
+            out_s[f"accum:{t}"] = torch.where(due, torch.zeros_like(acc[t]), acc[t])
+        out_s[MICRO_STEP] = torch.where(due, torch.zeros_like(count), count)
+        return out_p, out_s
 
     def _sgd(self, params, grads, state, lr):
         new_p, new_s = {}, {}
@@ -93,7 +127,7 @@ class OptimizerConfig:
             new_s[f"exp_avg:{t}"], new_s[f"exp_avg_sq:{t}"] = m, v
             new_p[t] = p - (lr / bc1) * m / (torch.sqrt(v) / bc2_sqrt + self.eps)
         new_s["step"] = step
-        return new_p, {n: new_s[n] for n in self.state_names(list(params))}
+        return new_p, {n: new_s[n] for n in self._own_state_names(list(params))}
 
     def torch_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         """The torch optimizer this config reproduces (the parity reference)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .graph import LeanGraph
 from .interpret import interpret
-from .lowering import EAGER, Lowering
+from .lowering import EAGER, Lowering, pins
 from .rules import Need
 
 Tensor = torch.Tensor
@@ -30,8 +30,9 @@ class Weights(Mapping[str, Tensor]):
 
     def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[..., Tensor],
                  tracker, tag: str, zero: Tensor | None = None, lowering: Lowering = EAGER,
-                 blocks: Mapping[str, list[tuple[int, int]]] | None = None):
+                 blocks: Mapping[str, list[tuple[int, int]]] | None = None, replay: bool = False):
         self.roles, self.params, self.frozen, self.tracker, self.tag = roles, params, frozen, tracker, tag
+        self.replay = replay  # the analytic replay on meta tensors (rules read it through `lowering.replaying`)
         self.zero = zero  # an exact zero made from the op's input: dequantize no earlier than the op
         self.lowering = lowering  # what the target needs from the rules (read through this mapping)
         self.blocks = blocks or {}  # frozen tensors dequantized in row blocks: their [lo, hi) ranges
@@ -113,11 +114,14 @@ class _Anchored(Mapping[str, Tensor]):
 
 class Program:
     def __init__(self, graph: LeanGraph, frozen: Callable[..., Tensor], lowering: Lowering = EAGER,
-                 replay: bool = False):
+                 replay: bool = False, order: list[str] | None = None):
         # replay (the analytic memory model): the rules run as `lowering` asks, but the program's own
         # schedule pins (exact zeros added to scales, biases and pool inputs) are left out: they
-        # order a graph runtime's schedule and hold no memory there
-        self.graph, self.frozen, self.lowering = graph, frozen, lowering
+        # order a graph runtime's schedule and hold no memory there. `order`: the forward's nodes in
+        # the order the replayed runtime runs them (a topological order; default: the graph's)
+        self.graph, self.frozen, self.lowering, self.replay = graph, frozen, lowering, replay
+        self.order = [graph.node(name) for name in order] if order else list(graph.nodes)
+        pos = {n.name: i for i, n in enumerate(self.order)}
         self.pins = lowering.pin_schedule and not replay
         trainable = set(graph.trainable)
         self.req = graph.requires_grad()
@@ -128,8 +132,31 @@ class Program:
             )
             for n in graph.nodes
         }
-        uses = graph.consumers()
+        uses = {k: sorted(v, key=pos.__getitem__) for k, v in graph.consumers().items()}
         self.uses = {k: len(v) for k, v in uses.items()}
+        self.last_use = {k: v[-1] for k, v in uses.items() if v}
+        # replay of onnxruntime's schedule: a pointwise rule's local derivative (made from what it
+        # kept alone) is computed where onnxruntime's scheduler puts it, before the backward of the
+        # consumer that gives its gradient last (the consumer first in the forward), not after it:
+        # that runtime visits an op's latest-created input first, and the derivative is created after
+        # the gradient (measured: EfficientNet-B0-like bias+mask b32, one input size less at peak)
+        self.early_local = {}
+        if replay and lowering.pin_schedule:
+            for name, users in uses.items():
+                if users:
+                    self.early_local.setdefault(users[0], []).append(name)
+        # replay of onnxruntime's NCHWc kernels (`Rule.reads_nchwc`): a value read by such ops is reordered
+        # once, by its first reader; the copy replaces it where every user is such a reader (the value then
+        # lives on only where a rule keeps it), else it lives beside it until its last reader
+        self.nchwc: dict[str, tuple[bool, str]] = {}  # value: (every user a reader, its last reader)
+        self.nchwc_readers: set[str] = set()
+        if replay and lowering.pin_schedule:
+            readers = {n.name for n in graph.nodes if n.inputs and n.rule.reads_nchwc(self.need[n.name])}
+            self.nchwc_readers = readers
+            for v, users in uses.items():
+                r = [u for u in users if u in readers and graph.node(u).inputs[0] == v]
+                if r:
+                    self.nchwc[v] = (len(r) == len(users), r[-1])
         self.dequantizes = {n.name: any(graph.is_quantized(t) for t in n.params.values()) for n in graph.nodes}
         self.blocks = lowering.row_blocks(graph)
 
@@ -139,16 +166,44 @@ class Program:
         # exact zero made from the op's own input pins each dequantization to its use.
         pin = self.pins and anchor is not None and self.dequantizes[node.name]
         zero = anchor.reshape(-1)[:1].sum() * 0.0 if pin else None
-        return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering, self.blocks)
+        return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering, self.blocks,
+                       self.replay)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
         tracker = tracker or NullTracker()
         kept: dict[str, dict[str, Tensor]] = {}
         pending: list[Tensor] = []  # exact zeros that depend on masks kept since the last bias
+        deferred: list = []  # replay of onnxruntime's order: quantized keeps made after the next op
+
+        def keep_deferred() -> None:
+            while deferred:
+                name, box = deferred.pop(0)
+                k = self.graph.node(name).rule.keep_from(box)
+                del box
+                for key, t in k.items():
+                    tracker.hold(f"kept:{name}:{key}", t, "kept for backward")
+                kept[name] = k
+
+        vals: dict[str, Tensor] = {}
+        copies: dict[str, Tensor] = {}  # values reordered to NCHWc, read so by the rest of their readers
 
         def op(n, xs: list[Tensor]) -> Tensor:
             nonlocal pending
+            v = n.inputs[0] if n.inputs else None
+            nchwc = self.nchwc.get(v) if train and n.name in self.nchwc_readers else None
+            if nchwc and v not in copies:
+                copies[v] = torch.empty_like(xs[0])
+                if nchwc[0]:  # every user reads the copy: it replaces the value
+                    if v in vals:  # (the interpreter drops a value before its last user)
+                        vals[v] = copies[v]
+                    tracker.hold(f"val:{v}", copies[v], "activations (flowing)")
+                else:
+                    tracker.hold(f"nchwc:{v}", copies[v], "activations (flowing)")
+            if nchwc:
+                xs[0] = copies[v]
+                if nchwc[1] == n.name:
+                    del copies[v]
             w = self.weights(n, params, tracker, xs[0])
             need = self.need[n.name] if train else Need((False,) * len(n.inputs), frozenset())
             ws = w
@@ -164,12 +219,34 @@ class Program:
                 # pad, instead of living through the pooling (ResNet: 1 input size less at peak).
                 xs = [xs[0] + torch.stack(pending).sum() * 0.0, *xs[1:]]
                 pending = []
-            y, k = n.rule.forward(xs, ws, need)
+            if self.replay and pins(w) and getattr(n.rule, "drops_inputs", False):
+                # the rule drops its inputs where onnxruntime frees them, inside its forward (a max
+                # pool after its pad): no longer held by name once this node is their last use
+                for i in n.inputs:
+                    if self.last_use.get(i) == n.name:
+                        tracker.release(f"val:{i}")
+            if self.replay and self.lowering.pin_schedule and train and getattr(n.rule, "keep_from", None) \
+                    and n.rule.quant_bits and need.inputs[0]:
+                # onnxruntime runs the next op (a depthwise conv) before the quantized derivative this
+                # rule keeps, which then reads the input and output it frees as it goes (EfficientNet-B0-
+                # like bias+mask+q8: its peak is that conv, with the input still alive)
+                y = n.rule.compute(xs, ws)
+                box, k = [xs.pop(0), y], {}
+            else:
+                y, k = n.rule.forward(xs, ws, need)
+                box = None
+            del xs
             w.done()
+            keep_deferred()
+            if box is not None:
+                deferred.append((n.name, box))
+                box = None
             if self.pins:
                 # masks, and the codes of q8/q4 keeps: made only for the backward, from a float tensor
                 pending += [t.reshape(-1)[:1].to(torch.float32).sum() for t in k.values()
                             if not t.dtype.is_floating_point]
+            if nchwc and nchwc[1] == n.name:
+                tracker.release(f"nchwc:{v}")
             tracker.hold(f"val:{n.name}", y, "activations (flowing)")
             for key, t in k.items():
                 tracker.hold(f"kept:{n.name}:{key}", t, "kept for backward")
@@ -177,11 +254,14 @@ class Program:
                 kept[n.name] = k
             return y
 
-        logits = interpret(self.graph, x, op, lambda name: tracker.release(f"val:{name}"))
+        logits = interpret(self.graph, x, op, lambda name: tracker.release(f"val:{name}"), self.order, vals)
+        keep_deferred()
         return logits, kept
 
     def backward(self, g_logits: Tensor, kept: dict[str, dict[str, Tensor]], params: Mapping[str, Tensor],
-                 tracker=None) -> dict[str, Tensor]:
+                 tracker=None, on_param_grad: Callable[[str, Tensor], None] | None = None) -> dict[str, Tensor]:
+        """The parameter gradients; with `on_param_grad`, each is handed to it as soon as it exists
+        (and not returned): the analytic replay updates a parameter there, as onnxruntime does."""
         tracker = tracker or NullTracker()
         grads = {self.graph.output: g_logits}
         tracker.hold(f"grad:{self.graph.output}", g_logits, "gradients (flowing)")
@@ -190,14 +270,25 @@ class Program:
             need = self.need[n.name]
             if not self.req[n.name] or n.name not in grads:
                 continue
-            g = grads.pop(n.name)
-            w = self.weights(n, params, tracker, g)
+            for i in self.early_local.get(n.name, ()):
+                self._local_derivative(i, kept, tracker)
+            w = self.weights(n, params, tracker, grads[n.name])
             k = kept.pop(n.name, {})
-            gin, gp = n.rule.backward(g, k, w, need)
+            if self.replay and self.lowering.pin_schedule and getattr(n.rule, "drops_grad", False):
+                # the rule drops the incoming gradient where onnxruntime frees it, inside its backward
+                tracker.release(f"grad:{n.name}")
+            if self.replay and self.lowering.pin_schedule and getattr(n.rule, "drops_kept", False):
+                for key in k:  # the rule drops what it kept (popped from `k`) where onnxruntime frees it
+                    tracker.release(f"kept:{n.name}:{key}")
+            gin, gp = n.rule.backward(grads.pop(n.name), k, w, need)  # the rule's reference is the only one
             w.done()
             for role, t in gp.items():
-                pgrads[n.params[role]] = t
                 tracker.hold(f"pgrad:{n.params[role]}", t, "parameter gradients")
+                if on_param_grad is None:
+                    pgrads[n.params[role]] = t
+                else:
+                    on_param_grad(n.params[role], t)
+            t = None
             for i, gi, needed in zip(n.inputs, gin, need.inputs):
                 if needed and gi is not None:
                     if i in grads:
@@ -211,9 +302,22 @@ class Program:
                 tracker.release(f"kept:{n.name}:{key}")
             # Drop every local reference now, so tensors die where the schedule says (this also
             # keeps the analytic replay on meta tensors honest).
-            del g, k, gin, gp, w
+            del k, gin, gp, w
             gi = None
         return pgrads
+
+    def _local_derivative(self, name: str, kept: dict[str, dict[str, Tensor]], tracker) -> None:
+        """Replace what node `name` kept by its local derivative (`Rule.local_derivative`), if it has one."""
+        k = kept.get(name)
+        d = self.graph.node(name).rule.local_derivative(k, torch.float32) if k else None
+        if d is None:
+            return
+        for key, t in d.items():
+            tracker.hold(f"kept:{name}:{key}", t, "kept for backward")
+        for key in k:
+            if key not in d:
+                tracker.release(f"kept:{name}:{key}")
+        kept[name] = d
 
     def loss_and_grads(self, x: Tensor, y: Tensor, params: Mapping[str, Tensor], tracker=None
                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -24,6 +24,8 @@ class _FrozenStore(nn.Module):
         # tensors the lowering dequantizes by rows: one set of buffers per row block, [lo, hi) -> keys
         self.block_slots: dict[str, dict[tuple[int, int], tuple[str, ...]]] = {}
         blocks = lowering.row_blocks(prepared.graph)
+        # dequantized from constants alone, never pinned: a graph runtime folds them to fp32 at load
+        self.unpinned = lowering.foldable_weights(prepared.graph)
         for i, (name, stored) in enumerate(prepared.stored.items()):
             if name in blocks:
                 self.block_slots[name] = {}
@@ -40,6 +42,8 @@ class _FrozenStore(nn.Module):
 
     def get(self, name: str, zero: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
         """A frozen tensor as the step uses it (or its rows [lo, hi) where it is stored by rows)."""
+        if name in self.unpinned:
+            zero = None
         if name in self.block_slots:
             blocks = self.block_slots[name]
             if rows is not None:

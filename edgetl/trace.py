@@ -437,6 +437,7 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...], blocks: list[str] | N
     _fold_batchnorm(graph)
     _fold_padding(graph)
     _add_missing_biases(graph)
+    _pool_before_activation(graph)
     graph.infer_shapes()
     _assign_blocks(graph)
     return graph
@@ -482,6 +483,27 @@ def _fold_padding(graph: LeanGraph) -> None:
         conv.rule = conv.rule.replace(pads=(ct + t, cb + b, cl + l, cr + r))
         conv.inputs = [pad.inputs[0]]
         graph.nodes.remove(pad)
+
+
+def _pool_before_activation(graph: LeanGraph) -> None:
+    """A ReLU or ReLU6 whose only user is a max pool runs after it instead: max pooling commutes with
+    a non-decreasing function, and the gradients agree with torch's (where a clamped value wins a
+    window, both orders give it gradient 0: these activations' gradients are 0 at the bounds). The
+    activation then keeps its mask at the pooled size and its backward runs there, so the pool's
+    backward gives the conv's output gradient directly (mnist_cnn batch 1 `bias+mask`: one
+    28x28x32 float gradient less at the step's peak)."""
+    uses = graph.consumers()
+    for pool in [n for n in graph.nodes if isinstance(n.rule, R.MaxPool)]:
+        act = next((n for n in graph.nodes if n.name == pool.inputs[0]), None)
+        if act is None or type(act.rule) not in (R.ReLU, R.ReLU6) or uses[act.name] != [pool.name]:
+            continue
+        for other in graph.nodes:
+            other.inputs = [act.name if i == pool.name else i for i in other.inputs]
+        pool.inputs, act.inputs = list(act.inputs), [pool.name]
+        i, j = graph.nodes.index(act), graph.nodes.index(pool)
+        graph.nodes[i], graph.nodes[j] = pool, act  # nothing between them reads either
+        if graph.output == pool.name:
+            graph.output = act.name
 
 
 def _add_missing_biases(graph: LeanGraph) -> None:

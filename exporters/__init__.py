@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgetl.errors import EdgeTLError
 from edgetl.lowering import Lowering
+from edgetl.micro_batch import accumulating, check_target
 from edgetl.optim import OptimizerConfig
 from edgetl.runtime import signing
 from edgetl.runtime.checkpoint import pid_alive
@@ -134,13 +135,17 @@ def refuse_current_dir(out: str | Path) -> None:
 
 
 def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | None = None,
-           batch_size: int = 8, sign_key: str | Path | None = None, weight_block_bytes: int | None = None) -> Path:
+           batch_size: int = 8, sign_key: str | Path | None = None, weight_block_bytes: int | None = None,
+           micro_batch: int | None = None) -> Path:
     """Export `prepared` for `target` into the directory `out`. An existing edgetl bundle there is
     replaced only once the new one is complete; anything else there is refused, never deleted.
     With `sign_key` (an Ed25519 private key file from `edgetl keygen`) the bundle is signed. With
     `weight_block_bytes` the step dequantizes large frozen int8 weights in row blocks of at most
     that many fp32 bytes (`edgetl.lowering.Lowering`; microcontroller-sized RAM), onnx and
-    executorch targets."""
+    executorch targets. With `micro_batch` (dividing batch_size; onnx and executorch targets) the step program takes
+    micro_batch samples and updates the parameters on every batch_size / micro_batch-th call, having
+    accumulated the gradients (`edgetl.micro_batch`): the activations of a micro-batch, the result of
+    a full batch."""
     spec = _SPECS.get(target) if isinstance(target, str) else None
     if spec is None:
         raise EdgeTLError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -153,6 +158,11 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
             raise EdgeTLError("weight blocks are for the onnx and executorch targets: ONNX Runtime's training "
                               "artifacts derive their own backward from whole weights")
     optimizer = optimizer or OptimizerConfig()
+    check_target(spec, batch_size, micro_batch)
+    optimizer = accumulating(prepared, optimizer, batch_size, micro_batch)
+    step_batch = batch_size // optimizer.accumulate
+    # executorch's eval program has a static batch too: the bundle's, not the train step's micro-batch
+    eval_batch = {"eval_batch": batch_size} if spec is EXECUTORCH else {}
     signer = None if sign_key is None else signing.load_private_key(sign_key)  # a bad key fails before any work
     out = Path(out)
     refuse_current_dir(out)
@@ -169,11 +179,11 @@ def export(prepared, target: str, out: str | Path, optimizer: OptimizerConfig | 
     try:
         blocks = {} if weight_block_bytes is None else {"weight_block_bytes": weight_block_bytes}
         # the spec's programs and files, written into tmp
-        res = run(prepared, optimizer, batch_size, tmp, **blocks)
+        res = run(prepared, optimizer, step_batch, tmp, **blocks, **eval_batch)
         extra = {**(res.get("extra") or {}), **({"lowering": blocks} if blocks else {})}
         write_bundle(tmp, prepared, spec, optimizer, batch_size, extra or None, signer=signer,
                      more_programs=res.get("programs"), more_files=res.get("files", ()),
-                     lowering=lowering(target, weight_block_bytes))
+                     lowering=lowering(target, weight_block_bytes), micro_batch=step_batch)
         _replaceable(out)  # still only a bundle (nothing was added while exporting)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".old", dir=out.parent))

@@ -21,12 +21,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: int, extra: dict | None = None,
-                 signer=None, more_programs: dict[str, str] | None = None, more_files=(), lowering=None) -> Path:
+                 signer=None, more_programs: dict[str, str] | None = None, more_files=(), lowering=None,
+                 micro_batch: int | None = None) -> Path:
     """Complete a bundle for the target `spec` in `out`, whose programs and required files (the
     spec's names) are already written; `extra`: target-specific manifest fields. The manifest is
     written last, atomically, so a half-written bundle never looks valid; with `signer` (an
     Ed25519 private key) its signature, `manifest.sig`, is written just before it. `lowering`: how
-    the programs run the step (its weight blocks count in the analytic memory)."""
+    the programs run the step (its weight blocks count in the analytic memory). `micro_batch`: the
+    samples the train_step program takes, when fewer than batch_size (recorded as `input.micro_batch`)."""
     import edgetl
 
     params = prepared.initial_params()
@@ -36,7 +38,8 @@ def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: i
     arrays = {**{t: params[t] for t in prepared.trainable}, **{k: state[k] for k in state_names}}
     keys = {name: name for name in arrays}  # the state file's tensors are named as the manifest names them
     (out / state_file.FILE).write_bytes(state_file.encode({n: v.detach().cpu().numpy() for n, v in arrays.items()}))
-    mem = prepared.memory(batch_size, optimizer, lowering)
+    micro = micro_batch if micro_batch is not None and micro_batch != batch_size else None
+    mem = prepared.memory(micro or batch_size, optimizer, lowering)
     # `more_programs` / `more_files`: optional ones beyond the spec's (e.g. LoRA's merged inference program)
     programs = {**spec.program_files(), **(more_programs or {})}
     rels = list(programs.values()) + [state_file.FILE, *spec.files, *more_files]
@@ -52,6 +55,7 @@ def write_bundle(out: Path, prepared, spec: TargetSpec, optimizer, batch_size: i
             "dtype": "float32",
             "layout": "NCHW" if len(prepared.graph.input_shape) == 3 else "NCL",
             "batch_size": batch_size,
+            **({"micro_batch": micro} if micro else {}),
             "preprocess": {"range": [0.0, 1.0], "mean": list(prepared.mean), "std": list(prepared.std)},
         },
         "num_classes": prepared.num_classes,

@@ -103,3 +103,53 @@ def skip_identity_retraces(counts: dict | None = None):
             ExportPass.call = base_call
         else:
             del ExportPass.call
+
+
+_DECOMPOSED = "edgetl_decomposed"
+
+
+def _functional(gm: torch.fx.GraphModule) -> bool:
+    """Whether `gm` calls only ATen operators that mutate nothing (no in-place or out= op, no
+    higher-order op such as a grad-mode region): functionalizing it, `run_decompositions({})`,
+    rebuilds the same graph."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module" or (n.op == "call_function" and not (
+                isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.is_mutable)):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def skip_identity_decompositions(counts: dict | None = None):
+    """While active, `ExportedProgram.run_decompositions(table)` returns the program itself when
+    it uses no op of `table` and either has been decomposed once already or is functional and
+    `table` is empty: such a call only re-traces the whole graph into the same ops.
+    `to_edge_transform_and_lower` decomposes each program three times (functionalize; the table
+    without the ops a partitioner keeps; the default table after the kept ops it can take are set
+    aside): the step is functional already, and the last finds nothing to do unless a kept op was
+    refused (e.g. a linear whose weight is trainable). `counts`
+    (if given) gets how many decompositions ran and how many were skipped. Not thread-safe."""
+    from executorch.exir.graph_module import contains_any_call_fn_target_op
+    from torch.export import ExportedProgram
+
+    base = ExportedProgram.run_decompositions
+    tally = counts if counts is not None else {}
+    tally.setdefault("decomposed", 0)
+    tally.setdefault("decompositions_skipped", 0)
+
+    def run_decompositions(self, decomp_table=None, decompose_custom_triton_ops=False):
+        done = self.graph_module.meta.get(_DECOMPOSED) or (decomp_table == {} and _functional(self.graph_module))
+        if (decomp_table is not None and not decompose_custom_triton_ops and done
+                and not contains_any_call_fn_target_op(self.graph_module, decomp_table)):
+            tally["decompositions_skipped"] += 1
+            return self
+        ep = base(self, decomp_table, decompose_custom_triton_ops)
+        ep.graph_module.meta[_DECOMPOSED] = True
+        tally["decomposed"] += 1
+        return ep
+
+    ExportedProgram.run_decompositions = run_decompositions
+    try:
+        yield tally
+    finally:
+        ExportedProgram.run_decompositions = base

@@ -16,8 +16,15 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   *constant* biases into its packed weights; in ExecuTorch's joint-graph flow that silently
   freezes them). Measured: with the bias inside the conv XNNPACK also trains correctly here
   (the bias is an input, not a constant), but the separate add is faster.
-* `g * mask.float()` in the masked backward is rewritten to `where(mask, g, 0)` (exact): the
-  bool→float cast is a slow generic kernel in ExecuTorch and its float copy costs planned memory.
+* `g * mask.float()` in the masked backward is rewritten to `where(mask, g, 0)` (exact), and each
+  interval mask lo < v < hi so applied to `g · mask` (`masks_as_int8`, exact): ExecuTorch's kernels
+  for bool tensors (comparisons, `where`, bool casts) take a slow generic path, so the 0/1 mask is
+  made by float ops XNNPACK runs, kept as int8 (1 byte, as the bool) and multiplied in XNNPACK.
+* The memory plan is the smaller of ExecuTorch's greedy one and a best-fit one (`et_memory_plan`).
+* TF-same (asymmetric) conv pads live in the conv (symmetric padding, zero kernel taps) and a strided
+  conv's input gradient is one ConvTranspose over the zero-row-shifted gradient, not cropped (exact;
+  `Lowering.pads_in_kernel`, `shifted_strided_input_grad`): the pad and the crop each held a 112x112
+  value twice in XNNPACK's shared workspace (Lite0 224 b8: 74.8 MiB; see BENCHMARKS.md, task U).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -31,6 +38,7 @@ program, dequantized where they are used (small file, ~50x slower step).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import heapq
 import warnings
@@ -45,7 +53,10 @@ from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
 
-from .et_retrace import skip_identity_retraces
+from .et_fast import lazy_recompiles, materialize_cia_ops_once, shared_provenance
+from .et_memory_plan import memory_planning_pass
+from .et_retrace import skip_identity_decompositions, skip_identity_retraces
+from .et_workspace import delegate_inner_bytes
 from .lora import LORA_FILE, merged_model, write_lora_file
 
 INFERENCE_FILE = "inference.pte"
@@ -53,8 +64,12 @@ INFERENCE_FILE = "inference.pte"
 
 # What ExecuTorch needs from the step, with XNNPACK and without: it runs the step as written (no
 # schedule pins); with XNNPACK, a trainable bias of a frozen-weight linear is a separate add, so the
-# delegated op has no bias to bake into its packed weights (the conv rule always adds its bias).
-DELEGATED, PORTABLE = Lowering(bias_as_add=True), Lowering()
+# delegated op has no bias to bake into its packed weights (the conv rule always adds its bias),
+# asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace),
+# and a conv with a computed kernel is written as matmuls, which XNNPACK takes with computed operands.
+DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
+                     computed_conv_as_matmul=True)
+PORTABLE = Lowering()
 
 
 def lowering(delegate: bool) -> Lowering:
@@ -135,6 +150,120 @@ def masks_as_where(ep) -> int:
     return n_done
 
 
+_ATEN = torch.ops.aten
+_ASSERT = _ATEN._assert_tensor_metadata.default
+
+
+def _interval(node) -> tuple | None:
+    """(v, lo, hi) when `node` is the bool mask lo < v < hi (a bound None where absent), built by
+    `gt`/`lt` with a scalar and `&`: every mask an activation rule keeps or builds."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    a = node.args
+    if node.target in (_ATEN.gt.Scalar, _ATEN.lt.Scalar) and isinstance(a[0], torch.fx.Node) \
+            and isinstance(a[1], (int, float)) and not isinstance(a[1], bool):
+        return (a[0], float(a[1]), None) if node.target is _ATEN.gt.Scalar else (a[0], None, float(a[1]))
+    if node.target in (_ATEN.__and__.Tensor, _ATEN.bitwise_and.Tensor, _ATEN.logical_and.default):
+        p, q = _interval(a[0]), _interval(a[1])
+        if p and q and p[0] is q[0] and (p[1] is None) != (q[1] is None) and (p[2] is None) != (q[2] is None):
+            return p[0], p[1] if p[1] is not None else q[1], p[2] if p[2] is not None else q[2]
+    return None
+
+
+def _call(g: torch.fx.Graph, like: torch.fx.Node, op, *args, **kwargs) -> torch.fx.Node:
+    """g.call_function(op, args, kwargs) with `like`'s meta and the value it computes (on fake tensors)."""
+    node = g.call_function(op, args, kwargs)
+    node.meta = {k: v for k, v in like.meta.items() if k != "val"}
+    fake = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+    with like.meta["val"].fake_mode:
+        node.meta["val"] = op(*fake, **kwargs)
+    return node
+
+
+def _indicator(g: torch.fx.Graph, like: torch.fx.Node, v, lo, hi) -> torch.fx.Node:
+    """1.0 where lo < v < hi, else 0.0, from float ops XNNPACK runs (subtract, minimum, ceiling,
+    clamp). Exact: a difference of floats has the sign of the exact difference, so
+    t = min(v - lo, hi - v) > 0 iff lo < v < hi, and clamp(ceil(t), 0, 1) is 1 iff t > 0. (XNNPACK
+    flushes denormals to zero, as it does in the activation v it computes itself.)"""
+    parts = []
+    if lo is not None:
+        parts.append(v if lo == 0.0 else _call(g, like, _ATEN.sub.Tensor, v, lo))
+    if hi is not None:
+        parts.append(_call(g, like, _ATEN.rsub.Scalar, v, hi))
+    t = parts[0] if len(parts) == 1 else _call(g, like, _ATEN.minimum.default, *parts)
+    return _call(g, like, _ATEN.clamp.default, _call(g, like, _ATEN.ceil.default, t), 0.0, 1.0)
+
+
+def _unexpanded(g: torch.fx.Node) -> torch.fx.Node:
+    """The tensor `g` broadcasts, where g is only its expanded copy (a mean's gradient): the multiply
+    by the mask broadcasts it instead, so the copy is never made (nor alive beside the float mask)."""
+    src = g
+    if src.target is _ATEN.contiguous.default and len(src.users) == 1:
+        src = src.args[0]
+    if src.target is _ATEN.expand.default and len(src.users) == 1 and isinstance(src.args[0], torch.fx.Node):
+        return src.args[0]
+    return g
+
+
+def _quantized_ops():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    return torch.ops.quantized_decomposed
+
+
+_QD = _quantized_ops()
+# The 0/1 mask as int8 with scale 1 and zero point 0: XNNPACK converts float <-> int8 itself, inside
+# the delegates that make and apply the mask, so the plan holds only the int8 mask between them.
+_INT8_01 = (1.0, 0, -128, 127, torch.int8)
+
+
+def masks_as_int8(ep) -> int:
+    """Rewrite each bool mask lo < v < hi applied as `where(m, g, 0)` (the masked backward of ReLU,
+    ReLU6, clamp, Hardsigmoid; after `masks_as_where`) as `g · mask`, in place. Exact.
+
+    ExecuTorch's kernels for bool tensors take a generic per-element path: at one thread,
+    8x96x64x64, `gt` + `lt` + `&` cost 20 ms and `where(m, g, 0)` 33 ms, against 5 ms for a float
+    multiply (bench/et_step_profile.py: 60% of Lite0's `bias+mask` step). The 0/1 indicator is made
+    by float ops XNNPACK runs and the multiply joins its delegates. A mask kept for the backward
+    is stored as int8 (1 byte, as the bool was), quantized (scale 1) where it is made and
+    dequantized where it is applied, both in XNNPACK (there, 8x96x64x64: make 6 ms, apply 6 ms;
+    ExecuTorch's own casts would hold a float copy of the mask in the plan); one applied right
+    where it is made stays float. Returns the number of masks rewritten."""
+    g, n_done = ep.graph, 0
+    written = list(g.nodes)
+    order = {n: i for i, n in enumerate(written)}
+    for node in written:
+        iv = _interval(node)
+        if iv is None or node.meta.get("val") is None:
+            continue
+        users = [u for u in node.users if u.target is not _ASSERT]
+        if not users or not all(u.target is _ATEN.where.ScalarOther and u.args[0] is node and u.args[2] == 0
+                                and isinstance(u.args[1], torch.fx.Node)
+                                and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32
+                                for u in users):
+            continue
+        v, lo, hi = iv
+        late = len(users) == 1 and all(n.target is _ASSERT for n in written[order[node] + 1 : order[users[0]]])
+        if late:  # applied where it is made: the float indicator, next to its multiply
+            with g.inserting_before(users[0]):
+                mask = _indicator(g, node, v, lo, hi)
+        else:  # kept: int8 from where it is made until each use
+            with g.inserting_before(node.next):
+                mask = _call(g, node, _QD.quantize_per_tensor.default, _indicator(g, node, v, lo, hi), *_INT8_01)
+        for u in users:
+            with g.inserting_before(u):
+                m = mask if late else _call(g, u, _QD.dequantize_per_tensor.default, mask, *_INT8_01)
+                gm = _call(g, u, _ATEN.mul.Tensor, _unexpanded(u.args[1]), m)
+            u.replace_all_uses_with(gm)
+            g.erase_node(u)
+        for a in [u for u in node.users if u.target is _ASSERT]:
+            g.erase_node(a)
+        n_done += 1
+    g.eliminate_dead_code()
+    ep.graph_module.recompile()
+    return n_done
+
+
 # A node's position in the step as written, kept in node.meta["custom"]: the one meta entry that
 # survives decomposition (which rebuilds every node) and ExecuTorch's passes.
 _ORDER = "edgetl_order"
@@ -155,8 +284,12 @@ def _priority(node, done: dict) -> float:
     the earliest position among the nodes it replaced; else right after its latest input."""
     if _written(node) is not None:
         return _written(node)
+    sub = None
     if node.op == "call_function" and getattr(node.target, "__name__", "") == "executorch_call_delegate":
         sub = getattr(node.graph.owning_module, node.args[0].target).original_module.graph
+    elif node.op == "call_module":  # a partition fused, not lowered yet
+        sub = getattr(node.graph.owning_module, node.target).graph
+    if sub is not None:
         orders = [o for o in map(_written, sub.nodes) if o is not None]
         if orders:
             return min(orders)
@@ -206,6 +339,30 @@ def restore_program_order(graph: torch.fx.Graph) -> int:
     return moved
 
 
+@contextlib.contextmanager
+def fused_in_written_order():
+    """While active, ExecuTorch's lowering re-sorts the graph after it fuses each delegate partition in
+    the step's written order (`restore_program_order`) instead of breadth-first. A partition's nodes are
+    fused in the graph's order, which is the order XNNPACK runs them in inside the call and so what its
+    workspace holds at once. Breadth-first, a conv written as one matmul per kernel tap ran every tap's
+    window and product before the first add, all alive together (mnist_cnn `full` b32: a 27.7 MiB
+    workspace; in written order one tap at a time)."""
+    from executorch.exir import lowered_backend_module as lbm
+
+    base = lbm.legalize_graph
+
+    def legalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        restore_program_order(gm.graph)
+        gm.recompile()
+        return gm
+
+    lbm.legalize_graph = legalize
+    try:
+        yield
+    finally:
+        lbm.legalize_graph = base
+
+
 def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
     """Cut each delegate partition where a value it makes is used outside it, so each piece runs
     where the step runs it and its outputs are made when needed.
@@ -223,7 +380,11 @@ def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
     for part in partitions:
         members = set(part.nodes)
         compute = [n for n in members if n.op != "placeholder"]
-        cuts = sorted({index[u] for n in compute for u in n.users if u not in members})
+        cuts = sorted({index[u] for n in compute for u in n.users if u not in members}
+                      # and where a value it reads is made outside it: else independent pieces written
+                      # far apart (each layer's mask) merge into one call that runs after all their inputs
+                      | {index[p] for n in compute for p in n.all_input_nodes
+                         if p not in members and p.op != "placeholder"})
         piece = {n: bisect.bisect_left(cuts, index[n]) for n in compute}
         for n in members - set(compute):
             users = [u for u in n.users if u in piece]
@@ -255,21 +416,27 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.ExitStack() as shortcuts:
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, args, strict=False)
         masks_as_where(ep)
+        if delegate:
+            masks_as_int8(ep)
         number_nodes(ep.graph)
         # ExecuTorch's own exporter warns about experimental APIs; the program is checked by tests.
         cfg = EdgeCompileConfig(_check_ir_validity=False)
         if delegate:
             ep = constant_prop_pass(ep)  # fold flipped/transposed frozen kernels into constants
-            with skip_identity_retraces():
+            shortcuts.enter_context(lazy_recompiles())  # (et_fast.py) the same program, written sooner
+            shortcuts.enter_context(shared_provenance())
+            shortcuts.enter_context(materialize_cia_ops_once())
+            with skip_identity_decompositions(), skip_identity_retraces(), fused_in_written_order():
                 edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=cfg)
         else:
             edge = to_edge(ep, compile_config=cfg)
         restore_program_order(edge.exported_program().graph)
-        return edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+        return edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
+                                                          memory_planning_pass=memory_planning_pass()))
 
 
 def _delegated_ops(et) -> dict:
@@ -308,8 +475,17 @@ def planned_bytes(et) -> int:
     return int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
 
 
+def constant_bytes(et) -> int:
+    """The program's constants for its delegates (the frozen weights as fp32): what XNNPACK packs."""
+    named = getattr(et, "_named_data", None)
+    return int(sum(len(b.to_bytes() if hasattr(b, "to_bytes") else bytes(b)) for b in (named.buffers if named else [])))
+
+
 def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate: bool = True,
-                      weight_block_bytes: int | None = None) -> dict:
+                      weight_block_bytes: int | None = None, eval_batch: int | None = None) -> dict:
+    """The step program at `batch_size` samples (the micro-batch where `optimizer` accumulates: its
+    accumulators are state inputs and outputs like the optimizer's own) and the eval and inference
+    programs at `eval_batch` (default: batch_size)."""
     low = dataclasses.replace(lowering(delegate), weight_block_bytes=weight_block_bytes)
     params = prepared.initial_params()
     state = optimizer.init_state(params)
@@ -330,7 +506,8 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     et_step = _lower(step, (x, y, lr, *flat), delegate)
     train_file, eval_file = EXECUTORCH.program("train_step").file, EXECUTORCH.program("eval").file
     sizes = {train_file: _write(et_step, out / train_file, channels)}  # inputs in the spec's order (bound by position)
-    et_eval = _lower(ev, (x, *flat[:n]), delegate)
+    xe = x if eval_batch is None or eval_batch == batch_size else torch.zeros(eval_batch, *prepared.graph.input_shape)
+    et_eval = _lower(ev, (xe, *flat[:n]), delegate)
     sizes[eval_file] = _write(et_eval, out / eval_file, channels)
 
     info = {
@@ -344,7 +521,10 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
         "planned_bytes_note": "ExecuTorch's memory plan for one step (activations, kept tensors, inputs, "
                               "outputs); XNNPACK's packed weights and scratch are allocated on top",
         "eval_planned_bytes": planned_bytes(et_eval),
-        "static_batch": batch_size,
+        # what the runtime allocates outside the plan (edgetl.runtime.profile's whole-process model)
+        "xnnpack_workspace_bytes": max(delegate_inner_bytes(et_step) + delegate_inner_bytes(et_eval) + [0]),
+        "xnnpack_packed_weights_bytes": constant_bytes(et_step),
+        "static_batch": batch_size if eval_batch is None else eval_batch,
         "train_step_ops": _delegated_ops(et_step),
         "eval_ops": _delegated_ops(et_eval),
     }
@@ -355,7 +535,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
         if delegate:
             weights_as_fp32_constants(mev)
         mp = merged.initial_params()
-        _write(_lower(mev, (x, *(mp[t] for t in merged.trainable)), delegate), out / INFERENCE_FILE, channels)
+        _write(_lower(mev, (xe, *(mp[t] for t in merged.trainable)), delegate), out / INFERENCE_FILE, channels)
         lora = write_lora_file(prepared, out, "inference")
         lora["inputs"] = list(merged.trainable)  # the program's inputs after x, in order (bound by position)
         res |= {"programs": {"inference": INFERENCE_FILE}, "files": [LORA_FILE]}

@@ -17,7 +17,7 @@ from edgetl.runtime.targets import LOGITS, ONNX, X, param_name, state_name
 from edgetl.step import LeanEval, LeanStep
 
 from .lora import LORA_FILE, merged_model, write_lora_file
-from .onnx_passes import fuse_pad_into_conv, rank_match_scalars
+from .onnx_passes import crop_into_conv_transpose, fuse_pad_into_conv, rank_match_scalars
 
 OPSET = 17
 
@@ -33,9 +33,10 @@ class _DequantizeLinear(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero, axis_i=0)
 
 
-# What onnxruntime needs from the step: its own dequantize op, and the data dependencies that pin
-# its scheduler (frozen weights dequantized at their use, masks made in the forward).
-LOWERING = dataclasses.replace(PINNED, dequantize=_DequantizeLinear.apply)
+# What onnxruntime needs from the step: its own dequantize op, depthwise kernels dequantized from
+# constants alone (it folds them to fp32 at load; its fast depthwise kernels need constant weights), and the data dependencies that pin its scheduler (frozen
+# weights dequantized at their use, masks made in the forward).
+LOWERING = dataclasses.replace(PINNED, dequantize=_DequantizeLinear.apply, foldable_depthwise=True)
 
 
 def onnx_names(prepared, optimizer) -> tuple[list[str], list[str]]:
@@ -54,6 +55,7 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
                           do_constant_folding=False, dynamo=False, dynamic_axes=dynamic)
     model = onnx.load_from_string(buf.getvalue())
     fuse_pad_into_conv(model)
+    crop_into_conv_transpose(model)
     rank_match_scalars(model)
     onnx.checker.check_model(model)
     onnx.save(model, path)

@@ -108,6 +108,72 @@ def fuse_pad_into_conv(model: onnx.ModelProto) -> int:
     return len(folded)
 
 
+def crop_into_conv_transpose(model: onnx.ModelProto) -> int:
+    """Fold the spatial crop (Slices with constant starts/ends, steps 1) that alone consumes a
+    ConvTranspose into its pads: ONNX ConvTranspose takes asymmetric pads, torch's conv_transpose2d
+    cannot (the input gradient of a TF-same padded stride-2 conv). Saves the uncropped output and
+    the crop's copies; measured in onnxruntime 1.32, one thread, Lite0's 3x3/s2 depthwise 96ch
+    56->112 at batch 8: 87 -> 46 ms. Returns how many ConvTransposes took a crop."""
+    g = model.graph
+    consts = _Constants(model)
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.value_info, *inferred.output] if v.type.tensor_type.HasField("shape")}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    removed: list[onnx.NodeProto] = []
+    count = 0
+    for ct in g.node:
+        if ct.op_type != "ConvTranspose" or any(a.name in ("output_shape", "auto_pad") for a in ct.attribute):
+            continue
+        shape = shapes.get(ct.output[0])
+        if shape is None or len(shape) != 4 or None in shape[2:]:
+            continue
+        crop = {2: [0, shape[2]], 3: [0, shape[3]]}  # per spatial axis: [start, end] in the full output
+        chain, out = [], ct.output[0]
+        while out not in outputs and len(users.get(out, [])) == 1 and users[out][0].op_type == "Slice":
+            sl = users[out][0]
+            if sl.input[0] != out:
+                break
+            vals = [consts.get(i) if i else None for i in sl.input[1:]]
+            if any(i and v is None for i, v in zip(sl.input[1:], vals)) or len(vals) < 3 or vals[2] is None:
+                break
+            starts, ends, axes = (v.reshape(-1).tolist() for v in vals[:3])
+            steps = vals[3].reshape(-1).tolist() if len(vals) > 3 and vals[3] is not None else [1] * len(axes)
+            axes = [a + 4 if a < 0 else a for a in axes]
+            ok = all(a in crop and st == 1 for a, st in zip(axes, steps))
+            for a, b, e in zip(axes, starts, ends):
+                n_ = crop[a][1] - crop[a][0]
+                ok = ok and 0 <= b <= n_ and b < min(e, n_)
+            if not ok:
+                break
+            for a, b, e in zip(axes, starts, ends):
+                crop[a] = [crop[a][0] + b, crop[a][0] + min(e, crop[a][1] - crop[a][0])]
+            chain.append(sl)
+            out = sl.output[0]
+        if not chain:
+            continue
+        attr = next((a for a in ct.attribute if a.name == "pads"), None)
+        old = list(attr.ints) if attr is not None else [0, 0, 0, 0]
+        new = [old[0] + crop[2][0], old[1] + crop[3][0],
+               old[2] + shape[2] - crop[2][1], old[3] + shape[3] - crop[3][1]]
+        if attr is None:
+            ct.attribute.append(onnx.helper.make_attribute("pads", new))
+        else:
+            del attr.ints[:]
+            attr.ints.extend(new)
+        ct.output[0] = out
+        removed.extend(chain)
+        count += 1
+    for n in removed:
+        g.node.remove(n)
+    _drop_dead(model)
+    return count
+
+
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div"}
 
 

@@ -159,6 +159,12 @@ def validate_manifest(m: dict) -> None:
           f"got {_short(shape)}")
     _need(_is_int(inp.get("batch_size")) and 1 <= inp["batch_size"] <= 1 << 20,
           f"'input.batch_size' must be a positive integer, got {_short(inp.get('batch_size'))}")
+    if "micro_batch" in inp:  # the train_step program's samples per call; it accumulates batch_size / micro_batch calls
+        mb = inp["micro_batch"]
+        _need(_is_int(mb) and 1 <= mb and inp["batch_size"] % mb == 0,
+              f"'input.micro_batch' must be a positive integer dividing input.batch_size, got {_short(mb)}")
+        _need(spec.micro_batches, f"a {spec.name} bundle cannot take micro-batches (input.micro_batch): its "
+              f"train program takes whole batches")
     pre = inp.get("preprocess")
     _need(isinstance(pre, dict), "'input.preprocess' must be an object")
     for k in ("mean", "std"):
@@ -216,6 +222,11 @@ class Bundle:
     @property
     def batch_size(self) -> int:
         return int(self.manifest["input"]["batch_size"])
+
+    @property
+    def micro_batch(self) -> int:
+        """The samples one call of the train_step program takes (batch_size unless it accumulates micro-batches)."""
+        return int(self.manifest["input"].get("micro_batch", self.batch_size))
 
     @property
     def input_shape(self) -> tuple[int, ...]:

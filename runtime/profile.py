@@ -15,6 +15,12 @@ returning every freed block to the system (MALLOC_MMAP_THRESHOLD_=65536), so RSS
 set; that setting slows allocation-heavy runtimes 2.5-3.5x, so step time is measured in a run with
 the default allocator (this process, or a child without the setting if this one has it). The JSON
 names the run each figure came from (`memory_run`, `time_run`).
+
+Step time is reported twice: `step_ms_*` is wall time, `step_cpu_ms_*` the process's CPU time over the
+step (every thread's; on a machine shared with other work, wall time counts the waits for a core).
+Load-time memory: `load_peak_bytes` is the process's peak before the measured steps (imports, loading,
+warm-up), `whole_peak_bytes` its peak over its whole life, `whole_above_libraries_bytes` that peak above
+the level once the runtime's libraries were loaded and before any program.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import status_kb, threads_from_env
 from .errors import InputError
 
 DEVICES_FILE = Path(__file__).with_name("devices.json")
@@ -35,14 +42,6 @@ DEVICES_FILE = Path(__file__).with_name("devices.json")
 
 def devices() -> dict[str, dict]:
     return {k: v for k, v in json.loads(DEVICES_FILE.read_text()).items() if not k.startswith("_")}
-
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
 
 
 def reset_peak() -> bool:
@@ -80,26 +79,65 @@ class Profile:
     ram_bytes: int | None = None  # 'program' devices: what must be in RAM (the weights stay in flash)
     flash_bytes: int | None = None  # 'program' devices: the program files as stored (weights included)
     flash_budget_bytes: int | None = None
+    # ExecuTorch: the process peak above its level once the runtime's libraries were loaded (before
+    # any program), and the model of it (see analytic_process_bytes)
+    process_above_libraries_bytes: int | None = None
+    analytic_process_bytes: int | None = None
     memory_run: dict | None = None  # which process and allocator each figure came from
     time_run: dict | None = None
+    step_cpu_ms_median: float | None = None  # the process's CPU time over each step (all threads)
+    step_cpu_ms_min: float | None = None
+    step_cpu_ms_max: float | None = None
+    load_peak_bytes: int | None = None  # process peak before the measured steps: imports, loading, warm-up
+    whole_peak_bytes: int | None = None  # process peak over its whole life
+    whole_above_libraries_bytes: int | None = None  # whole_peak_bytes above the level before any program
+    threads: int | None = None  # $EDGETL_THREADS where set (None: the runtime's default)
+    versions: dict | None = None  # the runtime packages that ran the step
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def measure_steps(step, steps: int) -> tuple[int, list[float], int]:
-    """Run `step()` `steps` times: (peak RSS above the pre-step level, step times in ms, process
-    peak RSS), all from /proc (Linux)."""
+@dataclass
+class Steps:
+    above: int  # peak RSS while the steps ran, above the level just before them
+    wall_ms: list[float]
+    cpu_ms: list[float]  # the process's CPU time (every thread) over each step
+    hwm: int  # process peak from the first measured step on
+    load_hwm: int  # process peak before the measured steps (imports, loading, warm-up)
+
+
+def measure_steps(step, steps: int) -> Steps:
+    """Run `step()` `steps` times, measuring memory and time from /proc and the clocks (Linux)."""
+    load_hwm = status_kb("VmHWM") * 1024
     before = status_kb("VmRSS") * 1024
     if not reset_peak():
         raise OSError("cannot reset the peak-RSS counter (/proc/self/clear_refs); Linux only")
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         step()
-        times.append(1000 * (time.perf_counter() - t0))
+        wall.append(1000 * (time.perf_counter() - t0))
+        cpu.append(1000 * (time.process_time() - c0))
     hwm = status_kb("VmHWM") * 1024
-    return max(hwm - before, 0), times, hwm
+    return Steps(max(hwm - before, 0), wall, cpu, hwm, load_hwm)
+
+
+def versions() -> dict[str, str]:
+    """The versions of the runtime packages this process imported (numpy always)."""
+    from importlib import metadata
+
+    out = {}
+    # the ExecuTorch backend runs the executorch wheel's libraries without importing its Python package
+    et_backend = any(m.endswith("runtime.backends.executorch") for m in sys.modules)
+    for mod in ("numpy", "onnxruntime", "executorch", "torch", "peft"):
+        if mod in sys.modules or (mod == "executorch" and et_backend):
+            v = getattr(sys.modules.get(mod), "__version__", None)
+            try:
+                out[mod] = v or metadata.version(mod)
+            except metadata.PackageNotFoundError:
+                out[mod] = "unknown"
+    return out
 
 
 def analytic_step_bytes(manifest: dict, planned: int | None) -> int:
@@ -107,7 +145,10 @@ def analytic_step_bytes(manifest: dict, planned: int | None) -> int:
 
     A runtime with a planned arena (ExecuTorch): that plan, which its exporter computed from the
     step's program (every tensor the program creates outside XNNPACK's delegates, at the offsets
-    the planner gave them). What the runtime allocates outside it is resident before the measured
+    the planner gave them), plus the host's copy of the step's outputs (the backend copies them out
+    of the arena, which the next call reuses, while the old parameters and state are still held:
+    the new parameters, optimizer state, logits and loss; `full` on mnist_cnn: 3.1 MB beside a
+    12-14 MB plan). What the runtime allocates outside it is resident before the measured
     step and so in neither figure: XNNPACK's packed weights (load) and its workspace for values
     inside a delegate call (the first step; see BENCHMARKS.md, the ExecuTorch whole-process
     breakdown). Otherwise: edgetl's lean-step model (the live set over the step's schedule) less
@@ -115,11 +156,33 @@ def analytic_step_bytes(manifest: dict, planned: int | None) -> int:
     mem = manifest["analytic_memory"]
     plan = manifest.get("executorch", {}).get("planned_bytes")
     if planned is not None and plan is not None:
-        return int(plan)
+        return int(plan) + host_output_bytes(manifest)
     resident = mem["frozen_weights_bytes"] + mem["trainable_params_bytes"] + mem["optimizer_state_bytes"]
     if planned is None:  # the batch is the caller's array, resident before the step (a planned arena copies it in)
         resident += mem["input_bytes"]
     return int(mem["analytic_peak_bytes"] - resident)
+
+
+def host_output_bytes(manifest: dict) -> int:
+    """The bytes of a train step's outputs as the host receives them: the new trainable parameters and
+    optimizer state, the logits (batch x classes, fp32) and the loss."""
+    mem = manifest["analytic_memory"]
+    logits = 4 * int(mem["batch_size"]) * int(manifest["num_classes"])
+    return int(mem["trainable_params_bytes"] + mem["optimizer_state_bytes"] + logits + 4)
+
+
+def analytic_process_bytes(manifest: dict) -> int | None:
+    """ExecuTorch's whole process above its libraries, modelled from the manifest: the step's plan,
+    what XNNPACK allocates outside it (its packed copy of the frozen weights, its workspace sized
+    for the delegate call with the most inner values; both recorded by the exporter), the
+    parameters, the optimizer state and the caller's batch. Not modelled: XNNPACK's per-operator
+    buffers (indirection buffers), the program bytes ExecuTorch still holds, the allocator's slack."""
+    et = manifest.get("executorch", {})
+    if "xnnpack_workspace_bytes" not in et:
+        return None
+    mem = manifest["analytic_memory"]
+    return int(et["planned_bytes"] + et["xnnpack_workspace_bytes"] + et["xnnpack_packed_weights_bytes"]
+               + mem["trainable_params_bytes"] + mem["optimizer_state_bytes"] + mem["input_bytes"])
 
 
 def check_profilable(trainer, steps: int, warmup: int) -> None:
@@ -146,10 +209,12 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     x, y = trainer._xy(x, y)
     for _ in range(warmup):
         trainer._train_step(x, y, lr, check=False)
-    above, times, hwm = measure_steps(lambda: trainer._train_step(x, y, lr, check=False), steps)
+    m = measure_steps(lambda: trainer._train_step(x, y, lr, check=False), steps)
+    above, times, hwm = m.above, m.wall_ms, m.hwm
     trainer.set_state(state)  # profiling leaves the trainer as it was
     trainer.step = step
     planned = trainer.backend.planned_bytes()
+    before = getattr(trainer.backend, "rss_before_programs", None)
     measured = above + (planned or 0)
     mem = b.manifest["analytic_memory"]
     step_bytes = analytic_step_bytes(b.manifest, planned)
@@ -160,6 +225,13 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
         analytic_peak_bytes=int(mem["analytic_peak_bytes"]), analytic_step_bytes=int(step_bytes),
         measured_peak_bytes=int(measured), measured_vs_analytic=measured / max(step_bytes, 1),
         planned_bytes=planned, process_peak_bytes=int(hwm),
+        process_above_libraries_bytes=None if before is None else int(hwm - before),
+        analytic_process_bytes=analytic_process_bytes(b.manifest),
+        step_cpu_ms_median=float(np.median(m.cpu_ms)), step_cpu_ms_min=float(np.min(m.cpu_ms)),
+        step_cpu_ms_max=float(np.max(m.cpu_ms)), load_peak_bytes=int(m.load_hwm),
+        whole_peak_bytes=int(max(m.load_hwm, hwm)),
+        whole_above_libraries_bytes=None if before is None else int(max(m.load_hwm, hwm) - before),
+        threads=threads_from_env(), versions=versions(),
         breakdown={k: mem[k] for k in ("frozen_weights_bytes", "trainable_params_bytes", "gradients_bytes",
                                        "optimizer_state_bytes", "kept_activations_bytes", "input_bytes",
                                        "transient_peak_bytes")},
@@ -318,8 +390,10 @@ def run_part(part: str, prefix: list[str], args: list[str], env: dict) -> dict:
 
 
 MEMORY_FIELDS = ("analytic_peak_bytes", "analytic_step_bytes", "measured_peak_bytes", "measured_vs_analytic",
-                 "planned_bytes", "process_peak_bytes", "breakdown", "memory_run")
-TIME_FIELDS = ("step_ms_median", "step_ms_min", "step_ms_max", "time_run")
+                 "planned_bytes", "process_peak_bytes", "process_above_libraries_bytes", "analytic_process_bytes",
+                 "breakdown", "memory_run", "load_peak_bytes", "whole_peak_bytes", "whole_above_libraries_bytes")
+TIME_FIELDS = ("step_ms_median", "step_ms_min", "step_ms_max", "step_cpu_ms_median", "step_cpu_ms_min",
+               "step_cpu_ms_max", "time_run")
 
 
 def with_memory_from(p: Profile, memory: dict) -> Profile:
@@ -338,6 +412,7 @@ def label_run(p: Profile, part: str | None, process: str) -> Profile:
         p.time_run = here
     if here["allocator"] != "default" and part != "memory":
         p.step_ms_median = p.step_ms_min = p.step_ms_max = None
+        p.step_cpu_ms_median = p.step_cpu_ms_min = p.step_cpu_ms_max = None
         p.time_run = {**here, "note": f"no step time: this run has {here['allocator']}, which slows allocation; "
                                       "step time comes only from a run with the default allocator"}
     return p

@@ -98,12 +98,20 @@ def _tensors(manifest: dict, spec: TargetSpec, params: list[str], state: list[st
     return tensors
 
 
+def _static_batch(p: ProgramSpec, manifest: dict) -> int | None:
+    """The batch dimension of a static-batch program: the train step's is the micro-batch, if any."""
+    if not p.static_batch:
+        return None
+    inp = manifest["input"]
+    return inp.get("micro_batch", inp["batch_size"]) if p.role == "train_step" else inp["batch_size"]
+
+
 def _check_onnx(p: ProgramSpec, s: OnnxSummary, manifest: dict, params: list[str], state: list[str],
                 tensors: dict[str, tuple]) -> None:
     """An ONNX program against its spec: every input by name (shape and element type), no input
     the manifest does not name (unless ORT binds it itself), and the outputs in order: `loss`
     by position (ORT names it itself), the others by name and shape."""
-    batch = manifest["input"]["batch_size"] if p.static_batch else None
+    batch = _static_batch(p, manifest)
     inputs = {v.name: v for v in s.inputs}
     names = p.input_names(params, state)
     for name in names:
@@ -160,7 +168,7 @@ def check_positional_programs(manifest: dict, found: dict[str, tuple[list[tuple]
     tensors = _tensors(manifest, spec, params, state)
     for p in spec.programs:
         inputs, num_outputs, outputs = found[p.role]
-        batch = manifest["input"]["batch_size"] if p.static_batch else None
+        batch = _static_batch(p, manifest)
         names = p.input_names(params, state)
         if len(inputs) != len(names):
             raise BundleError(f"the '{p.role}' program has {len(inputs)} inputs; the manifest's {len(params)} "

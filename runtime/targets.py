@@ -100,6 +100,9 @@ class TargetSpec:
     files: tuple[str, ...] = ()  # required files beside the programs and the state file
     optimizer_state: str = STATE_IN_PROGRAM
     sgd_momentum: bool = True  # whether its runtime's SGD has momentum
+    # whether its train_step may take micro-batches (`input.micro_batch`: fewer samples than the batch,
+    # gradients accumulated in the optimizer state); the exporters and `edgetl plan` read it
+    micro_batches: bool = False
 
     @property
     def roles(self) -> tuple[str, ...]:

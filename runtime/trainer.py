@@ -281,12 +281,21 @@ class Trainer:
             raise BundleError(f"the {self.bundle.target} runtime failed to run the bundle's '{program}' program "
                               f"(does the manifest match its programs?): {msg}") from e
 
+    def _micro_steps(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        """One optimizer step on a full batch: one call of the train_step program, or one per
+        micro-batch where it accumulates (it updates on the last); the batch's mean loss and logits."""
+        m = self.bundle.micro_batch
+        if m == len(x):
+            return self.backend.train_step(x, y, lr)
+        parts = [self.backend.train_step(x[i : i + m], y[i : i + m], lr) for i in range(0, len(x), m)]
+        return float(np.mean([loss for loss, _ in parts])), np.concatenate([lg for _, lg in parts])
+
     def _train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None,
                     check: bool = True) -> tuple[float, float]:
         lr = self.lr_at(self.step) if lr is None else lr
         if not check:
             t0 = time.perf_counter()
-            loss, _ = self._run("train_step", self.backend.train_step, x, y, lr)
+            loss, _ = self._run("train_step", self._micro_steps, x, y, lr)
             self.step += 1
             return loss, 1000 * (time.perf_counter() - t0)
         if self._guard is None:  # kept across train_step calls; fit and set_state start a new one
@@ -294,7 +303,7 @@ class Trainer:
         guard = self._guard
         before = self.backend.get_state()
         t0 = time.perf_counter()
-        loss, _ = self._run("train_step", self.backend.train_step, x, y, lr, restore=before)
+        loss, _ = self._run("train_step", self._micro_steps, x, y, lr, restore=before)
         ms = 1000 * (time.perf_counter() - t0)
         why = guard.bad_loss(loss)
         if why and guard.previous is not None:

@@ -4,6 +4,7 @@ Two small bundles (mnist_cnn 28×28, batch 8) are exported once per module: bias
 and side+mask with SGD+momentum. Steps go through the backend's train_step on normalized input,
 as the Trainer does."""
 import json
+import os
 import subprocess
 import sys
 
@@ -149,6 +150,46 @@ def test_native_runner_reports_planned_memory(bundles):
     assert t.backend.train.planned_bytes == t.bundle.manifest["executorch"]["planned_bytes"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_edgetl_threads_sizes_the_executorch_pool(bundles, threads):
+    """EDGETL_THREADS sets ExecuTorch's thread pool (XNNPACK's delegates and the optimized kernels):
+    at 1 the step runs on the calling thread alone, so no pool thread spins on another core and a
+    step's CPU time is one thread's work; at 2 the pool has one worker thread. Counted in a fresh
+    process: the pool size the runtime reports and the threads the process gains while stepping."""
+    _, opt, out = bundles["bias+mask"]
+    code = (
+        "import os, json, numpy as np\n"
+        "from edgetl.runtime import Trainer\n"
+        "from edgetl.runtime.backends.executorch import pool_threads\n"
+        "tasks = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = tasks()\n"
+        f"t = Trainer.load({str(out)!r})\n"
+        "g = np.random.default_rng(0)\n"
+        f"x = g.standard_normal(({B}, 1, 28, 28)).astype(np.float32); y = g.integers(0, 10, {B})\n"
+        f"for _ in range(2): t.backend.train_step(x, y, {opt.lr})\n"
+        "print(json.dumps({'pool': pool_threads(), 'gained': tasks() - before}))\n"
+    )
+    env = {**os.environ, "EDGETL_THREADS": str(threads)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == {"pool": threads, "gained": threads - 1}
+
+
+def test_the_pool_is_not_resized_under_a_loaded_program(bundles):
+    """A resize replaces ExecuTorch's pool, which the loaded program's XNNPACK runtimes still use:
+    refused with a clear error while one is loaded; the size it has stays."""
+    from edgetl.runtime import EdgeRuntimeError
+    from edgetl.runtime.backends.executorch import pool_threads
+
+    t = Trainer.load(bundles["side+mask"][2])
+    n = pool_threads()
+    with pytest.raises(EdgeRuntimeError, match="cannot change"):
+        pool_threads(n + 1)
+    assert pool_threads() == pool_threads(n) == n
+    del t
+
+
 def test_checkpoint_roundtrip_keeps_zero_dim_state(bundles, tmp_path):
     """AdamW's `step` is 0-d: it must stay 0-d through get_state/set_state and a checkpoint."""
     _, opt, out = bundles["bias+mask"]
@@ -259,3 +300,37 @@ def test_a_corrupted_int8_weight_is_refused(bundles):
     data[at] = (data[at] + 1) % 256
     with pytest.raises(EdgeRuntimeError, match="sha256"):
         NativeMethod(bytes(data))
+
+
+def test_masks_as_int8_are_exact_at_their_bounds():
+    """ExecuTorch's masks are made by float ops XNNPACK runs, kept int8 and applied by a multiply
+    (`masks_as_int8`: its bool kernels were 60% of Lite0's step). Equal to torch's `where` bit for
+    bit at and around the bounds (0, -0, 6, the floats next to them, the smallest normal floats),
+    for a mask kept across other work (int8) and one applied where it is made (float), and no bool
+    op is left. (XNNPACK flushes denormals to zero, here as in the activations it computes itself.)"""
+    import torch.nn.functional as F
+
+    from edgetl.exporters import executorch as ex
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    class Masked(torch.nn.Module):
+        def forward(self, x, g):
+            y = F.relu6(x)
+            kept = (y > 0) & (y < 6)
+            h = F.relu6(g * 2.0)  # other work between the mask and its use: the mask is kept
+            return torch.where(kept, h, 0.0), torch.where((x > -3) & (x < 3), g, 0.0), torch.where(x > 0, g, 0.0)
+
+    edge = [0.0, -0.0, 6.0, 3.0, -3.0, 1.2e-38, -1.2e-38, 1e-37, float(np.nextafter(np.float32(6), 0)),
+            float(np.nextafter(np.float32(6), 7)), float(np.nextafter(np.float32(3), 0)),
+            float(np.nextafter(np.float32(-3), 0)), float(np.nextafter(np.float32(-3), -4)), 1e30, -1e30]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32) * 4 + 2
+    x.reshape(-1)[: len(edge)] = edge
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    args = (torch.from_numpy(x), torch.from_numpy(g))
+    et = ex._lower(Masked(), args, delegate=True)
+    kinds = ex._delegated_ops(et)["portable_op_kinds"]
+    assert not {"aten::where", "aten::gt", "aten::lt", "aten::bitwise_and"} & set(kinds), kinds
+    got = NativeMethod(et.buffer)([x, g])
+    for a, b in zip(got, Masked()(*args)):  # (a masked-out element may be -0.0 where torch has 0.0)
+        assert np.array_equal(a, b.numpy())

@@ -1,5 +1,7 @@
-"""The `executorch` export skips XNNPACK's identity re-traces (exporters/et_retrace.py) and still
-writes the same programs, byte for byte, as ExecuTorch's own lowering."""
+"""The `executorch` export skips XNNPACK's identity re-traces and ExecuTorch's identity
+decompositions (exporters/et_retrace.py), recompiles graph modules lazily and shares node
+provenance (exporters/et_fast.py), and still writes the same programs, byte for byte, as
+ExecuTorch's own lowering."""
 import contextlib
 
 import pytest
@@ -41,11 +43,17 @@ def _programs(root, counts=None) -> dict:
 @pytest.mark.slow
 def test_skipping_identity_retraces_writes_the_same_programs(tmp_path, monkeypatch):
     counts: dict = {}
-    real = et.skip_identity_retraces
-    monkeypatch.setattr(et, "skip_identity_retraces", lambda: real(counts))
+    retraces, decompositions = et.skip_identity_retraces, et.skip_identity_decompositions
+    monkeypatch.setattr(et, "skip_identity_retraces", lambda: retraces(counts))
+    monkeypatch.setattr(et, "skip_identity_decompositions", lambda: decompositions(counts))
     fast = _programs(tmp_path / "fast")
     assert counts["skipped"] > counts["retraced"] > 0, counts
+    assert counts["decompositions_skipped"] >= 2 and counts["decomposed"] > 0, counts  # >= one per program
     monkeypatch.setattr(et, "skip_identity_retraces", lambda: contextlib.nullcontext())
+    monkeypatch.setattr(et, "skip_identity_decompositions", lambda: contextlib.nullcontext())
+    monkeypatch.setattr(et, "lazy_recompiles", lambda: contextlib.nullcontext())
+    monkeypatch.setattr(et, "shared_provenance", lambda: contextlib.nullcontext())
+    monkeypatch.setattr(et, "materialize_cia_ops_once", lambda: contextlib.nullcontext())
     slow = _programs(tmp_path / "slow")
     assert fast.keys() == slow.keys() == {"train_step.pte", "eval.pte"}
     assert fast == slow

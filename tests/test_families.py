@@ -10,6 +10,7 @@ import edgetl
 from edgetl.optim import OptimizerConfig
 from families import FAMILIES
 from families._common import prepare_model, random_batch
+from families.efficientnet import efficientnet_b0_stage_like
 from helpers import lean_vs_reference
 
 RECIPES = ["bias+mask", "side", "full", "bias+last2"]
@@ -88,15 +89,35 @@ def test_family_exports_for_onnx_and_steps_on_the_runtime(tmp_path, name):
     _runtime_matches_torch(tmp_path, name, "bias+mask", "onnx")
 
 
-# ExecuTorch lowering takes minutes on CI's cores, so two families stand for the rest: smooth activations
-# with q8 keeps and SE gates, and 1-D. (Padded/ceil-mode pooling runs as one ExecuTorch program in
-# test_rules_cnn.py, channel plumbing in test_shape_rules.py; resnet18 bias+mask, shufflenet_v2 side and
-# squeezenet full passed here too when this was written.)
-EXECUTORCH = {"efficientnet_b0": "bias+mask+q8", "kws1d": "bias+last2"}
+# ExecuTorch lowering takes minutes on CI's cores, so two models stand for the families: the stem and two
+# stages of the EfficientNet-B0-like model (smooth activations with q8 keeps, SE gates, a 5×5 residual stage;
+# the whole model takes 1.5× the CPU time and passed here too), and the 1-D family. (Padded/ceil-mode
+# pooling runs as one ExecuTorch program in test_rules_cnn.py, channel plumbing in test_shape_rules.py;
+# every family's cells are in bench/results/families.json.)
+def _tf_same_cnn() -> torch.nn.Module:
+    """EfficientNet-Lite's TF-same stride-2 convs (timm's Conv2dSame: pad right/bottom, then conv), an
+    even and an odd size: ExecuTorch's lowering puts the pads in the conv and shifts the input gradient."""
+    from torch import nn
+
+    from families._common import build
+    from families._timm_layers import Conv2dSame
+
+    def make():
+        return nn.Sequential(Conv2dSame(3, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 16, 1),
+                             nn.BatchNorm2d(16), nn.ReLU6(), Conv2dSame(16, 16, 3, 2, groups=16), nn.BatchNorm2d(16),
+                             nn.ReLU6(), Conv2dSame(16, 16, 5, 2, groups=16), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(16, 5))
+    return build(make, (3, 24, 24))
+
+
+EXECUTORCH = {"efficientnet_b0_stage": ("bias+mask+q8", efficientnet_b0_stage_like), "kws1d": ("bias+last2", None),
+              "tf_same": ("bias+mask", _tf_same_cnn)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXECUTORCH))
 def test_family_exports_for_executorch_and_steps_on_the_runtime(tmp_path, name):
     pytest.importorskip("executorch")
-    _runtime_matches_torch(tmp_path, name, EXECUTORCH[name], "executorch")
+    recipe, make = EXECUTORCH[name]
+    prepare = (lambda _, r: prepare_model({name: make}, name, r)) if make else None
+    _runtime_matches_torch(tmp_path, name, recipe, "executorch", prepare)

@@ -81,3 +81,17 @@ def test_keygen_never_overwrites(capsys, tmp_path):
     for name in ("../outside", "sub/key", ""):  # the keys go into --out, nowhere else
         _error(capsys, ["keygen", "--out", str(tmp_path / "keys"), "--name", name], "plain file name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edgetl-signing.key", "edgetl-signing.pub", "file"]
+
+
+@pytest.mark.parametrize("micro", ["3", "0"])
+def test_export_micro_batch_not_dividing_the_batch(capsys, tmp_path, micro):
+    _error(capsys, ["export", "mnist_cnn", *PLAN[1:], "--target", "onnx", "--batch-size", "8",
+                    "--micro-batch", micro, "--out", str(tmp_path / "b")], "--micro-batch", "divisor of --batch-size 8")
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_micro_batch_for_a_target_keeping_its_own_optimizer_state(capsys, tmp_path):
+    _error(capsys, ["export", "mnist_cnn", *PLAN[1:], "--target", "ort-training", "--batch-size", "8",
+                    "--micro-batch", "2", "--out", str(tmp_path / "b")], "onnx and executorch targets",
+           "ort-training target's step takes whole batches")
+    assert not (tmp_path / "b").exists()

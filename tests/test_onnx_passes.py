@@ -1,13 +1,17 @@
-"""The onnx exporter's graph rewrites: TF-same (asymmetric) padding runs as the Conv's own pads, no Pad copy;
+"""The onnx exporter's graph rewrites: TF-same (asymmetric) padding runs as the Conv's own pads, no Pad copy,
+and the input gradient's crop as the ConvTranspose's pads, no Slice copies; depthwise kernels int8 in the bundle,
+fp32 constants once the runtime has loaded them;
 scalars broadcast at the other operand's rank (onnxruntime's slow path for (O, I, 1, 1) weights)."""
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
 import edgetl
 from edgetl.exporters import export
 from edgetl.runtime import Trainer
+from edgetl.runtime.backends.onnx import session_options
 
 
 def _tf_same_net() -> nn.Module:
@@ -26,6 +30,26 @@ def _tf_same_pointwise_net() -> nn.Module:
     net.insert(8, nn.Conv2d(16, 12, 1))  # a pointwise weight (O, I, 1, 1) for the optimizer's scalars
     net[-1] = nn.Linear(12, 10)
     return net
+
+
+def _depthwise_kernels(g) -> set[int]:
+    """The element types of the constants the grouped (depthwise) convs of graph `g` take their kernel
+    from: an initializer, or a DequantizeLinear of constants only (initializers, Constant nodes). Any
+    group count: onnxruntime's NCHWc layout pads the 8 channels to its block (16 with AVX-512)."""
+    consts = {i.name: i.data_type for i in g.initializer}
+    made = {n.output[0]: n for n in g.node}
+    consts |= {o: n.attribute[0].t.data_type for o, n in made.items() if n.op_type == "Constant"}
+    out = set()
+    for n in g.node:
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute):
+            w = n.input[1]
+            if w in consts:
+                out.add(consts[w])
+            elif made[w].op_type == "DequantizeLinear" and all(i in consts for i in made[w].input if i):
+                out.add(consts[made[w].input[0]])
+            else:
+                out.add(-1)  # computed from data
+    return out
 
 
 def _steps_match_torch(pm, opt, bundle) -> None:
@@ -71,5 +95,18 @@ def test_asymmetric_pads_fold_into_conv_and_the_step_still_matches_torch(tmp_pat
         assert not [n.name for n in g.node if n.op_type == "Pad"], program
         pads = [list(a.ints) for n in g.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
         assert [0, 0, 1, 1] in pads and [1, 1, 2, 2] in pads, (program, pads)
+        # the depthwise kernel is int8 in the file, dequantized from constants only (nothing made from data
+        # pins it), and the runtime's session folds it to an fp32 constant (onnxruntime's NCHWc kernels)
+        assert _depthwise_kernels(g) == {onnx.TensorProto.INT8}, program
+        opts = session_options()
+        opts.optimized_model_filepath = str(tmp_path / f"{program}.opt.onnx")
+        ort.InferenceSession(str(bundle / f"{program}.onnx"), opts)
+        assert _depthwise_kernels(onnx.load(opts.optimized_model_filepath).graph) == {onnx.TensorProto.FLOAT}
+    # the stride-2 convs' input gradients: each one ConvTranspose with the TF-same crop as its pads
+    g = onnx.load(bundle / "train_step.onnx").graph
+    users = {i: n.op_type for n in g.node for i in n.input}
+    cts = [n for n in g.node if n.op_type == "ConvTranspose"]
+    assert sorted(list(a.ints) for n in cts for a in n.attribute if a.name == "pads") == [[0, 0, 1, 1], [1, 1, 2, 2]]
+    assert all(users[n.output[0]] != "Slice" for n in cts)
 
     _steps_match_torch(pm, opt, bundle)

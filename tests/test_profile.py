@@ -66,6 +66,11 @@ def test_memory_and_time_come_from_separate_runs(bundle):
         assert out["memory_run"] == {"process": "child", "allocator": "MALLOC_MMAP_THRESHOLD_=65536"}
         assert out["time_run"]["allocator"] == "default" and out["step_ms_median"] > 0
         assert out["time_run"]["process"] == ("child" if env else "this")
+        assert 0 < out["step_cpu_ms_min"] <= out["step_cpu_ms_median"] <= out["step_cpu_ms_max"]
+        # load-time memory: the whole life's peak, above the runtime's libraries, includes the step's
+        assert out["whole_peak_bytes"] >= max(out["load_peak_bytes"], out["process_peak_bytes"])
+        assert out["measured_peak_bytes"] <= out["whole_above_libraries_bytes"] < out["whole_peak_bytes"]
+        assert "onnxruntime" in out["versions"] and "torch" not in out["versions"]
 
 
 def test_a_run_with_the_memory_setting_reports_no_step_time(bundle):
@@ -74,6 +79,7 @@ def test_a_run_with_the_memory_setting_reports_no_step_time(bundle):
                        capture_output=True, text=True, timeout=300, env=env)
     out = json.loads(r.stdout)
     assert out["step_ms_median"] is None and "no step time" in out["time_run"]["note"]
+    assert out["step_cpu_ms_median"] is None
 
 
 def test_microcontroller_ram_and_flash_apart(bundle):

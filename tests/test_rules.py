@@ -18,6 +18,13 @@ def _bn(c):
     return bn
 
 
+def _saturating_conv():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(8)  # many outputs past ReLU6's bounds: windows whose maximum is clamped
+    return conv
+
+
 class Net(nn.Module):
     def __init__(self, body: nn.Module, feat: int):
         super().__init__()
@@ -73,6 +80,7 @@ BODIES = {
     "residual_and_affine": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), Residual(4)), 4),
     "maxpool_ties": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)), 4),
     "maxpool_odd": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2)), 4),
+    "relu6_maxpool_saturated": (lambda: nn.Sequential(_saturating_conv(), nn.ReLU6(), nn.MaxPool2d(2)), 4),
     "avgpool": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardswish(), nn.AvgPool2d(2)), 4),
     "squeeze_excite": (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.Hardswish(), SqueezeExcite(8)), 8),
     "concat": (lambda: Branches(3), 8),
@@ -103,6 +111,15 @@ def test_maxpool_ties_route_gradient_to_first_maximum():
     y, kept = rule.forward([x], {}, Need((True,), frozenset()))
     (gx,), _ = rule.backward(torch.ones_like(y), kept, {}, Need((True,), frozenset()))
     assert gx.sum() == 1 and gx[0, 0, 0, 0] == 1
+
+
+def test_activation_before_a_max_pool_runs_after_it_at_the_pooled_size():
+    """ReLU6 -> max pool is traced as max pool -> ReLU6 (they commute; gradients checked above), so its
+    mask and its backward are at the pooled size, a quarter of the conv output."""
+    pm = edgetl.prepare(Net(BODIES["relu6_maxpool_saturated"][0](), 4), "bias+mask", num_classes=4, input_size=8)
+    assert [n.rule.kind for n in pm.graph.nodes][:3] == ["conv2d", "maxpool", "relu6"]
+    (mask,) = [k for k in pm.memory(2).kept if k.layer.startswith("relu6")]
+    assert mask.shape == [2, 4, 4, 4] and mask.dtype == "bool"
 
 
 def test_masks_are_bool_and_smaller_than_float():

@@ -308,3 +308,22 @@ def test_unsupported_torch_layer_is_placed_in_the_users_source_not_in_torch():
                        num_classes=2, input_size=8)
     assert e.value.where == "" and "site-packages" not in str(e.value) and "Hardshrink '1'" in str(e.value)
     assert "(from aten.hardshrink.default)" in str(e.value)  # the decomposed op is named by what the user wrote
+
+
+@pytest.mark.parametrize("rule", [R.activation.ReLU(), R.activation.ReLU6(), R.activation.Hardswish(),
+                                  R.activation.Hardsigmoid(), R.activation.LeakyReLU(0.1),
+                                  R.activation.Clamp(-1.0, 2.0)], ids=lambda r: r.kind)
+def test_float_keep_has_a_local_derivative_equal_to_its_backward(rule):
+    """Every float-keeping activation names its local derivative (what the analytic replay of
+    onnxruntime's schedule computes early, before the gradient it multiplies) and the backward from
+    it equals the backward from the kept input and autograd's."""
+    x = torch.linspace(-7, 7, 2 * 3 * 29).reshape(2, 3, 29).requires_grad_()
+    y = rule.compute([x], {})
+    g = torch.randn_like(y)
+    need = R.Need((True,), frozenset())
+    kept = rule.keep([x.detach()], y.detach(), {}, need)
+    d = rule.local_derivative(kept, torch.float32)
+    assert d is not None
+    (expected,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(rule.backward(g, d, {}, need)[0][0], rule.backward(g, kept, {}, need)[0][0])
+    assert torch.allclose(rule.backward(g, d, {}, need)[0][0], expected, atol=1e-6)

@@ -12,10 +12,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from edgetl import rules as R
 from edgetl.errors import RecipeError
 from edgetl.graph import LeanGraph, Node
+from edgetl.lowering import Lowering
 from edgetl.optim import OptimizerConfig
 from edgetl.prepared import PreparedModel
 from edgetl.recipes import PrepareContext, parse_recipe
@@ -263,6 +265,16 @@ def test_conv2d_with_unequal_height_and_width(case):
     k = args[0] if isinstance(args[0], tuple) else (args[0], args[0])
     x, wt, b = _x((2, 4, 11, 6)), _x((4, 4 // groups, *k), 1) * 0.3, _x((4,), 2)
     _conv_parity(R.Conv2d(*args), x, wt, b, lambda x, w, b: F.conv2d(x, w, b, **kw))
+
+
+@pytest.mark.parametrize("pads,k,s,groups", [((0, 1, 0, 1), 3, 2, 4), ((1, 2, 1, 2), 5, 2, 1), ((0, 2, 1, 1), 3, 3, 1),
+                                              ((2, 0, 0, 1), 3, 2, 1)])
+def test_conv2d_asymmetric_padding(pads, k, s, groups):
+    """TF-same padding and others (unequal pads before and after): gradients match autograd's."""
+    t, b_, l, r = pads
+    x, wt, b = _x((2, 4, 11, 6)), _x((4, 4 // groups, k, k), 1) * 0.3, _x((4,), 2)
+    _conv_parity(R.Conv2d(k, s, pads, 1, groups), x, wt, b,
+                 lambda x, w, b: F.conv2d(F.pad(x, (l, r, t, b_)), w, b, stride=s, groups=groups))
 
 
 def _conv_parity(rule, x, wt, b, ref):
@@ -525,6 +537,7 @@ CONV_WEIGHT_GRADS = {  # name: (rule args, Cin, Cout, (H, W)) -- the weight grad
     "tf_same_s2": ((5, 2, (1, 2, 1, 2)), 3, 6, (10, 10)),  # [conv] asymmetric pads, folded into the Conv
     "crop_s3": ((3, 3, 0), 4, 4, (11, 10)),  # [conv] rows no tap reads: a negative pad crops them
     "depthwise_k5s1p2": ((5, 1, 2, 1, 4), 4, 4, (9, 7)),  # [conv]
+    "depthwise_k3s1p1": ((3, 1, 1, 1, 4), 4, 4, (8, 7)),  # [conv]
     "depthwise_s2": ((3, 2, 1, 1, 4), 4, 4, (10, 9)),  # [conv]
     "depthwise_multiplier": ((3, 2, 1, 1, 3), 3, 6, (9, 9)),  # [conv]
     "grouped_rect": (((3, 2), (2, 1), (1, 0), 1, 2), 4, 6, (9, 7)),  # [conv]
@@ -544,33 +557,254 @@ def _autograd_weight_grad(rule, x, wt, g):
     return w.grad
 
 
+class _WeightGrad(torch.nn.Module):
+    """(x, g) -> the rule's weight gradient, as the lean step computes it."""
+
+    def __init__(self, rule, wt):
+        super().__init__()
+        self.rule, self.wt = rule, wt
+
+    def forward(self, x, g):
+        return self.rule.backward(g, {"x": x}, {"weight": self.wt}, Need((False,), frozenset({"weight"})))[1]["weight"]
+
+
+def _weight_grad_case(case):
+    """(rule bound to x, weight, bias, x, g, autograd's weight gradient) of one CONV_WEIGHT_GRADS case."""
+    args, cin, cout, hw = CONV_WEIGHT_GRADS[case]
+    rule = R.Conv2d(*args)
+    x, wt, b = _x((3, cin, *hw)), _x((cout, cin // rule.groups, *rule.kernel), 1) * 0.3, _x((cout,), 2)
+    rule = bind(rule, x, {"weight": wt, "bias": b})
+    g = torch.randn(rule.compute([x], {"weight": wt}).shape, generator=torch.Generator().manual_seed(4))
+    return rule, wt, b, x, g, _autograd_weight_grad(rule, x, wt, g)
+
+
 @pytest.mark.parametrize("case", list(CONV_WEIGHT_GRADS))
 def test_conv_weight_gradient_matches_autograd_in_torch_and_onnxruntime(case):
     import onnx
 
     from exporters.onnx_passes import fuse_pad_into_conv
 
-    args, cin, cout, hw = CONV_WEIGHT_GRADS[case]
-    rule = R.Conv2d(*args)
-    x, wt, b = _x((3, cin, *hw)), _x((cout, cin // rule.groups, *rule.kernel), 1) * 0.3, _x((cout,), 2)
-    rule = bind(rule, x, {"weight": wt, "bias": b})
-    g = torch.randn(rule.compute([x], {"weight": wt}).shape, generator=torch.Generator().manual_seed(4))
-    ref = _autograd_weight_grad(rule, x, wt, g)
+    rule, wt, b, x, g, ref = _weight_grad_case(case)
     _, _, gp, _ = lean_grads(rule, x, g, {"weight": wt, "bias": b}, frozenset({"weight"}))
     assert gp["weight"].shape == wt.shape and rel_err(gp["weight"], ref) < 1e-5
-
-    class WeightGrad(torch.nn.Module):
-        def forward(self, x, g):
-            return rule.backward(g, {"x": x}, {"weight": wt}, Need((False,), frozenset({"weight"})))[1]["weight"]
 
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(WeightGrad(), (x, g), buf, input_names=["x", "g"], output_names=["dw"], opset_version=17,
-                          do_constant_folding=False, dynamo=False)
+        torch.onnx.export(_WeightGrad(rule, wt), (x, g), buf, input_names=["x", "g"], output_names=["dw"],
+                          opset_version=17, do_constant_folding=False, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     fuse_pad_into_conv(model)  # as the onnx exporter does
-    assert ("Pad" in {n.op_type for n in model.graph.node}) == (case == "crop_s3")  # zero pads live in the Conv
+    assert "Pad" not in {n.op_type for n in model.graph.node}  # zero pads live in the Conv, crops are slices
     sess = ort.InferenceSession(model.SerializeToString())
     (dw,) = sess.run(None, {"x": x.numpy(), "g": g.numpy()})
     assert rel_err(torch.from_numpy(dw), ref) < 1e-5
+
+
+# --- conv input gradients with asymmetric pads: the crop lives in the ConvTranspose's pads ---------
+
+CONV_ASYMMETRIC_INPUT_GRADS = {  # name: (rule args, Cin, Cout, (H, W))
+    "tf_same_k3s2_depthwise": ((3, 2, (0, 1, 0, 1), 1, 4), 4, 4, (10, 10)),
+    "tf_same_k5s2_depthwise_odd": ((5, 2, (1, 2, 1, 2), 1, 4), 4, 4, (11, 9)),  # an output padding as well
+    "rect_grouped": (((3, 5), 2, (1, 0, 2, 1), 1, 2), 4, 6, (9, 8)),  # unequal crops per axis
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_ASYMMETRIC_INPUT_GRADS))
+def test_conv_input_gradient_with_asymmetric_pads_is_one_convtranspose_in_onnxruntime(case):
+    import onnx
+
+    from exporters.onnx_passes import crop_into_conv_transpose
+
+    args, cin, cout, hw = CONV_ASYMMETRIC_INPUT_GRADS[case]
+    rule = R.Conv2d(*args)
+    x, wt = _x((2, cin, *hw)), _x((cout, cin // rule.groups, *rule.kernel), 1) * 0.3
+    rule = bind(rule, x, {"weight": wt})
+    g = torch.randn(rule.compute([x], {"weight": wt}).shape, generator=torch.Generator().manual_seed(4))
+    t, b, l, r = rule.pads
+    xr = x.clone().requires_grad_(True)
+    F.conv2d(F.pad(xr, (l, r, t, b)), wt, None, rule.stride, 0, rule.dilation, rule.groups).backward(g)
+
+    class InputGrad(torch.nn.Module):
+        def forward(self, g):
+            return rule.backward(g, {}, {"weight": wt}, Need((True,), frozenset()))[0][0]
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(InputGrad(), (g,), buf, input_names=["g"], output_names=["gx"], opset_version=17,
+                          do_constant_folding=False, dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    assert crop_into_conv_transpose(model) == 1  # as the onnx exporter does
+    assert [n.op_type for n in model.graph.node if n.op_type in ("ConvTranspose", "Slice")] == ["ConvTranspose"]
+    (gx,) = ort.InferenceSession(model.SerializeToString()).run(None, {"g": g.numpy()})
+    assert rel_err(torch.from_numpy(gx), xr.grad) < 1e-5
+
+
+def test_conv_weight_gradient_that_crops_runs_in_executorch(tmp_path):
+    """A stride that leaves the last rows unread (SqueezeNet's 3x3/s2 stem on 32x32) crops them before
+    the swapped-batch conv: a negative pad there made ExecuTorch's pad kernel fail the `full` step."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    rule, wt, _, x, g, ref = _weight_grad_case("crop_s3")
+    path = tmp_path / "dw.pte"
+    path.write_bytes(_lower(_WeightGrad(rule, wt).eval(), (x, g), delegate=False).buffer)
+    (dw,) = NativeMethod(path)([x.numpy(), g.numpy()])
+    assert rel_err(torch.from_numpy(dw), ref) < 1e-5
+
+
+# --- asymmetric pads as ExecuTorch's lowering asks: no pad op, no crop ------------------------------
+
+class _ExecuTorchLowered(dict):
+    """A node's tensors carrying the lowering options ExecuTorch's XNNPACK needs for asymmetric pads."""
+    lowering = Lowering(pads_in_kernel=True, shifted_strided_input_grad=True)
+
+    def trainable(self, role: str) -> bool:
+        return False
+
+
+# name: (rule args, Cin, Cout, (H, W)): kernels, strides, dilations, pads before < or > after, an even and an odd size
+PADS_AS_ET = CONV_ASYMMETRIC_INPUT_GRADS | {
+    f"k{k}s{s}d{d}p{''.join(map(str, pads))}_{h}x{w}": ((k, s, pads, d, 2), 2, 4, (h, w))
+    for k in (1, 3, 4, 5) for s in (1, 2, 3) for d in (1, 2)
+    for pads in ((0, 1, 0, 1), (1, 2, 0, 0), (2, 0, 1, 3), (0, 3, 2, 1)) for h, w in ((10, 13),)}
+
+
+@pytest.mark.parametrize("case", list(PADS_AS_ET))
+def test_conv_with_asymmetric_pads_lowered_for_executorch_matches_autograd(case):
+    """ExecuTorch's lowering: an asymmetrically padded conv as a symmetric one with zero kernel taps
+    (`pads_in_kernel`), its input gradient as one ConvTranspose over the gradient shifted by zero rows
+    (`shifted_strided_input_grad`) where their limits allow; both exact against autograd."""
+    args, cin, cout, hw = PADS_AS_ET[case]
+    rule = R.Conv2d(*args)
+    x, wt = _x((2, cin, *hw)), _x((cout, cin // rule.groups, *rule.kernel), 1) * 0.3
+    t, b, l, r = rule.pads
+    rule = bind(rule, x, {"weight": wt})
+    xr = x.clone().requires_grad_(True)
+    yr = F.conv2d(F.pad(xr, (l, r, t, b)), wt, None, rule.stride, 0, rule.dilation, rule.groups)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    w = _ExecuTorchLowered(weight=wt)
+    assert rel_err(rule.compute([x], w), yr) < 1e-5
+    gx = rule.backward(g, {}, w, Need((True,), frozenset()))[0][0]
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_ASYMMETRIC_INPUT_GRADS if c.startswith("tf_same")])
+def test_tf_same_conv_lowered_for_executorch_has_no_pad_and_no_crop(case):
+    """TF-same pads (before <= after): the forward is one conv (no pad: run NCHW beside the conv's
+    channels-last copy, it sized XNNPACK's workspace) and the input gradient one ConvTranspose over the
+    zero-row-shifted gradient (no crop: its copy beside the larger result did too); BENCHMARKS.md, task U.
+    (rect_grouped, 1 before and 0 after, would need an output padding of 2, not below the stride: it
+    keeps its crop.)"""
+    args, cin, cout, hw = CONV_ASYMMETRIC_INPUT_GRADS[case]
+    rule = R.Conv2d(*args)
+    x, wt = _x((2, cin, *hw)), _x((cout, cin // rule.groups, *rule.kernel), 1) * 0.3
+    rule = bind(rule, x, {"weight": wt})
+    w = _ExecuTorchLowered(weight=wt)
+    g = torch.randn(rule.compute([x], w).shape, generator=torch.Generator().manual_seed(4))
+
+    class ForwardBackward(torch.nn.Module):
+        def forward(self, x, g):
+            return rule.compute([x], w), rule.backward(g, {}, w, Need((True,), frozenset()))[0][0]
+
+    nodes = [n for n in torch.export.export(ForwardBackward(), (x, g), strict=False).graph.nodes
+             if n.op == "call_function"]
+    ops = [str(n.target) for n in nodes]
+    assert sum("conv" in o for o in ops) == 2 and not any("slice" in o for o in ops), ops
+    # pads left: of the kernel (a constant, folded at export) and of the small gradient, never of x
+    assert not any("pad" in str(n.target) and n.args[0].name == "x" for n in nodes), ops
+
+
+# --- convs with a computed kernel as per-tap matmuls (ExecuTorch `full`: Lowering.computed_conv_as_matmul) --
+
+class _Trained(dict):
+    """A conv's tensors with a trainable weight, under the ExecuTorch (XNNPACK) lowering."""
+
+    def __init__(self, w):
+        from edgetl.exporters.executorch import DELEGATED
+
+        super().__init__(w)
+        self.lowering = DELEGATED
+
+    def trainable(self, role):
+        return role in self
+
+
+class _ComputedKernelConv(torch.nn.Module):
+    """(x, weight, g) per case -> the rule's output, input gradient (stride 1 only: a stride-2 one
+    stays a transposed conv) and weight gradient, the weight a computed (program input) tensor."""
+
+    def __init__(self, rules):
+        super().__init__()
+        self.rules = rules
+
+    def forward(self, *xwg):
+        out = []
+        for i, rule in enumerate(self.rules):
+            x, wt, g = xwg[3 * i : 3 * i + 3]
+            w = _Trained({"weight": wt})
+            gx_too = rule.stride == (1, 1)
+            (gx,), grads = rule.backward(g, {"x": x}, w, Need((gx_too,), frozenset({"weight"})))
+            out += [rule.compute([x], w), grads["weight"]] + ([gx] if gx_too else [])
+        return tuple(out)
+
+
+def _computed_kernel_case(case):
+    rule, wt, _, x, g, dw = _weight_grad_case(case)
+    xr, wr = x.clone().requires_grad_(True), wt.clone().requires_grad_(True)
+    t, b, l, r = rule.pads
+    y = F.conv2d(F.pad(xr, (l, r, t, b)), wr, None, rule.stride, 0, rule.dilation, rule.groups)
+    y.backward(g)
+    return rule, (x, wt, g), [y.detach(), dw] + ([xr.grad] if rule.stride == (1, 1) else [])
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", list(CONV_WEIGHT_GRADS))
+def test_computed_kernel_conv_as_matmuls_matches_autograd(case):
+    rule, args, want = _computed_kernel_case(case)
+    with _AtenOps() as seen:
+        got = _ComputedKernelConv([rule])(*args)
+    for g, ref in zip(got, want):
+        assert g.shape == ref.shape and rel_err(g, ref) < 1e-5
+    # dense and depthwise convs run no convolution but a stride-2 one's input gradient (not computed here)
+    as_matmul = rule.groups == 1 or rule.groups == rule.in_chw[0] == rule.out_chw[0]
+    assert (torch.ops.aten.convolution in seen.ops) != as_matmul, seen.ops
+
+
+@pytest.mark.slow
+def test_computed_kernel_convs_leave_no_portable_convolution_in_executorch(tmp_path):
+    """The `full` step's convs (forward, stride-1 input gradient, weight gradient) with a trainable kernel
+    are matmuls XNNPACK delegates: ExecuTorch's portable convolution kernel ran them ~50x slower than
+    torch (mnist_cnn `full`: 95% of the step). A stride-2 input gradient is left out (a transposed conv)."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    cases = ["dense_3x3s1p1", "dense_3x3s2p1_even", "depthwise_k3s1p1", "depthwise_s2", "pointwise"]
+    built = [_computed_kernel_case(c) for c in cases]
+    module = _ComputedKernelConv([b[0] for b in built]).eval()
+    args = tuple(a for b in built for a in b[1])
+    et = _lower(module, args, delegate=True)
+    ops = _delegated_ops(et)
+    assert "aten::convolution" not in ops["portable_op_kinds"], ops
+    path = tmp_path / "convs.pte"
+    path.write_bytes(et.buffer)
+    got = NativeMethod(path)([a.numpy() for a in args])
+    want = [t for b in built for t in b[2]]
+    assert len(got) == len(want)
+    for case, g, w in zip([c for c, b in zip(cases, built) for _ in b[2]], got, want):
+        assert rel_err(torch.from_numpy(g), w) < 1e-5, case

@@ -217,7 +217,7 @@ def target_rows() -> list[str]:
     for t in TARGETS.values():
         files = _cells(t.files) if t.files else "—"
         rows.append(f"| `{t.name}` | {t.program_format} | {_cells(t.roles)} | {files} | by {t.bind} | "
-                    f"{t.optimizer_state} |")
+                    f"{t.optimizer_state} | {'yes' if t.micro_batches else 'no'} |")
     return rows
 
 

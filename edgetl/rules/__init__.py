@@ -7,7 +7,8 @@ from .linear import Linear
 from .pool import AdaptiveAvgPool, AvgPool, AvgPool2d, GlobalAvgPool, MaxPool, MaxPool2d, GlobalMaxPool, Upsample
 from .shape import Expand, Mean, Permute, Reshape, Select, Slice
 from .smooth import ELU, SMOOTH, Mish, SiLU, Sigmoid, Softplus, Tanh
-from .structural import Add, Affine, Concat, ConstOp, Flatten, Identity, Mul, Pad, Sub
+from .structural import Add, Affine, Concat, ConstOp, Div, Flatten, Identity, Mul, Pad, Sub
+from .power import Pow, Rsqrt, Sqrt
 from .attention import Attention, MatMul, Softmax
 from .norm import GroupNorm, LayerNorm
 from .param import ParamAdd, ParamConcat, ParamMul, ParamTableAdd, ParamTableMul  # after structural: its builders wrap structural's
@@ -22,4 +23,5 @@ __all__ = [
     "Attention", "GELU", "GroupNorm", "LadderGate", "LayerNorm", "MatMul", "ParamAdd", "ParamConcat", "ParamMul",
     "ParamTableAdd", "ParamTableMul", "Softmax",
     "Clamp", "ELU", "GlobalMaxPool", "LeakyReLU", "Mish", "PReLU", "Softplus", "Upsample",
+    "Div", "Pow", "Rsqrt", "Sqrt",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lowering import pins
+from ..lowering import pins, replaying
 from .base import Rule
 
 
@@ -19,6 +19,7 @@ def _late_float(m, g):
 
 class _Activation(Rule):
     mask = False  # set by the `mask` recipe modifier
+    drops_kept = True  # the replay of onnxruntime's schedule: the mask dies inside the backward (`Program`)
 
     def keep(self, xs, y, w, need):
         if not need.inputs[0]:
@@ -29,9 +30,28 @@ class _Activation(Rule):
         if "m" in kept:
             # onnxruntime (pinned schedule): the mask made float late; runtimes that run the step as
             # written get the bool mask itself, applied by `where` (no float copy of it)
-            m = _late_float(kept["m"], g) if pins(w) else kept["m"]
+            if pins(w) and replaying(w):
+                # onnxruntime frees the bool mask once its float copy exists (its last read), before the
+                # product: the replay drops it here (`drops_kept`; traced, MobileNetV2 224 b8 `bias+mask`:
+                # the gradient, the float mask and the product at the peak, 116.7 MB, not the bool mask too)
+                m = _late_float(kept.pop("m"), g)
+            else:
+                m = _late_float(kept["m"], g) if pins(w) else kept["m"]
             return [self._mask_backward(g, m)], {}
+        if "d" in kept:
+            return [g * kept["d"]], {}
         return [self._float_backward(g, kept)], {}
+
+    def local_derivative(self, kept, dtype):
+        if "m" in kept or self._float_local is None:
+            return None  # a mask's float copy is pinned to the gradient (`_late_float`)
+        return {"d": self._float_local(kept).to(dtype)}
+
+    _float_local = None  # the kept float tensors -> the dy/dx (bool or float) its float backward multiplies g by
+
+    def _float_backward(self, g, kept):
+        """g times dy/dx from the kept float tensors (rules without a `_float_local` override this)."""
+        return g * self._float_local(kept).to(g.dtype)
 
     def _mask_backward(self, g, m):
         """g where the mask holds, else 0; m is the bool mask or its float copy."""
@@ -56,8 +76,8 @@ class ReLU(_Activation):
     def _float_keep(self, x, y):
         return {"y": y}
 
-    def _float_backward(self, g, kept):
-        return g * (kept["y"] > 0).to(g.dtype)
+    def _float_local(self, kept):
+        return kept["y"] > 0
 
 
 class ReLU6(_Activation):
@@ -72,9 +92,9 @@ class ReLU6(_Activation):
     def _float_keep(self, x, y):
         return {"y": y}
 
-    def _float_backward(self, g, kept):
+    def _float_local(self, kept):
         y = kept["y"]
-        return g * ((y > 0) & (y < 6)).to(g.dtype)
+        return (y > 0) & (y < 6)
 
 
 class Hardsigmoid(_Activation):
@@ -90,9 +110,9 @@ class Hardsigmoid(_Activation):
     def _float_keep(self, x, y):
         return {"x": x}
 
-    def _float_backward(self, g, kept):
+    def _float_local(self, kept):
         x = kept["x"]
-        return g * ((x > -3) & (x < 3)).to(g.dtype) * self.mask_scale
+        return ((x > -3) & (x < 3)).to(x.dtype) * self.mask_scale
 
 
 class _HardswishSignGrad(torch.autograd.Function):
@@ -132,10 +152,9 @@ class Hardswish(_Activation):
     def _float_keep(self, x, y):
         return {"x": x}
 
-    def _float_backward(self, g, kept):
+    def _float_local(self, kept):
         x = kept["x"]
-        mid = ((x > -3) & (x <= 3)).to(g.dtype)
-        return g * (x / 3 + 0.5) * mid + g * (x > 3).to(g.dtype)
+        return (x / 3 + 0.5) * ((x > -3) & (x <= 3)).to(x.dtype) + (x > 3).to(x.dtype)
 
 
 class Clamp(_Activation):
@@ -163,8 +182,8 @@ class Clamp(_Activation):
     def _float_keep(self, x, y):
         return {"x": x}
 
-    def _float_backward(self, g, kept):
-        return g * self._mask(kept["x"], None).to(g.dtype)
+    def _float_local(self, kept):
+        return self._mask(kept["x"], None)
 
     def describe(self) -> str:
         return f"clamp[{self.lo}, {self.hi}]{' (1-bit mask)' if self.mask else ''}"
@@ -188,8 +207,8 @@ class LeakyReLU(_Activation):
     def _float_keep(self, x, y):
         return {"x": x}
 
-    def _float_backward(self, g, kept):
-        return self._mask_backward(g, (kept["x"] > 0).to(g.dtype))
+    def _float_local(self, kept):
+        return (kept["x"] > 0).to(kept["x"].dtype) * (1.0 - self.slope) + self.slope  # 1 where x > 0, else the slope
 
     def _mask_backward(self, g, m):
         if m.dtype == torch.bool:

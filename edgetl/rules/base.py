@@ -31,6 +31,7 @@ class Rule:
     kind = "rule"
     quantizable = False  # its "weight" may be stored int8 when frozen
     approximate = False  # its backward is an approximation of autograd's (documented per rule)
+    mixes_batch = False  # its output for one sample depends on the others (batch statistics): no micro-batches
 
     in_shapes: list[tuple[int, ...]] = []
     out_shape: tuple[int, ...] = ()
@@ -85,6 +86,19 @@ class Rule:
         self, g: Tensor, kept: dict[str, Tensor], w: Mapping[str, Tensor], need: Need
     ) -> tuple[list[Tensor | None], dict[str, Tensor]]:
         raise NotImplementedError
+
+    def reads_nchwc(self, need: Need) -> bool:
+        """Whether onnxruntime's CPU runs this op's export in its NCHWc kernels, on a reordered copy of
+        input 0 (`lowering.runs_nchwc`); the analytic replay of its schedule counts that copy (`Program`)."""
+        return False
+
+    def local_derivative(self, kept: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor] | None:
+        """The part of a pointwise op's backward made from its kept tensors alone (its dy/dx), as
+        the kept tensors that replace them (floats of `dtype`, the gradient's); None where the rule
+        has no such part. onnxruntime's scheduler computes that part before the gradient it
+        multiplies exists (the analytic replay of its schedule does too, `Program.backward`);
+        `backward` uses it when given."""
+        return None
 
     def describe(self) -> str:
         return self.kind

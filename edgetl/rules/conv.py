@@ -1,12 +1,12 @@
 """Conv2d (incl. depthwise and grouped) with BatchNorm folded in."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from ..lowering import EAGER, by_rows, in_blocks, summed_by_rows
+from ..lowering import by_rows, in_blocks, lowering_of, pins, replaying, runs_nchwc, summed_by_rows
 from .base import Need, Rule, Tensor
 
 
@@ -17,7 +17,7 @@ def _pair(v) -> tuple[int, int]:
 def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
     """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw); in two sums (positions,
     then the batch; one constant shape, no Shape ops) where the lowering asks for it."""
-    if getattr(w, "lowering", EAGER).two_step_bias_sum:
+    if lowering_of(w).two_step_bias_sum:
         return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
     return g.sum((0, 2, 3))
 
@@ -51,19 +51,70 @@ class Conv2d(Rule):
             return x, (t, l)
         return F.pad(x, (l, r, t, b)), (0, 0)
 
+    def _kernel_pads(self) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
+        """(symmetric padding, zero taps added to the kernel as F.pad's (left, right, top, bottom)) that
+        compute this asymmetrically padded conv exactly: padded by max(before, after) on both sides, a
+        window starts (max - before) rows early, which as many zero taps first skip (one tap spans the
+        dilation, so the difference must be a multiple of it). None where symmetric or not so."""
+        if self.symmetric:
+            return None
+        t, b, l, r = self.pads
+        (dh, dw) = self.dilation
+        if (t - b) % dh or (l - r) % dw:
+            return None
+        ph, pw = max(t, b), max(l, r)
+        return (ph, pw), ((pw - l) // dw, (pw - r) // dw, (ph - t) // dh, (ph - b) // dh)
+
     def by_rows(self, role):
         return role == "weight" and self.groups == 1
 
     def compute(self, xs, w):
-        x, pad = self._padded(xs[0])
-        if in_blocks(w, "weight"):  # output channels by blocks of the weight's rows
+        kernel_pads = self._kernel_pads() if lowering_of(w).pads_in_kernel and not in_blocks(w, "weight") else None
+        if self._as_matmul(w) and w.trainable("weight"):
+            y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)
+        elif kernel_pads is not None:  # no pad op: the padding lives in the conv and zero kernel taps
+            (pad, extend), x = kernel_pads, xs[0]
+            y = F.conv2d(x, F.pad(w["weight"], extend), None, self.stride, pad, self.dilation, self.groups)
+        elif in_blocks(w, "weight"):  # output channels by blocks of the weight's rows
+            x, pad = self._padded(xs[0])
             y = torch.cat(by_rows(w, "weight", lambda lo, hi, wr: F.conv2d(x, wr, None, self.stride, pad,
                                                                            self.dilation)), 1)
+        elif pins(w) and replaying(w):
+            y = self._as_onnxruntime_runs_it(xs, w)
         else:
+            x, pad = self._padded(xs[0])
             y = F.conv2d(x, w["weight"], None, self.stride, pad, self.dilation, self.groups)
         # The bias as a separate add: onnxruntime's depthwise kernel is several times slower with a
         # fused bias, and XNNPACK would bake a trainable bias into its frozen blob.
         return y + w["bias"].reshape(1, -1, 1, 1) if "bias" in w else y
+
+    def _as_onnxruntime_runs_it(self, xs: list[Tensor], w) -> Tensor:
+        """The bias-free conv as onnxruntime runs the exported one, for the analytic replay (meta tensors).
+        The exporter folds a zero Pad into the Conv (`fuse_pad_into_conv`): no padded copy of the input.
+        The bias is a separate Add: a frozen conv's input dies before it, where this conv is its last user.
+        Malloc-traced on Lite0 224 b8 `side`: the peak is the 96 x 112 x 112 input of a stride-2 depthwise
+        conv and its NCHWc copy (73.5 MB; `reads_nchwc`), or the expand conv's output and its bias sum, its
+        16-channel input already freed; the replay had modelled a padded copy beside both (121 MB)."""
+        x = xs[0]
+        t, b, l, r = self.pads
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        h, wd = x.shape[-2:]
+        # from w["weight"], not self.out_chw: reading it is what counts the dequantized kernel while the conv runs
+        shape = (x.shape[0], w["weight"].shape[0],
+                 (h + t + b - dh * (kh - 1) - 1) // sh + 1, (wd + l + r - dw * (kw - 1) - 1) // sw + 1)
+        if w.trainable("weight"):  # the input is kept for the weight's gradient
+            return x.new_empty(shape)
+        xs[0] = None  # a last user drops its input (`Program`, `drops_inputs`): freed once the conv ran
+        y = x.new_empty(shape)
+        del x
+        return y
+
+    drops_inputs = True  # the replay of onnxruntime's schedule: a frozen conv's input dies before its bias Add
+
+    def reads_nchwc(self, need) -> bool:
+        # a depthwise conv whose kernel onnxruntime folds to a constant (frozen): traced, EfficientNet-B0-like
+        return (self.groups > 1 and self.groups == self.in_chw[0] and runs_nchwc(self.groups)
+                and "weight" not in need.params)
 
     def keep(self, xs, y, w, need):
         return {"x": xs[0]} if "weight" in need.params else {}
@@ -73,22 +124,47 @@ class Conv2d(Rule):
         if "bias" in need.params:
             grads["bias"] = bias_grad(g, self.out_chw, w)
         if "weight" in need.params:
-            grads["weight"] = self._weight_grad(kept["x"], g)
+            grads["weight"] = (self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
+                               else self._weight_grad(kept["x"], g))
         gx = None
-        if need.inputs[0]:
+        if need.inputs[0] and self._as_matmul(w) and w.trainable("weight") and self._flipped_pads() is not None:
+            gx = self._taps(g, self._flipped_taps(w["weight"]), self._flipped_pads(), self.in_chw[1:], (1, 1))
+        elif need.inputs[0]:
             cout = self.out_chw[0]  # by row blocks: each block's output channels' share, added
+            shifted = lowering_of(w).shifted_strided_input_grad
             gx = summed_by_rows(w, "weight", lambda lo, hi, wr: self._input_grad(
-                g if hi - lo == cout else g[:, lo:hi].clone(), wr))
+                g if hi - lo == cout else g[:, lo:hi].clone(), wr, shifted))
         return [gx], grads
 
-    def _input_grad(self, g: Tensor, weight: Tensor) -> Tensor:
+    def _flipped_pads(self) -> tuple[int, int, int, int] | None:
+        """The pads of the conv with the flipped, transposed kernel that is this conv's input gradient
+        (exact for stride 1 and symmetric pads of at most the dilated kernel's reach), else None."""
+        (kh, kw), (dh, dw) = self.kernel, self.dilation
+        t, _, l, _ = self.pads
+        if self.stride == (1, 1) and self.symmetric and t <= dh * (kh - 1) and l <= dw * (kw - 1):
+            ph, pw = dh * (kh - 1) - t, dw * (kw - 1) - l
+            return (ph, ph, pw, pw)
+        return None
+
+    def _shift(self, t: int, b: int, extra: int, s: int, d: int) -> tuple[int, int, int] | None:
+        """(zero rows before the gradient, ConvTranspose padding, output padding) that give exactly the
+        input's rows of one spatial dim: padded rows [t, t + size) of the transposed conv, which with z
+        zero rows first is shifted by z*s, then cropped by p = t + z*s from both ends and extended by the
+        output padding at the end; `extra` = the padded extent past what the last tap reads (>= 0).
+        None where ConvTranspose's limits (output padding < max(stride, dilation)) allow no such z."""
+        z = max(0, -(-(b - t - extra) // s))
+        op = extra + t - b + z * s
+        return (z, t + z * s, op) if 0 <= op < max(s, d) else None
+
+    def _input_grad(self, g: Tensor, weight: Tensor, shifted: bool = False) -> Tensor:
         h, wd = self.in_chw[1:]
         (kh, kw), (dh, dw) = self.kernel, self.dilation
         t, b, l, r = self.pads
-        if self.stride == (1, 1) and self.symmetric and t <= dh * (kh - 1) and l <= dw * (kw - 1):
+        flipped = self._flipped_pads()
+        if flipped is not None:
             # Exact: a stride-1 conv's input gradient is a conv with the flipped, transposed kernel.
             # Cheaper than ConvTranspose in onnxruntime, which is slow for depthwise kernels.
-            pad = (dh * (kh - 1) - t, dw * (kw - 1) - l)
+            pad = (flipped[0], flipped[2])
             return F.conv2d(g, self._flip_transpose(weight), None, 1, pad, self.dilation, self.groups)
         ho, wo = self.out_chw[1:]
         sh, sw = self.stride
@@ -98,6 +174,11 @@ class Conv2d(Rule):
             return F.conv_transpose2d(g, weight, None, self.stride, (t, l), (oph, opw), self.groups, self.dilation)
         oph = h + t + b - ((ho - 1) * sh + dh * (kh - 1) + 1)
         opw = wd + l + r - ((wo - 1) * sw + dw * (kw - 1) + 1)
+        rows, cols = self._shift(t, b, oph, sh, dh), self._shift(l, r, opw, sw, dw)
+        if shifted and rows is not None and cols is not None:
+            g = F.pad(g, (cols[0], 0, rows[0], 0)) if rows[0] or cols[0] else g
+            return F.conv_transpose2d(g, weight, None, self.stride, (rows[1], cols[1]), (rows[2], cols[2]),
+                                      self.groups, self.dilation)
         gx = F.conv_transpose2d(g, weight, None, self.stride, 0, (oph, opw), self.groups, self.dilation)
         return gx[:, :, t : t + h, l : l + wd].clone()  # a copy, as in the exported Slice: frees gx
 
@@ -106,6 +187,78 @@ class Conv2d(Rule):
         gr = self.groups
         wt = weight.reshape(gr, cout // gr, cin_g, kh, kw).transpose(1, 2).reshape(gr * cin_g, cout // gr, kh, kw)
         return wt if (kh, kw) == (1, 1) else wt.flip(2, 3)
+
+    # ---- convolutions with a computed kernel as one matmul per kernel tap (Lowering.computed_conv_as_matmul)
+
+    def _depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_chw[0] == self.out_chw[0]
+
+    def _as_matmul(self, w) -> bool:
+        return lowering_of(w).computed_conv_as_matmul and (self.groups == 1 or self._depthwise())
+
+    def _forward_taps(self, weight: Tensor) -> Callable[[int, int], Tensor]:
+        """The kernel of tap (a, b): dense (1, Cin, Cout), depthwise (1, C, 1, 1)."""
+        if self._depthwise():
+            c, kh, kw = weight.shape[0], *self.kernel
+            k = weight.reshape(c, kh, kw).permute(1, 2, 0)
+            return lambda a, b: k[a, b].reshape(1, c, 1, 1)
+        k = weight.permute(2, 3, 1, 0)  # (kh, kw, Cin, Cout)
+        return lambda a, b: k[a, b].unsqueeze(0)
+
+    def _flipped_taps(self, weight: Tensor) -> Callable[[int, int], Tensor]:
+        """The taps of the flipped, transposed kernel (the stride-1 input gradient's): dense (1, Cout, Cin)."""
+        kh, kw = self.kernel
+        if self._depthwise():
+            fwd = self._forward_taps(weight)
+            return lambda a, b: fwd(kh - 1 - a, kw - 1 - b)
+        k = weight.permute(2, 3, 0, 1)  # (kh, kw, Cout, Cin)
+        return lambda a, b: k[kh - 1 - a, kw - 1 - b].unsqueeze(0)
+
+    def _taps(self, x: Tensor, tap: Callable[[int, int], Tensor], pads: tuple[int, int, int, int],
+              out_hw: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+        """conv2d(x, kernel) (NCHW in and out) as the sum over kernel taps of the tap's strided window of
+        the padded input times the tap's kernel: dense, a batched matmul of the channels-last window
+        (1, N*Ho*Wo, Cin) by (1, Cin, Cout); depthwise, a product with the per-channel (1, C, 1, 1)."""
+        n, (ho, wo), (kh, kw) = int(x.shape[0]), out_hw, self.kernel
+        t, b, l, r = pads
+        dense = not self._depthwise()
+        if dense:
+            x = x.permute(0, 2, 3, 1)
+            x = F.pad(x, (0, 0, l, r, t, b)) if any(pads) else x
+        elif any(pads):
+            x = F.pad(x, (l, r, t, b))
+        acc = None
+        for a in range(kh):
+            for b in range(kw):
+                rows, cols = self._window(a, b, out_hw, stride)
+                if dense:
+                    part = torch.bmm(x[:, rows, cols].reshape(1, n * ho * wo, -1), tap(a, b))
+                else:
+                    part = x[:, :, rows, cols] * tap(a, b)
+                acc = part if acc is None else acc + part
+        return acc.reshape(n, ho, wo, -1).permute(0, 3, 1, 2) if dense else acc
+
+    def _window(self, a: int, b: int, out_hw: tuple[int, int], stride: tuple[int, int]) -> tuple[slice, slice]:
+        (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, self.dilation
+        return slice(a * dh, a * dh + sh * (ho - 1) + 1, sh), slice(b * dw, b * dw + sw * (wo - 1) + 1, sw)
+
+    def _weight_grad_taps_mm(self, x: Tensor, g: Tensor) -> Tensor:
+        """dW per tap as one batched matmul of the gradient (.., Cout, N*Ho*Wo) by the tap's window of the
+        padded input (.., N*Ho*Wo, Cin): dense, one matrix; depthwise, one row per channel."""
+        n, (cin, h, wd), (cout, ho, wo), (kh, kw) = int(x.shape[0]), self.in_chw, self.out_chw, self.kernel
+        t, b, l, r = self.pads
+        p = n * ho * wo
+        if self._depthwise():  # channels first: (C, N, H, W); per channel (1, P) @ (P, 1)
+            xc, gm = x.permute(1, 0, 2, 3), g.permute(1, 0, 2, 3).reshape(cout, 1, p)
+            xc = F.pad(xc, (l, r, t, b)) if any(self.pads) else xc
+            window = lambda rows, cols: xc[:, :, rows, cols].reshape(cin, p, 1)  # noqa: E731
+        else:  # channels last: (N, H, W, Cin); (1, Cout, P) @ (1, P, Cin)
+            xc, gm = x.permute(0, 2, 3, 1), g.permute(1, 0, 2, 3).reshape(1, cout, p)
+            xc = F.pad(xc, (0, 0, l, r, t, b)) if any(self.pads) else xc
+            window = lambda rows, cols: xc[:, rows, cols].reshape(1, p, cin)  # noqa: E731
+        taps = [torch.bmm(gm, window(*self._window(a, b, (ho, wo), self.stride)))
+                for a in range(kh) for b in range(kw)]
+        return torch.stack(taps, -1).reshape(cout, -1, kh, kw)
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d].
@@ -141,9 +294,12 @@ class Conv2d(Rule):
         n = int(x.shape[0])
         xt = x.reshape(n, gr, cin_g, h, wd).permute(2, 1, 0, 3, 4).reshape(cin_g, gr * n, h, wd)
         gt = g.reshape(n, gr, cout_g, ho, wo).permute(1, 2, 0, 3, 4).reshape(cout, n, ho, wo)
+        if b < 0 or r < 0:  # rows/columns no tap reads: a slice (ExecuTorch's pad rejects negative pads)
+            xt = xt[:, :, : h + min(b, 0), : wd + min(r, 0)]
+            b, r = max(b, 0), max(r, 0)
         if t == b and l == r:
             pad = (t, l)
-        else:  # a zero Pad the ONNX pass folds into the Conv (a crop where negative: stays a Pad)
+        else:  # a zero Pad the ONNX pass folds into the Conv
             xt, pad = F.pad(xt, (l, r, t, b)), (0, 0)
         dw_ = F.conv2d(xt, gt, None, self.dilation, pad, self.stride, gr)
         return dw_.permute(1, 0, 2, 3)
@@ -227,6 +383,9 @@ class Conv1d(Conv2d):
         # static sizes (once bound), so exporters' shape inference keeps them
         y = super().compute([xs[0].reshape(-1, *self.in_chw)], _Weight2d(w))
         return y.reshape(-1, self.out_chw[0], self.out_chw[2]) if self.out_chw else y.squeeze(2)
+
+    def reads_nchwc(self, need) -> bool:
+        return False
 
     def backward(self, g, kept, w, need):
         c, _, n = self.in_chw

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..lowering import pins
+from ..lowering import pins, replaying, runs_nchwc
 from .base import Rule, Tensor, upsample_to
 
 IntArg = int | Sequence[int]
@@ -88,6 +88,8 @@ class _Windowed(Rule):
         (h, w), (ph, pw), (rh, rw) = self.hw, self.p, self._reach()
         pads = (pw, max(0, rw - w - pw), ph, max(0, rh - h - ph))
         return F.pad(x, pads, value=value) if any(pads) else x
+
+    drops_inputs = True  # the replay of onnxruntime's schedule: MaxPool's input dies after its pad
 
     def _tap(self, xp: Tensor, a: int, b: int) -> Tensor:
         (ho, wo), (sh, sw), (dh, dw) = self.out_hw, self.s, self.d
@@ -167,11 +169,19 @@ class MaxPool(_Windowed):
 
     def compute(self, xs, w):
         x = self._4d(xs[0], self.hw)
+        if replaying(w):  # meta tensors: torch's pool also makes int64 positions, the exported MaxPool does not
+            return self._nd(x.new_empty((x.shape[0], self.c, *self.out_hw)), self.out_hw)
         return self._nd(F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil_mode), self.out_hw)
+
+    def reads_nchwc(self, need) -> bool:
+        # the plain pool (no input gradient) exports as a MaxPool: traced, mnist_cnn `side`'s stem pool
+        return not need.inputs[0] and runs_nchwc(self.c)
 
     def forward(self, xs, w, need):
         if not need.inputs[0]:
             return self.compute(xs, w), {}
+        if pins(w) and replaying(w):
+            return self._as_onnxruntime_runs_it(xs)
         xp = self._pad(self._4d(xs[0], self.hw), float("-inf"))
         kh, kw = self.k
         # Every tap's view first (free in eager): onnxruntime's default order is a depth-first walk
@@ -187,24 +197,90 @@ class MaxPool(_Windowed):
             idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
         return self._nd(m, self.out_hw), {"i": idx}
 
+    def _as_onnxruntime_runs_it(self, xs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The forward above as onnxruntime runs its exported program, for the analytic replay
+        (malloc-traced, ResNet-18-like stem pool, 8x8x64x64): the input dies after the pad; a tap
+        is two Slice copies, one of its rows (alive through that row's taps) and one of its
+        columns; and the positions are chosen only after the running max, so every comparison's
+        bool mask lives until then. A tap is sliced just before its comparison (the first two
+        together), and a row dies once its last tap is sliced. Same results as `forward`."""
+        x = self._4d(xs[0], self.hw)
+        xs[0] = None  # this node is the input's last user (`Program`, `drops_inputs`)
+        xp = self._pad(x, float("-inf"))
+        del x
+        (kh, kw), (ho, wo), (sh, sw), (dh, dw) = self.k, self.out_hw, self.s, self.d
+        m, better = None, []
+        for a in range(kh):
+            row = xp[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh].clone()
+            if a == kh - 1:
+                xp = None
+            for b in range(kw):
+                v = row[:, :, :, b * dw : b * dw + sw * (wo - 1) + 1 : sw].clone()
+                if b == kw - 1:
+                    row = None  # its last tap is sliced
+                if m is None:
+                    m = v
+                    continue
+                better.append(v > m)
+                m = torch.where(better[-1], v, m)
+                v = None
+        idx = torch.zeros_like(m, dtype=self.index_dtype)
+        for t in range(1, len(better) + 1):
+            idx = torch.where(better.pop(0), torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
+        return self._nd(m, self.out_hw), {"i": idx}
+
     def backward(self, g, kept, w, need):
         g = self._4d(g, self.out_hw)
         idx = kept["i"].to(g.dtype)  # compared as float: integer Equal kernels are patchy in runtimes
         square_tiles = self.tiles and self.nd == 2 and self.k[0] == self.k[1]
-        gx = self._tile_spread(g, idx) if square_tiles else self._spread(
-            lambda t, last=None: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0),
-            chain=pins(w))
+        if self.tiles and not pins(w):
+            gx = self._tile_where(g, idx)
+        elif square_tiles:
+            box = [g, idx]
+            del g, idx
+            gx = self._tile_spread(box)
+        else:
+            gx = self._spread(
+                lambda t, last=None: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0),
+                chain=pins(w))
         return [self._nd(gx, self.hw)], {}
 
-    def _tile_spread(self, g: Tensor, idx: Tensor) -> Tensor:
-        """Disjoint square windows: each tap's masked gradient stacked as k*k channels per channel
-        and interleaved into the input grid by one pixel shuffle (ONNX DepthToSpace), then rows and
+    def _tile_where(self, g: Tensor, idx: Tensor) -> Tensor:
+        """Disjoint windows: the input gradient as (N, C, Ho, kh, Wo, kw), row i*kh + a and column
+        j*kw + b, made by one broadcast `where(idx == tap, g, 0)` and read as (N, C, Ho*kh, Wo*kw)
+        (a view), then rows and columns past the last window get no gradient. Alive: the gradient,
+        its positions as float and one bool input-size mask; the taps stacked and pixel-shuffled
+        (ONNX DepthToSpace) held the k*k masked taps, their stack and the shuffled copy at once
+        (mnist_cnn's first pool, batch 1: 225 KB of temporaries against 150 KB). Not for onnxruntime:
+        its broadcasting Where measured 11.2 MB against 7.3 MB for the taps (mnist_cnn batch 32
+        `bias+mask`, whole step), so pinned lowerings keep `_tile_spread`."""
+        (kh, kw), (ho, wo), (h, w) = self.k, self.out_hw, self.hw
+        taps = torch.arange(kh * kw, dtype=g.dtype, device=g.device).reshape(1, 1, 1, kh, 1, kw)
+        hit = idx.reshape(-1, self.c, ho, 1, wo, 1) == taps
+        gx = torch.where(hit, g.reshape(-1, self.c, ho, 1, wo, 1), 0.0)
+        del hit
+        gx = gx.reshape(-1, self.c, ho * kh, wo * kw)
+        if (ho * kh, wo * kw) != (h, w):
+            gx = F.pad(gx, (0, w - wo * kw, 0, h - ho * kh))
+        return gx
+
+    drops_grad = True  # `_tile_spread` drops the incoming gradient after its last tap (the replay's `Program`)
+
+    def _tile_spread(self, box: list[Tensor]) -> Tensor:
+        """Disjoint square windows, for onnxruntime: each tap's masked gradient stacked as k*k channels
+        per channel and interleaved into the input grid by one pixel shuffle (ONNX DepthToSpace), then rows and
         columns past the last window get no gradient. Same live memory as `_spread`; measured in
         onnxruntime (one thread, 32x32x28x28 input, median of 150) 8.2 ms against its 10.2 (its
         stack, 6-D transpose and reshape). Upsampling g and the positions (Resize) was as fast but
         held 4 input sizes instead of 2."""
         k, (ho, wo), (h, w) = self.k[0], self.out_hw, self.hw
-        taps = torch.stack([torch.where(idx == t, g, 0.0) for t in range(k * k)], 2)  # (N, C, k*k, Ho, Wo)
+        g, idx = box  # box = [g, positions as float]: emptied, so both die after the last tap
+        box.clear()
+        taps = [torch.where(idx == t, g, 0.0) for t in range(k * k)]
+        # onnxruntime frees both once the last tap is made, before the stack (profiled, mnist_cnn `full` b32:
+        # the stem pool's taps and their Concat, 6.1 MB; the replay held the gradient and positions too)
+        del g, idx
+        taps = torch.stack(taps, 2)  # (N, C, k*k, Ho, Wo)
         gx = F.pixel_shuffle(taps.reshape(-1, self.c * k * k, ho, wo), k)
         del taps
         if (ho * k, wo * k) != (h, w):
@@ -262,6 +338,9 @@ class AvgPool(_Windowed):
         """torch's and ONNX's AveragePool agree (ceil_mode's clipped windows and divisor_override
         are where they differ); otherwise the window sums come from a depthwise ones conv."""
         return not self.ceil_mode and self.divisor_override is None
+
+    def reads_nchwc(self, need) -> bool:
+        return self._native and runs_nchwc(self.c)  # an AveragePool (Lite0 `side`'s taps, profiled)
 
     def compute(self, xs, w):
         x = self._4d(xs[0], self.hw)

@@ -73,6 +73,28 @@ class Mul(Rule):
         return [ga, gb], {}
 
 
+class Div(Rule):
+    """Elementwise quotient a / b of two activations with broadcasting (a norm written out: x̂ = (x - u) / σ).
+    Keeps b, and a when b needs a gradient, as autograd does: da = g / b, db = -g·a / b²."""
+
+    kind = "div"
+
+    def compute(self, xs, w):
+        return xs[0] / xs[1]
+
+    def keep(self, xs, y, w, need):
+        kept = {"b": xs[1]} if any(need.inputs) else {}
+        if need.inputs[1]:
+            kept["a"] = xs[0]
+        return kept
+
+    def backward(self, g, kept, w, need):
+        b = kept["b"]
+        ga = sum_to(g / b, self.in_shapes[0]) if need.inputs[0] else None
+        gb = sum_to(-g * kept["a"] / (b * b), self.in_shapes[1]) if need.inputs[1] else None
+        return [ga, gb], {}
+
+
 class Concat(Rule):
     """Concatenation along a per-sample dim (0: channels)."""
 
@@ -232,9 +254,7 @@ def _arith(call: Call) -> Lowered:
             raise Unsupported(f"{op} with alpha={alpha}")
         b = b * alpha if not isinstance(b, Const) else Const(b.value * alpha)
     if isinstance(a, Act) and isinstance(b, Act):
-        if op == "div":
-            raise Unsupported("division of two activations")
-        rule = {"add": Add, "sub": Sub, "mul": Mul}[op]()
+        rule = {"add": Add, "sub": Sub, "mul": Mul, "div": Div}[op]()
         return Lowered(rule, [a, b])
     act, other, reverse = (a, b, False) if isinstance(a, Act) else (b, a, True)
     if not isinstance(act, Act):

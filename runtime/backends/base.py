@@ -2,12 +2,40 @@
 and optimizer state; arrays cross this interface as numpy."""
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle import Bundle
+
+
+THREADS_VAR = "EDGETL_THREADS"  # compute threads a runtime may use, where it lets the caller choose
+
+
+def threads_from_env() -> int | None:
+    """$EDGETL_THREADS as a positive int (None: the runtime's default). `bench/run.py` sets 1, so a
+    step's CPU time is one thread's work, with no idle pool thread spinning on a shared machine."""
+    v = os.environ.get(THREADS_VAR, "")
+    return int(v) if v.isdigit() and int(v) > 0 else None
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM); OSError where there is none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc), or None."""
+    try:
+        return status_kb("VmRSS") * 1024
+    except OSError:  # no /proc (not Linux)
+        return None
 
 
 class Backend(ABC):

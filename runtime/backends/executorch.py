@@ -30,11 +30,13 @@ from ..errors import BundleError, EdgeRuntimeError, InputError
 from ..lora_merge import merged_weights
 from ..programs import check_positional_programs
 from ..targets import X
-from .base import HostStateBackend
+from .base import HostStateBackend, rss_bytes, threads_from_env
 from .executorch_q8 import is_packed, unpack, unpacked_size
 
 _SHIM_SOURCE = r"""
+#include <dlfcn.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -151,8 +153,37 @@ struct Handle {
   std::unique_ptr<MemoryManager> memory;
   std::unique_ptr<Method> method;
   size_t planned_bytes = 0;
+  std::vector<void*> runtimes;  // the XNNPACK runtimes its delegates created, until etl_presize
 };
+
+thread_local std::vector<void*>* t_created = nullptr;  // where xnn_create_runtime_v4 records, while a method loads
+std::mutex g_live_mu;
+int g_live = 0;  // methods loaded and not closed: their XNNPACK runtimes hold the pool they were created with
 }  // namespace
+
+// ExecuTorch's thread pool (libexecutorch_threadpool; the wheel ships no header for it): the pool
+// XNNPACK's runtimes and the optimized kernels' parallel_for run on. Only what is called here.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+// XNNPACK's, called by ExecuTorch's XNNPACK backend through its PLT, so this definition (first in the
+// lookup scope of the libraries this shim loads) sees every runtime a delegate creates, and forwards.
+extern "C" int xnn_reshape_runtime(void* runtime);
+extern "C" __attribute__((visibility("default"))) int xnn_create_runtime_v4(
+    void* subgraph, void* weights_cache, void* workspace, void* threadpool, uint32_t flags, void** out) {
+  using Fn = int (*)(void*, void*, void*, void*, uint32_t, void**);
+  static Fn real = (Fn)dlsym(RTLD_NEXT, "xnn_create_runtime_v4");
+  if (real == nullptr) return 2;  // xnn_status_invalid_parameter
+  int status = real(subgraph, weights_cache, workspace, threadpool, flags, out);
+  if (status == 0 && t_created != nullptr && out != nullptr && *out != nullptr) t_created->push_back(*out);
+  return status;
+}
 
 extern "C" {
 const char* etl_last_error() { return g_err.c_str(); }
@@ -177,9 +208,13 @@ void* etl_open(const void* data, size_t size, const char* name) {
   }
   h->planned_memory = std::make_unique<HierarchicalAllocator>(Span<Span<uint8_t>>(h->spans.data(), h->spans.size()));
   h->memory = std::make_unique<MemoryManager>(&h->method_alloc, h->planned_memory.get(), &h->temp_alloc);
+  t_created = &h->runtimes;
   auto method = h->program->load_method(name, h->memory.get());
+  t_created = nullptr;
   if (!method.ok()) { fail("cannot load method (error " + std::to_string((int)method.error()) + ")"); return nullptr; }
   h->method = std::make_unique<Method>(std::move(method.get()));
+  std::lock_guard<std::mutex> g(g_live_mu);
+  ++g_live;
   return h.release();
 }
 
@@ -216,8 +251,45 @@ int etl_xnnpack_weight_cache(int enable) {
   return v ? (int)*v : fail("XNNPACK's weight_cache_enabled is not a bool");
 }
 
-void etl_close(void* p) { delete static_cast<Handle*>(p); }
+void etl_close(void* p) {
+  delete static_cast<Handle*>(p);
+  std::lock_guard<std::mutex> g(g_live_mu);
+  --g_live;
+}
+
+// The size of ExecuTorch's thread pool (the caller counts as one thread: 1 runs everything on it, with
+// no worker to spin); n <= 0 only reads it. A reset replaces the pool, and every XNNPACK runtime keeps
+// the pool it was created with, so the size can change only while no method is loaded. Returns the
+// size in effect, or -1 (see etl_last_error).
+int etl_threads(int n) {
+  runtime_init();
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  if (pool == nullptr) return fail("ExecuTorch has no thread pool");
+  if (n > 0 && (size_t)n != pool->get_thread_count()) {
+    std::lock_guard<std::mutex> g(g_live_mu);
+    if (g_live > 0)
+      return fail("ExecuTorch's thread pool has " + std::to_string(pool->get_thread_count()) + " threads and " +
+                  std::to_string(g_live) + " loaded method(s) use it; it cannot change to " + std::to_string(n));
+    if (!pool->_unsafe_reset_threadpool((uint32_t)n)) return fail("ExecuTorch could not resize its thread pool");
+  }
+  return (int)pool->get_thread_count();
+}
 size_t etl_release(void* p) { return static_cast<Handle*>(p)->loader->release(); }
+
+// Plans every XNNPACK runtime of the method now (xnn_reshape_runtime, as its first execute would), so
+// the workspace they share reaches its final size at load. On a first step it grows delegate by
+// delegate, each time a new buffer allocated before the old one is freed, late in the step when the
+// planned arena is resident: that transient raised the process peak. Returns the runtimes planned.
+int etl_presize(void* p) {
+  auto* h = static_cast<Handle*>(p);
+  int n = 0;
+  for (void* rt : h->runtimes) {
+    if (xnn_reshape_runtime(rt) != 0) return fail("XNNPACK could not plan a delegate's runtime");
+    ++n;
+  }
+  h->runtimes.clear();
+  return n;
+}
 size_t etl_planned_bytes(void* p) { return static_cast<Handle*>(p)->planned_bytes; }
 int etl_num_inputs(void* p) { return (int)static_cast<Handle*>(p)->method->inputs_size(); }
 int etl_num_outputs(void* p) { return (int)static_cast<Handle*>(p)->method->outputs_size(); }
@@ -266,6 +338,29 @@ int etl_execute(void* p) {
   Error e = static_cast<Handle*>(p)->method->execute();
   if (e != Error::Ok) return fail("execution failed (error " + std::to_string((int)e) + ")");
   return 0;
+}
+
+// Runs the method one instruction at a time (Method::step) and writes each one's thread CPU time in
+// microseconds to us[i] (up to cap of them): where a step's time goes, per operator or delegate call.
+// Returns the number of instructions run, or -1 (see etl_last_error).
+int etl_execute_timed(void* p, double* us, int cap) {
+  Method* m = static_cast<Handle*>(p)->method.get();
+  int n = 0;
+  for (;;) {
+    timespec a, b;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+    Error e = m->step();
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+    if (e == Error::EndOfMethod) break;
+    if (e != Error::Ok) {
+      (void)m->reset_execution();
+      return fail("instruction " + std::to_string(n) + " failed (error " + std::to_string((int)e) + ")");
+    }
+    if (n < cap) us[n] = (b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) * 1e-3;
+    ++n;
+  }
+  Error e = m->reset_execution();
+  return e == Error::Ok ? n : fail("cannot reset the method after stepping it");
 }
 
 // Output i: dtype, shape and a pointer into the method's arena (valid until the next execute).
@@ -337,7 +432,7 @@ def _build_shim() -> Path:
                    "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL", f"-I{inc}",
                    f"-I{inc / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", str(src), "-o",
                    str(obj), f"-L{lib}", "-Wl,--no-as-needed", *libs, "-lexecutorch", "-Wl,--as-needed",
-                   f"-Wl,-rpath,{lib}"]
+                   "-ldl", f"-Wl,-rpath,{lib}"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise EdgeRuntimeError(f"building the ExecuTorch runtime shim failed:\n{r.stderr[-2000:]}")
@@ -346,6 +441,11 @@ def _build_shim() -> Path:
 
 
 _LIB = None
+
+
+def _last_error(L) -> str:
+    """The shim's message for its last failed call."""
+    return (L.etl_last_error() or b"").decode(errors="replace")
 
 
 def share_packed_weights(on: bool) -> bool:
@@ -357,8 +457,22 @@ def share_packed_weights(on: bool) -> bool:
         return False
     got = L.etl_xnnpack_weight_cache(1 if on else 0)
     if got < 0:
-        raise EdgeRuntimeError(f"ExecuTorch: {(L.etl_last_error() or b'').decode(errors='replace')}")
+        raise EdgeRuntimeError(f"ExecuTorch: {_last_error(L)}")
     return bool(got)
+
+
+def pool_threads(n: int | None = None) -> int | None:
+    """The size of ExecuTorch's thread pool, which XNNPACK's delegates and the optimized kernels run on
+    (the calling thread is one of them: 1 computes on the caller alone); with `n`, resized first. A
+    resize replaces the pool, so it is refused (EdgeRuntimeError) while a loaded program uses it. None
+    where the runtime cannot tell (an older shim)."""
+    L = _lib()
+    if not hasattr(L, "etl_threads"):
+        return None
+    got = L.etl_threads(n if n is not None else 0)
+    if got < 0:
+        raise EdgeRuntimeError(f"ExecuTorch: {_last_error(L)}")
+    return got
 
 
 def _lib():
@@ -372,6 +486,8 @@ def _lib():
         L.etl_close.argtypes = [vp]
         if hasattr(L, "etl_release"):
             L.etl_release.restype, L.etl_release.argtypes = ctypes.c_size_t, [vp]
+        if hasattr(L, "etl_presize"):
+            L.etl_presize.argtypes = [vp]
         L.etl_planned_bytes.restype, L.etl_planned_bytes.argtypes = ctypes.c_size_t, [vp]
         for f in (L.etl_num_inputs, L.etl_num_outputs, L.etl_execute):
             f.argtypes = [vp]
@@ -380,7 +496,9 @@ def _lib():
             L.etl_output_meta.argtypes = [vp, i32, ip, ip, i64p]
         L.etl_set_input.argtypes = [vp, i32, vp, i32, i32, i64p]
         L.etl_output.argtypes = [vp, i32, ip, ip, i64p, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)]
-        for f in ("etl_xnnpack_weight_cache", "etl_xnnpack_sharing"):
+        if hasattr(L, "etl_execute_timed"):
+            L.etl_execute_timed.argtypes = [vp, ctypes.c_void_p, i32]
+        for f in ("etl_xnnpack_weight_cache", "etl_xnnpack_sharing", "etl_threads"):
             if hasattr(L, f):
                 getattr(L, f).argtypes = [i32]
         _LIB = L
@@ -391,12 +509,14 @@ class NativeMethod:
     """One method of a .pte program on ExecuTorch's C++ runtime: numpy in, numpy out."""
 
     def __init__(self, program: Path | bytes, method: str = "forward", name: str | None = None,
-                 release: bool = True, on_stage: Callable[[str], None] | None = None):
+                 release: bool = True, presize: bool = True, on_stage: Callable[[str], None] | None = None):
         """`program`: a .pte file, or its bytes (a bundle's, as checked against its manifest).
         `release`: once the method is loaded, return to the system the pages of the program that
         ExecuTorch has freed (the delegates' blobs, and the weights XNNPACK packed into its own
         storage: for frozen weights, the fp32 copy restored from int8). `on_stage(name)` is called
-        after each load stage (for memory breakdowns: bench/et_load_memory.py)."""
+        after each load stage (for memory breakdowns: bench/et_load_memory.py). `presize`: plan the
+        XNNPACK delegates at load, so their shared workspace has its final size before a step runs
+        (else it grows during the first step, old and new buffer both resident at each growth)."""
         stage = on_stage or (lambda _: None)
         self.L = _lib()
         name = name or (Path(program).name if not isinstance(program, bytes) else "program")
@@ -414,6 +534,7 @@ class NativeMethod:
             self._buffer[:] = np.frombuffer(data, np.uint8)
         del data
         stage("restored")
+        pool_threads(threads_from_env())  # before any XNNPACK runtime is made: they keep the pool they are given
         self.h = self.L.etl_open(self._buffer.ctypes.data, len(self._buffer), method.encode())
         if not self.h:
             raise EdgeRuntimeError(f"ExecuTorch cannot load '{name}': {self._error()}")
@@ -422,6 +543,13 @@ class NativeMethod:
         if release and hasattr(self.L, "etl_release"):  # a prebuilt shim (EDGETL_ET_SHIM) may predate it
             self.released_bytes = int(self.L.etl_release(self.h))
             stage("released")
+        self.presized_runtimes = 0
+        if presize and hasattr(self.L, "etl_presize"):
+            got = self.L.etl_presize(self.h)
+            if got < 0:
+                raise EdgeRuntimeError(f"ExecuTorch cannot load '{name}': {self._error()}")
+            self.presized_runtimes = got
+            stage("XNNPACK workspace sized")
         self.inputs = []
         for i in range(self.L.etl_num_inputs(self.h)):
             dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
@@ -440,13 +568,33 @@ class NativeMethod:
         self.planned_bytes = int(self.L.etl_planned_bytes(self.h))
 
     def _error(self) -> str:
-        return (self.L.etl_last_error() or b"").decode(errors="replace")
+        return _last_error(self.L)
 
     def _check(self, rc: int) -> None:
         if rc != 0:
             raise EdgeRuntimeError(f"ExecuTorch: {self._error()}")
 
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self._run(inputs, lambda: self._check(self.L.etl_execute(self.h)))
+
+    def timed(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """As a call, run one instruction at a time; also returns each instruction's thread CPU time
+        in ms, in execution order (bench/et_step_profile.py maps them to operators and delegates)."""
+        if not hasattr(self.L, "etl_execute_timed"):
+            raise EdgeRuntimeError("this ExecuTorch shim cannot time instructions (a prebuilt one predating it)")
+        cap = 1 << 16
+        us = np.zeros(cap, np.float64)
+
+        def execute() -> None:
+            n = self.L.etl_execute_timed(self.h, us.ctypes.data, cap)
+            if n < 0:
+                raise EdgeRuntimeError(f"ExecuTorch: {self._error()}")
+            execute.n = n
+
+        outs = self._run(inputs, execute)
+        return outs, us[: min(execute.n, cap)] / 1000
+
+    def _run(self, inputs: list[np.ndarray], execute: Callable[[], None]) -> list[np.ndarray]:
         if len(inputs) != len(self.inputs):
             raise EdgeRuntimeError(f"the program takes {len(self.inputs)} inputs, got {len(inputs)}")
         for i, (a, (dtype, shape)) in enumerate(zip(inputs, self.inputs)):
@@ -455,7 +603,7 @@ class NativeMethod:
                 raise EdgeRuntimeError(f"input {i} must have shape {shape}, got {a.shape}")
             self._check(self.L.etl_set_input(self.h, i, a.ctypes.data, _DTYPES[a.dtype], a.ndim,
                                              (ctypes.c_int64 * max(1, a.ndim))(*a.shape)))
-        self._check(self.L.etl_execute(self.h))
+        execute()
         outs = []
         dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
         ptr, nb = ctypes.c_void_p(), ctypes.c_size_t()
@@ -482,17 +630,20 @@ class NativeMethod:
 
 class ExecuTorchBackend(HostStateBackend):
     def __init__(self, bundle: Bundle, release_program: bool = True, share_weights: bool = True,
-                 on_stage: Callable[[str], None] | None = None):
-        """`release_program`, `on_stage`: see NativeMethod (stages are named 'train_step: loaded', ...).
+                 presize_workspace: bool = True, on_stage: Callable[[str], None] | None = None):
+        """`release_program`, `presize_workspace` (NativeMethod's `presize`), `on_stage`: see
+        NativeMethod (stages are named 'train_step: loaded', ...).
         `share_weights`: see share_packed_weights (the eval program then packs no weights of its own)."""
         super().__init__(bundle)
         stage = on_stage or (lambda _: None)
         share_packed_weights(share_weights)
+        self.rss_before_programs = rss_bytes()  # the runtime's libraries loaded, no program yet
         methods = {}
         for role in ("train_step", "eval"):
             # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run
             methods[role] = NativeMethod(bundle.program_bytes(role), name=bundle.program(role).name,
-                                         release=release_program, on_stage=lambda s, r=role: stage(f"{r}: {s}"))
+                                         release=release_program, presize=presize_workspace,
+                                         on_stage=lambda s, r=role: stage(f"{r}: {s}"))
             stage(f"{role}: file bytes dropped")
         self.train, self.eval = methods["train_step"], methods["eval"]
         check_positional_programs(bundle.manifest, {

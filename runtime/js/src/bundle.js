@@ -77,6 +77,10 @@ export function validateManifest(m) {
        `'input.shape' must be [channels, height, width] of positive integers, got ${short(shape)}`);
   need(isInt(inp.batch_size) && inp.batch_size >= 1 && inp.batch_size <= 1 << 20,
        `'input.batch_size' must be a positive integer, got ${short(inp.batch_size)}`);
+  if ("micro_batch" in inp) { // the train_step program's samples per call; it accumulates batch_size / micro_batch calls
+    need(isInt(inp.micro_batch) && inp.micro_batch >= 1 && inp.batch_size % inp.micro_batch === 0,
+         `'input.micro_batch' must be a positive integer dividing input.batch_size, got ${short(inp.micro_batch)}`);
+  }
   const pre = inp.preprocess;
   need(pre && typeof pre === "object", "'input.preprocess' must be an object");
   for (const k of ["mean", "std"]) {
@@ -119,6 +123,8 @@ export class Bundle {
   constructor(manifest, files) { this.manifest = manifest; this.files = files; }
   get target() { return this.manifest.target; }
   get batchSize() { return this.manifest.input.batch_size; }
+  /** The samples one call of the train_step program takes (batchSize unless it accumulates micro-batches). */
+  get microBatch() { return this.manifest.input.micro_batch ?? this.manifest.input.batch_size; }
   get inputShape() { return this.manifest.input.shape.slice(); }
   get numClasses() { return this.manifest.num_classes; }
   get trainable() { return this.manifest.trainable.map((t) => t.name); }

@@ -117,7 +117,8 @@ export const CONTRACT = {
       ],
       "files": [],
       "optimizer_state": "program",
-      "sgd_momentum": true
+      "sgd_momentum": true,
+      "micro_batches": true
     },
     {
       "name": "ort-training",
@@ -164,7 +165,8 @@ export const CONTRACT = {
         "checkpoint"
       ],
       "optimizer_state": "ort-checkpoint",
-      "sgd_momentum": false
+      "sgd_momentum": false,
+      "micro_batches": false
     },
     {
       "name": "executorch",
@@ -205,7 +207,8 @@ export const CONTRACT = {
       ],
       "files": [],
       "optimizer_state": "program",
-      "sgd_momentum": true
+      "sgd_momentum": true,
+      "micro_batches": true
     }
   ]
 };

@@ -42,6 +42,8 @@ export class Bundle {
   readonly files: Map<string, Uint8Array>;
   readonly target: string;
   readonly batchSize: number;
+  /** Samples per call of the train_step program: batchSize, or fewer where the step accumulates micro-batches. */
+  readonly microBatch: number;
   readonly inputShape: number[];
   readonly numClasses: number;
   readonly trainable: string[];

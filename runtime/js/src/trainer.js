@@ -64,7 +64,20 @@ class Guard {
 }
 
 /** Session options as the Python runtime sets them (runtime/backends/onnx.py: arena, patterns and reuse off). */
-export const DEFAULT_SESSION_OPTIONS = { enableCpuMemArena: false, enableMemPattern: false, executionMode: "sequential", logSeverityLevel: 3 };
+// extra.session.disable_quant_qdq: fold the int8 depthwise kernels to fp32 constants at load (onnxruntime's fast
+// depthwise Conv needs a constant kernel; see runtime/backends/onnx.py)
+// Both onnxruntime-node (1.30: IterateExtraOptions in its binding) and -web turn `extra`'s nested keys into
+// session config entries ("session.disable_quant_qdq"); test/session_options.test.mjs checks the fold on node.
+export const DEFAULT_SESSION_OPTIONS = { enableCpuMemArena: false, enableMemPattern: false, executionMode: "sequential", logSeverityLevel: 3, extra: { session: { disable_quant_qdq: "1" } } };
+
+const isPlain = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+
+/** `over` on top of `base`, nested objects merged key by key (a caller's `extra` keeps the defaults it does not name). */
+function mergeOptions(base, over) {
+  const out = { ...base };
+  for (const [k, v] of Object.entries(over ?? {})) out[k] = isPlain(v) && isPlain(base[k]) ? mergeOptions(base[k], v) : v;
+  return out;
+}
 
 function median(a) {
   if (!a.length) return null;
@@ -122,7 +135,7 @@ export class Trainer {
       }
     }
     const state = await bundle.initialState();
-    const options = { ...DEFAULT_SESSION_OPTIONS, ...sessionOptions };
+    const options = mergeOptions(DEFAULT_SESSION_OPTIONS, sessionOptions);
     let train, ev;
     try {
       train = await ort.InferenceSession.create(bundle.program(TRAIN), options);
@@ -257,29 +270,26 @@ export class Trainer {
     }
   }
 
-  /** One optimizer step on a full batch (x: Float32Array of batch*C*H*W, normalized; y: BigInt64Array). */
+  /**
+   * One optimizer step on a full batch (x: Float32Array of batch*C*H*W, normalized; y: BigInt64Array):
+   * one call of the train_step program, or one per micro-batch where it accumulates (it updates on
+   * the last); the loss is the batch's mean, as in the Python runtime.
+   */
   async trainStep(x, y) {
     const guard = this.guard ?? new Guard(this);
-    const { Tensor } = this.ort;
     const bundle = this.bundle;
     const before = this.state;
-    const shapes = bundle.tensorShapes();
-    const values = [
-      new Tensor("float32", x, [bundle.batchSize, ...bundle.inputShape]),
-      new Tensor("int64", y, [bundle.batchSize]),
-      new Tensor("float32", Float32Array.of(this.lrAt(this.step)), []),
-      ...[...bundle.trainable, ...bundle.stateNames].map((t) => new Tensor("float32", before[t], shapes[t])),
-    ];
-    const feeds = Object.fromEntries(this.names.train.map((n, i) => [n, values[i]]));
+    const m = bundle.microBatch, per = x.length / bundle.batchSize;
+    const lr = this.lrAt(this.step);
+    let next = before, sum = 0;
     const t0 = now();
-    const outs = await this.#run(TRAIN, this.train, feeds, before);
+    for (let i = 0; i < bundle.batchSize; i += m) {
+      const r = await this.#call(x.subarray(i * per, (i + m) * per), y.subarray(i, i + m), lr, next, before);
+      sum += r.loss;
+      next = r.state;
+    }
     const ms = now() - t0;
-    const names = this.train.outputNames;
-    const loss = Number(outs[names[0]].data[0]);
-    const n = bundle.trainable.length;
-    const next = {};
-    bundle.trainable.forEach((t, i) => { next[t] = Float32Array.from(outs[names[2 + i]].data); });
-    bundle.stateNames.forEach((s, i) => { next[s] = Float32Array.from(outs[names[2 + n + i]].data); });
+    const loss = sum / (bundle.batchSize / m);
     let why = guard.badLoss(loss);
     if (why && guard.previous !== null) {
       const [step, epoch, state] = guard.previous;
@@ -294,6 +304,27 @@ export class Trainer {
     this.state = next;
     this.step += 1;
     return { loss, ms };
+  }
+
+  /** One call of the train_step program on m = microBatch samples from `state`: {loss, state}. */
+  async #call(x, y, lr, state, restore) {
+    const { Tensor } = this.ort;
+    const bundle = this.bundle;
+    const shapes = bundle.tensorShapes();
+    const values = [
+      new Tensor("float32", x, [bundle.microBatch, ...bundle.inputShape]),
+      new Tensor("int64", y, [bundle.microBatch]),
+      new Tensor("float32", Float32Array.of(lr), []),
+      ...[...bundle.trainable, ...bundle.stateNames].map((t) => new Tensor("float32", state[t], shapes[t])),
+    ];
+    const feeds = Object.fromEntries(this.names.train.map((n, i) => [n, values[i]]));
+    const outs = await this.#run(TRAIN, this.train, feeds, restore);
+    const names = this.train.outputNames;
+    const n = bundle.trainable.length;
+    const next = {};
+    bundle.trainable.forEach((t, i) => { next[t] = Float32Array.from(outs[names[2 + i]].data); });
+    bundle.stateNames.forEach((s, i) => { next[s] = Float32Array.from(outs[names[2 + n + i]].data); });
+    return { loss: Number(outs[names[0]].data[0]), state: next };
   }
 
   // ---- inference --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import { test } from "node:test";
 import { promisify } from "node:util";
 import { chromium } from "playwright-core";
 import { loadDataFile, loadTrainer } from "../src/node.js";
-import { fixtures, PYTHON, ROOT } from "./fixtures.mjs";
+import { fixtures, maxDiff, PYTHON, ROOT } from "./fixtures.mjs";
 
 const fx = fixtures();
 const FIT = { epochs: 2, schedule: "cosine", seed: 5, lr: 0.05 };
@@ -41,16 +41,6 @@ function serve() {
     });
     p.on("exit", (code) => reject(new Error(`the demo server exited (${code}) before listening`)));
   });
-}
-
-function maxDiff(a, b) {
-  let m = 0;
-  assert.deepEqual(Object.keys(a).sort(), Object.keys(b).sort());
-  for (const k of Object.keys(b)) {
-    assert.equal(a[k].length, b[k].length, k);
-    for (let i = 0; i < a[k].length; i++) m = Math.max(m, Math.abs(a[k][i] - b[k][i]));
-  }
-  return m;
 }
 
 test("the demo trains the digits bundle in headless Chromium to the Python runtime's parameters and Node's accuracy", { timeout: 600_000 }, async (t) => {

@@ -142,3 +142,23 @@ print(json.dumps(msgs))`]);
   assert.match(badMsg, /^initial state '.*' is I32\[.*\], the manifest says float32\[/);
   assert.match(truncatedMsg, /^cannot read initial state 'state.safetensors': it declares \d+ bytes of tensor data but holds/);
 });
+
+test("a micro_batch that does not divide the batch is refused with the Python runtime's message", async () => {
+  const dir = copyBundle(fx.bundle);
+  const msg = python(["-c", `import json
+from pathlib import Path
+from edgetl.runtime import load_bundle
+from edgetl.runtime.bundle import MANIFEST_DIGEST, manifest_digest
+from edgetl.runtime.errors import BundleError
+p = Path(${JSON.stringify(dir)}) / "manifest.json"
+m = json.loads(p.read_text())
+m["input"]["micro_batch"] = m["input"]["batch_size"] - 1
+m[MANIFEST_DIGEST] = manifest_digest(m)
+p.write_text(json.dumps(m))
+try:
+    load_bundle(p.parent)
+except BundleError as e:
+    print(e)`]).trim();
+  assert.match(msg, /'input\.micro_batch' must be a positive integer dividing input\.batch_size, got 31/);
+  await assert.rejects(loadBundleFromDir(dir), (e) => e instanceof BundleError && e.message === msg);
+});

@@ -1,6 +1,8 @@
-// Test fixtures made by the host: an `onnx` bundle of mnist_cnn bias+mask and the digits data,
+// Test fixtures made by the host: `onnx` bundles of mnist_cnn (bias+mask, whole batches and
+// micro-batches; head with AdamW), a depthwise toy and the digits data,
 // exported once per checkout into node_modules/.cache (EDGETL_JS_FIXTURES overrides it); the scratch
 // files a test makes lie in one temp directory per test process, removed when the process exits.
+import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
@@ -18,6 +20,13 @@ export const PYTHON = process.env.EDGETL_PYTHON ?? path.join(ROOT, ".venv/bin/py
 export function python(args, opts = {}) {
   return execFileSync(PYTHON, args, { cwd: ROOT, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"], ...opts });
 }
+
+const DEPTHWISE_EXPORT = `import sys, torch.nn as nn, edgetl
+from edgetl.exporters import export
+net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+pm = edgetl.prepare(net, "bias+mask", num_classes=4, input_shape=(3, 8, 8))
+export(pm, "onnx", sys.argv[1], edgetl.OptimizerConfig.make("sgd", lr=0.05), batch_size=2)`;
 
 export function fixtures() {
   // a cache per checkout, per version of this file and of the exporters that make the fixtures
@@ -52,6 +61,11 @@ export function fixtures() {
     // AdamW keeps a 0-d step counter: a shape of [] through state, sessions and checkpoints
     python(["-m", "edgetl", "export", "mnist_cnn", "--recipe", "head", "--target", "onnx", "--num-classes", "10",
       "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.01", "--out", path.join(tmp, "adamw")]);
+    // the bundle's step in micro-batches of 8: 4 calls a batch, one optimizer update (accum:* and micro_step state)
+    python(["-m", "edgetl", "export", "mnist_cnn", "--recipe", "bias+mask", "--target", "onnx", "--num-classes", "10",
+      "--batch-size", "32", "--micro-batch", "8", "--out", path.join(tmp, "micro")]);
+    // a depthwise conv (int8 kernel, dequantized from constants only): the session options' fold
+    python(["-c", DEPTHWISE_EXPORT, path.join(tmp, "depthwise")]);
     // 160 training samples: 5 steps an epoch, for parity runs of a few steps
     python(["-c", `import numpy as np; d = np.load(${JSON.stringify(dt)}); np.savez(${JSON.stringify(sm)}, x_train=d["x_train"][:160], y_train=d["y_train"][:160], x_test=d["x_test"][:64], y_test=d["y_test"][:64])`]);
     fs.writeFileSync(path.join(tmp, "done"), "");
@@ -61,7 +75,7 @@ export function fixtures() {
       fs.rmSync(tmp, { recursive: true, force: true }); // another process was first
     }
   }
-  return { dir, bundle, data, small, adamw };
+  return { dir, bundle, data, small, adamw, depthwise: path.join(dir, "depthwise"), micro: path.join(dir, "micro") };
 }
 
 let scratch = null;
@@ -84,3 +98,14 @@ export function copyBundle(bundle) {
 
 /** A path `name` in a fresh, empty temp directory. */
 export const tmpFile = (name) => path.join(fs.mkdtempSync(path.join(scratchDir(), "f-")), name);
+
+// The largest absolute difference between two {name: number[]} maps with the same names and lengths.
+export function maxDiff(a, b) {
+  let m = 0;
+  assert.deepEqual(Object.keys(a).sort(), Object.keys(b).sort());
+  for (const k of Object.keys(b)) {
+    assert.equal(a[k].length, b[k].length, k);
+    for (let i = 0; i < a[k].length; i++) m = Math.max(m, Math.abs(a[k][i] - b[k][i]));
+  }
+  return m;
+}
