@@ -768,6 +768,21 @@ def test_strided_depthwise_input_gradient_as_zero_inserted_conv_matches_autograd
     assert sum("convolution" in o for o in ops) == 1, ops
 
 
+@pytest.mark.parametrize("k, s, pads, n", [(3, 2, (1, 1), 11), (5, 2, (1, 2), 16), (4, 3, (1, 2), 17)])
+def test_strided_depthwise_conv1d_input_gradient_as_zero_inserted_conv_matches_autograd(k, s, pads, n):
+    """A 1-D depthwise conv (the Conv2d rule on an (N, C, 1, L) view) takes the same form along its one axis."""
+    rule, x, wt = R.Conv1d(k, s, pads, 1, 4), _x((2, 4, n)), _x((4, 1, k), 1)
+    rule = bind(rule, x, {"weight": wt})
+    xr = x.clone().requires_grad_(True)
+    yr = F.conv1d(F.pad(xr, pads), wt, None, s, 0, 1, 4)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    with _Ops() as ops:
+        gx = rule.backward(g, {}, _ZeroInserted(weight=wt), Need((True,), frozenset()))[0][0]
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
+    assert not any("conv_transpose" in o or "convolution_backward" in o for o in ops), ops
+
+
 def test_zero_inserted_input_gradient_only_for_a_frozen_depthwise_strided_kernel():
     """The old forms stay where the new one does not apply: a stride-1 conv (the flipped-kernel conv
     already), a grouped non-depthwise one, a trainable kernel (XNNPACK takes a conv only with a
@@ -841,7 +856,7 @@ def test_zero_inserted_input_gradients_run_in_xnnpack_with_int8_storable_kernels
 
 
 class _Ops(TorchDispatchMode):
-    """The aten ops run inside the block, by name."""
+    """The aten ops run inside the block, by name (a transposed convolution as `conv_transpose`)."""
 
     def __enter__(self):
         self.names = []
@@ -849,7 +864,8 @@ class _Ops(TorchDispatchMode):
         return self.names
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
+        transposed = func is torch.ops.aten.convolution.default and args[6]
+        self.names.append("conv_transpose" if transposed else str(func))
         return func(*args, **(kwargs or {}))
 
 
