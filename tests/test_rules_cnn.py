@@ -816,7 +816,8 @@ class _FrozenDepthwiseInputGrads(torch.nn.Module):
             self.register_buffer(f"k{i}", k)
 
     def forward(self, *gs):
-        return tuple(rule.backward(g, {}, _ZeroInserted(weight=getattr(self, f"k{i}")), Need((True,), frozenset()))[0][0]
+        need = Need((True,), frozenset())
+        return tuple(rule.backward(g, {}, _ZeroInserted(weight=getattr(self, f"k{i}")), need)[0][0]
                      for i, (rule, g) in enumerate(zip(self.rules, gs)))
 
 

@@ -22,6 +22,11 @@ def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
     return g.sum((0, 2, 3))
 
 
+# (a gradient sample's row and column in its stride x stride cell, symmetric padding, zero kernel taps as
+# F.pad's (left, right, top, bottom)): see Conv2d._zero_insertion
+ZeroInsertion = tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]
+
+
 class Conv2d(Rule):
     kind = "conv2d"
     quantizable = True
@@ -127,10 +132,11 @@ class Conv2d(Rule):
             grads["weight"] = (self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
                                else self._weight_grad(kept["x"], g))
         gx = None
+        zero_insertion = self._zero_insertion(w) if need.inputs[0] else None
         if need.inputs[0] and self._as_matmul(w) and w.trainable("weight") and self._flipped_pads() is not None:
             gx = self._taps(g, self._flipped_taps(w["weight"]), self._flipped_pads(), self.in_chw[1:], (1, 1))
-        elif need.inputs[0] and self._zero_insertion(w) is not None:
-            gx = self._zero_inserted_input_grad(g, w["weight"], self._zero_insertion(w))
+        elif zero_insertion is not None:
+            gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion)
         elif need.inputs[0]:
             cout = self.out_chw[0]  # by row blocks: each block's output channels' share, added
             shifted = lowering_of(w).shifted_strided_input_grad
@@ -184,7 +190,7 @@ class Conv2d(Rule):
         gx = F.conv_transpose2d(g, weight, None, self.stride, 0, (oph, opw), self.groups, self.dilation)
         return gx[:, :, t : t + h, l : l + wd].clone()  # a copy, as in the exported Slice: frees gx
 
-    def _zero_insertion(self, w) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]] | None:
+    def _zero_insertion(self, w) -> ZeroInsertion | None:
         """How a strided depthwise conv's input gradient is one stride-1 conv with the flipped kernel over the
         gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`): (the position of each
         gradient sample in its stride x stride cell of zeros, symmetric padding, zero taps added to the flipped
@@ -205,10 +211,10 @@ class Conv2d(Rule):
     @staticmethod
     def _zero_insertion_axis(k: int, s: int, d: int, before: int, size: int, out: int
                              ) -> tuple[int, int, tuple[int, int]] | None:
-        """One axis of `_zero_insertion`: (z, padding, (zero taps first, zero taps last)). The gradient with
-        sample j at z + j*s of `out`*s zeros is u; the input gradient is then gx[i] = sum over taps a' of
-        u[i - P + a'*d] * flipped[a'], a conv padded by P = (k-1)d - before - z before and Q = size + before
-        + z - out*s after. Unequal pads become max(P, Q) on both sides and |P - Q| / d zero taps on the side
+        """One axis of `_zero_insertion`: (z, padding, (zero taps first, zero taps last)). With u the gradient's
+        `out` samples spread to `out`*s positions, sample j at z + j*s and zeros elsewhere, the input gradient
+        is gx[i] = sum over taps a' of u[i - P + a'*d] * flipped[a'], a conv padded by P = (k-1)d - before - z
+        before and Q = size + before + z - out*s after. Unequal pads become max(P, Q) on both sides and |P - Q| / d zero taps on the side
         padded less (exact, as `_kernel_pads`); the z with the fewest is taken."""
         best = None
         for z in range(s):
@@ -220,8 +226,7 @@ class Conv2d(Rule):
                 best = (z, max(p, q), extra)
         return best
 
-    def _zero_inserted_input_grad(self, g: Tensor, weight: Tensor,
-                                  plan: tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]) -> Tensor:
+    def _zero_inserted_input_grad(self, g: Tensor, weight: Tensor, plan: ZeroInsertion) -> Tensor:
         """The input gradient as `_zero_insertion` plans it. The zeros come from a broadcast multiply by a
         constant one-hot stride x stride cell (XNNPACK: one fast op; a pad or a stack of the 6-D view moves
         one value per row), then one stride-1 depthwise conv, which XNNPACK runs in its dwconv kernels."""
