@@ -53,6 +53,12 @@ class Lowering:
     # (in XNNPACK the result and the crop's copy were alive together); the onnx target folds the crop
     # into the ConvTranspose's pads itself (exporters/onnx_passes.py)
     shifted_strided_input_grad: bool = False
+    # a strided depthwise conv's input gradient (frozen kernel) as one stride-1 depthwise conv with the
+    # flipped kernel over the gradient with zeros inserted between its samples (exact), not a
+    # ConvTranspose: XNNPACK runs a depthwise ConvTranspose as a deconvolution with one channel per
+    # group, ~3x slower than the zero insertion (a broadcast multiply) and its depthwise conv kernel
+    # together at EfficientNet-Lite0's stride-2 shapes (b8, one thread; BENCHMARKS.md, task A)
+    zero_inserted_depthwise_input_grad: bool = False
     # convolutions with a computed kernel (a trainable weight, or the gradient as the kernel of a weight
     # gradient) as one batched matmul per kernel tap on channels-last slices: ExecuTorch's XNNPACK
     # delegate takes a conv only with a constant kernel but a matmul with two computed operands, and its

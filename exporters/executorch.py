@@ -25,6 +25,9 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   conv's input gradient is one ConvTranspose over the zero-row-shifted gradient, not cropped (exact;
   `Lowering.pads_in_kernel`, `shifted_strided_input_grad`): the pad and the crop each held a 112x112
   value twice in XNNPACK's shared workspace (Lite0 224 b8: 74.8 MiB; see BENCHMARKS.md, task U).
+* A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
+  the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
+  depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -66,9 +69,11 @@ INFERENCE_FILE = "inference.pte"
 # schedule pins); with XNNPACK, a trainable bias of a frozen-weight linear is a separate add, so the
 # delegated op has no bias to bake into its packed weights (the conv rule always adds its bias),
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace),
-# and a conv with a computed kernel is written as matmuls, which XNNPACK takes with computed operands.
+# a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
+# depthwise ConvTranspose is slow), and a conv with a computed kernel is written as matmuls, which XNNPACK
+# takes with computed operands.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
-                     computed_conv_as_matmul=True)
+                     zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True)
 PORTABLE = Lowering()
 
 

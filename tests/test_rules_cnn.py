@@ -718,6 +718,158 @@ def test_tf_same_conv_lowered_for_executorch_has_no_pad_and_no_crop(case):
     assert not any("pad" in str(n.target) and n.args[0].name == "x" for n in nodes), ops
 
 
+# --- strided depthwise input gradients as a stride-1 conv over the zero-inserted gradient (ExecuTorch) ----
+
+class _ZeroInserted(_ExecuTorchLowered):
+    """A node's frozen tensors under ExecuTorch's lowering of strided depthwise input gradients."""
+    lowering = Lowering(pads_in_kernel=True, shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True)
+
+
+# name: (kernel, stride, pads (top, bottom, left, right), dilation, (H, W)): Lite0's TF-same stride-2 shapes
+# (before < after), symmetric pads, odd sizes (zero kernel taps added), a stride per axis, a dilation
+ZERO_INSERTED = {
+    "k3s2_tf_same_even": (3, 2, (0, 1, 0, 1), 1, (12, 10)),
+    "k5s2_tf_same_even": (5, 2, (1, 2, 1, 2), 1, (12, 10)),
+    "k3s2_symmetric_even": (3, 2, (1, 1, 1, 1), 1, (12, 10)),
+    "k3s2_symmetric_odd": (3, 2, (1, 1, 1, 1), 1, (11, 9)),
+    "k5s2_tf_same_odd": (5, 2, (2, 2, 2, 2), 1, (11, 9)),
+    "k5s2_symmetric_odd_even": (5, 2, (2, 2, 2, 2), 1, (11, 10)),
+    "k3s2_no_pad_odd": (3, 2, (0, 0, 0, 0), 1, (11, 9)),
+    "k3_stride_2x1": (3, (2, 1), (0, 1, 1, 1), 1, (12, 9)),
+    "k3s3_tf_same": (3, 3, (1, 1, 0, 1), 1, (13, 11)),
+    "k3s2_dilated": (3, 2, (2, 2, 2, 2), 2, (12, 10)),
+}
+
+
+def _zero_inserted_case(case):
+    k, s, pads, d, hw = ZERO_INSERTED[case]
+    c = 4
+    rule = R.Conv2d(k, s, pads, d, c)
+    x, wt = _x((2, c, *hw)), _x((c, 1, k, k), 1) * 0.3
+    return bind(rule, x, {"weight": wt}), x, wt
+
+
+@pytest.mark.parametrize("case", list(ZERO_INSERTED))
+def test_strided_depthwise_input_gradient_as_zero_inserted_conv_matches_autograd(case):
+    """`zero_inserted_depthwise_input_grad`: one stride-1 depthwise conv with the flipped kernel over the
+    gradient with zeros inserted, no ConvTranspose; exact against autograd."""
+    rule, x, wt = _zero_inserted_case(case)
+    t, b, l, r = rule.pads
+    xr = x.clone().requires_grad_(True)
+    yr = F.conv2d(F.pad(xr, (l, r, t, b)), wt, None, rule.stride, 0, rule.dilation, rule.groups)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    w = _ZeroInserted(weight=wt)
+    assert rule._zero_insertion(w) is not None
+    with _Ops() as ops:
+        gx = rule.backward(g, {}, w, Need((True,), frozenset()))[0][0]
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
+    assert not any("convolution_backward" in o or "conv_transpose" in o for o in ops), ops
+    assert sum("convolution" in o for o in ops) == 1, ops
+
+
+@pytest.mark.parametrize("k, s, pads, n", [(3, 2, (1, 1), 11), (5, 2, (1, 2), 16), (4, 3, (1, 2), 17)])
+def test_strided_depthwise_conv1d_input_gradient_as_zero_inserted_conv_matches_autograd(k, s, pads, n):
+    """A 1-D depthwise conv (the Conv2d rule on an (N, C, 1, L) view) takes the same form along its one axis."""
+    rule, x, wt = R.Conv1d(k, s, pads, 1, 4), _x((2, 4, n)), _x((4, 1, k), 1)
+    rule = bind(rule, x, {"weight": wt})
+    xr = x.clone().requires_grad_(True)
+    yr = F.conv1d(F.pad(xr, pads), wt, None, s, 0, 1, 4)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    with _Ops() as ops:
+        gx = rule.backward(g, {}, _ZeroInserted(weight=wt), Need((True,), frozenset()))[0][0]
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
+    assert not any("conv_transpose" in o or "convolution_backward" in o for o in ops), ops
+
+
+def test_zero_inserted_input_gradient_only_for_a_frozen_depthwise_strided_kernel():
+    """The old forms stay where the new one does not apply: a stride-1 conv (the flipped-kernel conv
+    already), a grouped non-depthwise one, a trainable kernel (XNNPACK takes a conv only with a
+    constant kernel), an axis whose pads differ by less than the dilation (no zero tap fits), and the other
+    targets (the flag unset)."""
+    rule, x, wt = _zero_inserted_case("k3s2_tf_same_even")
+    assert rule._zero_insertion(_ZeroInserted(weight=wt)) is not None
+    assert rule._zero_insertion(_ExecuTorchLowered(weight=wt)) is None
+
+    class Trained(_ZeroInserted):
+        def trainable(self, role):
+            return role == "weight"
+
+    assert rule._zero_insertion(Trained(weight=wt)) is None
+    stride1 = bind(R.Conv2d(3, 1, 1, 1, 4), x, {"weight": wt})
+    assert stride1._zero_insertion(_ZeroInserted(weight=wt)) is None
+    wg = _x((4, 2, 3, 3), 1)
+    grouped = bind(R.Conv2d(3, 2, 1, 1, 2), x, {"weight": wg})
+    assert grouped._zero_insertion(_ZeroInserted(weight=wg)) is None
+    dilated_odd = bind(R.Conv2d(3, 2, 2, 2, 4), _x((2, 4, 12, 11)), {"weight": wt})  # pads 2 and 1 on W
+    assert dilated_odd._zero_insertion(_ZeroInserted(weight=wt)) is None
+
+
+class _FrozenDepthwiseInputGrads(torch.nn.Module):
+    """(g per case) -> each case's input gradient, the kernel a constant (as the program's frozen weights)."""
+
+    def __init__(self, rules, kernels):
+        super().__init__()
+        self.rules = rules
+        for i, k in enumerate(kernels):
+            self.register_buffer(f"k{i}", k)
+
+    def forward(self, *gs):
+        need = Need((True,), frozenset())
+        return tuple(rule.backward(g, {}, _ZeroInserted(weight=getattr(self, f"k{i}")), need)[0][0]
+                     for i, (rule, g) in enumerate(zip(self.rules, gs)))
+
+
+@pytest.mark.slow
+def test_zero_inserted_input_gradients_run_in_xnnpack_with_int8_storable_kernels(tmp_path):
+    """Lowered with XNNPACK (as the executorch target's step): every conv is delegated (the flipped kernel,
+    zero taps included, folds to a constant), the results match autograd, and each kernel blob is still
+    exactly int8 per channel, so the bundle stores it int8 (its size does not grow)."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+    from edgetl.runtime.backends.executorch_q8 import _encode_blob
+
+    cases, c = ["k3s2_tf_same_even", "k5s2_tf_same_even", "k3s2_symmetric_odd", "k5s2_tf_same_odd"], 16
+    rules, kernels, gs, want = [], [], [], []
+    for i, case in enumerate(cases):
+        k, s, pads, d, hw = ZERO_INSERTED[case]
+        scale = torch.rand(c, 1, 1, 1, generator=torch.Generator().manual_seed(i)) * 0.02 + 0.01
+        q = torch.randint(-127, 128, (c, 1, k, k), generator=torch.Generator().manual_seed(i)).float()
+        q[:, 0, 0, 0] = 127  # each channel's scale is its largest magnitude / 127, as quantized weights have
+        x, wt = _x((2, c, *hw)), q * scale
+        rule = bind(R.Conv2d(k, s, pads, d, c), x, {"weight": wt})
+        xr = x.clone().requires_grad_(True)
+        y = F.conv2d(F.pad(xr, (pads[2], pads[3], pads[0], pads[1])), wt, None, rule.stride, 0, rule.dilation, c)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+        y.backward(g)
+        rules, kernels, gs, want = rules + [rule], kernels + [wt], gs + [g], want + [xr.grad]
+    et = _lower(_FrozenDepthwiseInputGrads(rules, kernels).eval(), tuple(gs), delegate=True)
+    ops = _delegated_ops(et)
+    assert ops["portable_ops"] == 0 and ops["delegate_calls"] >= 1, ops
+    blobs = [bytes(b) for b in et._named_data.buffers if len(bytes(b)) >= 256]  # the kernels
+    assert len(blobs) == len(cases) and all(_encode_blob(b, {c}) is not None for b in blobs)
+    path = tmp_path / "gx.pte"
+    path.write_bytes(et.buffer)
+    for case, got, ref in zip(cases, NativeMethod(path)([g.numpy() for g in gs]), want):
+        assert rel_err(torch.from_numpy(got), ref) < 1e-5, case
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops run inside the block, by name (a transposed convolution as `conv_transpose`)."""
+
+    def __enter__(self):
+        self.names = []
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        transposed = func is torch.ops.aten.convolution.default and args[6]
+        self.names.append("conv_transpose" if transposed else str(func))
+        return func(*args, **(kwargs or {}))
+
+
 # --- convs with a computed kernel as per-tap matmuls (ExecuTorch `full`: Lowering.computed_conv_as_matmul) --
 
 class _Trained(dict):

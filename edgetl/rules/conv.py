@@ -22,6 +22,11 @@ def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
     return g.sum((0, 2, 3))
 
 
+# (a gradient sample's row and column in its stride x stride cell, symmetric padding, zero kernel taps as
+# F.pad's (left, right, top, bottom)): see Conv2d._zero_insertion
+ZeroInsertion = tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]
+
+
 class Conv2d(Rule):
     kind = "conv2d"
     quantizable = True
@@ -127,8 +132,11 @@ class Conv2d(Rule):
             grads["weight"] = (self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
                                else self._weight_grad(kept["x"], g))
         gx = None
+        zero_insertion = self._zero_insertion(w) if need.inputs[0] else None
         if need.inputs[0] and self._as_matmul(w) and w.trainable("weight") and self._flipped_pads() is not None:
             gx = self._taps(g, self._flipped_taps(w["weight"]), self._flipped_pads(), self.in_chw[1:], (1, 1))
+        elif zero_insertion is not None:
+            gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion)
         elif need.inputs[0]:
             cout = self.out_chw[0]  # by row blocks: each block's output channels' share, added
             shifted = lowering_of(w).shifted_strided_input_grad
@@ -181,6 +189,55 @@ class Conv2d(Rule):
                                       self.groups, self.dilation)
         gx = F.conv_transpose2d(g, weight, None, self.stride, 0, (oph, opw), self.groups, self.dilation)
         return gx[:, :, t : t + h, l : l + wd].clone()  # a copy, as in the exported Slice: frees gx
+
+    def _zero_insertion(self, w) -> ZeroInsertion | None:
+        """How a strided depthwise conv's input gradient is one stride-1 conv with the flipped kernel over the
+        gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`): (the position of each
+        gradient sample in its stride x stride cell of zeros, symmetric padding, zero taps added to the flipped
+        kernel as F.pad's (left, right, top, bottom)). None where the lowering does not ask for it, the conv is
+        not a strided depthwise one with a frozen kernel, or an axis has no such form."""
+        if not (lowering_of(w).zero_inserted_depthwise_input_grad and self._depthwise() and self.stride != (1, 1)
+                and not w.trainable("weight")):
+            return None
+        t, b, l, r = self.pads
+        rows = self._zero_insertion_axis(self.kernel[0], self.stride[0], self.dilation[0], t, self.in_chw[1],
+                                         self.out_chw[1])
+        cols = self._zero_insertion_axis(self.kernel[1], self.stride[1], self.dilation[1], l, self.in_chw[2],
+                                         self.out_chw[2])
+        if rows is None or cols is None:
+            return None
+        return (rows[0], cols[0]), (rows[1], cols[1]), (*cols[2], *rows[2])
+
+    @staticmethod
+    def _zero_insertion_axis(k: int, s: int, d: int, before: int, size: int, out: int
+                             ) -> tuple[int, int, tuple[int, int]] | None:
+        """One axis of `_zero_insertion`: (z, padding, (zero taps first, zero taps last)). With u the gradient's
+        `out` samples spread to `out`*s positions, sample j at z + j*s and zeros elsewhere, the input gradient
+        is gx[i] = sum over taps a' of u[i - P + a'*d] * flipped[a'], a conv padded by P = (k-1)d - before - z
+        before and Q = size + before + z - out*s after. Unequal pads become max(P, Q) on both sides and |P - Q| / d zero taps on the side
+        padded less (exact, as `_kernel_pads`); the z with the fewest is taken."""
+        best = None
+        for z in range(s):
+            p, q = (k - 1) * d - before - z, size + before + z - out * s
+            if p < 0 or q < 0 or (p - q) % d:
+                continue
+            extra = ((q - p) // d, 0) if q > p else (0, (p - q) // d)
+            if best is None or sum(extra) < sum(best[2]):
+                best = (z, max(p, q), extra)
+        return best
+
+    def _zero_inserted_input_grad(self, g: Tensor, weight: Tensor, plan: ZeroInsertion) -> Tensor:
+        """The input gradient as `_zero_insertion` plans it. The zeros come from a broadcast multiply by a
+        constant one-hot stride x stride cell (XNNPACK: one fast op; a pad or a stack of the 6-D view moves
+        one value per row), then one stride-1 depthwise conv, which XNNPACK runs in its dwconv kernels."""
+        (zh, zw), pad, extend = plan
+        (c, ho, wo), (sh, sw) = self.out_chw, self.stride
+        cell = torch.tensor([[float(i == zh and j == zw) for j in range(sw)] for i in range(sh)],
+                            dtype=g.dtype, device=g.device)
+        u = (g.reshape(-1, c, ho, 1, wo, 1) * cell.reshape(1, 1, 1, sh, 1, sw)).reshape(-1, c, ho * sh, wo * sw)
+        kernel = self._flip_transpose(weight)
+        kernel = F.pad(kernel, extend) if any(extend) else kernel
+        return F.conv2d(u, kernel, None, 1, pad, self.dilation, self.groups)
 
     def _flip_transpose(self, weight: Tensor) -> Tensor:
         cout, cin_g, kh, kw = weight.shape
