@@ -45,7 +45,8 @@ def main(shape: tuple[int, ...]) -> None:
             (out,), t = method.timed([g])
             ms.append(t.sum())
         err = np.abs(out - ref).max() / np.abs(ref).max()
-        print(f"  {name:22s} {np.median(ms):7.2f} ms  planned {planned_bytes(et) / 2**20:6.2f} MiB  max rel err {err:.1e}")
+        mib = planned_bytes(et) / 2**20
+        print(f"  {name:22s} {np.median(ms):7.2f} ms  planned {mib:6.2f} MiB  max rel err {err:.1e}")
 
 
 if __name__ == "__main__":
