@@ -36,6 +36,12 @@ class Lowering:
     # axes (0, 2, 3) is ~2x slower than the two; ExecuTorch plans the reshaped gradient as a copy
     # (+23% planned memory on a ReLU6 CNN's `bias+mask` step), so it keeps the one sum
     two_step_bias_sum: bool = False
+    # a conv bias's gradient summed over the batch first, then over the positions of the (C, H, W) sum:
+    # ExecuTorch's portable sum adds whole contiguous samples at once but walks (0, 2, 3) element by
+    # element (8x96x112x112, one thread: 5.3 ms against 18.7 ms; no reshape, so no planned copy).
+    # XNNPACK's mean over (H, W) would take the positions, but where the gradient is the mask's product
+    # its second reader stops XNNPACK computing it in place: +33% workspace per such call (BENCHMARKS.md)
+    batch_first_bias_sum: bool = False
     # frozen depthwise conv kernels dequantized from their int8 constants alone (not pinned to data),
     # so that onnxruntime folds them to fp32 constants when it loads the program (the runtime's session
     # option session.disable_quant_qdq): it runs a depthwise Conv with a constant kernel in its NCHWc

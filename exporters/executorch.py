@@ -71,10 +71,12 @@ INFERENCE_FILE = "inference.pte"
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace),
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
 # depthwise ConvTranspose is slow), and a conv with a computed kernel is written as matmuls, which XNNPACK
-# takes with computed operands.
+# takes with computed operands. Either way a conv bias's gradient is summed on ExecuTorch's own kernels,
+# over the batch first.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
-                     zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True)
-PORTABLE = Lowering()
+                     zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True,
+                     batch_first_bias_sum=True)
+PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
 def lowering(delegate: bool) -> Lowering:

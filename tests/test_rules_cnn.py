@@ -960,3 +960,43 @@ def test_computed_kernel_convs_leave_no_portable_convolution_in_executorch(tmp_p
     assert len(got) == len(want)
     for case, g, w in zip([c for c, b in zip(cases, built) for _ in b[2]], got, want):
         assert rel_err(torch.from_numpy(g), w) < 1e-5, case
+
+
+# --- a conv bias's gradient as ExecuTorch's lowering sums it: the batch first ---------------------------
+
+class _BiasGrad(torch.nn.Module):
+    """A conv rule's bias gradient for the output gradient g, under `lowering`."""
+
+    def __init__(self, rule, lowering: Lowering):
+        super().__init__()
+        self.rule, self.lowering = rule, lowering
+
+    def forward(self, g):
+        w = _ExecuTorchLowered(bias=torch.zeros(g.shape[1]))
+        w.lowering = self.lowering
+        return self.rule.backward(g, {}, w, Need((False,), frozenset({"bias"})))[1]["bias"]
+
+
+def test_conv_bias_gradient_sums_the_batch_first_in_executorch(tmp_path):
+    """ExecuTorch's lowerings (with XNNPACK and without) sum a conv bias's gradient over the batch, then
+    over positions: the portable sum adds contiguous samples ~3.5x faster than it walks (0, 2, 3) (task B
+    in BENCHMARKS.md). Run by ExecuTorch's runtime, the gradient matches autograd's."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _lower, lowering
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    x, wt = _x((3, 4, 9, 7)), _x((5, 4, 3, 3), 1) * 0.3
+    rule = bind(R.Conv2d(3, 1, 1), x, {"weight": wt})
+    br = torch.zeros(5, requires_grad=True)
+    yr = F.conv2d(x, wt, br, 1, 1)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    for delegate in (True, False):
+        step = _BiasGrad(rule, lowering(delegate)).eval()
+        sums = [n.args[1] for n in torch.export.export(step, (g,), strict=False).graph.nodes
+                if n.target is torch.ops.aten.sum.dim_IntList]
+        assert sums == [[0], [1, 2]], sums
+        path = tmp_path / f"bias_{delegate}.pte"
+        path.write_bytes(_lower(step, (g,), delegate).buffer)
+        (gb,) = NativeMethod(path)([g.numpy()])
+        assert rel_err(torch.from_numpy(gb), br.grad) < 1e-6, delegate

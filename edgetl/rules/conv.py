@@ -15,10 +15,14 @@ def _pair(v) -> tuple[int, int]:
 
 
 def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
-    """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw); in two sums (positions,
-    then the batch; one constant shape, no Shape ops) where the lowering asks for it."""
-    if lowering_of(w).two_step_bias_sum:
+    """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw); in two sums where the
+    lowering asks for it: positions, then the batch (one constant shape, no Shape ops), or the batch,
+    then positions (see `Lowering.batch_first_bias_sum`)."""
+    low = lowering_of(w)
+    if low.two_step_bias_sum:
         return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
+    if low.batch_first_bias_sum:
+        return g.sum(0).sum((1, 2))
     return g.sum((0, 2, 3))
 
 
