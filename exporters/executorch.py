@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from edgetl.interpret import computing, interpret, weights_from
 from edgetl.lowering import Lowering
+from edgetl.quant import SMALL_INT8, decomposed_quant_ops
 from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
@@ -66,9 +67,10 @@ INFERENCE_FILE = "inference.pte"
 # schedule pins); with XNNPACK, a trainable bias of a frozen-weight linear is a separate add, so the
 # delegated op has no bias to bake into its packed weights (the conv rule always adds its bias),
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace),
-# and a conv with a computed kernel is written as matmuls, which XNNPACK takes with computed operands.
+# a conv with a computed kernel is written as matmuls, which XNNPACK takes with computed operands, and
+# a max pooling that trains through is float arithmetic XNNPACK runs, no bool op.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
-                     computed_conv_as_matmul=True)
+                     computed_conv_as_matmul=True, max_pool_in_arithmetic=True)
 PORTABLE = Lowering()
 
 
@@ -205,16 +207,10 @@ def _unexpanded(g: torch.fx.Node) -> torch.fx.Node:
     return g
 
 
-def _quantized_ops():
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
-
-    return torch.ops.quantized_decomposed
-
-
-_QD = _quantized_ops()
+_QD = decomposed_quant_ops()
 # The 0/1 mask as int8 with scale 1 and zero point 0: XNNPACK converts float <-> int8 itself, inside
 # the delegates that make and apply the mask, so the plan holds only the int8 mask between them.
-_INT8_01 = (1.0, 0, -128, 127, torch.int8)
+_INT8_01 = SMALL_INT8
 
 
 def masks_as_int8(ep) -> int:

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..lowering import pins, replaying, runs_nchwc
+from ..lowering import max_pool_in_arithmetic, pins, replaying, runs_nchwc
+from ..quant import small_int_as_int8, small_int_from_int8
 from .base import Rule, Tensor, upsample_to
 
 IntArg = int | Sequence[int]
@@ -182,6 +183,8 @@ class MaxPool(_Windowed):
             return self.compute(xs, w), {}
         if pins(w) and replaying(w):
             return self._as_onnxruntime_runs_it(xs)
+        if self._in_arithmetic(w):
+            return self._forward_in_arithmetic(xs)
         xp = self._pad(self._4d(xs[0], self.hw), float("-inf"))
         kh, kw = self.k
         # Every tap's view first (free in eager): onnxruntime's default order is a depth-first walk
@@ -196,6 +199,59 @@ class MaxPool(_Windowed):
             m = torch.where(better, v, m)
             idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
         return self._nd(m, self.out_hw), {"i": idx}
+
+    def _in_arithmetic(self, w) -> bool:
+        return max_pool_in_arithmetic(w) and self.taps <= 128  # positions fit int8
+
+    def _forward_in_arithmetic(self, xs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The forward above in float ops XNNPACK runs (`Lowering.max_pool_in_arithmetic`): the pool, then
+        each tap t's 1 + floor(max(v - m, -1)), 1 where the tap holds the window's maximum m and else 0
+        (exact: v <= m, and a float difference is 0 only for equal floats); the first such tap is the
+        one with the largest T - t among them (T taps), so the position is T - max_t(hit_t * (T - t)).
+        Kept as int8 (quantized inside XNNPACK). Disjoint windows compare on the input grid, the pool's
+        result broadcast over its window, and the largest rank is a second pool: no slice."""
+        x = self._4d(xs[0], self.hw)
+        m = F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil_mode)
+        best = self._tiled_first_max(x, m) if self.tiles else self._tapped_first_max(x, m)
+        return self._nd(m, self.out_hw), {"i": small_int_as_int8(self.taps - best)}
+
+    def _tiled_first_max(self, x: Tensor, m: Tensor) -> Tensor:
+        (kh, kw), (ho, wo) = self.k, self.out_hw
+        if (ho * kh, wo * kw) != tuple(x.shape[2:]):  # rows and columns no window reaches
+            x = x[:, :, : ho * kh, : wo * kw]
+        rank = self.taps - torch.arange(self.taps, dtype=x.dtype, device=x.device).reshape(1, 1, 1, kh, 1, kw)
+        diff = x.reshape(-1, self.c, ho, kh, wo, kw) - m.reshape(-1, self.c, ho, 1, wo, 1)
+        ranked = (torch.floor(diff.clamp(min=-1.0)) + 1.0) * rank
+        del diff
+        return F.max_pool2d(ranked.reshape(-1, self.c, ho * kh, wo * kw), self.k)
+
+    def _tapped_first_max(self, x: Tensor, m: Tensor) -> Tensor:
+        best = None
+        for t, v in enumerate(self._unstrided_taps(x)):
+            ranked = (torch.floor((v - m).clamp(min=-1.0)) + 1.0) * float(self.taps - t)
+            best = ranked if best is None else torch.maximum(best, ranked)
+            del v, ranked
+        return best
+
+    def _unstrided_taps(self, x: Tensor):
+        """Each tap's (N, C, Ho, Wo) values, in tap order, by slices of step 1 (XNNPACK copies no other):
+        the -inf-padded input as its stride phases, (N, C, sh*sw*hc, wc), tap (a, b) at phase
+        (a*d mod s) and coarse offset a*d // s, as `_spread` places them back."""
+        (kh, kw), (sh, sw), (dh, dw) = self.k, self.s, self.d
+        (ho, wo), (h, w), (ph, pw) = self.out_hw, self.hw, self.p
+        rh, rw = self._reach()
+        hc, wc = -(-rh // sh), -(-rw // sw)
+        if h + ph > hc * sh or w + pw > wc * sw:  # rows and columns past every window
+            x = x[:, :, : hc * sh - ph, : wc * sw - pw]
+            h, w = x.shape[2:]
+        xp = F.pad(x, (pw, wc * sw - w - pw, ph, hc * sh - h - ph), value=float("-inf"))
+        if (sh, sw) != (1, 1):
+            xp = xp.reshape(-1, self.c, hc, sh, wc, sw).permute(0, 1, 3, 5, 2, 4).reshape(-1, self.c, sh * sw * hc, wc)
+        for a in range(kh):
+            for b in range(kw):
+                (oa, ra), (ob, rb) = divmod(a * dh, sh), divmod(b * dw, sw)
+                top = (ra * sw + rb) * hc + oa
+                yield xp[:, :, top : top + ho, ob : ob + wo]
 
     def _as_onnxruntime_runs_it(self, xs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The forward above as onnxruntime runs its exported program, for the analytic replay
@@ -231,6 +287,8 @@ class MaxPool(_Windowed):
 
     def backward(self, g, kept, w, need):
         g = self._4d(g, self.out_hw)
+        if self._in_arithmetic(w):
+            return [self._nd(self._backward_in_arithmetic(g, small_int_from_int8(kept["i"])), self.hw)], {}
         idx = kept["i"].to(g.dtype)  # compared as float: integer Equal kernels are patchy in runtimes
         square_tiles = self.tiles and self.nd == 2 and self.k[0] == self.k[1]
         if self.tiles and not pins(w):
@@ -244,6 +302,21 @@ class MaxPool(_Windowed):
                 lambda t, last=None: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0),
                 chain=pins(w))
         return [self._nd(gx, self.hw)], {}
+
+    def _backward_in_arithmetic(self, g: Tensor, idx: Tensor) -> Tensor:
+        """The backward without bool ops (`Lowering.max_pool_in_arithmetic`): tap t gets g * relu(1 - |idx - t|),
+        1 exactly where the integer position idx is t. Disjoint windows as `_tile_where` (one broadcast
+        product on the (N, C, Ho, kh, Wo, kw) grid), others tap by tap through `_spread`."""
+        if not self.tiles:
+            return self._spread(lambda t: g * torch.relu(1.0 - torch.abs(idx - float(t))))
+        (kh, kw), (ho, wo), (h, w) = self.k, self.out_hw, self.hw
+        taps = torch.arange(kh * kw, dtype=g.dtype, device=g.device).reshape(1, 1, 1, kh, 1, kw)
+        hit = torch.relu(1.0 - torch.abs(idx.reshape(-1, self.c, ho, 1, wo, 1) - taps))
+        gx = (g.reshape(-1, self.c, ho, 1, wo, 1) * hit).reshape(-1, self.c, ho * kh, wo * kw)
+        del hit
+        if (ho * kh, wo * kw) != (h, w):
+            gx = F.pad(gx, (0, w - wo * kw, 0, h - ho * kh))
+        return gx
 
     def _tile_where(self, g: Tensor, idx: Tensor) -> Tensor:
         """Disjoint windows: the input gradient as (N, C, Ho, kh, Wo, kw), row i*kh + a and column
