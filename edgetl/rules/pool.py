@@ -201,7 +201,10 @@ class MaxPool(_Windowed):
         return self._nd(m, self.out_hw), {"i": idx}
 
     def _in_arithmetic(self, w) -> bool:
-        return max_pool_in_arithmetic(w) and self.taps <= 128  # positions fit int8
+        # Not in the analytic replay: there its float temporaries would count as planned memory, while
+        # ExecuTorch holds them in XNNPACK's workspace (modelled apart, exporters/et_workspace.py); the
+        # bool path it replays instead keeps the same byte per output.
+        return max_pool_in_arithmetic(w) and self.taps <= 128 and not replaying(w)  # positions fit int8
 
     def _forward_in_arithmetic(self, xs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The forward above in float ops XNNPACK runs (`Lowering.max_pool_in_arithmetic`): the pool, then
