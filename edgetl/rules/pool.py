@@ -222,11 +222,16 @@ class MaxPool(_Windowed):
         (kh, kw), (ho, wo) = self.k, self.out_hw
         if (ho * kh, wo * kw) != tuple(x.shape[2:]):  # rows and columns no window reaches
             x = x[:, :, : ho * kh, : wo * kw]
-        rank = self.taps - torch.arange(self.taps, dtype=x.dtype, device=x.device).reshape(1, 1, 1, kh, 1, kw)
-        diff = x.reshape(-1, self.c, ho, kh, wo, kw) - m.reshape(-1, self.c, ho, 1, wo, 1)
-        ranked = (torch.floor(diff.clamp(min=-1.0)) + 1.0) * rank
-        del diff
-        return F.max_pool2d(ranked.reshape(-1, self.c, ho * kh, wo * kw), self.k)
+        x6, m6 = x.reshape(-1, self.c, ho, kh, wo, kw), m.reshape(-1, self.c, ho, 1, wo, 1)
+        best = None
+        for a in range(kh):
+            row = x6[:, :, :, a : a + 1]
+            for b in range(kw):
+                ranked = (torch.floor((row[..., b : b + 1] - m6).clamp(min=-1.0)) + 1.0) * float(self.taps - a * kw - b)
+                best = ranked if best is None else torch.maximum(best, ranked)
+                del ranked
+            del row
+        return best.reshape(-1, self.c, ho, wo)
 
     def _tapped_first_max(self, x: Tensor, m: Tensor) -> Tensor:
         best = None
