@@ -147,6 +147,12 @@ def _exact_zero(t: Tensor) -> Tensor:
     return (t.reshape(-1)[:1] > float("inf")).to(t.dtype)
 
 
+def _rank_if_max(v: Tensor, m: Tensor, rank: int) -> Tensor:
+    """`rank` where a tap's value v equals its window's maximum m (v <= m), else 0, in float ops XNNPACK
+    runs: 1 + floor(max(v - m, -1)) is 1 or 0 (a float difference is 0 only for equal floats)."""
+    return (torch.floor((v - m).clamp(min=-1.0)) + 1.0) * float(rank)
+
+
 class MaxPool(_Windowed):
     """`aten.max_pool2d_with_indices` (and `max_pool1d`): any kernel, stride, padding, dilation
     and ceil_mode. Keeps the argmax position inside its window (uint8 up to 256 taps), computed
@@ -155,7 +161,8 @@ class MaxPool(_Windowed):
     adds each tap into place (`_spread`). Measured against max_pool2d(return_indices) converted to
     in-window positions (also exact, same ties in onnxruntime and ExecuTorch): this forward is
     faster on ExecuTorch with XNNPACK (27 vs 34-39 ms), slower in onnxruntime (123 vs 72 ms;
-    8x64x56x56, 3x3/s2/p1, one thread), and needs no int64 indices."""
+    8x64x56x56, 3x3/s2/p1, one thread), and needs no int64 indices. Under `Lowering.max_pool_in_arithmetic`
+    (ExecuTorch) the forward and backward are float arithmetic instead, no bool op (`_forward_in_arithmetic`)."""
 
     kind = "maxpool"
 
@@ -211,8 +218,10 @@ class MaxPool(_Windowed):
         each tap t's 1 + floor(max(v - m, -1)), 1 where the tap holds the window's maximum m and else 0
         (exact: v <= m, and a float difference is 0 only for equal floats); the first such tap is the
         one with the largest T - t among them (T taps), so the position is T - max_t(hit_t * (T - t)).
-        Kept as int8 (quantized inside XNNPACK). Disjoint windows compare on the input grid, the pool's
-        result broadcast over its window, and the largest rank is a second pool: no slice."""
+        Kept as int8 (quantized inside XNNPACK). A tap's values are step-1 slices (XNNPACK copies no
+        strided one): of the input viewed as (N, C, Ho, kh, Wo, kw) for disjoint windows, else of the
+        padded input's stride phases. (A second pool over the ranks on the input grid instead was 5 ms
+        slower on mnist_cnn b32: an input-size float and its channels-last copy.)"""
         x = self._4d(xs[0], self.hw)
         m = F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil_mode)
         best = self._tiled_first_max(x, m) if self.tiles else self._tapped_first_max(x, m)
@@ -227,7 +236,7 @@ class MaxPool(_Windowed):
         for a in range(kh):
             row = x6[:, :, :, a : a + 1]
             for b in range(kw):
-                ranked = (torch.floor((row[..., b : b + 1] - m6).clamp(min=-1.0)) + 1.0) * float(self.taps - a * kw - b)
+                ranked = _rank_if_max(row[..., b : b + 1], m6, self.taps - a * kw - b)
                 best = ranked if best is None else torch.maximum(best, ranked)
                 del ranked
             del row
@@ -236,7 +245,7 @@ class MaxPool(_Windowed):
     def _tapped_first_max(self, x: Tensor, m: Tensor) -> Tensor:
         best = None
         for t, v in enumerate(self._unstrided_taps(x)):
-            ranked = (torch.floor((v - m).clamp(min=-1.0)) + 1.0) * float(self.taps - t)
+            ranked = _rank_if_max(v, m, self.taps - t)
             best = ranked if best is None else torch.maximum(best, ranked)
             del v, ranked
         return best
