@@ -327,10 +327,11 @@ class MaxPool(_Windowed):
         if not self.tiles:
             return self._spread(lambda t: g * torch.relu(1.0 - torch.abs(idx - float(t))))
         (kh, kw), (ho, wo), (h, w) = self.k, self.out_hw, self.hw
-        taps = torch.arange(kh * kw, dtype=g.dtype, device=g.device).reshape(1, 1, 1, kh, 1, kw)
-        hit = torch.relu(1.0 - torch.abs(idx.reshape(-1, self.c, ho, 1, wo, 1) - taps))
-        gx = (g.reshape(-1, self.c, ho, 1, wo, 1) * hit).reshape(-1, self.c, ho * kh, wo * kw)
+        taps = torch.arange(kh * kw, dtype=g.dtype, device=g.device).reshape(1, 1, kh, kw, 1, 1)
+        hit = torch.relu(1.0 - torch.abs(idx.reshape(-1, self.c, 1, 1, ho, wo) - taps))
+        gx = g.reshape(-1, self.c, 1, 1, ho, wo) * hit
         del hit
+        gx = gx.permute(0, 1, 4, 2, 5, 3).reshape(-1, self.c, ho * kh, wo * kw)
         if (ho * kh, wo * kw) != (h, w):
             gx = F.pad(gx, (0, w - wo * kw, 0, h - ho * kh))
         return gx
