@@ -20,6 +20,9 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   interval mask lo < v < hi so applied to `g · mask` (`masks_as_int8`, exact): ExecuTorch's kernels
   for bool tensors (comparisons, `where`, bool casts) take a slow generic path, so the 0/1 mask is
   made by float ops XNNPACK runs, kept as int8 (1 byte, as the bool) and multiplied in XNNPACK.
+* A max pool that trains through is float arithmetic XNNPACK runs, its kept positions int8 (`Lowering.
+  max_pool_in_arithmetic`, exact, ties to the first maximum): its running-max selects and backward `eq` +
+  `where` were ~65% of mnist_cnn's `bias+mask` step on the bool kernels (b32: 52 -> 17 ms, BENCHMARKS.md task C).
 * The memory plan is the smaller of ExecuTorch's greedy one and a best-fit one (`et_memory_plan`).
 * TF-same (asymmetric) conv pads live in the conv (symmetric padding, zero kernel taps) and a strided
   conv's input gradient is one ConvTranspose over the zero-row-shifted gradient, not cropped (exact;
