@@ -71,6 +71,12 @@ class Lowering:
     # portable conv kernel is ~50x slower than torch (mnist_cnn `full`: 95% of the step). Dense convs
     # (groups 1) and depthwise ones; a stride-2 conv's input gradient stays a transposed conv.
     computed_conv_as_matmul: bool = False
+    # max pooling (with an input gradient) in float arithmetic XNNPACK runs, no bool op: the pool itself, each
+    # tap's "is the window's first maximum" as 1 + floor(max(v - max, -1)), and the backward's "tap t is the
+    # kept position" as relu(1 - |position - t|), the position kept as int8 (quantized inside XNNPACK, scale 1).
+    # ExecuTorch's bool kernels (comparisons, where) take a generic per-element path: ~65% of mnist_cnn's
+    # `bias+mask` step with the comparisons and selects of the running max
+    max_pool_in_arithmetic: bool = False
 
     def foldable_weights(self, graph) -> set[str]:
         """The frozen int8 tensors of `graph` this lowering dequantizes from constants alone (unpinned)."""
@@ -120,6 +126,12 @@ def separate_bias(w) -> bool:
     """Whether a rule emits the bias in `w` (a node's tensors) as an add after its bias-free op:
     the target asks for it and the bias or the weight trains (see `Lowering.bias_as_add`)."""
     return lowering_of(w).bias_as_add and (w.trainable("bias") or w.trainable("weight"))
+
+
+def max_pool_in_arithmetic(w: Mapping[str, Tensor]) -> bool:
+    """Whether a max pooling, given its node's tensors `w`, is written in float arithmetic without bool ops
+    (see `Lowering.max_pool_in_arithmetic`)."""
+    return lowering_of(w).max_pool_in_arithmetic
 
 
 def pins(w: Mapping[str, Tensor]) -> bool:

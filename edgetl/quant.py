@@ -18,3 +18,26 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     """Float copy of an int8 weight; made where it is used and not kept."""
     shape = (-1,) + (1,) * (q.dim() - 1)
     return q.to(torch.float32) * scale.reshape(shape)
+
+
+# A small integer (a 0/1 mask, a position in a pooling window) kept as int8 with scale 1 and zero point 0, in
+# the ops ExecuTorch's XNNPACK delegate converts float <-> int8 with inside a delegate: the memory plan then
+# holds 1 byte per element between the op that makes the value and the one that uses it.
+SMALL_INT8 = (1.0, 0, -128, 127, torch.int8)
+
+
+def decomposed_quant_ops():
+    """torch.ops.quantized_decomposed, registered."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    return torch.ops.quantized_decomposed
+
+
+def small_int_as_int8(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor of integers in [-128, 127] as int8, exactly (see SMALL_INT8)."""
+    return decomposed_quant_ops().quantize_per_tensor.default(t, *SMALL_INT8)
+
+
+def small_int_from_int8(q: torch.Tensor) -> torch.Tensor:
+    """The fp32 value of `small_int_as_int8`'s int8 tensor."""
+    return decomposed_quant_ops().dequantize_per_tensor.default(q, *SMALL_INT8)

@@ -20,6 +20,9 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   interval mask lo < v < hi so applied to `g · mask` (`masks_as_int8`, exact): ExecuTorch's kernels
   for bool tensors (comparisons, `where`, bool casts) take a slow generic path, so the 0/1 mask is
   made by float ops XNNPACK runs, kept as int8 (1 byte, as the bool) and multiplied in XNNPACK.
+* A max pool that trains through is float arithmetic XNNPACK runs, its kept positions int8 (`Lowering.
+  max_pool_in_arithmetic`, exact, ties to the first maximum): its running-max selects and backward `eq` +
+  `where` were ~65% of mnist_cnn's `bias+mask` step on the bool kernels (b32: 52 -> 17 ms, BENCHMARKS.md task C).
 * The memory plan is the smaller of ExecuTorch's greedy one and a best-fit one (`et_memory_plan`).
 * TF-same (asymmetric) conv pads live in the conv (symmetric padding, zero kernel taps) and a strided
   conv's input gradient is one ConvTranspose over the zero-row-shifted gradient, not cropped (exact;
@@ -52,6 +55,7 @@ import torch.nn.functional as F
 
 from edgetl.interpret import computing, interpret, weights_from
 from edgetl.lowering import Lowering
+from edgetl.quant import SMALL_INT8, decomposed_quant_ops
 from edgetl.runtime.backends.executorch_q8 import pack
 from edgetl.runtime.targets import EXECUTORCH
 from edgetl.step import LeanEval, LeanStep
@@ -70,12 +74,12 @@ INFERENCE_FILE = "inference.pte"
 # delegated op has no bias to bake into its packed weights (the conv rule always adds its bias),
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace),
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
-# depthwise ConvTranspose is slow), and a conv with a computed kernel is written as matmuls, which XNNPACK
-# takes with computed operands. Either way a conv bias's gradient is summed on ExecuTorch's own kernels,
-# over the batch first.
+# depthwise ConvTranspose is slow), a conv with a computed kernel is written as matmuls, which XNNPACK
+# takes with computed operands, and a max pooling that trains through is float arithmetic XNNPACK runs,
+# no bool op. Either way a conv bias's gradient is summed on ExecuTorch's own kernels, over the batch first.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
                      zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True,
-                     batch_first_bias_sum=True)
+                     max_pool_in_arithmetic=True, batch_first_bias_sum=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -212,16 +216,10 @@ def _unexpanded(g: torch.fx.Node) -> torch.fx.Node:
     return g
 
 
-def _quantized_ops():
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
-
-    return torch.ops.quantized_decomposed
-
-
-_QD = _quantized_ops()
+_QD = decomposed_quant_ops()
 # The 0/1 mask as int8 with scale 1 and zero point 0: XNNPACK converts float <-> int8 itself, inside
 # the delegates that make and apply the mask, so the plan holds only the int8 mask between them.
-_INT8_01 = (1.0, 0, -128, 127, torch.int8)
+_INT8_01 = SMALL_INT8
 
 
 def masks_as_int8(ep) -> int:

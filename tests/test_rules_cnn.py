@@ -116,6 +116,71 @@ def test_max_pool_all_equal_window_sends_one_gradient():
     assert gx.sum() == 1 and gx[0, 0, 0, 0] == 1
 
 
+class _InArithmetic(dict):
+    """A max pool's (empty) tensors under a lowering that writes it in float arithmetic (ExecuTorch's)."""
+
+    lowering = Lowering(max_pool_in_arithmetic=True)
+
+    def __bool__(self):  # RuleStep keeps `w or {}`
+        return True
+
+
+def _ties(shape, seed=1):
+    """Post-ReLU integers: windows full of equal maxima (zeros), a few distinct values."""
+    x = F.relu(torch.randint(-2, 2, shape, generator=torch.Generator().manual_seed(seed)).float())
+    return x + (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.2) * _x(shape, seed)
+
+
+@pytest.mark.parametrize("case", list(MAX_POOLS))
+def test_max_pool_in_arithmetic_sends_ties_to_the_first_maximum(case):
+    """`Lowering.max_pool_in_arithmetic` (no bool op): the same pool and input gradient as torch, ties
+    included, and the position kept as one int8 per output."""
+    args, shape, ref = MAX_POOLS[case]
+    x = _ties(shape)
+    rule = bind(R.MaxPool(*args), x)
+    xr = x.clone().requires_grad_(True)
+    yr = ref(xr)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
+    yr.backward(g)
+    need = Need((True,), frozenset())
+    y, kept = rule.forward([x], _InArithmetic(), need)
+    (gx,), _ = rule.backward(g, dict(kept), _InArithmetic(), need)
+    assert kept["i"].dtype == torch.int8 and kept["i"].numel() == yr.numel()
+    assert torch.equal(y, yr)
+    assert rel_err(gx, xr.grad) <= 1e-6  # a misrouted tie is off by a whole g; overlaps sum in another order
+
+
+def test_max_pool_in_arithmetic_runs_in_xnnpack_as_torch():
+    """ExecuTorch with XNNPACK runs the arithmetic max pool (disjoint windows with a crop, and the ResNet
+    stem's 3x3/s2/p1) entirely in its delegates, no bool op nor strided slice left on ExecuTorch's own
+    kernels, and gives torch's pool and input gradient, ties included."""
+    import numpy as np
+
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+    from rule_harness import RuleStep, _Steps
+
+    steps, want = [], []
+    for case in ("2s2_floor_tiles", "resnet_3s2p1", "1d_3s2p1"):
+        args, shape, ref = MAX_POOLS[case]
+        x = _ties(shape)
+        rule = bind(R.MaxPool(*args), x)
+        xr = x.clone().requires_grad_(True)
+        yr = ref(xr)
+        g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
+        yr.backward(g)
+        steps.append((RuleStep(rule, _InArithmetic()).eval(), x, g))
+        want += [yr.detach(), xr.grad]
+    module = _Steps([s for s, _, _ in steps]).eval()
+    args = tuple(t for _, x, g in steps for t in (x, g))
+    et = _lower(module, args, delegate=True)
+    kinds = _delegated_ops(et)["portable_op_kinds"]
+    bool_ops = {f"aten::{op}" for op in ("where", "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "bitwise_and")}
+    assert not (bool_ops | {"aten::slice_copy", "aten::max_pool2d_with_indices"}) & set(kinds), kinds
+    for got, ref in zip(NativeMethod(et.buffer)([a.numpy() for a in args]), want):
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("args", [(3, 1, 1), (3, 2, 1), (2, 2)])
 def test_max_pool_backward_holds_one_tap_gradient_at_a_time(args):
     """The backward's live memory, as the analytic model counts it, stays a few input sizes

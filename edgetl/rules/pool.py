@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..lowering import pins, replaying, runs_nchwc
+from ..lowering import max_pool_in_arithmetic, pins, replaying, runs_nchwc
+from ..quant import small_int_as_int8, small_int_from_int8
 from .base import Rule, Tensor, upsample_to
 
 IntArg = int | Sequence[int]
@@ -146,6 +147,12 @@ def _exact_zero(t: Tensor) -> Tensor:
     return (t.reshape(-1)[:1] > float("inf")).to(t.dtype)
 
 
+def _rank_if_max(v: Tensor, m: Tensor, rank: float | Tensor) -> Tensor:
+    """`rank` where a tap's value v equals its window's maximum m (v <= m), else 0, in float ops XNNPACK
+    runs: 1 + floor(max(v - m, -1)) is 1 or 0 (a float difference is 0 only for equal floats)."""
+    return (torch.floor((v - m).clamp(min=-1.0)) + 1.0) * rank
+
+
 class MaxPool(_Windowed):
     """`aten.max_pool2d_with_indices` (and `max_pool1d`): any kernel, stride, padding, dilation
     and ceil_mode. Keeps the argmax position inside its window (uint8 up to 256 taps), computed
@@ -154,7 +161,8 @@ class MaxPool(_Windowed):
     adds each tap into place (`_spread`). Measured against max_pool2d(return_indices) converted to
     in-window positions (also exact, same ties in onnxruntime and ExecuTorch): this forward is
     faster on ExecuTorch with XNNPACK (27 vs 34-39 ms), slower in onnxruntime (123 vs 72 ms;
-    8x64x56x56, 3x3/s2/p1, one thread), and needs no int64 indices."""
+    8x64x56x56, 3x3/s2/p1, one thread), and needs no int64 indices. Under `Lowering.max_pool_in_arithmetic`
+    (ExecuTorch) the forward and backward are float arithmetic instead, no bool op (`_forward_in_arithmetic`)."""
 
     kind = "maxpool"
 
@@ -182,6 +190,8 @@ class MaxPool(_Windowed):
             return self.compute(xs, w), {}
         if pins(w) and replaying(w):
             return self._as_onnxruntime_runs_it(xs)
+        if self._in_arithmetic(w):
+            return self._forward_in_arithmetic(xs)
         xp = self._pad(self._4d(xs[0], self.hw), float("-inf"))
         kh, kw = self.k
         # Every tap's view first (free in eager): onnxruntime's default order is a depth-first walk
@@ -196,6 +206,68 @@ class MaxPool(_Windowed):
             m = torch.where(better, v, m)
             idx = torch.where(better, torch.tensor(t, dtype=self.index_dtype, device=m.device), idx)
         return self._nd(m, self.out_hw), {"i": idx}
+
+    def _in_arithmetic(self, w) -> bool:
+        # Not in the analytic replay: there its float temporaries would count as planned memory, while
+        # ExecuTorch holds them in XNNPACK's workspace (modelled apart, exporters/et_workspace.py); the
+        # bool path it replays instead keeps the same byte per output.
+        return max_pool_in_arithmetic(w) and self.taps <= 128 and not replaying(w)  # positions fit int8
+
+    def _forward_in_arithmetic(self, xs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The forward above in float ops XNNPACK runs (`Lowering.max_pool_in_arithmetic`): the pool, then
+        each tap t's 1 + floor(max(v - m, -1)), 1 where the tap holds the window's maximum m and else 0
+        (exact: v <= m, and a float difference is 0 only for equal floats); the first such tap is the
+        one with the largest T - t among them (T taps), so the position is T - max_t(hit_t * (T - t)).
+        Kept as int8 (quantized inside XNNPACK). A tap's values are step-1 slices (XNNPACK copies no
+        strided one): disjoint windows' of the input permuted to (N, C, kh*kw, Ho, Wo), so that every op
+        runs along rows (on the (N, C, Ho, kh, Wo, kw) view the inner dim was kw: 5 ms slower on mnist_cnn
+        b32, as was a second pool over the ranks on the input grid), other windows' of the padded input's
+        stride phases."""
+        x = self._4d(xs[0], self.hw)
+        m = F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil_mode)
+        best = self._tiled_first_max(x, m) if self.tiles else self._tapped_first_max(x, m)
+        return self._nd(m, self.out_hw), {"i": small_int_as_int8(self.taps - best)}
+
+    def _tiled_first_max(self, x: Tensor, m: Tensor) -> Tensor:
+        (kh, kw), (ho, wo) = self.k, self.out_hw
+        if (ho * kh, wo * kw) != tuple(x.shape[2:]):  # rows and columns no window reaches
+            x = x[:, :, : ho * kh, : wo * kw]
+        taps = x.reshape(-1, self.c, ho, kh, wo, kw).permute(0, 1, 3, 5, 2, 4).reshape(-1, self.c, self.taps, ho, wo)
+        rank = self.taps - torch.arange(self.taps, dtype=x.dtype, device=x.device).reshape(1, 1, self.taps, 1, 1)
+        ranked = _rank_if_max(taps, m.reshape(-1, self.c, 1, ho, wo), rank)
+        del taps
+        best = ranked[:, :, :1]
+        for t in range(1, self.taps):
+            best = torch.maximum(best, ranked[:, :, t : t + 1])
+        return best.reshape(-1, self.c, ho, wo)
+
+    def _tapped_first_max(self, x: Tensor, m: Tensor) -> Tensor:
+        best = None
+        for t, v in enumerate(self._unstrided_taps(x)):
+            ranked = _rank_if_max(v, m, float(self.taps - t))
+            best = ranked if best is None else torch.maximum(best, ranked)
+            del v, ranked
+        return best
+
+    def _unstrided_taps(self, x: Tensor):
+        """Each tap's (N, C, Ho, Wo) values, in tap order, by slices of step 1 (XNNPACK copies no other):
+        the -inf-padded input as its stride phases, (N, C, sh*sw*hc, wc), tap (a, b) at phase
+        (a*d mod s) and coarse offset a*d // s, as `_spread` places them back."""
+        (kh, kw), (sh, sw), (dh, dw) = self.k, self.s, self.d
+        (ho, wo), (h, w), (ph, pw) = self.out_hw, self.hw, self.p
+        rh, rw = self._reach()
+        hc, wc = -(-rh // sh), -(-rw // sw)
+        if h + ph > hc * sh or w + pw > wc * sw:  # rows and columns past every window
+            x = x[:, :, : hc * sh - ph, : wc * sw - pw]
+            h, w = x.shape[2:]
+        xp = F.pad(x, (pw, wc * sw - w - pw, ph, hc * sh - h - ph), value=float("-inf"))
+        if (sh, sw) != (1, 1):
+            xp = xp.reshape(-1, self.c, hc, sh, wc, sw).permute(0, 1, 3, 5, 2, 4).reshape(-1, self.c, sh * sw * hc, wc)
+        for a in range(kh):
+            for b in range(kw):
+                (oa, ra), (ob, rb) = divmod(a * dh, sh), divmod(b * dw, sw)
+                top = (ra * sw + rb) * hc + oa
+                yield xp[:, :, top : top + ho, ob : ob + wo]
 
     def _as_onnxruntime_runs_it(self, xs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The forward above as onnxruntime runs its exported program, for the analytic replay
@@ -231,6 +303,8 @@ class MaxPool(_Windowed):
 
     def backward(self, g, kept, w, need):
         g = self._4d(g, self.out_hw)
+        if self._in_arithmetic(w):
+            return [self._nd(self._backward_in_arithmetic(g, small_int_from_int8(kept["i"])), self.hw)], {}
         idx = kept["i"].to(g.dtype)  # compared as float: integer Equal kernels are patchy in runtimes
         square_tiles = self.tiles and self.nd == 2 and self.k[0] == self.k[1]
         if self.tiles and not pins(w):
@@ -244,6 +318,22 @@ class MaxPool(_Windowed):
                 lambda t, last=None: torch.where(idx == (t if last is None else _exact_zero(last) + t), g, 0.0),
                 chain=pins(w))
         return [self._nd(gx, self.hw)], {}
+
+    def _backward_in_arithmetic(self, g: Tensor, idx: Tensor) -> Tensor:
+        """The backward without bool ops (`Lowering.max_pool_in_arithmetic`): tap t gets g * relu(1 - |idx - t|),
+        1 exactly where the integer position idx is t. Disjoint windows as `_tile_where` (one broadcast
+        product on the (N, C, Ho, kh, Wo, kw) grid), others tap by tap through `_spread`."""
+        if not self.tiles:
+            return self._spread(lambda t: g * torch.relu(1.0 - torch.abs(idx - float(t))))
+        (kh, kw), (ho, wo), (h, w) = self.k, self.out_hw, self.hw
+        taps = torch.arange(kh * kw, dtype=g.dtype, device=g.device).reshape(1, 1, kh, kw, 1, 1)
+        hit = torch.relu(1.0 - torch.abs(idx.reshape(-1, self.c, 1, 1, ho, wo) - taps))
+        gx = g.reshape(-1, self.c, 1, 1, ho, wo) * hit
+        del hit
+        gx = gx.permute(0, 1, 4, 2, 5, 3).reshape(-1, self.c, ho * kh, wo * kw)
+        if (ho * kh, wo * kw) != (h, w):
+            gx = F.pad(gx, (0, w - wo * kw, 0, h - ho * kh))
+        return gx
 
     def _tile_where(self, g: Tensor, idx: Tensor) -> Tensor:
         """Disjoint windows: the input gradient as (N, C, Ho, kh, Wo, kw), row i*kh + a and column
