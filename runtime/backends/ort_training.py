@@ -64,6 +64,10 @@ class OrtTrainingBackend(Backend):
         self._cleanup()
 
     def _open(self, state) -> None:
+        # ORT's Module and Optimizer hold a bare pointer into their CheckpointState: they must go before it,
+        # when a new state replaces it and when this backend is collected (attributes are released in the
+        # order they were first set). The old order freed the state first: `free(): invalid next size`.
+        self.module = self.optimizer = None
         self.state = state
         programs = self.bundle.manifest["programs"]
 
