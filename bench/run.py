@@ -329,7 +329,10 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float, n
         "(onnxruntime's intra-op threads, torch's and ExecuTorch's thread pool, which XNNPACK runs on, set to 1). Wall time is in bench/results/memory.json (`step_ms_*`) but not shown: the "
         "machine is shared, and wall time counts the waits for a core. *whole MB* is the process's peak over its "
         "whole life (importing, loading the model or bundle, a warm-up step and the measured steps) above its "
-        "level once the runtime's libraries were imported, before any model or program; from the memory run. "
+        "level once the runtime's libraries were imported, before any model or program, less the library pages "
+        "paged in after that level (`whole_above_libraries_bytes`: ExecuTorch's and torch's libraries page in "
+        "while programs load and run, onnxruntime's mostly at import; no runtime's code is counted); from the "
+        "memory run. The peak with the libraries' code is `whole_peak_bytes` in the JSON. "
         "*step vs torch full* is the step CPU time over torch full fine-tuning's in the same run (below 1: faster). "
         "Every ratio is computed between rows of one run (`run` in the JSON).",
         "",

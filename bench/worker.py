@@ -22,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgetl.runtime import profile
-from edgetl.runtime.backends.base import rss_bytes, threads_from_env
+from edgetl.runtime.backends.base import Resident, above_libraries, threads_from_env
 
 NUM_CLASSES = 10
-LIBRARIES_RSS = 0  # resident memory once torch (and the row's libraries) are imported, set in main()
+LIBRARIES = None  # resident memory once torch (and the row's libraries) are imported, set in main()
 ROOT = Path(__file__).resolve().parent.parent
 # Bring-your-own-model rows: the model as users write it (tests/families), not a registered backbone
 FAMILY_MODELS = {"resnet18-like": "resnet18", "efficientnet_b0-like": "efficientnet_b0", "deit_tiny-like": "deit_tiny"}
@@ -61,9 +61,10 @@ def measure_steps(step, steps: int) -> dict:
     process's peak over its whole life, measured as the device profiler does (the caller keeps the
     memory of the run with the memory setting and the times of the other run)."""
     m = profile.measure_steps(step, steps)
-    whole = max(m.load_hwm, m.hwm)
+    whole, after = max(m.load_hwm, m.hwm), Resident.now()
     out = {"measured_peak_bytes": m.above, "process_peak_bytes": m.hwm, "load_peak_bytes": m.load_hwm,
-           "whole_peak_bytes": whole, "whole_above_libraries_bytes": whole - LIBRARIES_RSS,
+           "whole_peak_bytes": whole, "whole_above_libraries_bytes": above_libraries(whole, LIBRARIES, after),
+           "libraries_paged_in_bytes": max(after.libraries - LIBRARIES.libraries, 0),
            "allocator": profile.allocator(), "threads": threads_from_env(), "versions": profile.versions()}
     for key, ts in (("step_ms", m.wall_ms), ("step_cpu_ms", m.cpu_ms)):
         ts = sorted(ts)
@@ -192,7 +193,7 @@ def _library_setup() -> None:
 
 
 def main() -> None:
-    global LIBRARIES_RSS
+    global LIBRARIES
     kind, model, size, batch, steps, *rest = sys.argv[1:]
     if threads_from_env() is not None:
         torch.set_num_threads(threads_from_env())
@@ -204,7 +205,7 @@ def main() -> None:
         sys.modules.setdefault("torchvision", None)  # as in torch_peft
         import peft  # noqa: F401
     _library_setup()
-    LIBRARIES_RSS = rss_bytes() or 0
+    LIBRARIES = Resident.now()
     args = (model, int(size), int(batch), int(steps), *rest)
     fn = {"torch-full": torch_full, "torch-autograd": torch_autograd, "et-joint": et_joint,
           "torch-peft": torch_peft}[kind]

@@ -19,8 +19,11 @@ names the run each figure came from (`memory_run`, `time_run`).
 Step time is reported twice: `step_ms_*` is wall time, `step_cpu_ms_*` the process's CPU time over the
 step (every thread's; on a machine shared with other work, wall time counts the waits for a core).
 Load-time memory: `load_peak_bytes` is the process's peak before the measured steps (imports, loading,
-warm-up), `whole_peak_bytes` its peak over its whole life, `whole_above_libraries_bytes` that peak above
-the level once the runtime's libraries were loaded and before any program.
+warm-up), `whole_peak_bytes` its peak over its whole life (libraries' code included),
+`whole_above_libraries_bytes` that peak above the level once the runtime's libraries were loaded and before
+any program, less the library pages first touched after that level (`libraries_paged_in_bytes`:
+ExecuTorch's and torch's libraries page in while programs load and run, onnxruntime's at import), so
+that no runtime's code counts as its training memory, whenever it is paged in.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.base import status_kb, threads_from_env
+from .backends.base import Resident, above_libraries, status_kb, threads_from_env
 from .errors import InputError
 
 DEVICES_FILE = Path(__file__).with_name("devices.json")
@@ -79,8 +82,8 @@ class Profile:
     ram_bytes: int | None = None  # 'program' devices: what must be in RAM (the weights stay in flash)
     flash_bytes: int | None = None  # 'program' devices: the program files as stored (weights included)
     flash_budget_bytes: int | None = None
-    # ExecuTorch: the process peak above its level once the runtime's libraries were loaded (before
-    # any program), and the model of it (see analytic_process_bytes)
+    # ExecuTorch: the process peak from the first measured step on, above the runtime's libraries
+    # (above_libraries), and the model of it (see analytic_process_bytes)
     process_above_libraries_bytes: int | None = None
     analytic_process_bytes: int | None = None
     memory_run: dict | None = None  # which process and allocator each figure came from
@@ -90,7 +93,8 @@ class Profile:
     step_cpu_ms_max: float | None = None
     load_peak_bytes: int | None = None  # process peak before the measured steps: imports, loading, warm-up
     whole_peak_bytes: int | None = None  # process peak over its whole life
-    whole_above_libraries_bytes: int | None = None  # whole_peak_bytes above the level before any program
+    whole_above_libraries_bytes: int | None = None  # whole_peak_bytes above the libraries (above_libraries)
+    libraries_paged_in_bytes: int | None = None  # library pages first touched after the level before any program
     threads: int | None = None  # $EDGETL_THREADS where set (None: the runtime's default)
     versions: dict | None = None  # the runtime packages that ran the step
 
@@ -214,7 +218,8 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
     trainer.set_state(state)  # profiling leaves the trainer as it was
     trainer.step = step
     planned = trainer.backend.planned_bytes()
-    before = getattr(trainer.backend, "rss_before_programs", None)
+    before, after = getattr(trainer.backend, "before_programs", None), Resident.now()
+    known = before is not None and after is not None
     measured = above + (planned or 0)
     mem = b.manifest["analytic_memory"]
     step_bytes = analytic_step_bytes(b.manifest, planned)
@@ -225,12 +230,13 @@ def profile_trainer(trainer, steps: int = 5, seed: int = 0, warmup: int = 1) -> 
         analytic_peak_bytes=int(mem["analytic_peak_bytes"]), analytic_step_bytes=int(step_bytes),
         measured_peak_bytes=int(measured), measured_vs_analytic=measured / max(step_bytes, 1),
         planned_bytes=planned, process_peak_bytes=int(hwm),
-        process_above_libraries_bytes=None if before is None else int(hwm - before),
+        process_above_libraries_bytes=above_libraries(hwm, before, after) if known else None,
         analytic_process_bytes=analytic_process_bytes(b.manifest),
         step_cpu_ms_median=float(np.median(m.cpu_ms)), step_cpu_ms_min=float(np.min(m.cpu_ms)),
         step_cpu_ms_max=float(np.max(m.cpu_ms)), load_peak_bytes=int(m.load_hwm),
         whole_peak_bytes=int(max(m.load_hwm, hwm)),
-        whole_above_libraries_bytes=None if before is None else int(max(m.load_hwm, hwm) - before),
+        whole_above_libraries_bytes=above_libraries(max(m.load_hwm, hwm), before, after) if known else None,
+        libraries_paged_in_bytes=max(after.libraries - before.libraries, 0) if known else None,
         threads=threads_from_env(), versions=versions(),
         breakdown={k: mem[k] for k in ("frozen_weights_bytes", "trainable_params_bytes", "gradients_bytes",
                                        "optimizer_state_bytes", "kept_activations_bytes", "input_bytes",
@@ -391,7 +397,8 @@ def run_part(part: str, prefix: list[str], args: list[str], env: dict) -> dict:
 
 MEMORY_FIELDS = ("analytic_peak_bytes", "analytic_step_bytes", "measured_peak_bytes", "measured_vs_analytic",
                  "planned_bytes", "process_peak_bytes", "process_above_libraries_bytes", "analytic_process_bytes",
-                 "breakdown", "memory_run", "load_peak_bytes", "whole_peak_bytes", "whole_above_libraries_bytes")
+                 "breakdown", "memory_run", "load_peak_bytes", "whole_peak_bytes", "whole_above_libraries_bytes",
+                 "libraries_paged_in_bytes")
 TIME_FIELDS = ("step_ms_median", "step_ms_min", "step_ms_max", "step_cpu_ms_median", "step_cpu_ms_min",
                "step_cpu_ms_max", "time_run")
 

@@ -113,3 +113,41 @@ def test_peer_runtime_is_profiled_in_the_peer_not_here(bundle):
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
     assert p["target"] == "ort-training" and p["measured_peak_bytes"] > 0
+
+
+def test_module_and_optimizer_are_released_before_their_checkpoint_state():
+    """ORT's Module and Optimizer hold a bare pointer into their CheckpointState. Freed first (when
+    `set_state` reopened them on a new state, and when the backend was collected), the state left them
+    dangling: `free(): invalid next size (fast)` in 3 of 10 Lite0 224 `side` profile runs, 2 of 8 runs
+    of steps + set_state, at exit. Checked with stand-ins recording the order they are released in."""
+    import gc
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from edgetl.runtime.backends.ort_training import OrtTrainingBackend
+
+    released = []
+
+    class State:
+        def __init__(self, name):
+            self.name = name
+
+        def __del__(self):
+            released.append(self.name)
+
+    class User:  # a Module or an Optimizer of `state`
+        def __init__(self, *args):
+            self.of = next(a for a in args if isinstance(a, State)).name
+
+        def __del__(self):
+            released.append(f"user of {self.of}")
+
+    backend = OrtTrainingBackend.__new__(OrtTrainingBackend)
+    backend.bundle = SimpleNamespace(manifest={"programs": {"training": "t", "eval": "e", "optimizer": "o"}})
+    backend.files, backend.device, backend.so = Path("."), None, None
+    backend.C = SimpleNamespace(Module=User, Optimizer=User)
+    backend._open(State("a"))
+    backend._open(State("b"))  # as set_state does
+    del backend
+    gc.collect()
+    assert released == ["user of a", "user of a", "a", "user of b", "user of b", "b"], released

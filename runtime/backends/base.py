@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,44 @@ def rss_bytes() -> int | None:
         return status_kb("VmRSS") * 1024
     except OSError:  # no /proc (not Linux)
         return None
+
+
+def library_rss_bytes() -> int | None:
+    """The resident pages of this process's shared libraries (every file mapping whose name has
+    `.so`: code and read-only data), from /proc/self/smaps; None without it."""
+    total, library = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 6)
+                if head and head[0][0] in "0123456789abcdef" and "-" in head[0]:  # a mapping's header line
+                    library = len(head) > 5 and ".so" in head[5].rsplit("/", 1)[-1]
+                elif library and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except OSError:
+        return None
+    return total
+
+
+@dataclass(frozen=True)
+class Resident:
+    """Resident memory at one moment: all of it, and its shared libraries' pages."""
+    total: int
+    libraries: int
+
+    @staticmethod
+    def now() -> "Resident | None":
+        total, libraries = rss_bytes(), library_rss_bytes()
+        return None if total is None or libraries is None else Resident(total, libraries)
+
+
+def above_libraries(peak: int, before: Resident, after: Resident) -> int:
+    """`peak` above the level `before` any program was loaded (the runtime's libraries imported), less
+    the library pages that became resident since (`after`, taken once the steps ran). Runtimes page
+    their libraries in at different times: onnxruntime's at import (in `before`), ExecuTorch's shim
+    and torch's while the first programs load and run; counted this way, a library page is never
+    training memory, whenever it was first touched."""
+    return int(peak - before.total - max(after.libraries - before.libraries, 0))
 
 
 class Backend(ABC):

@@ -30,7 +30,7 @@ from ..errors import BundleError, EdgeRuntimeError, InputError
 from ..lora_merge import merged_weights
 from ..programs import check_positional_programs
 from ..targets import X
-from .base import HostStateBackend, rss_bytes, threads_from_env
+from .base import HostStateBackend, Resident, threads_from_env
 from .executorch_q8 import is_packed, unpack, unpacked_size
 
 _SHIM_SOURCE = r"""
@@ -637,7 +637,7 @@ class ExecuTorchBackend(HostStateBackend):
         super().__init__(bundle)
         stage = on_stage or (lambda _: None)
         share_packed_weights(share_weights)
-        self.rss_before_programs = rss_bytes()  # the runtime's libraries loaded, no program yet
+        self.before_programs = Resident.now()  # the runtime's libraries loaded, no program yet
         methods = {}
         for role in ("train_step", "eval"):
             # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run

@@ -9,7 +9,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..programs import program_names
 from ..targets import LOGITS
-from .base import HostStateBackend, rss_bytes, threads_from_env
+from .base import HostStateBackend, Resident, threads_from_env
 from ..lora_merge import merged_weights
 from .onnx_inference import write_inference_model
 
@@ -49,7 +49,7 @@ class OnnxBackend(HostStateBackend):
         super().__init__(bundle)
         import onnxruntime as ort
 
-        self.rss_before_programs = rss_bytes()  # the runtime's libraries loaded, no program yet
+        self.before_programs = Resident.now()  # the runtime's libraries loaded, no program yet
         so = session_options(arena)
         providers = ["CPUExecutionProvider"]
         # from the checked bytes, not the paths: a file replaced since the bundle was loaded is not run.

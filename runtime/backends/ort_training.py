@@ -23,7 +23,7 @@ from ..bundle import Bundle
 from ..errors import BundleError
 from ..programs import program_names
 from ..targets import LOGITS
-from .base import Backend, rss_bytes
+from .base import Backend, Resident
 from .onnx import session_options
 from .ort_checkpoint import STEP, read_optimizer_state, write_optimizer_state
 
@@ -34,7 +34,7 @@ class OrtTrainingBackend(Backend):
         from onnxruntime.capi import _pybind_state as C
 
         self.C = C
-        self.rss_before_programs = rss_bytes()  # the runtime's libraries loaded, no program yet
+        self.before_programs = Resident.now()  # the runtime's libraries loaded, no program yet
         (checkpoint,) = bundle.spec.files
         if checkpoint not in bundle.manifest["files"]:
             raise BundleError(f"{bundle.target} bundle lacks its {checkpoint!r} file")
@@ -64,6 +64,10 @@ class OrtTrainingBackend(Backend):
         self._cleanup()
 
     def _open(self, state) -> None:
+        # ORT's Module and Optimizer hold a bare pointer into their CheckpointState: they must go before it,
+        # when a new state replaces it and when this backend is collected (attributes are released in the
+        # order they were first set). The old order freed the state first: `free(): invalid next size`.
+        self.module = self.optimizer = None
         self.state = state
         programs = self.bundle.manifest["programs"]
 
