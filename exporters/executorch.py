@@ -72,7 +72,8 @@ INFERENCE_FILE = "inference.pte"
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
 # depthwise ConvTranspose is slow), and a conv with a computed kernel is written as matmuls, which XNNPACK
 # takes with computed operands.
-DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
+DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
+                     shifted_strided_input_grad=True,
                      zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True)
 PORTABLE = Lowering()
 
