@@ -777,6 +777,52 @@ def test_tf_same_depthwise_conv_under_executorch_lowering_keeps_within_xnnpack_o
     assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
 
 
+class _FrozenForwards(torch.nn.Module):
+    """(x per case) -> each case's forward under the executorch target's lowering, the kernel a constant."""
+
+    def __init__(self, rules, kernels):
+        super().__init__()
+        self.rules = rules
+        for i, k in enumerate(kernels):
+            self.register_buffer(f"k{i}", k)
+
+    def forward(self, *xs):
+        return tuple(rule.compute([x], _Delegated(weight=getattr(self, f"k{i}")))
+                     for i, (rule, x) in enumerate(zip(self.rules, xs)))
+
+
+@pytest.mark.slow
+def test_tf_same_depthwise_forwards_run_in_xnnpack_with_int8_storable_kernels(tmp_path):
+    """Lowered with XNNPACK: the explicit pad of a 5x5 kernel's input runs inside the delegate (no portable
+    op), the results match torch, and each kernel blob is exactly int8 per channel (the bundle stores it so)."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+    from edgetl.runtime.backends.executorch_q8 import _encode_blob
+
+    cases, c = ["k3_even", "k5_even", "k5_odd"], 16
+    rules, kernels, xs, want = [], [], [], []
+    for i, case in enumerate(cases):
+        k, (h, wd) = TF_SAME_DEPTHWISE[case]
+        (t, b), (l, r) = _tf_same_pads(k, h), _tf_same_pads(k, wd)
+        scale = torch.rand(c, 1, 1, 1, generator=torch.Generator().manual_seed(i)) * 0.02 + 0.01
+        q = torch.randint(-127, 128, (c, 1, k, k), generator=torch.Generator().manual_seed(i)).float()
+        q[:, 0, 0, 0] = 127
+        x, wt = _x((2, c, h, wd), i), q * scale
+        rules.append(bind(R.Conv2d(k, 2, (t, b, l, r), 1, c), x, {"weight": wt}))
+        kernels, xs = kernels + [wt], xs + [x]
+        want.append(F.conv2d(F.pad(x, (l, r, t, b)), wt, None, 2, 0, 1, c))
+    et = _lower(_FrozenForwards(rules, kernels).eval(), tuple(xs), delegate=True)
+    ops = _delegated_ops(et)
+    assert ops["portable_ops"] == 0 and ops["delegate_calls"] >= 1, ops
+    blobs = [bytes(b) for b in et._named_data.buffers if len(bytes(b)) >= 256]  # the kernels
+    assert len(blobs) == len(cases) and all(_encode_blob(b, {c}) is not None for b in blobs)
+    path = tmp_path / "y.pte"
+    path.write_bytes(et.buffer)
+    for case, got, ref in zip(cases, NativeMethod(path)([x.numpy() for x in xs]), want):
+        assert rel_err(torch.from_numpy(got), ref) < 1e-5, case
+
+
 # --- strided depthwise input gradients as a stride-1 conv over the zero-inserted gradient (ExecuTorch) ----
 
 class _ZeroInserted(_ExecuTorchLowered):
