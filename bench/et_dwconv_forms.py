@@ -3,11 +3,12 @@ timed alone at EfficientNet-Lite0 224 b8's shapes: one program per form (the exp
 torch.export, XNNPACK partitioner), each call's thread CPU time on one thread (median), and each form's
 max abs difference from torch's conv of the explicitly padded input.
 
-    EDGETL_THREADS=1 python bench/et_dwconv_forms.py [--reps 7] [--prelude]
+    EDGETL_THREADS=1 python bench/et_dwconv_forms.py [--reps 7] [--prelude] [--forms A,B] [--shapes 0,1]
 
-`--prelude`: the conv's input is made inside the same call (a 1x1 expand conv + bias + ReLU6, as in Lite0's
-blocks) instead of being a program input, so a channels-last value reaches the pad (XNNPACK can fold a
-zero pad into the conv that reads it only when nothing sits between them).
+`--prelude` (depthwise shapes): the conv's input is made inside the same call (a 1x1 expand conv + bias + ReLU6,
+as in Lite0's blocks) instead of being a program input, so a channels-last value reaches the pad (XNNPACK can
+fold a zero pad into the conv that reads it only when nothing sits between them). The first program of a run
+can read slow (warm-up): vary the order of `--forms`. Results: BENCHMARKS.md, task E.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 
 from edgetl.runtime.backends.base import THREADS_VAR
 
-# (channels, size, kernel): Lite0 224's stride-2 depthwise convs, batch 8
-SHAPES = [(96, 112, 3), (144, 56, 5), (240, 28, 3), (672, 14, 5)]
+# (channels, size, kernel, input channels of a dense conv): Lite0 224's stride-2 depthwise convs, then its
+# dense stem (3 -> 32 channels), batch 8
+SHAPES = [(96, 112, 3, None), (144, 56, 5, None), (240, 28, 3, None), (672, 14, 5, None), (32, 224, 3, 3)]
 BATCH = 8
 
 
@@ -32,20 +34,21 @@ def tf_same_pads(size: int, k: int, s: int = 2) -> tuple[int, int]:
 
 
 class Form(torch.nn.Module):
-    def __init__(self, form: str, c: int, size: int, k: int, prelude: bool):
+    def __init__(self, form: str, c: int, size: int, k: int, prelude: bool, dense_in: int | None = None):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.form, self.size, self.k = form, size, k
-        self.register_buffer("w", torch.randn(c, 1, k, k, generator=g))
+        self.groups = 1 if dense_in else c
+        self.register_buffer("w", torch.randn(c, dense_in or 1, k, k, generator=g))
         self.prelude = prelude
         if prelude:
-            self.register_buffer("w1", torch.randn(c, c // 6, 1, 1, generator=g) * 0.3)
+            self.register_buffer("w1", torch.randn(dense_in or c, (dense_in or c) // 6, 1, 1, generator=g) * 0.3)
         self.before, self.after = tf_same_pads(size, k)
 
     def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.prelude:
             x = F.hardtanh(F.conv2d(x, self.w1) + b.reshape(1, -1, 1, 1), 0.0, 6.0)
-        c, lo, hi = self.w.shape[0], self.before, self.after
+        c, lo, hi = self.groups, self.before, self.after
         if self.form == "zero_taps":  # today's pads_in_kernel: symmetric max pad, zero taps on the side padded less
             w = F.pad(self.w, (hi - lo, 0, hi - lo, 0))
             return F.conv2d(x, w, None, 2, hi, 1, c)
@@ -61,7 +64,7 @@ class Form(torch.nn.Module):
         if self.prelude:
             x = F.hardtanh(F.conv2d(x, self.w1) + b.reshape(1, -1, 1, 1), 0.0, 6.0)
         pads = (self.before, self.after) * 2
-        return F.conv2d(F.pad(x, pads), self.w, None, 2, 0, 1, self.w.shape[0])
+        return F.conv2d(F.pad(x, pads), self.w, None, 2, 0, 1, self.groups)
 
 
 FORMS = ["zero_taps", "pad_op", "shift_slice", "sym_lo"]
@@ -78,18 +81,18 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--prelude", action="store_true")
     p.add_argument("--forms", default=",".join(FORMS))
-    p.add_argument("--shapes", default="0,1,2,3")
+    p.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES (4: the dense stem)")
     a = p.parse_args()
     os.environ[THREADS_VAR] = "1"
     from edgetl.runtime.backends.executorch import NativeMethod
 
     for i in map(int, a.shapes.split(",")):
-        c, size, k = SHAPES[i]
-        cin = c // 6 if a.prelude else c
-        x = torch.randn(BATCH, cin, size, size)
-        b = torch.randn(c) if a.prelude else torch.zeros(1)
+        c, size, k, dense_in = SHAPES[i]
+        conv_in = dense_in or c
+        x = torch.randn(BATCH, conv_in // 6 if a.prelude else conv_in, size, size)
+        b = torch.randn(conv_in) if a.prelude else torch.zeros(1)
         for form in a.forms.split(","):
-            m = Form(form, c, size, k, a.prelude)
+            m = Form(form, c, size, k, a.prelude, dense_in)
             ref = m.reference(x, b)
             method = NativeMethod(program(m, (x, b)))
             ins = [x.numpy(), b.numpy()][: len(method.inputs)]
@@ -100,7 +103,7 @@ def main() -> None:
                 t = time.thread_time()
                 method(ins)
                 times.append((time.thread_time() - t) * 1e3)
-            print(f"{BATCH}x{c}x{size}x{size} k{k} {form:12s} {np.median(times):8.2f} ms  "
+            print(f"{BATCH}x{conv_in}x{size}x{size} k{k} g{m.groups} {form:12s} {np.median(times):8.2f} ms  "
                   f"max|diff| {err:.2e}  planned {method.planned_bytes / 2**20:.1f} MiB", flush=True)
             del method
 

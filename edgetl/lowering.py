@@ -50,7 +50,7 @@ class Lowering:
     pads_in_kernel: bool = False
     # where set, a depthwise conv whose kernel with those zero taps would have more taps than this keeps its
     # k x k kernel behind an explicit zero pad instead: XNNPACK's one-pass depthwise kernels take up to 25
-    # taps, so a TF-same 5x5 made 6x6 ran its multipass kernel, 2.5-5x slower than the pad and the 5x5 conv
+    # taps, so a TF-same 5x5 made 6x6 ran its multipass kernel, 2-4.5x slower than the pad and the 5x5 conv
     # together at EfficientNet-Lite0's stride-2 shapes (b8, one thread); a 3x3 made 4x4 still fits one pass
     # and, reading a value from outside the call, is as fast as the 3x3 (BENCHMARKS.md, task E)
     pads_in_kernel_max_depthwise_taps: int | None = None

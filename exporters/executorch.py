@@ -24,7 +24,9 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
 * TF-same (asymmetric) conv pads live in the conv (symmetric padding, zero kernel taps) and a strided
   conv's input gradient is one ConvTranspose over the zero-row-shifted gradient, not cropped (exact;
   `Lowering.pads_in_kernel`, `shifted_strided_input_grad`): the pad and the crop each held a 112x112
-  value twice in XNNPACK's shared workspace (Lite0 224 b8: 74.8 MiB; see BENCHMARKS.md, task U).
+  value twice in XNNPACK's shared workspace (Lite0 224 b8: 74.8 MiB; see BENCHMARKS.md, task U). A depthwise
+  kernel the zero taps would take past XNNPACK's 25-tap one-pass kernels (a 5x5 made 6x6) keeps an explicit
+  pad instead (`Lowering.pads_in_kernel_max_depthwise_taps`; BENCHMARKS.md, task E).
 * A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
   the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
   depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A).

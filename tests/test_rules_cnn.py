@@ -757,7 +757,7 @@ def _tf_same_pads(k: int, size: int, s: int = 2) -> tuple[int, int]:
 def test_tf_same_depthwise_conv_under_executorch_lowering_keeps_within_xnnpack_one_pass_taps(case):
     """The executorch target's forward of a TF-same stride-2 depthwise conv: a 3x3 kernel padded in the
     kernel (4x4: within XNNPACK's 25-tap one-pass depthwise kernels), a 5x5 one behind an explicit pad (6x6
-    ran the multipass kernel, 3x slower; BENCHMARKS.md, task E); forward and input gradient exact."""
+    ran the multipass kernel, 2-4.5x slower; BENCHMARKS.md, task E); forward and input gradient exact."""
     k, (h, wd) = TF_SAME_DEPTHWISE[case]
     (t, b), (l, r) = _tf_same_pads(k, h), _tf_same_pads(k, wd)
     rule, x, wt = R.Conv2d(k, 2, (t, b, l, r), 1, 4), _x((2, 4, h, wd)), _x((4, 1, k, k), 1) * 0.3
