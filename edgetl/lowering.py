@@ -54,6 +54,12 @@ class Lowering:
     # copy of the padded value (two 96-channel 113x113 values at EfficientNet-Lite0 224 b8: what sized
     # XNNPACK's workspace); the onnx target folds the pad into the Conv's own asymmetric pads instead
     pads_in_kernel: bool = False
+    # where set, a depthwise conv whose kernel with those zero taps would have more taps than this keeps its
+    # k x k kernel behind an explicit zero pad instead: XNNPACK's one-pass depthwise kernels take up to 25
+    # taps, so a TF-same 5x5 made 6x6 ran its multipass kernel, 2-4.5x slower than the pad and the 5x5 conv
+    # together at EfficientNet-Lite0's stride-2 shapes (b8, one thread); a 3x3 made 4x4 still fits one pass
+    # and, reading a value from outside the call, is as fast as the 3x3 (BENCHMARKS.md, task E)
+    pads_in_kernel_max_depthwise_taps: int | None = None
     # a strided asymmetrically padded (TF-same) conv's input gradient as one ConvTranspose over the
     # output gradient shifted by zero rows/columns (exact), not a larger result cropped by slices
     # (in XNNPACK the result and the crop's copy were alive together); the onnx target folds the crop

@@ -27,7 +27,9 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
 * TF-same (asymmetric) conv pads live in the conv (symmetric padding, zero kernel taps) and a strided
   conv's input gradient is one ConvTranspose over the zero-row-shifted gradient, not cropped (exact;
   `Lowering.pads_in_kernel`, `shifted_strided_input_grad`): the pad and the crop each held a 112x112
-  value twice in XNNPACK's shared workspace (Lite0 224 b8: 74.8 MiB; see BENCHMARKS.md, task U).
+  value twice in XNNPACK's shared workspace (Lite0 224 b8: 74.8 MiB; see BENCHMARKS.md, task U). A depthwise
+  kernel the zero taps would take past XNNPACK's 25-tap one-pass kernels (a 5x5 made 6x6) keeps an explicit
+  pad instead (`Lowering.pads_in_kernel_max_depthwise_taps`; BENCHMARKS.md, task E).
 * A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
   the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
   depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A).
@@ -72,14 +74,15 @@ INFERENCE_FILE = "inference.pte"
 # What ExecuTorch needs from the step, with XNNPACK and without: it runs the step as written (no
 # schedule pins); with XNNPACK, a trainable bias of a frozen-weight linear is a separate add, so the
 # delegated op has no bias to bake into its packed weights (the conv rule always adds its bias),
-# asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace),
+# asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace)
+# but zero kernel taps, up to XNNPACK's one-pass 25 taps (a larger kernel takes a pad inside its call),
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
 # depthwise ConvTranspose is slow), a conv with a computed kernel is written as matmuls, which XNNPACK
 # takes with computed operands, and a max pooling that trains through is float arithmetic XNNPACK runs,
 # no bool op. Either way a conv bias's gradient is summed on ExecuTorch's own kernels, over the batch first.
-DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
-                     zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True,
-                     max_pool_in_arithmetic=True, batch_first_bias_sum=True)
+DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
+                     shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
+                     computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 

@@ -783,6 +783,111 @@ def test_tf_same_conv_lowered_for_executorch_has_no_pad_and_no_crop(case):
     assert not any("pad" in str(n.target) and n.args[0].name == "x" for n in nodes), ops
 
 
+class _Delegated(_ExecuTorchLowered):
+    """A node's frozen tensors under the executorch target's own (XNNPACK) lowering."""
+
+    @property
+    def lowering(self):
+        from edgetl.exporters.executorch import DELEGATED
+
+        return DELEGATED
+
+
+class _ConvKernels(TorchDispatchMode):
+    """The (kh, kw) kernels of the convolutions run inside the block, and whether a pad op ran."""
+
+    def __enter__(self):
+        self.kernels, self.padded = [], False
+        super().__enter__()
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.kernels.append(tuple(args[1].shape[2:]))
+        self.padded |= "pad" in str(func) and args[0].dim() == 4 and args[0].shape[1] == 4  # x, not the kernel
+        return func(*args, **(kwargs or {}))
+
+
+# (kernel, (H, W)): TF-same stride-2 depthwise convs, even sizes (pads before < after) and odd ones (symmetric)
+TF_SAME_DEPTHWISE = {"k3_even": (3, (12, 10)), "k5_even": (5, (12, 10)), "k3_odd": (3, (11, 9)),
+                     "k5_odd": (5, (11, 9)), "k5_even_odd": (5, (12, 9))}
+
+
+def _tf_same_pads(k: int, size: int, s: int = 2) -> tuple[int, int]:
+    total = max((-(-size // s) - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+@pytest.mark.parametrize("case", list(TF_SAME_DEPTHWISE))
+def test_tf_same_depthwise_conv_under_executorch_lowering_keeps_within_xnnpack_one_pass_taps(case):
+    """The executorch target's forward of a TF-same stride-2 depthwise conv: a 3x3 kernel padded in the
+    kernel (4x4: within XNNPACK's 25-tap one-pass depthwise kernels), a 5x5 one behind an explicit pad (6x6
+    ran the multipass kernel, 2-4.5x slower; BENCHMARKS.md, task E); forward and input gradient exact."""
+    k, (h, wd) = TF_SAME_DEPTHWISE[case]
+    (t, b), (l, r) = _tf_same_pads(k, h), _tf_same_pads(k, wd)
+    rule, x, wt = R.Conv2d(k, 2, (t, b, l, r), 1, 4), _x((2, 4, h, wd)), _x((4, 1, k, k), 1) * 0.3
+    rule = bind(rule, x, {"weight": wt})
+    xr = x.clone().requires_grad_(True)
+    yr = F.conv2d(F.pad(xr, (l, r, t, b)), wt, None, 2, 0, 1, 4)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    w = _Delegated(weight=wt)
+    with _ConvKernels() as seen:
+        y = rule.compute([x], w)
+    assert rel_err(y, yr) < 1e-5
+    (kernel,) = seen.kernels
+    assert kernel[0] * kernel[1] <= 25, kernel
+    assert seen.padded == (k == 5 and not rule.symmetric), (seen.padded, kernel)
+    gx = rule.backward(g, {}, w, Need((True,), frozenset()))[0][0]
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
+
+
+class _FrozenForwards(torch.nn.Module):
+    """(x per case) -> each case's forward under the executorch target's lowering, the kernel a constant."""
+
+    def __init__(self, rules, kernels):
+        super().__init__()
+        self.rules = rules
+        for i, k in enumerate(kernels):
+            self.register_buffer(f"k{i}", k)
+
+    def forward(self, *xs):
+        return tuple(rule.compute([x], _Delegated(weight=getattr(self, f"k{i}")))
+                     for i, (rule, x) in enumerate(zip(self.rules, xs)))
+
+
+@pytest.mark.slow
+def test_tf_same_depthwise_forwards_run_in_xnnpack_with_int8_storable_kernels(tmp_path):
+    """Lowered with XNNPACK: the explicit pad of a 5x5 kernel's input runs inside the delegate (no portable
+    op), the results match torch, and each kernel blob is exactly int8 per channel (the bundle stores it so)."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+    from edgetl.runtime.backends.executorch_q8 import _encode_blob
+
+    cases, c = ["k3_even", "k5_even", "k5_odd"], 16
+    rules, kernels, xs, want = [], [], [], []
+    for i, case in enumerate(cases):
+        k, (h, wd) = TF_SAME_DEPTHWISE[case]
+        (t, b), (l, r) = _tf_same_pads(k, h), _tf_same_pads(k, wd)
+        scale = torch.rand(c, 1, 1, 1, generator=torch.Generator().manual_seed(i)) * 0.02 + 0.01
+        q = torch.randint(-127, 128, (c, 1, k, k), generator=torch.Generator().manual_seed(i)).float()
+        q[:, 0, 0, 0] = 127
+        x, wt = _x((2, c, h, wd), i), q * scale
+        rules.append(bind(R.Conv2d(k, 2, (t, b, l, r), 1, c), x, {"weight": wt}))
+        kernels, xs = kernels + [wt], xs + [x]
+        want.append(F.conv2d(F.pad(x, (l, r, t, b)), wt, None, 2, 0, 1, c))
+    et = _lower(_FrozenForwards(rules, kernels).eval(), tuple(xs), delegate=True)
+    ops = _delegated_ops(et)
+    assert ops["portable_ops"] == 0 and ops["delegate_calls"] >= 1, ops
+    blobs = [bytes(b) for b in et._named_data.buffers if len(bytes(b)) >= 256]  # the kernels
+    assert len(blobs) == len(cases) and all(_encode_blob(b, {c}) is not None for b in blobs)
+    path = tmp_path / "y.pte"
+    path.write_bytes(et.buffer)
+    for case, got, ref in zip(cases, NativeMethod(path)([x.numpy() for x in xs]), want):
+        assert rel_err(torch.from_numpy(got), ref) < 1e-5, case
+
+
 # --- strided depthwise input gradients as a stride-1 conv over the zero-inserted gradient (ExecuTorch) ----
 
 class _ZeroInserted(_ExecuTorchLowered):

@@ -74,11 +74,22 @@ class Conv2d(Rule):
         ph, pw = max(t, b), max(l, r)
         return (ph, pw), ((pw - l) // dw, (pw - r) // dw, (ph - t) // dh, (ph - b) // dh)
 
+    def _zero_taps_fit(self, extend: tuple[int, int, int, int], w) -> bool:
+        """Whether this conv's kernel with the zero taps `extend` (F.pad's (left, right, top, bottom)) stays
+        within the lowering's depthwise tap limit (`Lowering.pads_in_kernel_max_depthwise_taps`)."""
+        limit = lowering_of(w).pads_in_kernel_max_depthwise_taps
+        if limit is None or not self._depthwise():
+            return True
+        (kh, kw), (left, right, top, bottom) = self.kernel, extend
+        return (kh + top + bottom) * (kw + left + right) <= limit
+
     def by_rows(self, role):
         return role == "weight" and self.groups == 1
 
     def compute(self, xs, w):
         kernel_pads = self._kernel_pads() if lowering_of(w).pads_in_kernel and not in_blocks(w, "weight") else None
+        if kernel_pads is not None and not self._zero_taps_fit(kernel_pads[1], w):
+            kernel_pads = None  # an explicit pad, then the k x k conv
         if self._as_matmul(w) and w.trainable("weight"):
             y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)
         elif kernel_pads is not None:  # no pad op: the padding lives in the conv and zero kernel taps
