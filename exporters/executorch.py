@@ -79,7 +79,7 @@ INFERENCE_FILE = "inference.pte"
 # no bool op. Either way a conv bias's gradient is summed on ExecuTorch's own kernels, over the batch first.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, shifted_strided_input_grad=True,
                      zero_inserted_depthwise_input_grad=True, computed_conv_as_matmul=True,
-                     max_pool_in_arithmetic=True, batch_first_bias_sum=True)
+                     max_pool_in_arithmetic=True, batch_first_bias_sum=True, int8_pointwise_linear=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -87,22 +87,29 @@ def lowering(delegate: bool) -> Lowering:
     return DELEGATED if delegate else PORTABLE
 
 
-def weights_as_fp32_constants(module: torch.nn.Module) -> int:
+def weights_as_fp32_constants(module: torch.nn.Module, backward: bool = True) -> int:
     """Replace the int8+scale buffers of `module.store` by one fp32 buffer each (dequantized
     now; each row block apart where the lowering stores a weight by rows), so the exported
-    program holds them as constants. Returns how many were converted."""
+    program holds them as constants. A weight the forward reads as int8 (`Lowering.int8_linear_weights`)
+    keeps its int8 buffers, and gets the fp32 one beside them only for a `backward`.
+    Returns how many were converted."""
     store = module.store
 
-    def fp32(keys: tuple[str, ...]) -> tuple[str, ...]:
+    def fp32(keys: tuple[str, ...], suffix: str = "") -> tuple[str, ...]:
         w = store.dequantize(getattr(store, keys[0]), getattr(store, keys[1])).contiguous()
-        delattr(store, keys[0])
-        delattr(store, keys[1])
-        store.register_buffer(keys[0], w)
-        return (keys[0],)
+        if not suffix:
+            delattr(store, keys[0])
+            delattr(store, keys[1])
+        store.register_buffer(keys[0] + suffix, w)
+        return (keys[0] + suffix,)
 
     n = 0
     for name, keys in list(store.slots.items()):
-        if len(keys) == 2:
+        if len(keys) == 2 and name in store.int8_weights:
+            store.int8_slots[name] = keys
+            if backward:
+                store.slots[name] = fp32(keys, "_fp32")
+        elif len(keys) == 2:
             store.slots[name] = fp32(keys)
             n += 1
     for name, blocks in store.block_slots.items():
@@ -405,15 +412,54 @@ def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
     return out
 
 
+def _constant_prop_skips() -> set:
+    """ExecuTorch's default constant-propagation skips plus the aten-level weight dequantize."""
+    from executorch.exir.passes.constant_prop_pass import _DEFAULT_SKIP_TARGETS
+
+    return set(_DEFAULT_SKIP_TARGETS) | {decomposed_quant_ops().dequantize_per_channel.default}
+
+
+def _weight_only_int8_linear_config():
+    """ExecuTorch 1.5.1's XNNPACK linear config, also taking fp32 activations with a per-channel int8 weight
+    (dequantize -> linear, no activation quantize): XNNPACK runs it as its f32_qc8w fully connected, packed
+    1 byte per weight. The stock config reads a dequantized weight as static quantization and then asks
+    for a quantized activation and output; as dynamic quantization the weight's deps are the same, and
+    only the activation's are changed here (none)."""
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.backends.xnnpack.utils.utils import get_input_node
+
+    class WeightOnlyInt8LinearConfig(LinearConfig):
+        def _weight_only(self, node) -> bool:
+            return (is_dequant(get_input_node(node, self.weight_idx))
+                    and not is_dequant(get_input_node(node, self.act_idx)))
+
+        def _detect_precision(self, node):
+            if self._weight_only(node):
+                return ConfigPrecisionType.DYNAMIC_QUANT
+            return super()._detect_precision(node)
+
+        def _get_act_deps(self, node, ep, precision):
+            if self._weight_only(node):
+                return True, []
+            return super()._get_act_deps(node, ep, precision)
+
+    return LinearConfig, WeightOnlyInt8LinearConfig
+
+
 def _partitioner():
-    """XNNPACK's partitioner, its partitions cut by `split_at_outside_uses`."""
+    """XNNPACK's partitioner (its linear also with int8 weights and fp32 activations), its partitions cut by
+    `split_at_outside_uses`."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class SplitXnnpackPartitioner(XnnpackPartitioner):
         def generate_partitions(self, ep):
             return split_at_outside_uses(ep.graph_module.graph, super().generate_partitions(ep))
 
-    return SplitXnnpackPartitioner()
+    stock, weight_only = _weight_only_int8_linear_config()
+    return SplitXnnpackPartitioner(configs=[weight_only if c is stock else c for c in ALL_PARTITIONER_CONFIGS])
 
 
 def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
@@ -431,7 +477,9 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
         # ExecuTorch's own exporter warns about experimental APIs; the program is checked by tests.
         cfg = EdgeCompileConfig(_check_ir_validity=False)
         if delegate:
-            ep = constant_prop_pass(ep)  # fold flipped/transposed frozen kernels into constants
+            # fold flipped/transposed frozen kernels into constants; an int8 weight's dequantize stays (XNNPACK
+            # reads dequantize -> linear as an int8 weight, `Lowering.int8_pointwise_linear`)
+            ep = constant_prop_pass(ep, custom_skip_targets=_constant_prop_skips())
             shortcuts.enter_context(lazy_recompiles())  # (et_fast.py) the same program, written sooner
             shortcuts.enter_context(shared_provenance())
             shortcuts.enter_context(materialize_cia_ops_once())
@@ -505,7 +553,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     ev = LeanEval(prepared, low).eval()
     if delegate:
         weights_as_fp32_constants(step)
-        weights_as_fp32_constants(ev)
+        weights_as_fp32_constants(ev, backward=False)
     frozen_int8 = prepared.graph.frozen_dtype == "int8"
     channels = {int(d) for t in prepared.stored for d in prepared.frozen(t).shape} if frozen_int8 else set()
     et_step = _lower(step, (x, y, lr, *flat), delegate)
@@ -538,7 +586,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     if merged is not None:  # LoRA: an inference program reading the merged weights as inputs (see lora.py)
         mev = LeanEval(merged, low).eval()
         if delegate:
-            weights_as_fp32_constants(mev)
+            weights_as_fp32_constants(mev, backward=False)
         mp = merged.initial_params()
         _write(_lower(mev, (xe, *(mp[t] for t in merged.trainable)), delegate), out / INFERENCE_FILE, channels)
         lora = write_lora_file(prepared, out, "inference")

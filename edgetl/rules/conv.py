@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lowering import by_rows, in_blocks, lowering_of, pins, replaying, runs_nchwc, summed_by_rows
+from ..quant import dequantize_weight_op
 from .base import Need, Rule, Tensor
 
 
@@ -50,6 +51,21 @@ class Conv2d(Rule):
         self.in_chw, self.out_chw = tuple(in_shapes[0]), tuple(out_shape)  # the (C, H, W) it computes on
 
     @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv (stride 1, one group, unpadded): a linear over the channels-last view."""
+        return self.kernel == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not any(self.pads)
+
+    def _int8_linear(self, x: Tensor, w) -> Tensor | None:
+        """This pointwise conv as a linear whose weight is dequantized from its stored int8 by the op
+        (`Lowering.int8_pointwise_linear`), None where the program holds no int8 for it. Same values."""
+        stored = w.int8("weight") if lowering_of(w).int8_linear_conv(self) else None
+        if stored is None or in_blocks(w, "weight"):
+            return None
+        q, scale = stored
+        weight = dequantize_weight_op(q.reshape(q.shape[0], -1), scale)
+        return F.linear(x.permute(0, 2, 3, 1), weight).permute(0, 3, 1, 2)
+
+    @property
     def symmetric(self) -> bool:
         t, b, l, r = self.pads
         return t == b and l == r
@@ -79,7 +95,10 @@ class Conv2d(Rule):
 
     def compute(self, xs, w):
         kernel_pads = self._kernel_pads() if lowering_of(w).pads_in_kernel and not in_blocks(w, "weight") else None
-        if self._as_matmul(w) and w.trainable("weight"):
+        as_linear = self._int8_linear(xs[0], w)
+        if as_linear is not None:
+            y = as_linear
+        elif self._as_matmul(w) and w.trainable("weight"):
             y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)
         elif kernel_pads is not None:  # no pad op: the padding lives in the conv and zero kernel taps
             (pad, extend), x = kernel_pads, xs[0]
