@@ -193,6 +193,13 @@ def replaying(w: Mapping[str, Tensor]) -> bool:
     return bool(getattr(w, "replay", False))
 
 
+def int8_of(w: Mapping[str, Tensor], role: str):
+    """The stored (int8, scale) of the frozen tensor in `role` of `w` where the program gives them (`Weights.int8`),
+    else None."""
+    ask = getattr(w, "int8", None)
+    return ask(role) if ask is not None else None
+
+
 def in_blocks(w: Mapping[str, Tensor], role: str) -> bool:
     """Whether the lowering gives the tensor in `role` of `w` (a node's tensors) by row blocks."""
     ask = getattr(w, "in_blocks", None)

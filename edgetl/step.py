@@ -26,10 +26,8 @@ class _FrozenStore(nn.Module):
         blocks = lowering.row_blocks(prepared.graph)
         # dequantized from constants alone, never pinned: a graph runtime folds them to fp32 at load
         self.unpinned = lowering.foldable_weights(prepared.graph)
-        # int8 weights the rules also read as stored (`Weights.int8`); where an exporter turns a weight into one
-        # fp32 buffer, it keeps these int8 buffers beside it (`int8_slots`)
+        # int8 weights the rules read as stored (`Weights.int8`): an exporter keeps them int8
         self.int8_weights = lowering.int8_linear_weights(prepared.graph)
-        self.int8_slots: dict[str, tuple[str, ...]] = {}
         for i, (name, stored) in enumerate(prepared.stored.items()):
             if name in blocks:
                 self.block_slots[name] = {}
@@ -58,7 +56,7 @@ class _FrozenStore(nn.Module):
 
     def int8(self, name: str) -> tuple[Tensor, Tensor] | None:
         """The stored (int8, per-channel scale) of a weight in `int8_weights`, else None."""
-        keys = self.int8_slots.get(name) or self.slots.get(name, ())
+        keys = self.slots.get(name, ())
         if name not in self.int8_weights or len(keys) != 2:
             return None
         return getattr(self, keys[0]), getattr(self, keys[1])

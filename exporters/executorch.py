@@ -87,29 +87,23 @@ def lowering(delegate: bool) -> Lowering:
     return DELEGATED if delegate else PORTABLE
 
 
-def weights_as_fp32_constants(module: torch.nn.Module, backward: bool = True) -> int:
+def weights_as_fp32_constants(module: torch.nn.Module) -> int:
     """Replace the int8+scale buffers of `module.store` by one fp32 buffer each (dequantized
     now; each row block apart where the lowering stores a weight by rows), so the exported
-    program holds them as constants. A weight the forward reads as int8 (`Lowering.int8_linear_weights`)
-    keeps its int8 buffers, and gets the fp32 one beside them only for a `backward`.
-    Returns how many were converted."""
+    program holds them as constants. A weight the step reads as int8 (`Lowering.int8_linear_weights`)
+    keeps its int8 buffers. Returns how many were converted."""
     store = module.store
 
-    def fp32(keys: tuple[str, ...], suffix: str = "") -> tuple[str, ...]:
+    def fp32(keys: tuple[str, ...]) -> tuple[str, ...]:
         w = store.dequantize(getattr(store, keys[0]), getattr(store, keys[1])).contiguous()
-        if not suffix:
-            delattr(store, keys[0])
-            delattr(store, keys[1])
-        store.register_buffer(keys[0] + suffix, w)
-        return (keys[0] + suffix,)
+        delattr(store, keys[0])
+        delattr(store, keys[1])
+        store.register_buffer(keys[0], w)
+        return (keys[0],)
 
     n = 0
     for name, keys in list(store.slots.items()):
-        if len(keys) == 2 and name in store.int8_weights:
-            store.int8_slots[name] = keys
-            if backward:
-                store.slots[name] = fp32(keys, "_fp32")
-        elif len(keys) == 2:
+        if len(keys) == 2 and name not in store.int8_weights:
             store.slots[name] = fp32(keys)
             n += 1
     for name, blocks in store.block_slots.items():
@@ -553,7 +547,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     ev = LeanEval(prepared, low).eval()
     if delegate:
         weights_as_fp32_constants(step)
-        weights_as_fp32_constants(ev, backward=False)
+        weights_as_fp32_constants(ev)
     frozen_int8 = prepared.graph.frozen_dtype == "int8"
     channels = {int(d) for t in prepared.stored for d in prepared.frozen(t).shape} if frozen_int8 else set()
     et_step = _lower(step, (x, y, lr, *flat), delegate)
@@ -586,7 +580,7 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     if merged is not None:  # LoRA: an inference program reading the merged weights as inputs (see lora.py)
         mev = LeanEval(merged, low).eval()
         if delegate:
-            weights_as_fp32_constants(mev, backward=False)
+            weights_as_fp32_constants(mev)
         mp = merged.initial_params()
         _write(_lower(mev, (xe, *(mp[t] for t in merged.trainable)), delegate), out / INFERENCE_FILE, channels)
         lora = write_lora_file(prepared, out, "inference")
