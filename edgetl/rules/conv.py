@@ -56,7 +56,8 @@ class Conv2d(Rule):
         return self.kernel == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not any(self.pads)
 
     def _int8_weight(self, w) -> tuple[Tensor, Tensor] | None:
-        """The stored (int8 (Cout, Cin), scale) where this conv runs as the int8 linear (`Lowering.int8_pointwise_linear`)."""
+        """The stored (int8 (Cout, Cin), scale) where this conv runs as the int8 linear
+        (`Lowering.int8_pointwise_linear`), else None."""
         stored = int8_of(w, "weight") if lowering_of(w).int8_linear_conv(self) else None
         if stored is None or in_blocks(w, "weight"):
             return None
