@@ -83,6 +83,16 @@ class Lowering:
     # ExecuTorch's bool kernels (comparisons, where) take a generic per-element path: ~65% of mnist_cnn's
     # `bias+mask` step with the comparisons and selects of the running max
     max_pool_in_arithmetic: bool = False
+    # a frozen int8 1x1 conv (stride 1, one group, unpadded) in the forward as a linear over the channels-last
+    # view, its weight dequantized by the per-channel dequantize op right before it: ExecuTorch's XNNPACK
+    # delegate then keeps the weight int8 (XNNPACK's f32_qc8w fully connected: fp32 activations, 1 byte per
+    # packed weight) where a conv packs it as fp32; XNNPACK 1.5.1 has no f32_qc8w conv (BENCHMARKS.md, task G)
+    int8_pointwise_linear: bool = False
+    # ... only where its positions (H x W) are at most this many times its input channels: the linear's result
+    # and its permuted copy are both inner values of XNNPACK's call, one output more than the conv's, so
+    # the large early 1x1 convs (few weights, 112x112 outputs) stay convs (Lite0 224 b8: the 16->96 expand
+    # at 112x112 as a linear was a 73.5 MiB call, and XNNPACK's workspace growth at load peaked with it)
+    int8_pointwise_max_positions_per_channel: int = 4
 
     def foldable_weights(self, graph) -> set[str]:
         """The frozen int8 tensors of `graph` this lowering dequantizes from constants alone (unpinned)."""
@@ -95,6 +105,21 @@ class Lowering:
             if role == "weight" and graph.is_quantized(t) and groups > 1 and len(shape) == 4 and shape[1] == 1:
                 out.add(t)
         return out
+
+    def int8_linear_weights(self, graph) -> set[str]:
+        """The frozen int8 weights of `graph` this lowering hands to a forward linear as int8 (`int8_pointwise_linear`):
+        those of the 1x1 convs that run as one (`int8_linear_conv`)."""
+        if not self.int8_pointwise_linear:
+            return set()
+        return {t for t, (node, role) in graph.weight_roles().items()
+                if role == "weight" and graph.is_quantized(t) and self.int8_linear_conv(node.rule)}
+
+    def int8_linear_conv(self, rule) -> bool:
+        """Whether a conv rule runs as the int8 linear (`int8_pointwise_linear`), given int8 for its weight."""
+        if not (self.int8_pointwise_linear and getattr(rule, "pointwise", False)):
+            return False
+        channels, h, w = rule.in_chw
+        return h * w <= self.int8_pointwise_max_positions_per_channel * channels
 
     def row_blocks(self, graph) -> dict[str, list[tuple[int, int]]]:
         """The frozen tensors of `graph` this lowering dequantizes in row blocks, each as its
@@ -172,6 +197,13 @@ def replaying(w: Mapping[str, Tensor]) -> bool:
     (meta tensors): it may then spell out what the target's runtime allocates (copies where the
     exported program's ops copy) without changing the program itself."""
     return bool(getattr(w, "replay", False))
+
+
+def int8_of(w: Mapping[str, Tensor], role: str):
+    """The stored (int8, scale) of the frozen tensor in `role` of `w` where the program gives them (`Weights.int8`),
+    else None."""
+    ask = getattr(w, "int8", None)
+    return ask(role) if ask is not None else None
 
 
 def in_blocks(w: Mapping[str, Tensor], role: str) -> bool:

@@ -30,8 +30,10 @@ class Weights(Mapping[str, Tensor]):
 
     def __init__(self, roles: dict[str, str], params: Mapping[str, Tensor], frozen: Callable[..., Tensor],
                  tracker, tag: str, zero: Tensor | None = None, lowering: Lowering = EAGER,
-                 blocks: Mapping[str, list[tuple[int, int]]] | None = None, replay: bool = False):
+                 blocks: Mapping[str, list[tuple[int, int]]] | None = None, replay: bool = False,
+                 int8: Callable[[str], tuple[Tensor, Tensor] | None] | None = None):
         self.roles, self.params, self.frozen, self.tracker, self.tag = roles, params, frozen, tracker, tag
+        self.int8_source = int8  # a frozen tensor's stored (int8, scale), where the lowering asks for them
         self.replay = replay  # the analytic replay on meta tensors (rules read it through `lowering.replaying`)
         self.zero = zero  # an exact zero made from the op's input: dequantize no earlier than the op
         self.lowering = lowering  # what the target needs from the rules (read through this mapping)
@@ -50,6 +52,13 @@ class Weights(Mapping[str, Tensor]):
         self.tracker.hold(key, t, "weights (dequantized, transient)")
         self.transients.append(key)
         return t
+
+    def int8(self, role: str) -> tuple[Tensor, Tensor] | None:
+        """The stored (int8, per-channel scale) of the frozen tensor in `role`, where the program was given
+        them (`Lowering.int8_linear_weights`), else None."""
+        if self.int8_source is None or role not in self.roles or self.trainable(role):
+            return None
+        return self.int8_source(self.roles[role])
 
     def in_blocks(self, role: str) -> bool:
         return role in self.roles and self.roles[role] in self.blocks and self.roles[role] not in self.params
@@ -114,12 +123,15 @@ class _Anchored(Mapping[str, Tensor]):
 
 class Program:
     def __init__(self, graph: LeanGraph, frozen: Callable[..., Tensor], lowering: Lowering = EAGER,
-                 replay: bool = False, order: list[str] | None = None):
+                 replay: bool = False, order: list[str] | None = None,
+                 int8: Callable[[str], tuple[Tensor, Tensor] | None] | None = None):
+        # int8: a frozen tensor's stored (int8, scale) for the rules that take it (see `Weights.int8`).
         # replay (the analytic memory model): the rules run as `lowering` asks, but the program's own
         # schedule pins (exact zeros added to scales, biases and pool inputs) are left out: they
         # order a graph runtime's schedule and hold no memory there. `order`: the forward's nodes in
         # the order the replayed runtime runs them (a topological order; default: the graph's)
         self.graph, self.frozen, self.lowering, self.replay = graph, frozen, lowering, replay
+        self.int8 = int8
         self.order = [graph.node(name) for name in order] if order else list(graph.nodes)
         pos = {n.name: i for i, n in enumerate(self.order)}
         self.pins = lowering.pin_schedule and not replay
@@ -167,7 +179,7 @@ class Program:
         pin = self.pins and anchor is not None and self.dequantizes[node.name]
         zero = anchor.reshape(-1)[:1].sum() * 0.0 if pin else None
         return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering, self.blocks,
-                       self.replay)
+                       self.replay, self.int8)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:

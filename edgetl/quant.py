@@ -33,6 +33,13 @@ def decomposed_quant_ops():
     return torch.ops.quantized_decomposed
 
 
+def dequantize_weight_op(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`dequantize_per_channel` (output channels on axis 0, symmetric) as the quantized_decomposed op: the form
+    ExecuTorch's XNNPACK delegate reads as an int8 weight with per-channel scales. Same values."""
+    zero_points = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    return decomposed_quant_ops().dequantize_per_channel.default(q, scale, zero_points, 0, -127, 127, torch.int8)
+
+
 def small_int_as_int8(t: torch.Tensor) -> torch.Tensor:
     """An fp32 tensor of integers in [-128, 127] as int8, exactly (see SMALL_INT8)."""
     return decomposed_quant_ops().quantize_per_tensor.default(t, *SMALL_INT8)

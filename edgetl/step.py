@@ -26,6 +26,8 @@ class _FrozenStore(nn.Module):
         blocks = lowering.row_blocks(prepared.graph)
         # dequantized from constants alone, never pinned: a graph runtime folds them to fp32 at load
         self.unpinned = lowering.foldable_weights(prepared.graph)
+        # int8 weights the rules read as stored (`Weights.int8`): an exporter keeps them int8
+        self.int8_weights = lowering.int8_linear_weights(prepared.graph)
         for i, (name, stored) in enumerate(prepared.stored.items()):
             if name in blocks:
                 self.block_slots[name] = {}
@@ -52,6 +54,13 @@ class _FrozenStore(nn.Module):
         t = self._read(self.slots[name], zero)
         return t if rows is None else t[rows[0]:rows[1]]
 
+    def int8(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The stored (int8, per-channel scale) of a weight in `int8_weights`, else None."""
+        keys = self.slots.get(name, ())
+        if name not in self.int8_weights or len(keys) != 2:
+            return None
+        return getattr(self, keys[0]), getattr(self, keys[1])
+
     def _read(self, keys: tuple[str, ...], zero: Tensor | None) -> Tensor:
         if len(keys) == 2:
             scale = getattr(self, keys[1])
@@ -67,7 +76,7 @@ class LeanStep(nn.Module):
         self.trainable = prepared.trainable
         self.state_names = optimizer.state_names(self.trainable)
         self.store = _FrozenStore(prepared, lowering)
-        self.program = Program(prepared.graph, self.store.get, lowering)
+        self.program = Program(prepared.graph, self.store.get, lowering, int8=self.store.int8)
 
     def init_state(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.optimizer.init_state(params)
@@ -98,7 +107,7 @@ class LeanEval(nn.Module):
         super().__init__()
         self.trainable = prepared.trainable
         self.store = _FrozenStore(prepared, lowering)
-        self.program = Program(prepared.graph, self.store.get, lowering)
+        self.program = Program(prepared.graph, self.store.get, lowering, int8=self.store.int8)
 
     def forward(self, x: Tensor, *flat: Tensor) -> Tensor:
         return self.program.forward(x, dict(zip(self.trainable, flat)), train=False)[0]

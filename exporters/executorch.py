@@ -11,6 +11,10 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   The files still store them int8: each fp32 constant blob that is exactly int8 per channel is
   written as int8 + scales and the device restores the program byte for byte before loading it
   (`edgetl.runtime.backends.executorch_q8`, sha256-checked): ~0.27x the fp32 program.
+  XNNPACK packs a conv's constant weight as fp32 (it has no conv with fp32 activations and int8
+  weights), but a linear's dequantize -> linear as int8 (f32_qc8w): frozen 1x1 convs with few
+  positions per input channel run as linears over the channels-last view, forward and input
+  gradient, their weights int8 in the program and in XNNPACK (`Lowering.int8_pointwise_linear`).
 * A trainable bias of a frozen-weight conv/linear is emitted as a separate add after the
   bias-free op, so it is a plain program input, never part of a delegated op (XNNPACK bakes
   *constant* biases into its packed weights; in ExecuTorch's joint-graph flow that silently
@@ -82,7 +86,8 @@ INFERENCE_FILE = "inference.pte"
 # no bool op. Either way a conv bias's gradient is summed on ExecuTorch's own kernels, over the batch first.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
-                     computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True)
+                     computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
+                     int8_pointwise_linear=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -93,7 +98,8 @@ def lowering(delegate: bool) -> Lowering:
 def weights_as_fp32_constants(module: torch.nn.Module) -> int:
     """Replace the int8+scale buffers of `module.store` by one fp32 buffer each (dequantized
     now; each row block apart where the lowering stores a weight by rows), so the exported
-    program holds them as constants. Returns how many were converted."""
+    program holds them as constants. A weight the step reads as int8 (`Lowering.int8_linear_weights`)
+    keeps its int8 buffers. Returns how many were converted."""
     store = module.store
 
     def fp32(keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -105,7 +111,7 @@ def weights_as_fp32_constants(module: torch.nn.Module) -> int:
 
     n = 0
     for name, keys in list(store.slots.items()):
-        if len(keys) == 2:
+        if len(keys) == 2 and name not in store.int8_weights:
             store.slots[name] = fp32(keys)
             n += 1
     for name, blocks in store.block_slots.items():
@@ -408,15 +414,54 @@ def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
     return out
 
 
+def _constant_prop_skips() -> set:
+    """ExecuTorch's default constant-propagation skips plus the aten-level weight dequantize."""
+    from executorch.exir.passes.constant_prop_pass import _DEFAULT_SKIP_TARGETS
+
+    return set(_DEFAULT_SKIP_TARGETS) | {decomposed_quant_ops().dequantize_per_channel.default}
+
+
+def _weight_only_int8_linear_config():
+    """ExecuTorch 1.5.1's XNNPACK linear config, also taking fp32 activations with a per-channel int8 weight
+    (dequantize -> linear, no activation quantize): XNNPACK runs it as its f32_qc8w fully connected, packed
+    1 byte per weight. The stock config reads a dequantized weight as static quantization and then asks
+    for a quantized activation and output; as dynamic quantization the weight's deps are the same, and
+    only the activation's are changed here (none)."""
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.backends.xnnpack.utils.utils import get_input_node
+
+    class WeightOnlyInt8LinearConfig(LinearConfig):
+        def _weight_only(self, node) -> bool:
+            return (is_dequant(get_input_node(node, self.weight_idx))
+                    and not is_dequant(get_input_node(node, self.act_idx)))
+
+        def _detect_precision(self, node):
+            if self._weight_only(node):
+                return ConfigPrecisionType.DYNAMIC_QUANT
+            return super()._detect_precision(node)
+
+        def _get_act_deps(self, node, ep, precision):
+            if self._weight_only(node):
+                return True, []
+            return super()._get_act_deps(node, ep, precision)
+
+    return LinearConfig, WeightOnlyInt8LinearConfig
+
+
 def _partitioner():
-    """XNNPACK's partitioner, its partitions cut by `split_at_outside_uses`."""
+    """XNNPACK's partitioner (its linear also with int8 weights and fp32 activations), its partitions cut by
+    `split_at_outside_uses`."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class SplitXnnpackPartitioner(XnnpackPartitioner):
         def generate_partitions(self, ep):
             return split_at_outside_uses(ep.graph_module.graph, super().generate_partitions(ep))
 
-    return SplitXnnpackPartitioner()
+    stock, weight_only = _weight_only_int8_linear_config()
+    return SplitXnnpackPartitioner(configs=[weight_only if c is stock else c for c in ALL_PARTITIONER_CONFIGS])
 
 
 def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
@@ -434,7 +479,9 @@ def _lower(module: torch.nn.Module, args: tuple, delegate: bool):
         # ExecuTorch's own exporter warns about experimental APIs; the program is checked by tests.
         cfg = EdgeCompileConfig(_check_ir_validity=False)
         if delegate:
-            ep = constant_prop_pass(ep)  # fold flipped/transposed frozen kernels into constants
+            # fold flipped/transposed frozen kernels into constants; an int8 weight's dequantize stays (XNNPACK
+            # reads dequantize -> linear as an int8 weight, `Lowering.int8_pointwise_linear`)
+            ep = constant_prop_pass(ep, custom_skip_targets=_constant_prop_skips())
             shortcuts.enter_context(lazy_recompiles())  # (et_fast.py) the same program, written sooner
             shortcuts.enter_context(shared_provenance())
             shortcuts.enter_context(materialize_cia_ops_once())
@@ -521,7 +568,8 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     info = {
         "delegate": "xnnpack" if delegate else None,
         "frozen_weights_in_program": ("fp32 constants for XNNPACK, stored int8 + per-channel scales in the file "
-                                      "and restored byte-exactly at load" if frozen_int8 else "fp32")
+                                      "and restored byte-exactly at load; the 1x1 convs' that run as XNNPACK linears "
+                                      "int8 (Lowering.int8_pointwise_linear)" if frozen_int8 else "fp32")
         if delegate else ("int8 (dequantized in the program)" if frozen_int8 else "fp32"),
         "program_bytes": sizes,
         "trainable_bias_as_separate_add": bool(delegate),

@@ -6,7 +6,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..lowering import by_rows, in_blocks, lowering_of, pins, replaying, runs_nchwc, summed_by_rows
+from ..lowering import by_rows, in_blocks, int8_of, lowering_of, pins, replaying, runs_nchwc, summed_by_rows
+from ..quant import dequantize_weight_op
 from .base import Need, Rule, Tensor
 
 
@@ -50,6 +51,43 @@ class Conv2d(Rule):
         self.in_chw, self.out_chw = tuple(in_shapes[0]), tuple(out_shape)  # the (C, H, W) it computes on
 
     @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv (stride 1, one group, unpadded): a linear over the channels-last view."""
+        return self.kernel == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not any(self.pads)
+
+    def _int8_weight(self, w) -> tuple[Tensor, Tensor] | None:
+        """The stored (int8 (Cout, Cin), scale) where this conv runs as the int8 linear
+        (`Lowering.int8_pointwise_linear`), else None."""
+        stored = int8_of(w, "weight") if lowering_of(w).int8_linear_conv(self) else None
+        if stored is None or in_blocks(w, "weight"):
+            return None
+        q, scale = stored
+        return q.reshape(q.shape[0], -1), scale
+
+    def _int8_linear(self, x: Tensor, w) -> Tensor | None:
+        """This pointwise conv as a linear over the channels-last view whose weight is dequantized from its stored
+        int8 by the op, None where the program holds no int8 for it. Same values."""
+        stored = self._int8_weight(w)
+        if stored is None:
+            return None
+        return F.linear(x.permute(0, 2, 3, 1), dequantize_weight_op(*stored)).permute(0, 3, 1, 2)
+
+    def _int8_linear_input_grad(self, g: Tensor, w) -> Tensor | None:
+        """The input gradient g . (scale * q) of `_int8_linear` as (g * scale) . q: the transposed int8 weight has
+        one scale per output channel of the forward, so it is scaled into the gradient (exact up to fp32
+        rounding) and the linear's int8 weight has unit scales, as XNNPACK's f32_qc8w takes them."""
+        stored = self._int8_weight(w)
+        if stored is None:
+            return None
+        q, scale = stored
+        qt = q.t().contiguous()
+        unit = torch.ones(qt.shape[0], dtype=scale.dtype, device=scale.device)
+        # a constant of its own (the clone is folded at export): read both as the forward dequantize's scales and as
+        # a multiply's operand, one shared constant gave wrong gradients from ExecuTorch 1.5.1's XNNPACK delegate
+        scale = scale.clone()
+        return F.linear(g.permute(0, 2, 3, 1) * scale, dequantize_weight_op(qt, unit)).permute(0, 3, 1, 2)
+
+    @property
     def symmetric(self) -> bool:
         t, b, l, r = self.pads
         return t == b and l == r
@@ -90,7 +128,10 @@ class Conv2d(Rule):
         kernel_pads = self._kernel_pads() if lowering_of(w).pads_in_kernel and not in_blocks(w, "weight") else None
         if kernel_pads is not None and not self._zero_taps_fit(kernel_pads[1], w):
             kernel_pads = None  # an explicit pad, then the k x k conv
-        if self._as_matmul(w) and w.trainable("weight"):
+        as_linear = self._int8_linear(xs[0], w)
+        if as_linear is not None:
+            y = as_linear
+        elif self._as_matmul(w) and w.trainable("weight"):
             y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)
         elif kernel_pads is not None:  # no pad op: the padding lives in the conv and zero kernel taps
             (pad, extend), x = kernel_pads, xs[0]
@@ -152,6 +193,8 @@ class Conv2d(Rule):
             gx = self._taps(g, self._flipped_taps(w["weight"]), self._flipped_pads(), self.in_chw[1:], (1, 1))
         elif zero_insertion is not None:
             gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion)
+        elif need.inputs[0] and (as_linear := self._int8_linear_input_grad(g, w)) is not None:
+            gx = as_linear
         elif need.inputs[0]:
             cout = self.out_chw[0]  # by row blocks: each block's output channels' share, added
             shifted = lowering_of(w).shifted_strided_input_grad
