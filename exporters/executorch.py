@@ -36,7 +36,10 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   pad instead (`Lowering.pads_in_kernel_max_depthwise_taps`; BENCHMARKS.md, task E).
 * A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
   the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
-  depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A).
+  depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A). Where its
+  zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one), by batch halves, each its own XNNPACK call,
+  joined by ExecuTorch's cat (`Lowering.zero_inserted_split_bytes`, `batch_cat`): XNNPACK's workspace, sized by
+  that call, 82.7 -> 45.9 MiB, the memory plan +27.6 MiB, the whole process -9 MiB (BENCHMARKS.md, task H).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -81,9 +84,10 @@ INFERENCE_FILE = "inference.pte"
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace)
 # but zero kernel taps, up to XNNPACK's one-pass 25 taps (a larger kernel takes a pad inside its call),
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
-# depthwise ConvTranspose is slow), a conv with a computed kernel is written as matmuls, which XNNPACK
-# takes with computed operands, and a max pooling that trains through is float arithmetic XNNPACK runs,
-# no bool op. Either way a conv bias's gradient is summed on ExecuTorch's own kernels, over the batch first.
+# depthwise ConvTranspose is slow; a large one by batch parts, each its own call), a conv with a computed
+# kernel is written as matmuls, which XNNPACK takes with computed operands, and a max pooling that trains
+# through is float arithmetic XNNPACK runs, no bool op. Either way a conv bias's gradient is summed on
+# ExecuTorch's own kernels, over the batch first.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
