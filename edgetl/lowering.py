@@ -71,6 +71,12 @@ class Lowering:
     # group, ~3x slower than the zero insertion (a broadcast multiply) and its depthwise conv kernel
     # together at EfficientNet-Lite0's stride-2 shapes (b8, one thread; BENCHMARKS.md, task A)
     zero_inserted_depthwise_input_grad: bool = False
+    # ... and where its zero-inserted gradient (fp32) is larger than this many bytes, computed by batch parts of
+    # about this size, joined by a cat along the batch that the ExecuTorch exporter leaves to ExecuTorch's kernels
+    # (each part then ends its own XNNPACK call): XNNPACK's workspace is one buffer sized by its largest call, and
+    # at EfficientNet-Lite0 224 b8 that was this conv's two channels-last 36.75 MiB copies (BENCHMARKS.md, task H).
+    # None: one conv over the whole batch
+    zero_inserted_split_bytes: int | None = None
     # convolutions with a computed kernel (a trainable weight, or the gradient as the kernel of a weight
     # gradient) as one batched matmul per kernel tap on channels-last slices: ExecuTorch's XNNPACK
     # delegate takes a conv only with a constant kernel but a matmul with two computed operands, and its

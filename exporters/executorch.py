@@ -36,7 +36,10 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   pad instead (`Lowering.pads_in_kernel_max_depthwise_taps`; BENCHMARKS.md, task E).
 * A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
   the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
-  depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A).
+  depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A). Where its
+  zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one), by batch halves, each its own XNNPACK call,
+  joined by ExecuTorch's cat (`Lowering.zero_inserted_split_bytes`, `batch_cat`): XNNPACK's workspace, sized by
+  that call, 82.7 -> 45.9 MiB, the memory plan +27.6 MiB, the whole process -9 MiB (BENCHMARKS.md, task H).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -81,13 +84,14 @@ INFERENCE_FILE = "inference.pte"
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace)
 # but zero kernel taps, up to XNNPACK's one-pass 25 taps (a larger kernel takes a pad inside its call),
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
-# depthwise ConvTranspose is slow), a conv with a computed kernel is written as matmuls, which XNNPACK
-# takes with computed operands, and a max pooling that trains through is float arithmetic XNNPACK runs,
-# no bool op. Either way a conv bias's gradient is summed on ExecuTorch's own kernels, over the batch first.
+# depthwise ConvTranspose is slow; a large one by batch parts, each its own call), a conv with a computed
+# kernel is written as matmuls, which XNNPACK takes with computed operands, and a max pooling that trains
+# through is float arithmetic XNNPACK runs, no bool op. Either way a conv bias's gradient is summed on
+# ExecuTorch's own kernels, over the batch first.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
-                     int8_pointwise_linear=True)
+                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -395,6 +399,8 @@ def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
         members = set(part.nodes)
         compute = [n for n in members if n.op != "placeholder"]
         cuts = sorted({index[u] for n in compute for u in n.users if u not in members}
+                      # and right after each part a batch cat joins (`batch_cat`): each part its own call
+                      | {index[n] + 1 for n in compute if any(batch_cat(u) for u in n.users)}
                       # and where a value it reads is made outside it: else independent pieces written
                       # far apart (each layer's mask) merge into one call that runs after all their inputs
                       | {index[p] for n in compute for p in n.all_input_nodes
@@ -412,6 +418,17 @@ def split_at_outside_uses(graph: torch.fx.Graph, partitions: list) -> list:
             out.append(Partition(id=next_id, nodes=groups[k]))
             next_id += 1
     return out
+
+
+def batch_cat(node: torch.fx.Node) -> bool:
+    """Whether `node` joins 4-D values along the batch: the parts of an input gradient computed by batch parts
+    (`Lowering.zero_inserted_split_bytes`). Left to ExecuTorch's cat, so each part ends its own XNNPACK call
+    and XNNPACK's workspace (sized by its largest call) holds one part's inner values, not all of them."""
+    if node.op != "call_function" or "cat" not in str(node.target):
+        return False
+    parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() == 4 and dim == 0 and len(parts) > 1
 
 
 def _constant_prop_skips() -> set:
@@ -461,7 +478,20 @@ def _partitioner():
             return split_at_outside_uses(ep.graph_module.graph, super().generate_partitions(ep))
 
     stock, weight_only = _weight_only_int8_linear_config()
-    return SplitXnnpackPartitioner(configs=[weight_only if c is stock else c for c in ALL_PARTITIONER_CONFIGS])
+    stock_cat, no_batch_cat = _no_batch_cat_config()
+    swap = {stock: weight_only, stock_cat: no_batch_cat}
+    return SplitXnnpackPartitioner(configs=[swap.get(c, c) for c in ALL_PARTITIONER_CONFIGS])
+
+
+def _no_batch_cat_config():
+    """XNNPACK's cat config, leaving a cat along the batch (`batch_cat`) to ExecuTorch's kernels."""
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import CatConfig
+
+    class NoBatchCatConfig(CatConfig):
+        def check_constraints(self, node, ep) -> bool:
+            return not batch_cat(node) and super().check_constraints(node, ep)
+
+    return CatConfig, NoBatchCatConfig
 
 
 def _lower(module: torch.nn.Module, args: tuple, delegate: bool):

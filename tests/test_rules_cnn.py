@@ -938,6 +938,35 @@ def test_strided_depthwise_input_gradient_as_zero_inserted_conv_matches_autograd
     assert sum("convolution" in o for o in ops) == 1, ops
 
 
+class _ZeroInsertedSplit(_ZeroInserted):
+    """... with the zero-inserted gradient split into batch parts of one sample (any sample exceeds 1 byte)."""
+    lowering = Lowering(pads_in_kernel=True, shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
+                        zero_inserted_split_bytes=1)
+
+
+@pytest.mark.parametrize("case", ["k3s2_tf_same_even", "k5s2_tf_same_even", "k3_stride_2x1", "k3s2_dilated"])
+def test_zero_inserted_input_gradient_by_batch_parts_matches_autograd(case):
+    """`zero_inserted_split_bytes`: the zero-inserted gradient larger than the limit is convolved by batch parts
+    (one conv each, here one sample each: 3 parts), joined along the batch; exact against autograd."""
+    rule, _, wt = _zero_inserted_case(case)
+    x = _x((3, *rule.in_chw), 2)
+    xr = x.clone().requires_grad_(True)
+    t, b, l, r = rule.pads
+    yr = F.conv2d(F.pad(xr, (l, r, t, b)), wt, None, rule.stride, 0, rule.dilation, rule.groups)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
+    yr.backward(g)
+    with _Ops() as ops:
+        gx = rule.backward(g, {}, _ZeroInsertedSplit(weight=wt), Need((True,), frozenset()))[0][0]
+    assert gx.shape == x.shape and rel_err(gx, xr.grad) < 1e-5
+    assert sum("convolution" in o for o in ops) == 3 and sum("cat" in o for o in ops) == 1, ops
+
+
+def test_zero_inserted_batch_parts_are_the_fewest_near_equal_within_the_limit():
+    parts = R.Conv2d._batch_parts
+    assert parts(8, 100, None) == [8] and parts(8, 100, 800) == [8] and parts(8, 100, 799) == [4, 4]
+    assert parts(8, 100, 300) == [3, 3, 2] and parts(3, 100, 50) == [1, 1, 1]  # one sample each at least
+
+
 @pytest.mark.parametrize("k, s, pads, n", [(3, 2, (1, 1), 11), (5, 2, (1, 2), 16), (4, 3, (1, 2), 17)])
 def test_strided_depthwise_conv1d_input_gradient_as_zero_inserted_conv_matches_autograd(k, s, pads, n):
     """A 1-D depthwise conv (the Conv2d rule on an (N, C, 1, L) view) takes the same form along its one axis."""
@@ -979,15 +1008,15 @@ def test_zero_inserted_input_gradient_only_for_a_frozen_depthwise_strided_kernel
 class _FrozenDepthwiseInputGrads(torch.nn.Module):
     """(g per case) -> each case's input gradient, the kernel a constant (as the program's frozen weights)."""
 
-    def __init__(self, rules, kernels):
+    def __init__(self, rules, kernels, tensors=_ZeroInserted):
         super().__init__()
-        self.rules = rules
+        self.rules, self.tensors = rules, tensors
         for i, k in enumerate(kernels):
             self.register_buffer(f"k{i}", k)
 
     def forward(self, *gs):
         need = Need((True,), frozenset())
-        return tuple(rule.backward(g, {}, _ZeroInserted(weight=getattr(self, f"k{i}")), need)[0][0]
+        return tuple(rule.backward(g, {}, self.tensors(weight=getattr(self, f"k{i}")), need)[0][0]
                      for i, (rule, g) in enumerate(zip(self.rules, gs)))
 
 
@@ -1024,6 +1053,26 @@ def test_zero_inserted_input_gradients_run_in_xnnpack_with_int8_storable_kernels
     path.write_bytes(et.buffer)
     for case, got, ref in zip(cases, NativeMethod(path)([g.numpy() for g in gs]), want):
         assert rel_err(torch.from_numpy(got), ref) < 1e-5, case
+
+
+def test_zero_inserted_input_gradient_by_batch_parts_runs_as_one_xnnpack_call_per_part(tmp_path):
+    """Lowered with XNNPACK: each batch part of a split zero-inserted input gradient is its own delegate call
+    (XNNPACK's workspace holds one part's inner values), joined by ExecuTorch's cat; the result matches autograd."""
+    pytest.importorskip("executorch")
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    rule, _, wt = _zero_inserted_case("k3s2_tf_same_even")
+    x = _x((3, *rule.in_chw), 2).requires_grad_(True)
+    y = F.conv2d(F.pad(x, (0, 1, 0, 1)), wt, None, 2, 0, 1, rule.groups)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    y.backward(g)
+    et = _lower(_FrozenDepthwiseInputGrads([rule], [wt], _ZeroInsertedSplit).eval(), (g,), delegate=True)
+    ops = _delegated_ops(et)
+    assert ops["delegate_calls"] == 3 and ops["portable_op_kinds"] == {"aten::cat": 1}, ops
+    path = tmp_path / "gx.pte"
+    path.write_bytes(et.buffer)
+    assert rel_err(torch.from_numpy(NativeMethod(path)([g.numpy()])[0]), x.grad) < 1e-5
 
 
 class _Ops(TorchDispatchMode):

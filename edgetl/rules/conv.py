@@ -192,7 +192,8 @@ class Conv2d(Rule):
         if need.inputs[0] and self._as_matmul(w) and w.trainable("weight") and self._flipped_pads() is not None:
             gx = self._taps(g, self._flipped_taps(w["weight"]), self._flipped_pads(), self.in_chw[1:], (1, 1))
         elif zero_insertion is not None:
-            gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion)
+            gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion,
+                                                lowering_of(w).zero_inserted_split_bytes)
         elif need.inputs[0] and (as_linear := self._int8_linear_input_grad(g, w)) is not None:
             gx = as_linear
         elif need.inputs[0]:
@@ -284,18 +285,35 @@ class Conv2d(Rule):
                 best = (z, max(p, q), extra)
         return best
 
-    def _zero_inserted_input_grad(self, g: Tensor, weight: Tensor, plan: ZeroInsertion) -> Tensor:
+    def _zero_inserted_input_grad(self, g: Tensor, weight: Tensor, plan: ZeroInsertion,
+                                  split_bytes: int | None = None) -> Tensor:
         """The input gradient as `_zero_insertion` plans it. The zeros come from a broadcast multiply by a
         constant one-hot stride x stride cell (XNNPACK: one fast op; a pad or a stack of the 6-D view moves
-        one value per row), then one stride-1 depthwise conv, which XNNPACK runs in its dwconv kernels."""
+        one value per row), then one stride-1 depthwise conv, which XNNPACK runs in its dwconv kernels; by
+        batch parts joined by a cat where the zero-inserted gradient is larger than `split_bytes`."""
         (zh, zw), pad, extend = plan
         (c, ho, wo), (sh, sw) = self.out_chw, self.stride
         cell = torch.tensor([[float(i == zh and j == zw) for j in range(sw)] for i in range(sh)],
                             dtype=g.dtype, device=g.device)
-        u = (g.reshape(-1, c, ho, 1, wo, 1) * cell.reshape(1, 1, 1, sh, 1, sw)).reshape(-1, c, ho * sh, wo * sw)
         kernel = self._flip_transpose(weight)
         kernel = F.pad(kernel, extend) if any(extend) else kernel
-        return F.conv2d(u, kernel, None, 1, pad, self.dilation, self.groups)
+
+        def part(gp: Tensor) -> Tensor:
+            u = (gp.reshape(-1, c, ho, 1, wo, 1) * cell.reshape(1, 1, 1, sh, 1, sw)).reshape(-1, c, ho * sh, wo * sw)
+            return F.conv2d(u, kernel, None, 1, pad, self.dilation, self.groups)
+
+        sizes = self._batch_parts(int(g.shape[0]), g[:1].numel() * sh * sw * g.element_size(), split_bytes)
+        if len(sizes) == 1:
+            return part(g)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return torch.cat([part(g[lo : lo + n]) for lo, n in zip(starts, sizes)], 0)
+
+    @staticmethod
+    def _batch_parts(n: int, sample_bytes: int, limit: int | None) -> list[int]:
+        """The batch sizes of the fewest near-equal parts of n samples of `sample_bytes` each, each part at most
+        `limit` bytes where one sample fits (`Lowering.zero_inserted_split_bytes`); [n] where no limit."""
+        parts = 1 if limit is None else min(n, max(1, -(-n * sample_bytes // limit)))
+        return [n // parts + (i < n % parts) for i in range(parts)]
 
     def _flip_transpose(self, weight: Tensor) -> Tensor:
         cout, cin_g, kh, kw = weight.shape
