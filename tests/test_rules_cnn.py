@@ -92,6 +92,19 @@ def _x(shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
 
 
+def _max_pool_case(case: str):
+    """A pool case on inputs full of ties: its bound rule, the input, an output gradient, and torch's output and
+    input gradient."""
+    args, shape, ref = MAX_POOLS[case]
+    x = _ties(shape)
+    rule = bind(R.MaxPool(*args), x)
+    xr = x.clone().requires_grad_(True)
+    yr = ref(xr)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
+    yr.backward(g)
+    return rule, x, g, yr.detach(), xr.grad
+
+
 @pytest.mark.parametrize("case", list(MAX_POOLS))
 def test_max_pool_matches_autograd_and_keeps_a_byte_per_output(case):
     args, shape, ref = MAX_POOLS[case]
@@ -135,19 +148,13 @@ def _ties(shape, seed=1):
 def test_max_pool_in_arithmetic_sends_ties_to_the_first_maximum(case):
     """`Lowering.max_pool_in_arithmetic` (no bool op): the same pool and input gradient as torch, ties
     included, and the position kept as one int8 per output."""
-    args, shape, ref = MAX_POOLS[case]
-    x = _ties(shape)
-    rule = bind(R.MaxPool(*args), x)
-    xr = x.clone().requires_grad_(True)
-    yr = ref(xr)
-    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
-    yr.backward(g)
+    rule, x, g, y_ref, gx_ref = _max_pool_case(case)
     need = Need((True,), frozenset())
     y, kept = rule.forward([x], _InArithmetic(), need)
     (gx,), _ = rule.backward(g, dict(kept), _InArithmetic(), need)
-    assert kept["i"].dtype == torch.int8 and kept["i"].numel() == yr.numel()
-    assert torch.equal(y, yr)
-    assert rel_err(gx, xr.grad) <= 1e-6  # a misrouted tie is off by a whole g; overlaps sum in another order
+    assert kept["i"].dtype == torch.int8 and kept["i"].numel() == y_ref.numel()
+    assert torch.equal(y, y_ref)
+    assert rel_err(gx, gx_ref) <= 1e-6  # a misrouted tie is off by a whole g; overlaps sum in another order
 
 
 def test_max_pool_in_arithmetic_runs_in_xnnpack_as_torch():
@@ -162,15 +169,9 @@ def test_max_pool_in_arithmetic_runs_in_xnnpack_as_torch():
 
     steps, want = [], []
     for case in ("2s2_floor_tiles", "resnet_3s2p1", "1d_3s2p1"):
-        args, shape, ref = MAX_POOLS[case]
-        x = _ties(shape)
-        rule = bind(R.MaxPool(*args), x)
-        xr = x.clone().requires_grad_(True)
-        yr = ref(xr)
-        g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3))
-        yr.backward(g)
+        rule, x, g, y_ref, gx_ref = _max_pool_case(case)
         steps.append((RuleStep(rule, _InArithmetic()).eval(), x, g))
-        want += [yr.detach(), xr.grad]
+        want += [y_ref, gx_ref]
     module = _Steps([s for s, _, _ in steps]).eval()
     args = tuple(t for _, x, g in steps for t in (x, g))
     et = _lower(module, args, delegate=True)
@@ -861,30 +862,42 @@ def test_tf_same_depthwise_forwards_run_in_xnnpack_with_int8_storable_kernels(tm
     """Lowered with XNNPACK: the explicit pad of a 5x5 kernel's input runs inside the delegate (no portable
     op), the results match torch, and each kernel blob is exactly int8 per channel (the bundle stores it so)."""
     pytest.importorskip("executorch")
-    from edgetl.exporters.executorch import _delegated_ops, _lower
-    from edgetl.runtime.backends.executorch import NativeMethod
-    from edgetl.runtime.backends.executorch_q8 import _encode_blob
 
     cases, c = ["k3_even", "k5_even", "k5_odd"], 16
     rules, kernels, xs, want = [], [], [], []
     for i, case in enumerate(cases):
         k, (h, wd) = TF_SAME_DEPTHWISE[case]
         (t, b), (l, r) = _tf_same_pads(k, h), _tf_same_pads(k, wd)
-        scale = torch.rand(c, 1, 1, 1, generator=torch.Generator().manual_seed(i)) * 0.02 + 0.01
-        q = torch.randint(-127, 128, (c, 1, k, k), generator=torch.Generator().manual_seed(i)).float()
-        q[:, 0, 0, 0] = 127
-        x, wt = _x((2, c, h, wd), i), q * scale
+        x, wt = _x((2, c, h, wd), i), _int8_depthwise_kernel(c, k, i)
         rules.append(bind(R.Conv2d(k, 2, (t, b, l, r), 1, c), x, {"weight": wt}))
         kernels, xs = kernels + [wt], xs + [x]
         want.append(F.conv2d(F.pad(x, (l, r, t, b)), wt, None, 2, 0, 1, c))
-    et = _lower(_FrozenForwards(rules, kernels).eval(), tuple(xs), delegate=True)
+    _check_xnnpack_only_int8_kernels(_FrozenForwards(rules, kernels), xs, want, cases, c, tmp_path / "y.pte")
+
+
+def _int8_depthwise_kernel(c: int, k: int, seed: int) -> torch.Tensor:
+    """A (c, 1, k, k) depthwise kernel of int8 values times per-channel scales; each channel's scale is its
+    largest magnitude / 127, as quantized weights have."""
+    scale = torch.rand(c, 1, 1, 1, generator=torch.Generator().manual_seed(seed)) * 0.02 + 0.01
+    q = torch.randint(-127, 128, (c, 1, k, k), generator=torch.Generator().manual_seed(seed)).float()
+    q[:, 0, 0, 0] = 127
+    return q * scale
+
+
+def _check_xnnpack_only_int8_kernels(module, inputs, want, cases, channels: int, path) -> None:
+    """Lowered with XNNPACK: no portable op, each case's kernel storable as int8 per channel, and each output as
+    torch's."""
+    from edgetl.exporters.executorch import _delegated_ops, _lower
+    from edgetl.runtime.backends.executorch import NativeMethod
+    from edgetl.runtime.backends.executorch_q8 import _encode_blob
+
+    et = _lower(module.eval(), tuple(inputs), delegate=True)
     ops = _delegated_ops(et)
     assert ops["portable_ops"] == 0 and ops["delegate_calls"] >= 1, ops
     blobs = [bytes(b) for b in et._named_data.buffers if len(bytes(b)) >= 256]  # the kernels
-    assert len(blobs) == len(cases) and all(_encode_blob(b, {c}) is not None for b in blobs)
-    path = tmp_path / "y.pte"
+    assert len(blobs) == len(cases) and all(_encode_blob(b, {channels}) is not None for b in blobs)
     path.write_bytes(et.buffer)
-    for case, got, ref in zip(cases, NativeMethod(path)([x.numpy() for x in xs]), want):
+    for case, got, ref in zip(cases, NativeMethod(path)([t.numpy() for t in inputs]), want):
         assert rel_err(torch.from_numpy(got), ref) < 1e-5, case
 
 
@@ -1026,33 +1039,20 @@ def test_zero_inserted_input_gradients_run_in_xnnpack_with_int8_storable_kernels
     zero taps included, folds to a constant), the results match autograd, and each kernel blob is still
     exactly int8 per channel, so the bundle stores it int8 (its size does not grow)."""
     pytest.importorskip("executorch")
-    from edgetl.exporters.executorch import _delegated_ops, _lower
-    from edgetl.runtime.backends.executorch import NativeMethod
-    from edgetl.runtime.backends.executorch_q8 import _encode_blob
 
     cases, c = ["k3s2_tf_same_even", "k5s2_tf_same_even", "k3s2_symmetric_odd", "k5s2_tf_same_odd"], 16
     rules, kernels, gs, want = [], [], [], []
     for i, case in enumerate(cases):
         k, s, pads, d, hw = ZERO_INSERTED[case]
-        scale = torch.rand(c, 1, 1, 1, generator=torch.Generator().manual_seed(i)) * 0.02 + 0.01
-        q = torch.randint(-127, 128, (c, 1, k, k), generator=torch.Generator().manual_seed(i)).float()
-        q[:, 0, 0, 0] = 127  # each channel's scale is its largest magnitude / 127, as quantized weights have
-        x, wt = _x((2, c, *hw)), q * scale
+        x, wt = _x((2, c, *hw)), _int8_depthwise_kernel(c, k, i)
         rule = bind(R.Conv2d(k, s, pads, d, c), x, {"weight": wt})
         xr = x.clone().requires_grad_(True)
         y = F.conv2d(F.pad(xr, (pads[2], pads[3], pads[0], pads[1])), wt, None, rule.stride, 0, rule.dilation, c)
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
         y.backward(g)
         rules, kernels, gs, want = rules + [rule], kernels + [wt], gs + [g], want + [xr.grad]
-    et = _lower(_FrozenDepthwiseInputGrads(rules, kernels).eval(), tuple(gs), delegate=True)
-    ops = _delegated_ops(et)
-    assert ops["portable_ops"] == 0 and ops["delegate_calls"] >= 1, ops
-    blobs = [bytes(b) for b in et._named_data.buffers if len(bytes(b)) >= 256]  # the kernels
-    assert len(blobs) == len(cases) and all(_encode_blob(b, {c}) is not None for b in blobs)
-    path = tmp_path / "gx.pte"
-    path.write_bytes(et.buffer)
-    for case, got, ref in zip(cases, NativeMethod(path)([g.numpy() for g in gs]), want):
-        assert rel_err(torch.from_numpy(got), ref) < 1e-5, case
+    _check_xnnpack_only_int8_kernels(_FrozenDepthwiseInputGrads(rules, kernels), gs, want, cases, c,
+                                     tmp_path / "gx.pte")
 
 
 def test_zero_inserted_input_gradient_by_batch_parts_runs_as_one_xnnpack_call_per_part(tmp_path):
