@@ -1065,3 +1065,33 @@ def test_conv_bias_gradient_sums_the_batch_first_in_executorch(tmp_path):
         path.write_bytes(_lower(step, (g,), delegate).buffer)
         (gb,) = NativeMethod(path)([g.numpy()])
         assert rel_err(torch.from_numpy(gb), br.grad) < 1e-6, delegate
+
+
+def test_small_conv_bias_gradients_sum_inside_xnnpack(tmp_path):
+    """With `Lowering.xnnpack_bias_sum_max_bytes`, a conv bias gradient no larger than the limit is two means
+    XNNPACK runs (no portable op cuts the delegate call), a larger one keeps the portable sums; run by
+    ExecuTorch's runtime, both match autograd's (task F in BENCHMARKS.md)."""
+    pytest.importorskip("executorch")
+    import dataclasses
+
+    from edgetl.exporters.executorch import _lower, lowering
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    x, wt = _x((3, 4, 9, 7)), _x((5, 4, 3, 3), 1) * 0.3
+    rule = bind(R.Conv2d(3, 1, 1), x, {"weight": wt})
+    br = torch.zeros(5, requires_grad=True)
+    yr = F.conv2d(x, wt, br, 1, 1)
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(5))
+    yr.backward(g)
+    nbytes = g.numel() * g.element_size()
+    for limit, portable in ((nbytes, False), (nbytes - 1, True)):
+        low = dataclasses.replace(lowering(True), xnnpack_bias_sum_max_bytes=limit)
+        step = _BiasGrad(rule, low).eval()
+        et = _lower(step, (g,), True)
+        ops = {str(n.target) for n in et.exported_program().graph.nodes if n.op == "call_function"}
+        assert any("sum" in op for op in ops) == portable, ops
+        assert not any("mean" in op for op in ops), ops  # both means inside XNNPACK
+        path = tmp_path / f"bias_{limit}.pte"
+        path.write_bytes(et.buffer)
+        (gb,) = NativeMethod(path)([g.numpy()])
+        assert rel_err(torch.from_numpy(gb), br.grad) < 1e-6, limit
