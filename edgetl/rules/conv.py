@@ -32,10 +32,11 @@ def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
 
 def _bias_grad_as_means(g: Tensor) -> Tensor:
     """The sum over (N, H, W) of g as XNNPACK's means (4-D, over the last two dims, kept): positions
-    of each sample, then the batch over the (1, C, N, 1) view of the (N, C, 1, 1) sums."""
+    of each sample, then the batch over the (N, C, 1, 1) means transposed and reshaped to (1, C, N, 1)
+    (a permute straight to (1, C, N, 1) is copied between layouts outside the delegate call and cuts it)."""
     n, c, h, wd = g.shape
-    per_sample = g.mean((2, 3), keepdim=True) * (h * wd)
-    return (per_sample.permute(2, 1, 0, 3).mean((2, 3), keepdim=True) * n).view(c)
+    per_sample = g.mean((2, 3), keepdim=True).permute(1, 0, 2, 3).clone().view(1, c, n, 1)
+    return (per_sample.mean((2, 3), keepdim=True) * float(n * h * wd)).view(c)
 
 
 # (a gradient sample's row and column in its stride x stride cell, symmetric padding, zero kernel taps as
