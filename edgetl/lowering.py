@@ -48,7 +48,7 @@ class Lowering:
     # ends; but a mean reading the mask's product stops XNNPACK writing that product over its input (two
     # readers), one more gradient-sized value in the call. Small gradients only: the large ones, early in
     # the network, are what size XNNPACK's workspace, and the merged backward call's outputs there stay alive
-    # beside its inputs in ExecuTorch's plan (BENCHMARKS.md, task F (bias sums)). None: no XNNPACK sums.
+    # beside its inputs in ExecuTorch's plan (BENCHMARKS.md, tasks F (session 9) and I). None: no XNNPACK sums.
     xnnpack_bias_sum_max_bytes: int | None = None
     # frozen depthwise conv kernels dequantized from their int8 constants alone (not pinned to data),
     # so that onnxruntime folds them to fp32 constants when it loads the program (the runtime's session

@@ -87,7 +87,8 @@ INFERENCE_FILE = "inference.pte"
 # all without XNNPACK, are summed on ExecuTorch's own kernels, over the batch first: at Lite0 224 b8 its
 # 112x112 gradients grew XNNPACK's workspace (82.7 -> 110.3 MiB), its 56x56 ones ExecuTorch's plan (the
 # merged backward call's outputs alive beside its inputs: 64.6 -> 74.3 MB at 10 MiB, 88.2 MB at 16 MiB;
-# 67.0 MB at 6 MiB). BENCHMARKS.md, task F (bias sums).
+# 67.0 MB at 6 MiB). 6 MiB: ~3% of the step for +1.7% of the whole process; 16 MiB: ~10% for +14%.
+# BENCHMARKS.md, tasks F (session 9) and I.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,

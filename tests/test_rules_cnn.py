@@ -1194,7 +1194,7 @@ class _MaskedBiasAndInputGrad(torch.nn.Module):
 def test_small_conv_bias_gradients_sum_inside_xnnpack(tmp_path):
     """With `Lowering.xnnpack_bias_sum_max_bytes`, a conv bias gradient no larger than the limit is two means
     XNNPACK runs in the same call as the input gradient (no portable op, no layout copy cuts it), a larger
-    one keeps the portable sums; run by ExecuTorch's runtime, both match autograd's (task F (bias sums), BENCHMARKS.md)."""
+    one keeps the portable sums; run by ExecuTorch's runtime, both match autograd's (tasks F and I, BENCHMARKS.md)."""
     pytest.importorskip("executorch")
     import dataclasses
 
@@ -1226,7 +1226,7 @@ def test_small_conv_bias_gradients_sum_inside_xnnpack(tmp_path):
 
 def test_small_nodes_are_pulled_into_their_producers_partition():
     """A small value computed only from one partition's values (a bias gradient's means) joins that partition
-    unless that makes a cycle; a large one stays (task F (bias sums): torch's partitioner left the means in their
+    unless that makes a cycle; a large one stays (task F, BENCHMARKS.md: torch's partitioner left the means in their
     users' partition, interleaved with the backward's, and each layer was cut into its own calls)."""
     from torch.fx.passes.infra.partitioner import Partition
 
