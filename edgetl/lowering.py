@@ -42,6 +42,14 @@ class Lowering:
     # XNNPACK's mean over (H, W) would take the positions, but where the gradient is the mask's product
     # its second reader stops XNNPACK computing it in place: +33% workspace per such call (BENCHMARKS.md)
     batch_first_bias_sum: bool = False
+    # a conv bias's gradient of at most this many bytes summed inside XNNPACK (ExecuTorch's delegated
+    # lowering): positions as its mean over (H, W) times H*W, then the batch as a second mean over the
+    # (1, C, N, 1) view. Each portable sum cuts the backward's delegate call, with layout copies at both
+    # ends; but a mean reading the mask's product stops XNNPACK writing that product over its input (two
+    # readers), one more gradient-sized value in the call. Small gradients only: the large ones, early in
+    # the network, are what size XNNPACK's workspace, and the merged backward call's outputs there stay alive
+    # beside its inputs in ExecuTorch's plan (BENCHMARKS.md, tasks F (session 9) and I). None: no XNNPACK sums.
+    xnnpack_bias_sum_max_bytes: int | None = None
     # frozen depthwise conv kernels dequantized from their int8 constants alone (not pinned to data),
     # so that onnxruntime folds them to fp32 constants when it loads the program (the runtime's session
     # option session.disable_quant_qdq): it runs a depthwise Conv with a constant kernel in its NCHWc

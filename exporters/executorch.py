@@ -86,12 +86,17 @@ INFERENCE_FILE = "inference.pte"
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
 # depthwise ConvTranspose is slow; a large one by batch parts, each its own call), a conv with a computed
 # kernel is written as matmuls, which XNNPACK takes with computed operands, and a max pooling that trains
-# through is float arithmetic XNNPACK runs, no bool op. Either way a conv bias's gradient is summed on
-# ExecuTorch's own kernels, over the batch first.
+# through is float arithmetic XNNPACK runs, no bool op, and a conv bias's gradient of at most 16 MiB is summed
+# by XNNPACK (two means). Larger ones, and all without XNNPACK, are summed on ExecuTorch's own kernels, over
+# the batch first: at Lite0 224 b8 its 112x112 gradients grew XNNPACK's workspace (82.7 -> 110.3 MiB). Its
+# 56x56 ones grew ExecuTorch's plan by 23.6 MB before the 112x112 input gradient went by batch halves; that
+# plan's peak (the halves and their cat) now covers them: 16 MiB adds 0.5 MiB to the whole process for 8-9%
+# of the step. BENCHMARKS.md, tasks F (session 9), I and J.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
-                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20)
+                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
+                     xnnpack_bias_sum_max_bytes=16 * 2**20)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -467,15 +472,57 @@ def _weight_only_int8_linear_config():
     return LinearConfig, WeightOnlyInt8LinearConfig
 
 
+# the most bytes a value `pulled_into_producers` moves may have: reductions and what follows them, not
+# layers (pulling a backward's large values into the forward's partition grew Lite0's workspace to 110 MiB)
+PULL_MAX_BYTES = 2**16
+
+
+def _small(n: torch.fx.Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= PULL_MAX_BYTES
+
+
+def pulled_into_producers(graph: torch.fx.Graph, partitions: list) -> int:
+    """Move each small node (PULL_MAX_BYTES) whose computed inputs all come from one other partition into
+    that partition, where that leaves no dependency cycle; in place, in graph order (a chain follows its
+    first node). Returns how many nodes moved.
+
+    torch's partitioner merges a node into its users' partition first: a reduction the backward reads
+    nothing of (a conv bias's gradient as XNNPACK means) joined the partition of the nodes after the
+    backward's remaining portable ops, one partition interleaved with the backward's, and
+    `split_at_outside_uses` then cut both at every layer (EfficientNet-Lite0: 124 -> 166 calls)."""
+    from torch.fx.passes.utils.fuser_utils import validate_partition
+
+    owner = {n: p for p in partitions for n in p.nodes}
+    moved = 0
+    for n in graph.nodes:
+        here = owner.get(n)
+        sources = {owner.get(i) for i in n.all_input_nodes if i.op != "placeholder"}
+        if here is None or len(sources) != 1 or not _small(n):
+            continue
+        (there,) = sources
+        if there is None or there is here:
+            continue
+        if validate_partition(list(there.nodes) + [n]) and validate_partition([m for m in here.nodes if m is not n]):
+            here.remove_node(n)
+            there.add_node(n)
+            owner[n] = there
+            moved += 1
+    return moved
+
+
 def _partitioner():
-    """XNNPACK's partitioner (its linear also with int8 weights and fp32 activations), its partitions cut by
-    `split_at_outside_uses`."""
+    """XNNPACK's partitioner (its linear also with int8 weights and fp32 activations), its nodes pulled into
+    their producers' partitions (`pulled_into_producers`), its partitions cut by `split_at_outside_uses`."""
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     class SplitXnnpackPartitioner(XnnpackPartitioner):
         def generate_partitions(self, ep):
-            return split_at_outside_uses(ep.graph_module.graph, super().generate_partitions(ep))
+            graph = ep.graph_module.graph
+            partitions = super().generate_partitions(ep)
+            pulled_into_producers(graph, partitions)
+            return split_at_outside_uses(graph, [p for p in partitions if p.nodes])
 
     stock, weight_only = _weight_only_int8_linear_config()
     stock_cat, no_batch_cat = _no_batch_cat_config()

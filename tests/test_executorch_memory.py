@@ -43,12 +43,13 @@ def planned(tmp_path_factory):
 def test_masks_shrink_the_executorch_plan(planned):
     """Each ReLU6 keeps 1 byte per element instead of 4. Measured plans (bias+mask / bias), with the
     best-fit planner and int8 masks made and applied inside XNNPACK (task P): 2.89 / 5.25 MB
-    (0.55×). With ExecuTorch's greedy planner and bool masks: 3.41 / 6.30 MB (0.54×); without cutting the
-    delegates 5.77 / 6.30 MB (0.92×); without restoring the written order 3.41 / 4.46 MB (0.76×: the
+    (0.55×); with the small conv bias gradients summed inside XNNPACK (task F, bias sums) 2.89 / 4.30 MB
+    (0.67×: the plain step's gradients no longer leave XNNPACK for ExecuTorch's sums). With ExecuTorch's greedy
+    planner and bool masks: 3.41 / 6.30 MB (0.54×); without cutting the delegates 5.77 / 6.30 MB (0.92×); without restoring the written order 3.41 / 4.46 MB (0.76×: the
     hoisted comparisons give `bias` masks too) (these two not re-measured with the new planner)."""
     bias = planned["bias"][1]["executorch"]["planned_bytes"]
     masked = planned["bias+mask"][1]["executorch"]["planned_bytes"]
-    assert masked < 0.65 * bias, (masked, bias)
+    assert masked < 0.7 * bias, (masked, bias)
 
 
 def _train(bundle, lean: bool, presize: bool = True):

@@ -1201,6 +1201,8 @@ def test_conv_bias_gradient_sums_the_batch_first_in_executorch(tmp_path):
     over positions: the portable sum adds contiguous samples ~3.5x faster than it walks (0, 2, 3) (task B
     in BENCHMARKS.md). Run by ExecuTorch's runtime, the gradient matches autograd's."""
     pytest.importorskip("executorch")
+    import dataclasses
+
     from edgetl.exporters.executorch import _lower, lowering
     from edgetl.runtime.backends.executorch import NativeMethod
 
@@ -1211,7 +1213,8 @@ def test_conv_bias_gradient_sums_the_batch_first_in_executorch(tmp_path):
     g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(4))
     yr.backward(g)
     for delegate in (True, False):
-        step = _BiasGrad(rule, lowering(delegate)).eval()
+        # a gradient past `xnnpack_bias_sum_max_bytes` (test_small_conv_bias_gradients_sum_inside_xnnpack)
+        step = _BiasGrad(rule, dataclasses.replace(lowering(delegate), xnnpack_bias_sum_max_bytes=None)).eval()
         sums = [n.args[1] for n in torch.export.export(step, (g,), strict=False).graph.nodes
                 if n.target is torch.ops.aten.sum.dim_IntList]
         assert sums == [[0], [1, 2]], sums
@@ -1219,3 +1222,77 @@ def test_conv_bias_gradient_sums_the_batch_first_in_executorch(tmp_path):
         path.write_bytes(_lower(step, (g,), delegate).buffer)
         (gb,) = NativeMethod(path)([g.numpy()])
         assert rel_err(torch.from_numpy(gb), br.grad) < 1e-6, delegate
+
+
+class _MaskedBiasAndInputGrad(torch.nn.Module):
+    """A conv rule's input and bias gradients for the output gradient g * mask, under `lowering`: the
+    masked gradient has two readers, as in a network's backward."""
+
+    def __init__(self, rule, weight, lowering: Lowering):
+        super().__init__()
+        self.rule, self.lowering = rule, lowering
+        self.register_buffer("weight", weight)
+
+    def forward(self, g, mask):
+        w = _ExecuTorchLowered(bias=torch.zeros(g.shape[1]), weight=self.weight)
+        w.lowering = self.lowering
+        gx, grads = self.rule.backward(g * mask, {}, w, Need((True,), frozenset({"bias"})))
+        return gx[0], grads["bias"]
+
+
+def test_small_conv_bias_gradients_sum_inside_xnnpack(tmp_path):
+    """With `Lowering.xnnpack_bias_sum_max_bytes`, a conv bias gradient no larger than the limit is two means
+    XNNPACK runs in the same call as the input gradient (no portable op, no layout copy cuts it), a larger
+    one keeps the portable sums; run by ExecuTorch's runtime, both match autograd's (tasks F and I, BENCHMARKS.md)."""
+    pytest.importorskip("executorch")
+    import dataclasses
+
+    from edgetl.exporters.executorch import _lower, lowering
+    from edgetl.runtime.backends.executorch import NativeMethod
+
+    x, wt = _x((3, 4, 9, 7)).requires_grad_(), _x((5, 4, 3, 3), 1) * 0.3
+    rule = bind(R.Conv2d(3, 1, 1), x.detach(), {"weight": wt})
+    br = torch.zeros(5, requires_grad=True)
+    yr = F.conv2d(x, wt, br, 1, 1)
+    gen = torch.Generator().manual_seed(5)
+    g, mask = torch.randn(yr.shape, generator=gen), (torch.rand(yr.shape, generator=gen) > 0.3).float()
+    yr.backward(g * mask)
+    nbytes = g.numel() * g.element_size()
+    for limit, portable in ((nbytes, False), (nbytes - 1, True)):
+        low = dataclasses.replace(lowering(True), xnnpack_bias_sum_max_bytes=limit)
+        et = _lower(_MaskedBiasAndInputGrad(rule, wt, low).eval(), (g, mask), True)
+        ops = [str(n.target) for n in et.exported_program().graph.nodes if n.op == "call_function"]
+        assert any("sum" in op for op in ops) == portable, ops
+        if not portable:  # one XNNPACK call, nothing of ExecuTorch's own between
+            assert sum("call_delegate" in op for op in ops) == 1 and all(
+                "call_delegate" in op or "getitem" in op for op in ops), ops
+        path = tmp_path / f"bias_{limit}.pte"
+        path.write_bytes(et.buffer)
+        gx, gb = NativeMethod(path)([g.numpy(), mask.numpy()])
+        assert rel_err(torch.from_numpy(gb), br.grad) < 1e-6, limit
+        assert rel_err(torch.from_numpy(gx), x.grad) < 1e-5, limit
+
+
+def test_small_nodes_are_pulled_into_their_producers_partition():
+    """A small value computed only from one partition's values (a bias gradient's means) joins that partition
+    unless that makes a cycle; a large one stays (task F, BENCHMARKS.md: torch's partitioner left the means in their
+    users' partition, interleaved with the backward's, and each layer was cut into its own calls)."""
+    from torch.fx.passes.infra.partitioner import Partition
+
+    from edgetl.exporters.executorch import pulled_into_producers
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            a = x * 2                                  # backward's partition
+            m = a.mean((2, 3), keepdim=True) * 3       # small: pulled
+            big = a + 1                                # large: stays
+            return a * 3, m * 4, big
+
+    graph = torch.export.export(M(), (torch.ones(2, 64, 16, 16),)).graph
+    ops = [n for n in graph.nodes if n.op == "call_function"]
+    mul_a, mean, mul_m, big, mul_a3, mul_m4 = ops
+    back = Partition(0, [mul_a, mul_a3])
+    users = Partition(1, [mean, mul_m, big, mul_m4])
+    assert pulled_into_producers(graph, [back, users]) == 3
+    assert set(back.nodes) == {mul_a, mul_a3, mean, mul_m, mul_m4}
+    assert set(users.nodes) == {big}

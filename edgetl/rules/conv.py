@@ -18,13 +18,26 @@ def _pair(v) -> tuple[int, int]:
 def bias_grad(g: Tensor, chw: tuple[int, int, int], w) -> Tensor:
     """A per-channel bias's gradient, the sum over (N, H, W) of g (N, *chw); in two sums where the
     lowering asks for it: positions, then the batch (one constant shape, no Shape ops), or the batch,
-    then positions (see `Lowering.batch_first_bias_sum`)."""
+    then positions (see `Lowering.batch_first_bias_sum`), or as two means XNNPACK runs where g is small
+    enough (see `Lowering.xnnpack_bias_sum_max_bytes`)."""
     low = lowering_of(w)
+    limit = low.xnnpack_bias_sum_max_bytes
+    if limit is not None and g.numel() * g.element_size() <= limit:
+        return _bias_grad_as_means(g)
     if low.two_step_bias_sum:
         return g.reshape(-1, chw[0], chw[1] * chw[2]).sum(2).sum(0)
     if low.batch_first_bias_sum:
         return g.sum(0).sum((1, 2))
     return g.sum((0, 2, 3))
+
+
+def _bias_grad_as_means(g: Tensor) -> Tensor:
+    """The sum over (N, H, W) of g as XNNPACK's means (4-D, over the last two dims, kept): positions
+    of each sample, then the batch over the (N, C, 1, 1) means transposed and reshaped to (1, C, N, 1)
+    (a permute straight to (1, C, N, 1) is copied between layouts outside the delegate call and cuts it)."""
+    n, c, h, wd = g.shape
+    per_sample = g.mean((2, 3), keepdim=True).permute(1, 0, 2, 3).clone().view(1, c, n, 1)
+    return (per_sample.mean((2, 3), keepdim=True) * float(n * h * wd)).view(c)
 
 
 # (a gradient sample's row and column in its stride x stride cell, symmetric padding, zero kernel taps as
