@@ -109,3 +109,16 @@ export function maxDiff(a, b) {
   }
   return m;
 }
+
+/** JS loads `bundle`, resumes Python's one-epoch checkpoint bytes `pyOne` and finishes `fit` on `data`: the
+ * remaining 5 steps only, to the reference state `ref` (the Python run's). */
+export async function assertJsResumesPython(bundle, pyOne, data, fit, ref) {
+  const { fileCheckpointStore, loadTrainer } = await import("../src/node.js"); // after the telemetry setting above
+  const pyCkpt = tmpFile("py1.ckpt");
+  fs.writeFileSync(pyCkpt, pyOne);
+  const t = await loadTrainer(bundle);
+  t.notice = () => {};
+  const r = await t.fit(data.x_train, data.y_train, { ...fit, checkpoint: fileCheckpointStore(pyCkpt) });
+  assert.equal(r.losses.length, 5, "the resumed run takes the remaining 5 steps only");
+  assert.ok(maxDiff(t.getState(), ref) <= 1e-5);
+}

@@ -6,7 +6,7 @@ import fs from "node:fs";
 import { test } from "node:test";
 import { decodeCheckpoint } from "../src/checkpoint.js";
 import { fileCheckpointStore, loadDataFile, loadTrainer } from "../src/node.js";
-import { fixtures, maxDiff, python, tmpFile } from "./fixtures.mjs";
+import { assertJsResumesPython, fixtures, maxDiff, python, tmpFile } from "./fixtures.mjs";
 
 const fx = fixtures();
 const FIT = { epochs: 2, schedule: "cosine", seed: 5, lr: 0.05 };
@@ -71,7 +71,7 @@ test("a micro-batch bundle's checkpoints resume across the JS and Python runtime
   const ref = pythonFit(refCkpt).state;
   // JS trains the first epoch (its checkpoint holds accum:* and micro_step); Python resumes it
   const jsCkpt = tmpFile("js.ckpt");
-  let t = await loadTrainer(fx.micro);
+  const t = await loadTrainer(fx.micro);
   await t.fit(d.x_train, d.y_train, { ...FIT, epochs: 1, checkpoint: fileCheckpointStore(jsCkpt) });
   const saved = await stateOf(jsCkpt);
   assert.ok("micro_step" in saved && t.bundle.trainable.every((p) => `accum:${p}` in saved));
@@ -79,11 +79,5 @@ test("a micro-batch bundle's checkpoints resume across the JS and Python runtime
   assert.equal(resumed.losses.length, 5, "the resumed run takes the remaining 5 steps only");
   assert.ok(maxDiff(resumed.state, ref) <= 1e-5);
   // Python's first epoch; JS resumes it
-  const pyCkpt = tmpFile("py1.ckpt");
-  fs.writeFileSync(pyCkpt, pyOne);
-  t = await loadTrainer(fx.micro);
-  t.notice = () => {};
-  const r = await t.fit(d.x_train, d.y_train, { ...FIT, checkpoint: fileCheckpointStore(pyCkpt) });
-  assert.equal(r.losses.length, 5, "the resumed run takes the remaining 5 steps only");
-  assert.ok(maxDiff(t.getState(), ref) <= 1e-5);
+  await assertJsResumesPython(fx.micro, pyOne, d, FIT, ref);
 });
