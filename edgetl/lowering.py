@@ -107,6 +107,12 @@ class Lowering:
     # the large early 1x1 convs (few weights, 112x112 outputs) stay convs (Lite0 224 b8: the 16->96 expand
     # at 112x112 as a linear was a 73.5 MiB call, and XNNPACK's workspace growth at load peaked with it)
     int8_pointwise_max_positions_per_channel: int = 4
+    # a frozen linear's input gradient as a linear over its transposed weight, g . (W^T)^T, not g @ W: the exporter
+    # folds W^T into a constant of its own. XNNPACK packs W for the forward and again, transposed, for g @ W, and
+    # ExecuTorch's XNNPACK weight cache names a packed weight by its constant alone: one constant packed two ways
+    # was re-packed by every later program that read it (the eval program's forward: a third copy, mnist_cnn's fc
+    # 1.1 MiB) and its bookkeeping broke (`delete_packed_data ... not found` at exit; BENCHMARKS.md, task L2)
+    linear_input_grad_own_weight: bool = False
 
     def foldable_weights(self, graph) -> set[str]:
         """The frozen int8 tensors of `graph` this lowering dequantizes from constants alone (unpinned)."""

@@ -91,12 +91,13 @@ INFERENCE_FILE = "inference.pte"
 # the batch first: at Lite0 224 b8 its 112x112 gradients grew XNNPACK's workspace (82.7 -> 110.3 MiB). Its
 # 56x56 ones grew ExecuTorch's plan by 23.6 MB before the 112x112 input gradient went by batch halves; that
 # plan's peak (the halves and their cat) now covers them: 16 MiB adds 0.5 MiB to the whole process for 8-9%
-# of the step. BENCHMARKS.md, tasks F (session 9), I and J.
+# of the step. BENCHMARKS.md, tasks F (session 9), I and J. A frozen linear's input gradient reads its transposed
+# weight as a constant of its own, so XNNPACK's weight cache packs each constant one way (task L2).
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
                      int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
-                     xnnpack_bias_sum_max_bytes=16 * 2**20)
+                     xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 

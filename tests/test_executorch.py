@@ -116,6 +116,24 @@ def test_eval_logits_match_lean_eval(bundles):
     assert _close(got, ref), float(np.abs(got - ref).max())
 
 
+def test_each_frozen_weight_is_packed_one_way(bundles, capfd):
+    """ExecuTorch's XNNPACK weight cache names a packed weight by its constant alone. mnist_cnn's frozen fc weight
+    was packed for the forward and, transposed, for the input gradient g @ W: the eval program's forward then
+    found the transposed packing under the name, packed the weight a third time, and closing the programs logged
+    `delete_packed_data: '...' not found` (`Lowering.linear_input_grad_own_weight`)."""
+    import gc
+
+    pm, opt, out = bundles["bias+mask"]
+    t = Trainer.load(out)
+    (x, y), = _batches(1, seed=4)
+    t.backend.train_step(normalize(x, t.bundle.manifest), y, opt.lr)
+    t.predict_logits(x)
+    del t
+    gc.collect()
+    err = capfd.readouterr().err
+    assert "seed mismatch" not in err and "delete_packed_data" not in err, err[-2000:]
+
+
 def test_torch_free_process_fits_and_exports(bundles, tmp_path):
     _, _, out = bundles["side+mask"]
     code = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lowering import by_rows, in_blocks, separate_bias, summed_by_rows
+from ..lowering import by_rows, in_blocks, lowering_of, separate_bias, summed_by_rows
 from .base import Rule
 
 
@@ -42,7 +42,13 @@ class Linear(Rule):
         gx = None
         if need.inputs[0]:
             out = self.out_shape[-1]
-            gx = summed_by_rows(w, "weight", lambda lo, hi, wr: (g if hi - lo == out else g[..., lo:hi]) @ wr)
+            by_transposed = lowering_of(w).linear_input_grad_own_weight and not w.trainable("weight")
+
+            def part(lo: int, hi: int, wr: torch.Tensor) -> torch.Tensor:
+                gr = g if hi - lo == out else g[..., lo:hi]
+                return F.linear(gr, wr.t()) if by_transposed else gr @ wr
+
+            gx = summed_by_rows(w, "weight", part)
         return [gx], grads
 
 
