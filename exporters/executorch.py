@@ -97,7 +97,7 @@ DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_d
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
                      int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
-                     xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True)
+                     xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True, int8_frozen_linear=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
