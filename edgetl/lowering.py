@@ -107,6 +107,16 @@ class Lowering:
     # the large early 1x1 convs (few weights, 112x112 outputs) stay convs (Lite0 224 b8: the 16->96 expand
     # at 112x112 as a linear was a 73.5 MiB call, and XNNPACK's workspace growth at load peaked with it)
     int8_pointwise_max_positions_per_channel: int = 4
+    # a frozen int8 linear layer's weight read as stored, dequantized by the per-channel dequantize op right before
+    # its linear, forward and input gradient: XNNPACK's f32_qc8w fully connected, as `int8_pointwise_linear`
+    # (mnist_cnn's fc, 1152 -> 256: packed 2 x 1.1 MiB fp32 -> 2 x 0.3 MiB; BENCHMARKS.md, task L2)
+    int8_frozen_linear: bool = False
+    # a frozen linear's input gradient as a linear over its transposed weight, g . (W^T)^T, not g @ W: the exporter
+    # folds W^T into a constant of its own. XNNPACK packs W for the forward and again, transposed, for g @ W, and
+    # ExecuTorch's XNNPACK weight cache names a packed weight by its constant alone: one constant packed two ways
+    # was re-packed by every later program that read it (the eval program's forward: a third copy, mnist_cnn's fc
+    # 1.1 MiB) and its bookkeeping broke (`delete_packed_data ... not found` at exit; BENCHMARKS.md, task L2)
+    linear_input_grad_own_weight: bool = False
 
     def foldable_weights(self, graph) -> set[str]:
         """The frozen int8 tensors of `graph` this lowering dequantizes from constants alone (unpinned)."""
@@ -121,12 +131,11 @@ class Lowering:
         return out
 
     def int8_linear_weights(self, graph) -> set[str]:
-        """The frozen int8 weights of `graph` this lowering hands to a forward linear as int8 (`int8_pointwise_linear`):
-        those of the 1x1 convs that run as one (`int8_linear_conv`)."""
-        if not self.int8_pointwise_linear:
-            return set()
+        """The frozen int8 weights of `graph` this lowering hands to a linear as int8: those of the 1x1 convs that
+        run as one (`int8_pointwise_linear`, `int8_linear_conv`) and of linear layers (`int8_frozen_linear`)."""
         return {t for t, (node, role) in graph.weight_roles().items()
-                if role == "weight" and graph.is_quantized(t) and self.int8_linear_conv(node.rule)}
+                if role == "weight" and graph.is_quantized(t)
+                and (self.int8_linear_conv(node.rule) or (self.int8_frozen_linear and node.rule.kind == "linear"))}
 
     def int8_linear_conv(self, rule) -> bool:
         """Whether a conv rule runs as the int8 linear (`int8_pointwise_linear`), given int8 for its weight."""

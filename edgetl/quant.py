@@ -40,6 +40,24 @@ def dequantize_weight_op(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return decomposed_quant_ops().dequantize_per_channel.default(q, scale, zero_points, 0, -127, 127, torch.int8)
 
 
+def int8_weight_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x . (scale * q)^T with the weight dequantized by `dequantize_weight_op` right before the linear: ExecuTorch's
+    XNNPACK delegate runs it as its f32_qc8w fully connected (fp32 activations, 1 byte per packed weight)."""
+    return torch.nn.functional.linear(x, dequantize_weight_op(q, scale))
+
+
+def int8_weight_linear_input_grad(g: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The input gradient g . (scale * q) of `int8_weight_linear` as (g * scale) . q: the transposed int8 weight has
+    one scale per output channel of the forward, so it is scaled into the gradient (exact up to fp32 rounding) and
+    the linear's int8 weight has unit scales, as XNNPACK's f32_qc8w takes them."""
+    qt = q.t().contiguous()
+    unit = torch.ones(qt.shape[0], dtype=scale.dtype, device=scale.device)
+    # a constant of its own (the clone is folded at export): read both as the forward dequantize's scales and as
+    # a multiply's operand, one shared constant gave wrong gradients from ExecuTorch 1.5.1's XNNPACK delegate
+    scale = scale.clone()
+    return torch.nn.functional.linear(g * scale, dequantize_weight_op(qt, unit))
+
+
 def small_int_as_int8(t: torch.Tensor) -> torch.Tensor:
     """An fp32 tensor of integers in [-128, 127] as int8, exactly (see SMALL_INT8)."""
     return decomposed_quant_ops().quantize_per_tensor.default(t, *SMALL_INT8)

@@ -14,7 +14,8 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   XNNPACK packs a conv's constant weight as fp32 (it has no conv with fp32 activations and int8
   weights), but a linear's dequantize -> linear as int8 (f32_qc8w): frozen 1x1 convs with few
   positions per input channel run as linears over the channels-last view, forward and input
-  gradient, their weights int8 in the program and in XNNPACK (`Lowering.int8_pointwise_linear`).
+  gradient, their weights int8 in the program and in XNNPACK (`Lowering.int8_pointwise_linear`), and
+  frozen linear layers read their int8 weights so too (`Lowering.int8_frozen_linear`).
 * A trainable bias of a frozen-weight conv/linear is emitted as a separate add after the
   bias-free op, so it is a plain program input, never part of a delegated op (XNNPACK bakes
   *constant* biases into its packed weights; in ExecuTorch's joint-graph flow that silently
@@ -91,12 +92,13 @@ INFERENCE_FILE = "inference.pte"
 # the batch first: at Lite0 224 b8 its 112x112 gradients grew XNNPACK's workspace (82.7 -> 110.3 MiB). Its
 # 56x56 ones grew ExecuTorch's plan by 23.6 MB before the 112x112 input gradient went by batch halves; that
 # plan's peak (the halves and their cat) now covers them: 16 MiB adds 0.5 MiB to the whole process for 8-9%
-# of the step. BENCHMARKS.md, tasks F (session 9), I and J.
+# of the step. BENCHMARKS.md, tasks F (session 9), I and J. A frozen linear's input gradient reads its transposed
+# weight as a constant of its own, so XNNPACK's weight cache packs each constant one way (task L2).
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
                      int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
-                     xnnpack_bias_sum_max_bytes=16 * 2**20)
+                     xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True, int8_frozen_linear=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -645,8 +647,9 @@ def export_executorch(prepared, optimizer, batch_size: int, out: Path, delegate:
     info = {
         "delegate": "xnnpack" if delegate else None,
         "frozen_weights_in_program": ("fp32 constants for XNNPACK, stored int8 + per-channel scales in the file "
-                                      "and restored byte-exactly at load; the 1x1 convs' that run as XNNPACK linears "
-                                      "int8 (Lowering.int8_pointwise_linear)" if frozen_int8 else "fp32")
+                                      "and restored byte-exactly at load; those of linear layers and of the 1x1 convs "
+                                      "that run as XNNPACK linears int8 (Lowering.int8_frozen_linear, "
+                                      "int8_pointwise_linear)" if frozen_int8 else "fp32")
         if delegate else ("int8 (dequantized in the program)" if frozen_int8 else "fp32"),
         "program_bytes": sizes,
         "trainable_bias_as_separate_add": bool(delegate),

@@ -116,6 +116,24 @@ def test_eval_logits_match_lean_eval(bundles):
     assert _close(got, ref), float(np.abs(got - ref).max())
 
 
+def test_each_frozen_weight_is_packed_one_way(bundles, capfd):
+    """ExecuTorch's XNNPACK weight cache names a packed weight by its constant alone. mnist_cnn's frozen fc weight
+    was packed for the forward and, transposed, for the input gradient g @ W: the eval program's forward then
+    found the transposed packing under the name, packed the weight a third time, and closing the programs logged
+    `delete_packed_data: '...' not found` (`Lowering.linear_input_grad_own_weight`)."""
+    import gc
+
+    pm, opt, out = bundles["bias+mask"]
+    t = Trainer.load(out)
+    (x, y), = _batches(1, seed=4)
+    t.backend.train_step(normalize(x, t.bundle.manifest), y, opt.lr)
+    t.predict_logits(x)
+    del t
+    gc.collect()
+    err = capfd.readouterr().err
+    assert "seed mismatch" not in err and "delete_packed_data" not in err, err[-2000:]
+
+
 def test_torch_free_process_fits_and_exports(bundles, tmp_path):
     _, _, out = bundles["side+mask"]
     code = (
@@ -270,19 +288,26 @@ def test_a_program_replaced_after_load_is_never_run(bundles):
 
 
 def test_frozen_weights_are_stored_int8(bundles):
-    """XNNPACK needs fp32 constant weights, but the bundle stores them as int8 + per-channel
-    scales: each file is ≤ 0.35× the fp32 program it restores to, byte for byte."""
+    """XNNPACK needs fp32 constant conv weights, but the bundle stores them as int8 + per-channel
+    scales: each file is ≤ 0.35× the fp32 program it restores to, byte for byte. The fc weight the
+    step reads as int8 (`Lowering.int8_frozen_linear`) is int8 in the program too (the train step's
+    twice: as stored and transposed)."""
+    from edgetl.exporters.executorch import DELEGATED
     from edgetl.runtime.backends.executorch_q8 import is_packed, unpack
 
     pm, _, out = bundles["bias+mask"]
     sizes = json.loads((out / "manifest.json").read_text())["executorch"]["program_bytes"]
-    fp32_frozen = 4 * sum(pm.frozen(t).numel() for t in pm.stored)
+    int8 = DELEGATED.int8_linear_weights(pm.graph)
+    assert int8  # mnist_cnn's frozen fc weight
+    int8_bytes = sum(pm.frozen(t).numel() for t in int8)
+    fp32_frozen = 4 * sum(pm.frozen(t).numel() for t in pm.stored if t not in int8)
     for name in ("train_step.pte", "eval.pte"):
         data = (out / name).read_bytes()
         assert is_packed(data) and len(data) == sizes[name]["file"]
         program = unpack(data)
-        assert len(program) == sizes[name]["program"] >= fp32_frozen  # the program holds them as fp32
-        assert len(data) <= 0.35 * len(program)
+        assert len(program) == sizes[name]["program"] >= fp32_frozen + int8_bytes  # the convs' as fp32
+        assert len(program) < fp32_frozen + 3 * int8_bytes + 300_000  # the fc's not as fp32 (4 x 295k)
+        assert len(data) <= 0.35 * (len(program) - 2 * int8_bytes) + 2 * int8_bytes
 
 
 def test_a_corrupted_int8_weight_is_refused(bundles):

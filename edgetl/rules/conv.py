@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lowering import by_rows, in_blocks, int8_of, lowering_of, pins, replaying, runs_nchwc, summed_by_rows
-from ..quant import dequantize_weight_op
+from ..quant import int8_weight_linear, int8_weight_linear_input_grad
 from .base import Need, Rule, Tensor
 
 
@@ -83,22 +83,14 @@ class Conv2d(Rule):
         stored = self._int8_weight(w)
         if stored is None:
             return None
-        return F.linear(x.permute(0, 2, 3, 1), dequantize_weight_op(*stored)).permute(0, 3, 1, 2)
+        return int8_weight_linear(x.permute(0, 2, 3, 1), *stored).permute(0, 3, 1, 2)
 
     def _int8_linear_input_grad(self, g: Tensor, w) -> Tensor | None:
-        """The input gradient g . (scale * q) of `_int8_linear` as (g * scale) . q: the transposed int8 weight has
-        one scale per output channel of the forward, so it is scaled into the gradient (exact up to fp32
-        rounding) and the linear's int8 weight has unit scales, as XNNPACK's f32_qc8w takes them."""
+        """The input gradient of `_int8_linear` (`int8_weight_linear_input_grad` over the channels-last view)."""
         stored = self._int8_weight(w)
         if stored is None:
             return None
-        q, scale = stored
-        qt = q.t().contiguous()
-        unit = torch.ones(qt.shape[0], dtype=scale.dtype, device=scale.device)
-        # a constant of its own (the clone is folded at export): read both as the forward dequantize's scales and as
-        # a multiply's operand, one shared constant gave wrong gradients from ExecuTorch 1.5.1's XNNPACK delegate
-        scale = scale.clone()
-        return F.linear(g.permute(0, 2, 3, 1) * scale, dequantize_weight_op(qt, unit)).permute(0, 3, 1, 2)
+        return int8_weight_linear_input_grad(g.permute(0, 2, 3, 1), *stored).permute(0, 3, 1, 2)
 
     @property
     def symmetric(self) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lowering import by_rows, in_blocks, separate_bias, summed_by_rows
+from ..lowering import by_rows, in_blocks, int8_of, lowering_of, separate_bias, summed_by_rows
+from ..quant import int8_weight_linear, int8_weight_linear_input_grad
 from .base import Rule
 
 
@@ -15,8 +16,16 @@ class Linear(Rule):
     def by_rows(self, role):
         return role == "weight"
 
+    @staticmethod
+    def _int8_weight(w):
+        """The stored (int8, scale) where the program reads the weight so (`Lowering.int8_frozen_linear`), else None."""
+        return None if in_blocks(w, "weight") else int8_of(w, "weight")
+
     def compute(self, xs, w):
         x = xs[0]
+        if (stored := self._int8_weight(w)) is not None:
+            y = int8_weight_linear(x, *stored)
+            return y + w["bias"] if "bias" in w else y
         if in_blocks(w, "weight"):  # output features by blocks of rows
             y = torch.cat(by_rows(w, "weight", lambda lo, hi, wr: F.linear(x, wr)), -1)
             return y + w["bias"] if "bias" in w else y
@@ -41,9 +50,21 @@ class Linear(Rule):
             grads["weight"] = g2.t() @ x
         gx = None
         if need.inputs[0]:
-            out = self.out_shape[-1]
-            gx = summed_by_rows(w, "weight", lambda lo, hi, wr: (g if hi - lo == out else g[..., lo:hi]) @ wr)
+            stored = self._int8_weight(w)
+            gx = int8_weight_linear_input_grad(g, *stored) if stored is not None else self._input_grad(g, w)
         return [gx], grads
+
+    def _input_grad(self, g, w):
+        """g @ W, by the weight's row blocks where it comes so; a frozen weight as its own transposed constant where
+        the lowering asks (`Lowering.linear_input_grad_own_weight`)."""
+        out = self.out_shape[-1]
+        by_transposed = lowering_of(w).linear_input_grad_own_weight and not w.trainable("weight")
+
+        def part(lo: int, hi: int, wr: torch.Tensor) -> torch.Tensor:
+            gr = g if hi - lo == out else g[..., lo:hi]
+            return F.linear(gr, wr.t()) if by_transposed else gr @ wr
+
+        return summed_by_rows(w, "weight", part)
 
 
 # ---- which traced ops this rule runs -------------------------------------------------------------
