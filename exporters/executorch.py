@@ -95,7 +95,7 @@ INFERENCE_FILE = "inference.pte"
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
-                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
+                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20, batch_parts_carried=True,
                      xnnpack_bias_sum_max_bytes=16 * 2**20)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
@@ -260,31 +260,54 @@ def masks_as_int8(ep) -> int:
         if iv is None or node.meta.get("val") is None:
             continue
         users = [u for u in node.users if u.target is not _ASSERT]
-        if not users or not all(u.target is _ATEN.where.ScalarOther and u.args[0] is node and u.args[2] == 0
-                                and isinstance(u.args[1], torch.fx.Node)
-                                and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32
-                                for u in users):
+        applied = _mask_applications(node, users)
+        if applied is None:
             continue
         v, lo, hi = iv
-        late = len(users) == 1 and all(n.target is _ASSERT for n in written[order[node] + 1 : order[users[0]]])
+        late = len(users) == 1 and not applied[0][1] and \
+            all(n.target is _ASSERT for n in written[order[node] + 1 : order[users[0]]])
         if late:  # applied where it is made: the float indicator, next to its multiply
             with g.inserting_before(users[0]):
                 mask = _indicator(g, node, v, lo, hi)
         else:  # kept: int8 from where it is made until each use
             with g.inserting_before(node.next):
                 mask = _call(g, node, _QD.quantize_per_tensor.default, _indicator(g, node, v, lo, hi), *_INT8_01)
-        for u in users:
+        for u, batch_slice in applied:
             with g.inserting_before(u):
-                m = mask if late else _call(g, u, _QD.dequantize_per_tensor.default, mask, *_INT8_01)
+                m = mask if late else _call(g, u, _ATEN.slice.Tensor, mask, *batch_slice) if batch_slice else mask
+                m = m if late else _call(g, u, _QD.dequantize_per_tensor.default, m, *_INT8_01)
                 gm = _call(g, u, _ATEN.mul.Tensor, _unexpanded(u.args[1]), m)
             u.replace_all_uses_with(gm)
             g.erase_node(u)
+        for s in [u for u in users if u.target is _ATEN.slice.Tensor]:
+            g.erase_node(s)
         for a in [u for u in node.users if u.target is _ASSERT]:
             g.erase_node(a)
         n_done += 1
     g.eliminate_dead_code()
     ep.graph_module.recompile()
     return n_done
+
+
+def _applies_mask(u: torch.fx.Node, mask: torch.fx.Node) -> bool:
+    """Whether `u` is where(mask, g, 0) for a float g."""
+    return (u.target is _ATEN.where.ScalarOther and u.args[0] is mask and u.args[2] == 0
+            and isinstance(u.args[1], torch.fx.Node) and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32)
+
+
+def _mask_applications(mask: torch.fx.Node, users: list) -> list | None:
+    """(where(m, g, 0), the batch slice's (dim, start, end) args or ()) for each use of the bool `mask`, applied
+    whole or by a batch part's slice of it (`Lowering.batch_parts_carried`); None where it has other users."""
+    out = []
+    for u in users:
+        if _applies_mask(u, mask):
+            out.append((u, ()))
+        elif u.target is _ATEN.slice.Tensor and len(u.args) >= 4 and u.args[1] == 0 and \
+                (len(u.args) < 5 or u.args[4] == 1) and u.users and all(_applies_mask(w, u) for w in u.users):
+            out.extend((w, tuple(u.args[1:4])) for w in u.users)
+        else:
+            return None
+    return out or None
 
 
 # A node's position in the step as written, kept in node.meta["custom"]: the one meta entry that
