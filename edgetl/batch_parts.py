@@ -24,15 +24,15 @@ class BatchParts:
         out.made = list(parts)
         return out
 
-    def bounds(self) -> Iterator[tuple[int, int, Tensor]]:
-        """(first sample, end sample, the part made now) of each part, in batch order."""
+    def bounds(self) -> Iterator[tuple[int, int, Callable[[], Tensor]]]:
+        """(first sample, end sample, the function making the part) of each part, in batch order."""
         lo = 0
         for n, make in zip(self.sizes, self.makers):
-            yield lo, lo + n, make()
+            yield lo, lo + n, make
             lo += n
 
     def joined(self) -> Tensor:
-        return torch.cat([p for _, _, p in self.bounds()], 0)
+        return torch.cat([make() for make in self.makers], 0)
 
 
 def joined(v: Tensor | BatchParts) -> Tensor:
@@ -43,5 +43,5 @@ def joined(v: Tensor | BatchParts) -> Tensor:
 def added(a: Tensor | BatchParts, b: Tensor | BatchParts) -> Tensor | BatchParts:
     """a + b; part by part where both are parts of the same sizes, else joined first."""
     if isinstance(a, BatchParts) and isinstance(b, BatchParts) and a.sizes == b.sizes:
-        return BatchParts.of([x + y for (_, _, x), (_, _, y) in zip(a.bounds(), b.bounds())])
+        return BatchParts.of([x() + y() for x, y in zip(a.makers, b.makers)])
     return joined(a) + joined(b)

@@ -360,15 +360,19 @@ class Program:
         ks = [kept.pop(c.name, {}) for c in chain]
         sums: list[dict[str, Tensor]] = [{} for _ in chain]
         ends: list[list] = []
-        for lo, hi, gp in g.bounds():
-            for c, w, k, total in zip(chain, ws, ks, sums):
-                gin, gparams = c.rule.backward(gp, {key: v[lo:hi] for key, v in k.items()}, w, self.need[c.name])
+        for lo, hi, make in g.bounds():
+            # the part's share of what the chain kept first, then the part: in the exported step, slices the
+            # delegate leaves to ExecuTorch (int8 masks) then sit before the part's whole chain, not inside it
+            kept_part = [{key: v[lo:hi] for key, v in k.items()} for k in ks]
+            gp = make()
+            for c, w, k, total in zip(chain, ws, kept_part, sums):
+                gin, gparams = c.rule.backward(gp, k, w, self.need[c.name])
                 for role, t in gparams.items():
                     total[role] = total[role] + t if role in total else t
                 gp = next((gi for gi, want in zip(gin, self.need[c.name].inputs) if want), None)
             ends.append(gin)
         _release(tracker, f"grad:{first.name}", g)
-        del g, gin, gp
+        del g, gin, gp, kept_part
         for c, w, k, total in zip(chain, ws, ks, sums):
             w.done()
             for key in k:

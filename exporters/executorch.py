@@ -272,9 +272,13 @@ def masks_as_int8(ep) -> int:
         else:  # kept: int8 from where it is made until each use
             with g.inserting_before(node.next):
                 mask = _call(g, node, _QD.quantize_per_tensor.default, _indicator(g, node, v, lo, hi), *_INT8_01)
-        for u, batch_slice in applied:
+        int8_slices = {}  # each batch part's slice of the int8 mask, where the bool mask's slice was written
+        for s in {u.args[0] for u, sliced in applied if sliced}:
+            with g.inserting_before(s):
+                int8_slices[s] = _call(g, s, _ATEN.slice.Tensor, mask, *s.args[1:4])
+        for u, sliced in applied:
             with g.inserting_before(u):
-                m = mask if late else _call(g, u, _ATEN.slice.Tensor, mask, *batch_slice) if batch_slice else mask
+                m = mask if late else int8_slices[u.args[0]] if sliced else mask
                 m = m if late else _call(g, u, _QD.dequantize_per_tensor.default, m, *_INT8_01)
                 gm = _call(g, u, _ATEN.mul.Tensor, _unexpanded(u.args[1]), m)
             u.replace_all_uses_with(gm)
@@ -296,15 +300,15 @@ def _applies_mask(u: torch.fx.Node, mask: torch.fx.Node) -> bool:
 
 
 def _mask_applications(mask: torch.fx.Node, users: list) -> list | None:
-    """(where(m, g, 0), the batch slice's (dim, start, end) args or ()) for each use of the bool `mask`, applied
-    whole or by a batch part's slice of it (`Lowering.batch_parts_carried`); None where it has other users."""
+    """(where(m, g, 0), whether m is a batch part's slice of the bool `mask`) for each use of `mask`, applied whole
+    or by such slices (`Lowering.batch_parts_carried`); None where it has other users."""
     out = []
     for u in users:
         if _applies_mask(u, mask):
-            out.append((u, ()))
+            out.append((u, False))
         elif u.target is _ATEN.slice.Tensor and len(u.args) >= 4 and u.args[1] == 0 and \
                 (len(u.args) < 5 or u.args[4] == 1) and u.users and all(_applies_mask(w, u) for w in u.users):
-            out.extend((w, tuple(u.args[1:4])) for w in u.users)
+            out.extend((w, True) for w in u.users)
         else:
             return None
     return out or None
