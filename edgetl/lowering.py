@@ -89,7 +89,8 @@ class Lowering:
     # rules that follows (`Rule.per_sample`; at Lite0, the ReLU6 mask, the expand conv's bias sum and input
     # gradient, down to the stem), one part after the other, the parameter gradients added over the parts; joined
     # (a cat) only where another rule reads the gradient (`Program.backward`). The cat of the 112x112 halves, and the
-    # halves alive beside it in ExecuTorch's plan, are gone (BENCHMARKS.md, task K2)
+    # halves alive beside it in ExecuTorch's plan, are gone, and smaller parts then run faster too (one part's
+    # values at a time, nearer the core: Lite0 224 b8, parts of 10 MiB, BENCHMARKS.md, task K2)
     batch_parts_carried: bool = False
     # convolutions with a computed kernel (a trainable weight, or the gradient as the kernel of a weight
     # gradient) as one batched matmul per kernel tap on channels-last slices: ExecuTorch's XNNPACK

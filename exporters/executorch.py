@@ -37,12 +37,13 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
 * A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
   the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
   depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A). Where its
-  zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one), by batch halves, each its own XNNPACK call,
+  zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one; 10 MiB since task K2), by batch halves, each its own XNNPACK call,
   joined by ExecuTorch's cat (`Lowering.zero_inserted_split_bytes`, `batch_cat`): XNNPACK's workspace, sized by
   that call, 82.7 -> 45.9 MiB, the memory plan +27.6 MiB, the whole process -9 MiB (BENCHMARKS.md, task H).
   The parts are not joined but carried on (`Lowering.batch_parts_carried`): each part runs the mask, the bias
   sum and the input gradients down to the stem in one call of its own, its int8 masks sliced by ExecuTorch
-  (`masks_as_int8`): no cat; the plan 89.2 -> 61.5 MiB, the step -6% (BENCHMARKS.md, task K2).
+  (`masks_as_int8`): no cat; the plan 89.2 -> 61.5 MiB, the step -6%; by parts of at most 10 MiB, -8%, and the
+  whole process 157 -> 131 MiB (BENCHMARKS.md, task K2).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -90,18 +91,21 @@ INFERENCE_FILE = "inference.pte"
 # depthwise ConvTranspose is slow; a large one by batch parts, each carried on through the per-sample rules that
 # follow, one call per part, no cat), a conv with a computed
 # kernel is written as matmuls, which XNNPACK takes with computed operands, and a max pooling that trains
-# through is float arithmetic XNNPACK runs, no bool op, and a conv bias's gradient of at most 20 MiB is summed
+# through is float arithmetic XNNPACK runs, no bool op, and a conv bias's gradient of at most 16 MiB is summed
 # by XNNPACK (two means). Larger ones, and all without XNNPACK, are summed on ExecuTorch's own kernels, over
 # the batch first: at Lite0 224 b8 its 112x112 gradients grew XNNPACK's workspace (82.7 -> 110.3 MiB). Its
 # 56x56 ones grew ExecuTorch's plan by 23.6 MB before the 112x112 input gradient went by batch halves; that
 # plan's peak (the halves and their cat) covered them: 16 MiB added 0.5 MiB to the whole process for 8-9%
-# of the step. With the halves carried (task K2) the 112x112 expand conv's bias gradient is summed per half
-# (18.4 MiB each) inside that half's call: 20 MiB. BENCHMARKS.md, tasks F (session 9), I, J and K2.
+# of the step. BENCHMARKS.md, tasks F (session 9), I and J. Since task K2 the strided depthwise input gradients'
+# batch parts are carried on, each through its layers' masks, bias sums and input gradients in one call, and
+# made smaller (zero-inserted parts of at most 10 MiB: Lite0 224 b8's 112x112 one by 4 parts, its 56x56 one by 2):
+# the parts' values stay nearer the core (10 MiB: -2% step against 32 MiB's halves) and the 112x112 expand conv's
+# bias sum (9.2 MiB a part) runs inside XNNPACK too.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
-                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20, batch_parts_carried=True,
-                     xnnpack_bias_sum_max_bytes=20 * 2**20)
+                     int8_pointwise_linear=True, zero_inserted_split_bytes=10 * 2**20, batch_parts_carried=True,
+                     xnnpack_bias_sum_max_bytes=16 * 2**20)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
