@@ -124,3 +124,29 @@ def test_executorch_step_with_carried_parts_matches_torch(prepared, tmp_path, mo
     got = trainer.get_state()
     for name, want in {**params, **state}.items():
         np.testing.assert_allclose(got[name], want.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+class _Residual(nn.Module):
+    """x + relu6(bn(conv1x1(x))): the sum is read by two rules, so carried parts stop (are joined) there."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6())
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def test_parts_are_joined_where_a_rule_that_is_not_per_sample_reads_them():
+    """The chain from the split stops at the residual sum's input (the add is not a per-sample rule here and the
+    sum has two readers): the parts are joined there by one cat; exact against the eager step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU6(), _Residual(8), nn.Conv2d(8, 16, 1), nn.ReLU6(),
+                        nn.Conv2d(16, 16, 3, 2, 1, groups=16), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 4)).eval()
+    pm = edgetl.prepare(net, "bias+mask", num_classes=4, input_shape=(3, SIZE, SIZE))
+    want, _ = _grads(pm, EAGER)
+    got, seen = _grads(pm, CARRIED)
+    assert seen.cats == 1
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, rtol=1e-5, atol=1e-6), name
