@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from .batch_parts import BatchParts, added, joined
+from .batch_parts import BatchParts, added
 from .graph import LeanGraph
 from .interpret import interpret
 from .lowering import EAGER, Lowering, pins
@@ -132,6 +132,7 @@ class Program:
         # order a graph runtime's schedule and hold no memory there. `order`: the forward's nodes in
         # the order the replayed runtime runs them (a topological order; default: the graph's)
         self.graph, self.frozen, self.lowering, self.replay = graph, frozen, lowering, replay
+        self.by_name = {n.name: n for n in graph.nodes}
         self.int8 = int8
         self.order = [graph.node(name) for name in order] if order else list(graph.nodes)
         pos = {n.name: i for i, n in enumerate(self.order)}
@@ -338,15 +339,10 @@ class Program:
             needed = [i for i, want in zip(n.inputs, self.need[n.name].inputs) if want]
             if len(needed) != 1 or self.uses.get(needed[0]) != 1 or not self.req.get(needed[0]):
                 return chain
-            n = self._node(needed[0])
+            n = self.by_name.get(needed[0])
             if n is None or not n.rule.per_sample:
                 return chain
             chain.append(n)
-
-    def _node(self, name: str):
-        if not hasattr(self, "_by_name"):
-            self._by_name = {n.name: n for n in self.graph.nodes}
-        return self._by_name.get(name)
 
     def _chain_by_parts(self, first, grads: dict, kept: dict, params, tracker, pgrads: dict,
                         on_param_grad) -> None:
@@ -433,4 +429,3 @@ def _release(tracker, key: str, v: Tensor | BatchParts) -> None:
             tracker.release(f"{key}[{j}]")
     else:
         tracker.release(key)
-

@@ -37,13 +37,13 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
 * A strided depthwise conv's input gradient is one stride-1 depthwise conv with the flipped kernel over
   the gradient with zeros inserted (`Lowering.zero_inserted_depthwise_input_grad`, exact): XNNPACK runs a
   depthwise ConvTranspose as a deconvolution with one channel per group (BENCHMARKS.md, task A). Where its
-  zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one; 10 MiB since task K2), by batch halves, each its own XNNPACK call,
+  zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one), by batch halves, each its own XNNPACK call,
   joined by ExecuTorch's cat (`Lowering.zero_inserted_split_bytes`, `batch_cat`): XNNPACK's workspace, sized by
   that call, 82.7 -> 45.9 MiB, the memory plan +27.6 MiB, the whole process -9 MiB (BENCHMARKS.md, task H).
-  The parts are not joined but carried on (`Lowering.batch_parts_carried`): each part runs the mask, the bias
-  sum and the input gradients down to the stem in one call of its own, its int8 masks sliced by ExecuTorch
-  (`masks_as_int8`): no cat; the plan 89.2 -> 61.5 MiB, the step -6%; by parts of at most 10 MiB, -8%, and the
-  whole process 157 -> 131 MiB (BENCHMARKS.md, task K2).
+  Since task K2 the parts are not joined but carried on (`Lowering.batch_parts_carried`): each part runs the
+  mask, the bias sum and the input gradients down to the stem in one call of its own, its int8 masks sliced by
+  ExecuTorch (`masks_as_int8`), no cat: the plan 89.2 -> 61.5 MiB, the step -7%; and by parts of at most 10 MiB
+  (not 32), -10% against main, the whole process 157 -> 131 MiB (BENCHMARKS.md, task K2).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -305,7 +305,8 @@ def masks_as_int8(ep) -> int:
 def _applies_mask(u: torch.fx.Node, mask: torch.fx.Node) -> bool:
     """Whether `u` is where(mask, g, 0) for a float g."""
     return (u.target is _ATEN.where.ScalarOther and u.args[0] is mask and u.args[2] == 0
-            and isinstance(u.args[1], torch.fx.Node) and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32)
+            and isinstance(u.args[1], torch.fx.Node)
+            and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32)
 
 
 def _mask_applications(mask: torch.fx.Node, users: list) -> list | None:

@@ -105,7 +105,8 @@ def test_executorch_step_with_carried_parts_matches_torch(prepared, tmp_path, mo
     from edgetl.runtime import Trainer
     from edgetl.runtime.data import normalize
 
-    monkeypatch.setattr(et_exporter, "DELEGATED", dataclasses.replace(et_exporter.DELEGATED, zero_inserted_split_bytes=SPLIT))
+    carried = dataclasses.replace(et_exporter.DELEGATED, zero_inserted_split_bytes=SPLIT)
+    monkeypatch.setattr(et_exporter, "DELEGATED", carried)
     opt = OptimizerConfig.make("sgd", lr=0.1, momentum=0.9)
     bundle = export(prepared, "executorch", tmp_path / "b", opt, batch_size=B)
     ops = json.loads((bundle / "manifest.json").read_text())["executorch"]["train_step_ops"]["portable_op_kinds"]
