@@ -85,6 +85,13 @@ class Lowering:
     # at EfficientNet-Lite0 224 b8 that was this conv's two channels-last 36.75 MiB copies (BENCHMARKS.md, task H).
     # None: one conv over the whole batch
     zero_inserted_split_bytes: int | None = None
+    # ... and those parts carried on, not joined: each part runs through the whole chain of per-sample backward
+    # rules that follows (`Rule.per_sample`; at Lite0, the ReLU6 mask, the expand conv's bias sum and input
+    # gradient, down to the stem), one part after the other, the parameter gradients added over the parts; joined
+    # (a cat) only where another rule reads the gradient (`Program.backward`). The cat of the 112x112 halves, and the
+    # halves alive beside it in ExecuTorch's plan, are gone, and smaller parts then run faster too (one part's
+    # values at a time, nearer the core: Lite0 224 b8, parts of 10 MiB, BENCHMARKS.md, task K2)
+    batch_parts_carried: bool = False
     # convolutions with a computed kernel (a trainable weight, or the gradient as the kernel of a weight
     # gradient) as one batched matmul per kernel tap on channels-last slices: ExecuTorch's XNNPACK
     # delegate takes a conv only with a constant kernel but a matmul with two computed operands, and its

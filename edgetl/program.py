@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from .batch_parts import BatchParts, added
 from .graph import LeanGraph
 from .interpret import interpret
 from .lowering import EAGER, Lowering, pins
@@ -131,6 +132,7 @@ class Program:
         # order a graph runtime's schedule and hold no memory there. `order`: the forward's nodes in
         # the order the replayed runtime runs them (a topological order; default: the graph's)
         self.graph, self.frozen, self.lowering, self.replay = graph, frozen, lowering, replay
+        self.by_name = {n.name: n for n in graph.nodes}
         self.int8 = int8
         self.order = [graph.node(name) for name in order] if order else list(graph.nodes)
         pos = {n.name: i for i, n in enumerate(self.order)}
@@ -282,6 +284,13 @@ class Program:
             need = self.need[n.name]
             if not self.req[n.name] or n.name not in grads:
                 continue
+            if isinstance(grads[n.name], BatchParts):
+                if n.rule.per_sample:
+                    self._chain_by_parts(n, grads, kept, params, tracker, pgrads, on_param_grad)
+                    continue
+                _release(tracker, f"grad:{n.name}", grads[n.name])
+                grads[n.name] = grads[n.name].joined()
+                tracker.hold(f"grad:{n.name}", grads[n.name], "gradients (flowing)")
             for i in self.early_local.get(n.name, ()):
                 self._local_derivative(i, kept, tracker)
             w = self.weights(n, params, tracker, grads[n.name])
@@ -301,14 +310,7 @@ class Program:
                 else:
                     on_param_grad(n.params[role], t)
             t = None
-            for i, gi, needed in zip(n.inputs, gin, need.inputs):
-                if needed and gi is not None:
-                    if i in grads:
-                        tracker.release(f"grad:{i}")
-                        grads[i] = grads[i] + gi
-                    else:
-                        grads[i] = gi
-                    tracker.hold(f"grad:{i}", grads[i], "gradients (flowing)")
+            self._pass_on(n, gin, grads, tracker)
             tracker.release(f"grad:{n.name}")
             for key in k:
                 tracker.release(f"kept:{n.name}:{key}")
@@ -317,6 +319,70 @@ class Program:
             del k, gin, gp, w
             gi = None
         return pgrads
+
+    def _pass_on(self, n, gin: list, grads: dict, tracker) -> None:
+        """Add node n's input gradients `gin` (tensors or batch parts) into `grads`."""
+        for i, gi, needed in zip(n.inputs, gin, self.need[n.name].inputs):
+            if needed and gi is not None:
+                if i in grads:
+                    _release(tracker, f"grad:{i}", grads[i])
+                    grads[i] = added(grads[i], gi)
+                else:
+                    grads[i] = gi
+                _hold(tracker, f"grad:{i}", grads[i], "gradients (flowing)")
+
+    def _per_sample_chain(self, n) -> list:
+        """n and the nodes before it whose gradient comes from the previous one alone (one needed input, read by
+        nothing else), all per-sample rules (`Rule.per_sample`): what a batch part runs through on its own."""
+        chain = [n]
+        while True:
+            needed = [i for i, want in zip(n.inputs, self.need[n.name].inputs) if want]
+            if len(needed) != 1 or self.uses.get(needed[0]) != 1 or not self.req.get(needed[0]):
+                return chain
+            n = self.by_name.get(needed[0])
+            if n is None or not n.rule.per_sample:
+                return chain
+            chain.append(n)
+
+    def _chain_by_parts(self, first, grads: dict, kept: dict, params, tracker, pgrads: dict,
+                        on_param_grad) -> None:
+        """The backward of `_per_sample_chain(first)` with `first`'s gradient in batch parts
+        (`Lowering.batch_parts_carried`): each part through the whole chain before the next (so one part's
+        values are alive at a time), each rule given that part of what it kept; parameter gradients added
+        over the parts; the chain's last node's input gradients passed on as parts."""
+        chain = self._per_sample_chain(first)
+        g = grads.pop(first.name)
+        ws = [self.weights(c, params, tracker) for c in chain]
+        ks = [kept.pop(c.name, {}) for c in chain]
+        sums: list[dict[str, Tensor]] = [{} for _ in chain]
+        ends: list[list] = []
+        for lo, hi, make in g.bounds():
+            # the part's share of what the chain kept first, then the part: in the exported step, slices the
+            # delegate leaves to ExecuTorch (int8 masks) then sit before the part's whole chain, not inside it
+            kept_part = [{key: v[lo:hi] for key, v in k.items()} for k in ks]
+            gp = make()
+            for c, w, k, total in zip(chain, ws, kept_part, sums):
+                gin, gparams = c.rule.backward(gp, k, w, self.need[c.name])
+                for role, t in gparams.items():
+                    total[role] = total[role] + t if role in total else t
+                gp = next((gi for gi, want in zip(gin, self.need[c.name].inputs) if want), None)
+            ends.append(gin)
+        _release(tracker, f"grad:{first.name}", g)
+        del g, gin, gp, kept_part
+        for c, w, k, total in zip(chain, ws, ks, sums):
+            w.done()
+            for key in k:
+                tracker.release(f"kept:{c.name}:{key}")
+            for role, t in total.items():
+                tracker.hold(f"pgrad:{c.params[role]}", t, "parameter gradients")
+                if on_param_grad is None:
+                    pgrads[c.params[role]] = t
+                else:
+                    on_param_grad(c.params[role], t)
+        last = chain[-1]
+        gin = [None if any(e[j] is None for e in ends) else BatchParts.of([e[j] for e in ends])
+               for j in range(len(last.inputs))]
+        self._pass_on(last, gin, grads, tracker)
 
     def _local_derivative(self, name: str, kept: dict[str, dict[str, Tensor]], tracker) -> None:
         """Replace what node `name` kept by its local derivative (`Rule.local_derivative`), if it has one."""
@@ -347,3 +413,19 @@ def cross_entropy_with_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     n = logits.shape[0]
     loss = -(logp * onehot).sum() / n
     return loss, (torch.exp(logp) - onehot) / n
+
+
+def _hold(tracker, key: str, v: Tensor | BatchParts, kind: str) -> None:
+    if isinstance(v, BatchParts):  # the parts made so far (the others are made, and seen, where they are used)
+        for j, p in enumerate(v.made):
+            tracker.hold(f"{key}[{j}]", p, kind)
+    else:
+        tracker.hold(key, v, kind)
+
+
+def _release(tracker, key: str, v: Tensor | BatchParts) -> None:
+    if isinstance(v, BatchParts):
+        for j in range(len(v.made)):
+            tracker.release(f"{key}[{j}]")
+    else:
+        tracker.release(key)

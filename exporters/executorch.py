@@ -41,6 +41,10 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   zero-inserted gradient is over 32 MiB (Lite0 224 b8's 112² one), by batch halves, each its own XNNPACK call,
   joined by ExecuTorch's cat (`Lowering.zero_inserted_split_bytes`, `batch_cat`): XNNPACK's workspace, sized by
   that call, 82.7 -> 45.9 MiB, the memory plan +27.6 MiB, the whole process -9 MiB (BENCHMARKS.md, task H).
+  Since task K2 the parts are not joined but carried on (`Lowering.batch_parts_carried`): each part runs the
+  mask, the bias sum and the input gradients down to the stem in one call of its own, its int8 masks sliced by
+  ExecuTorch (`masks_as_int8`), no cat: the plan 89.2 -> 61.5 MiB, the step -7%; and by parts of at most 10 MiB
+  (not 32), -10% against main, the whole process 157 -> 131 MiB (BENCHMARKS.md, task K2).
 * The memory plan follows the step as written: delegates are cut where their outputs are used
   outside them (`split_at_outside_uses`: else the whole forward is one XNNPACK call whose outputs,
   every activation a mask is made from, are alive at once) and the written order is restored
@@ -85,20 +89,26 @@ INFERENCE_FILE = "inference.pte"
 # asymmetric conv pads are neither a pad op nor a crop (each held a value twice in XNNPACK's workspace)
 # but zero kernel taps, up to XNNPACK's one-pass 25 taps (a larger kernel takes a pad inside its call),
 # a strided depthwise conv's input gradient is a depthwise conv over the zero-inserted gradient (XNNPACK's
-# depthwise ConvTranspose is slow; a large one by batch parts, each its own call), a conv with a computed
+# depthwise ConvTranspose is slow; a large one by batch parts, each carried on through the per-sample rules that
+# follow, one call per part, no cat), a conv with a computed
 # kernel is written as matmuls, which XNNPACK takes with computed operands, and a max pooling that trains
 # through is float arithmetic XNNPACK runs, no bool op, and a conv bias's gradient of at most 16 MiB is summed
 # by XNNPACK (two means). Larger ones, and all without XNNPACK, are summed on ExecuTorch's own kernels, over
 # the batch first: at Lite0 224 b8 its 112x112 gradients grew XNNPACK's workspace (82.7 -> 110.3 MiB). Its
 # 56x56 ones grew ExecuTorch's plan by 23.6 MB before the 112x112 input gradient went by batch halves; that
-# plan's peak (the halves and their cat) now covers them: 16 MiB adds 0.5 MiB to the whole process for 8-9%
-# of the step. BENCHMARKS.md, tasks F (session 9), I and J. A frozen linear's input gradient reads its transposed
+# plan's peak (the halves and their cat) covered them: 16 MiB added 0.5 MiB to the whole process for 8-9%
+# of the step. BENCHMARKS.md, tasks F (session 9), I and J. Since task K2 the strided depthwise input gradients'
+# batch parts are carried on, each through its layers' masks, bias sums and input gradients in one call, and
+# made smaller (zero-inserted parts of at most 10 MiB: Lite0 224 b8's 112x112 one by 4 parts, its 56x56 one by 2):
+# the parts' values stay nearer the core (10 MiB: -2% step against 32 MiB's halves) and the 112x112 expand conv's
+# bias sum (9.2 MiB a part) runs inside XNNPACK too. A frozen linear's input gradient reads its transposed
 # weight as a constant of its own, so XNNPACK's weight cache packs each constant one way (task L2).
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
                      computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
-                     int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
-                     xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True, int8_frozen_linear=True)
+                     int8_pointwise_linear=True, zero_inserted_split_bytes=10 * 2**20, batch_parts_carried=True,
+                     xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True,
+                     int8_frozen_linear=True)
 PORTABLE = Lowering(batch_first_bias_sum=True)
 
 
@@ -262,31 +272,59 @@ def masks_as_int8(ep) -> int:
         if iv is None or node.meta.get("val") is None:
             continue
         users = [u for u in node.users if u.target is not _ASSERT]
-        if not users or not all(u.target is _ATEN.where.ScalarOther and u.args[0] is node and u.args[2] == 0
-                                and isinstance(u.args[1], torch.fx.Node)
-                                and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32
-                                for u in users):
+        applied = _mask_applications(node, users)
+        if applied is None:
             continue
         v, lo, hi = iv
-        late = len(users) == 1 and all(n.target is _ASSERT for n in written[order[node] + 1 : order[users[0]]])
+        late = len(users) == 1 and not applied[0][1] and \
+            all(n.target is _ASSERT for n in written[order[node] + 1 : order[users[0]]])
         if late:  # applied where it is made: the float indicator, next to its multiply
             with g.inserting_before(users[0]):
                 mask = _indicator(g, node, v, lo, hi)
         else:  # kept: int8 from where it is made until each use
             with g.inserting_before(node.next):
                 mask = _call(g, node, _QD.quantize_per_tensor.default, _indicator(g, node, v, lo, hi), *_INT8_01)
-        for u in users:
+        int8_slices = {}  # each batch part's slice of the int8 mask, where the bool mask's slice was written
+        for s in {u.args[0] for u, sliced in applied if sliced}:
+            with g.inserting_before(s):
+                int8_slices[s] = _call(g, s, _ATEN.slice.Tensor, mask, *s.args[1:4])
+        for u, sliced in applied:
             with g.inserting_before(u):
-                m = mask if late else _call(g, u, _QD.dequantize_per_tensor.default, mask, *_INT8_01)
+                m = mask if late else int8_slices[u.args[0]] if sliced else mask
+                m = m if late else _call(g, u, _QD.dequantize_per_tensor.default, m, *_INT8_01)
                 gm = _call(g, u, _ATEN.mul.Tensor, _unexpanded(u.args[1]), m)
             u.replace_all_uses_with(gm)
             g.erase_node(u)
+        for s in [u for u in users if u.target is _ATEN.slice.Tensor]:
+            g.erase_node(s)
         for a in [u for u in node.users if u.target is _ASSERT]:
             g.erase_node(a)
         n_done += 1
     g.eliminate_dead_code()
     ep.graph_module.recompile()
     return n_done
+
+
+def _applies_mask(u: torch.fx.Node, mask: torch.fx.Node) -> bool:
+    """Whether `u` is where(mask, g, 0) for a float g."""
+    return (u.target is _ATEN.where.ScalarOther and u.args[0] is mask and u.args[2] == 0
+            and isinstance(u.args[1], torch.fx.Node)
+            and getattr(u.args[1].meta.get("val"), "dtype", None) == torch.float32)
+
+
+def _mask_applications(mask: torch.fx.Node, users: list) -> list | None:
+    """(where(m, g, 0), whether m is a batch part's slice of the bool `mask`) for each use of `mask`, applied whole
+    or by such slices (`Lowering.batch_parts_carried`); None where it has other users."""
+    out = []
+    for u in users:
+        if _applies_mask(u, mask):
+            out.append((u, False))
+        elif u.target is _ATEN.slice.Tensor and len(u.args) >= 4 and u.args[1] == 0 and \
+                (len(u.args) < 5 or u.args[4] == 1) and u.users and all(_applies_mask(w, u) for w in u.users):
+            out.extend((w, True) for w in u.users)
+        else:
+            return None
+    return out or None
 
 
 # A node's position in the step as written, kept in node.meta["custom"]: the one meta entry that

@@ -20,6 +20,7 @@ def _late_float(m, g):
 class _Activation(Rule):
     mask = False  # set by the `mask` recipe modifier
     drops_kept = True  # the replay of onnxruntime's schedule: the mask dies inside the backward (`Program`)
+    per_sample = True
 
     def keep(self, xs, y, w, need):
         if not need.inputs[0]:

@@ -32,6 +32,9 @@ class Rule:
     quantizable = False  # its "weight" may be stored int8 when frozen
     approximate = False  # its backward is an approximation of autograd's (documented per rule)
     mixes_batch = False  # its output for one sample depends on the others (batch statistics): no micro-batches
+    # its backward for a batch part needs only that part of the gradient and of what it kept (batch-first), and its
+    # parameter gradients add over parts (`Lowering.batch_parts_carried`)
+    per_sample = False
 
     in_shapes: list[tuple[int, ...]] = []
     out_shape: tuple[int, ...] = ()

@@ -6,6 +6,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..batch_parts import BatchParts
 from ..lowering import by_rows, in_blocks, int8_of, lowering_of, pins, replaying, runs_nchwc, summed_by_rows
 from ..quant import int8_weight_linear, int8_weight_linear_input_grad
 from .base import Need, Rule, Tensor
@@ -48,6 +49,7 @@ ZeroInsertion = tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int
 class Conv2d(Rule):
     kind = "conv2d"
     quantizable = True
+    per_sample = True
 
     def __init__(self, kernel, stride=1, padding=0, dilation=1, groups=1):
         self.kernel = _pair(kernel)
@@ -197,8 +199,9 @@ class Conv2d(Rule):
         if need.inputs[0] and self._as_matmul(w) and w.trainable("weight") and self._flipped_pads() is not None:
             gx = self._taps(g, self._flipped_taps(w["weight"]), self._flipped_pads(), self.in_chw[1:], (1, 1))
         elif zero_insertion is not None:
-            gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion,
-                                                lowering_of(w).zero_inserted_split_bytes)
+            low = lowering_of(w)
+            gx = self._zero_inserted_input_grad(g, w["weight"], zero_insertion, low.zero_inserted_split_bytes,
+                                                low.batch_parts_carried)
         elif need.inputs[0] and (as_linear := self._int8_linear_input_grad(g, w)) is not None:
             gx = as_linear
         elif need.inputs[0]:
@@ -291,11 +294,12 @@ class Conv2d(Rule):
         return best
 
     def _zero_inserted_input_grad(self, g: Tensor, weight: Tensor, plan: ZeroInsertion,
-                                  split_bytes: int | None = None) -> Tensor:
+                                  split_bytes: int | None = None, carried: bool = False) -> Tensor | BatchParts:
         """The input gradient as `_zero_insertion` plans it. The zeros come from a broadcast multiply by a
         constant one-hot stride x stride cell (XNNPACK: one fast op; a pad or a stack of the 6-D view moves
         one value per row), then one stride-1 depthwise conv, which XNNPACK runs in its dwconv kernels; by
-        batch parts joined by a cat where the zero-inserted gradient is larger than `split_bytes`."""
+        batch parts where the zero-inserted gradient is larger than `split_bytes`, joined by a cat, or `carried`
+        on as they are (`Lowering.batch_parts_carried`)."""
         (zh, zw), pad, extend = plan
         (c, ho, wo), (sh, sw) = self.out_chw, self.stride
         cell = torch.tensor([[float(i == zh and j == zw) for j in range(sw)] for i in range(sh)],
@@ -311,6 +315,8 @@ class Conv2d(Rule):
         if len(sizes) == 1:
             return part(g)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        if carried:  # each part made when the program's backward reaches it (`BatchParts`)
+            return BatchParts(sizes, [lambda lo=lo, n=n: part(g[lo : lo + n]) for lo, n in zip(starts, sizes)])
         return torch.cat([part(g[lo : lo + n]) for lo, n in zip(starts, sizes)], 0)
 
     @staticmethod
