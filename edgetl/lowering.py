@@ -91,6 +91,13 @@ class Lowering:
     # portable conv kernel is ~50x slower than torch (mnist_cnn `full`: 95% of the step). Dense convs
     # (groups 1) and depthwise ones; a stride-2 conv's input gradient stays a transposed conv.
     computed_conv_as_matmul: bool = False
+    # ... and a dense conv's weight gradient with at most this many input channels as one matmul for all taps,
+    # (1, kh*kw*Cin, N*Ho*Wo) @ the channels-last gradient (1, N*Ho*Wo, Cout), not one per tap: XNNPACK's matmul
+    # by a (N*Ho*Wo, Cin) operand this narrow took ~0.85 ms per tap whatever Cin (mnist_cnn's 1-channel stem, b32:
+    # 7.7 ms for the 9 taps, 1.2 ms as one; 3 channels 7.9 -> 1.9, 8 8.6 -> 4.6, 16 10.2 -> 9.2; 32 channels at
+    # 14x14 2.7 -> 4.2 ms, so wide inputs keep a matmul per tap). The taps' windows are all alive at once:
+    # kh*kw*Cin*N*Ho*Wo floats (mnist b32: 0.9 MB). None: a matmul per tap
+    weight_grad_one_matmul_max_cin: int | None = None
     # max pooling (with an input gradient) in float arithmetic XNNPACK runs, no bool op: the pool itself, each
     # tap's "is the window's first maximum" as 1 + floor(max(v - max, -1)), and the backward's "tap t is the
     # kept position" as relu(1 - |position - t|), the position kept as int8 (quantized inside XNNPACK, scale 1).

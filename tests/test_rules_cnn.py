@@ -600,6 +600,7 @@ def test_rules_run_as_one_executorch_program(tmp_path):
 CONV_WEIGHT_GRADS = {  # name: (rule args, Cin, Cout, (H, W)) -- the weight gradient's form in brackets
     "dense_3x3s1p1": ((3, 1, 1), 4, 6, (9, 7)),  # [conv]
     "dense_3x3s2p1_even": ((3, 2, 1), 4, 6, (10, 8)),  # [conv] the far pad trimmed to what the last tap reads
+    "dense_3x3s1p1_wide": ((3, 1, 1), 12, 6, (6, 5)),  # [conv] ExecuTorch: a matmul per tap (Cin > 8)
     "tf_same_s2": ((5, 2, (1, 2, 1, 2)), 3, 6, (10, 10)),  # [conv] asymmetric pads, folded into the Conv
     "crop_s3": ((3, 3, 0), 4, 4, (11, 10)),  # [conv] rows no tap reads: a negative pad crops them
     "depthwise_k5s1p2": ((5, 1, 2, 1, 4), 4, 4, (9, 7)),  # [conv]
@@ -1156,6 +1157,31 @@ def test_computed_kernel_conv_as_matmuls_matches_autograd(case):
     assert (torch.ops.aten.convolution in seen.ops) != as_matmul, seen.ops
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket] = self.counts.get(func.overloadpacket, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case, matmuls", [("dense_3x3s1p1", 1), ("dense_3x3s2p1_even", 1), ("tf_same_s2", 1),
+                                           ("dilated", 1), ("dense_3x3s1p1_wide", 9)])
+def test_a_few_channel_weight_gradient_is_one_matmul_for_all_taps(case, matmuls):
+    """ExecuTorch's lowering: a dense conv's weight gradient with at most 8 input channels is one matmul over
+    all kernel taps (XNNPACK's matmul by a narrow per-tap window cost ~0.85 ms a tap at mnist_cnn's stem),
+    a wider one a matmul per tap; both equal autograd's."""
+    rule, wt, _, x, g, ref = _weight_grad_case(case)
+    with _CountOps() as seen:
+        _, grads = rule.backward(g, {"x": x}, _Trained({"weight": wt}), Need((False,), frozenset({"weight"})))
+    assert seen.counts.get(torch.ops.aten.bmm, 0) == matmuls, seen.counts
+    assert grads["weight"].shape == ref.shape and rel_err(grads["weight"], ref) < 1e-5
+
+
 @pytest.mark.slow
 def test_computed_kernel_convs_leave_no_portable_convolution_in_executorch(tmp_path):
     """The `full` step's convs (forward, stride-1 input gradient, weight gradient) with a trainable kernel
@@ -1165,7 +1191,8 @@ def test_computed_kernel_convs_leave_no_portable_convolution_in_executorch(tmp_p
     from edgetl.exporters.executorch import _delegated_ops, _lower
     from edgetl.runtime.backends.executorch import NativeMethod
 
-    cases = ["dense_3x3s1p1", "dense_3x3s2p1_even", "depthwise_k3s1p1", "depthwise_s2", "pointwise"]
+    cases = ["dense_3x3s1p1", "dense_3x3s2p1_even", "dense_3x3s1p1_wide", "depthwise_k3s1p1", "depthwise_s2",
+             "pointwise"]
     built = [_computed_kernel_case(c) for c in cases]
     module = _ComputedKernelConv([b[0] for b in built]).eval()
     args = tuple(a for b in built for a in b[1])

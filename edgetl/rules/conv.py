@@ -198,7 +198,8 @@ class Conv2d(Rule):
         if "bias" in need.params:
             grads["bias"] = bias_grad(g, self.out_chw, w)
         if "weight" in need.params:
-            grads["weight"] = (self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
+            grads["weight"] = (self._weight_grad_one_mm(kept["x"], g) if self._weight_grad_as_one_mm(w)
+                               else self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
                                else self._weight_grad(kept["x"], g))
         gx = None
         zero_insertion = self._zero_insertion(w) if need.inputs[0] else None
@@ -405,6 +406,23 @@ class Conv2d(Rule):
         taps = [torch.bmm(gm, window(*self._window(a, b, (ho, wo), self.stride)))
                 for a in range(kh) for b in range(kw)]
         return torch.stack(taps, -1).reshape(cout, -1, kh, kw)
+
+    def _weight_grad_as_one_mm(self, w) -> bool:
+        limit = lowering_of(w).weight_grad_one_matmul_max_cin
+        return self._as_matmul(w) and self.groups == 1 and limit is not None and self.in_chw[0] <= limit
+
+    def _weight_grad_one_mm(self, x: Tensor, g: Tensor) -> Tensor:
+        """dW for all taps as one batched matmul: the taps' windows of the padded input, channels first and
+        stacked tap by tap (1, kh*kw*Cin, N*Ho*Wo), by the channels-last gradient (1, N*Ho*Wo, Cout)."""
+        n, cin, (cout, ho, wo), (kh, kw) = int(x.shape[0]), self.in_chw[0], self.out_chw, self.kernel
+        t, b, l, r = self.pads
+        xc = x.permute(1, 0, 2, 3)  # (Cin, N, H, W)
+        xc = F.pad(xc, (l, r, t, b)) if any(self.pads) else xc
+        windows = [xc[:, :, rows, cols] for rows, cols in
+                   (self._window(a, c, (ho, wo), self.stride) for a in range(kh) for c in range(kw))]
+        cols = torch.cat(windows, 0).reshape(1, kh * kw * cin, n * ho * wo)
+        gm = g.permute(0, 2, 3, 1).reshape(1, n * ho * wo, cout)
+        return torch.bmm(cols, gm).reshape(kh, kw, cin, cout).permute(3, 2, 0, 1)
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d].
