@@ -93,10 +93,10 @@ class Lowering:
     computed_conv_as_matmul: bool = False
     # ... and a dense conv's weight gradient with at most this many input channels as one matmul for all taps,
     # (1, kh*kw*Cin, N*Ho*Wo) @ the channels-last gradient (1, N*Ho*Wo, Cout), not one per tap: XNNPACK's matmul
-    # by a (N*Ho*Wo, Cin) operand this narrow took ~0.85 ms per tap whatever Cin (mnist_cnn's 1-channel stem, b32:
-    # 7.7 ms for the 9 taps, 1.2 ms as one; 3 channels 7.9 -> 1.9, 8 8.6 -> 4.6, 16 10.2 -> 9.2; 32 channels at
-    # 14x14 2.7 -> 4.2 ms, so wide inputs keep a matmul per tap). The taps' windows are all alive at once:
-    # kh*kw*Cin*N*Ho*Wo floats (mnist b32: 0.9 MB). None: a matmul per tap
+    # by a (N*Ho*Wo, Cin) operand this narrow took ~0.85 ms per tap whatever Cin (bench/et_weight_grad_forms.py,
+    # 3x3, b32 at 28x28, one thread: 1 channel 7.7 ms for the 9 taps, 0.9 ms as one; 3 channels 8.0 -> 1.7,
+    # 8 8.5 -> 4.7, 16 10.4 -> 9.4; 32 channels at 14x14 2.6 -> 4.5, so wide inputs keep a matmul per tap). The
+    # taps' windows are all alive at once: kh*kw*Cin*N*Ho*Wo floats (mnist b32: 0.9 MB). None: a matmul per tap
     weight_grad_one_matmul_max_cin: int | None = None
     # max pooling (with an input gradient) in float arithmetic XNNPACK runs, no bool op: the pool itself, each
     # tap's "is the window's first maximum" as 1 + floor(max(v - max, -1)), and the backward's "tap t is the
