@@ -1,7 +1,7 @@
-"""A dense 3x3 conv's weight gradient in ExecuTorch's XNNPACK lowering, as the `full` step writes it: a matmul per
-kernel tap (1, Cout, N*Ho*Wo) @ the tap's window (1, N*Ho*Wo, Cin), against one matmul for all taps,
-(1, 9*Cin, N*Ho*Wo) @ the channels-last gradient (`Lowering.weight_grad_one_matmul_max_cin`). One program per form,
-run alone on one thread (CPU ms, median of 9), and the error against float64.
+"""A dense 3x3 conv with a computed kernel in ExecuTorch's XNNPACK lowering, as the `full` step writes it: its forward
+and its weight gradient as a matmul per kernel tap against one matmul for all taps
+(`Lowering.few_channel_conv_one_matmul_max_cin`). One program per form, run alone on one thread (CPU ms, median of
+9), and the error against float64.
 
     python bench/et_weight_grad_forms.py [N CIN COUT HW]     (default 32 1 32 28: mnist_cnn's stem, b32)
 """
@@ -29,21 +29,27 @@ def main(n: int, cin: int, cout: int, hw: int) -> None:
             super().__init__()
             self.fn = fn
 
-        def forward(self, x, g):
-            return self.fn(x, g)
+        def forward(self, x, second):
+            return self.fn(x, second)
 
     torch.manual_seed(0)
-    x, g = torch.randn(n, cin, hw, hw), torch.randn(n, cout, hw, hw)
-    ref = torch.nn.grad.conv2d_weight(x.double(), (cout, cin, 3, 3), g.double(), padding=1).numpy()
+    x, w, g = torch.randn(n, cin, hw, hw), torch.randn(cout, cin, 3, 3), torch.randn(n, cout, hw, hw)
+    y_ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1).numpy()
+    dw_ref = torch.nn.grad.conv2d_weight(x.double(), (cout, cin, 3, 3), g.double(), padding=1).numpy()
     print(f"x {n}x{cin}x{hw}x{hw}, {cout} output channels, 3x3 kernel, one thread")
-    for name, fn in (("a matmul per tap", rule._weight_grad_taps_mm), ("one matmul", rule._weight_grad_one_mm)):
-        method = NativeMethod(_lower(Form(fn).eval(), (x, g), delegate=True).buffer)
+    forms = (("forward, a matmul per tap", lambda x, w: rule._taps(x, rule._forward_taps(w), rule.pads,
+                                                                   rule.out_chw[1:], rule.stride), w, y_ref),
+             ("forward, one matmul", rule._forward_one_mm, w, y_ref),
+             ("dW, a matmul per tap", rule._weight_grad_taps_mm, g, dw_ref),
+             ("dW, one matmul", rule._weight_grad_one_mm, g, dw_ref))
+    for name, fn, second, ref in forms:
+        method = NativeMethod(_lower(Form(fn).eval(), (x, second), delegate=True).buffer)
         ms = []
         for _ in range(9):
-            (dw,), t = method.timed([x.numpy(), g.numpy()])
+            (out,), t = method.timed([x.numpy(), second.numpy()])
             ms.append(t.sum())
-        err = np.abs(dw - ref).max() / np.abs(ref).max()
-        print(f"  {name:18s} {np.median(ms):7.2f} ms  {len(t):3d} instructions  max rel err {err:.1e}")
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        print(f"  {name:26s} {np.median(ms):7.2f} ms  {len(t):3d} instructions  max rel err {err:.1e}")
 
 
 if __name__ == "__main__":

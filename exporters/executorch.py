@@ -94,7 +94,7 @@ INFERENCE_FILE = "inference.pte"
 # of the step. BENCHMARKS.md, tasks F (session 9), I and J.
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
-                     computed_conv_as_matmul=True, weight_grad_one_matmul_max_cin=8,
+                     computed_conv_as_matmul=True, few_channel_conv_one_matmul_max_cin=8,
                      max_pool_in_arithmetic=True, batch_first_bias_sum=True,
                      int8_pointwise_linear=True, zero_inserted_split_bytes=32 * 2**20,
                      xnnpack_bias_sum_max_bytes=16 * 2**20)

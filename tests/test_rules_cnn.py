@@ -1171,13 +1171,19 @@ class _CountOps(TorchDispatchMode):
 
 @pytest.mark.parametrize("case, matmuls", [("dense_3x3s1p1", 1), ("dense_3x3s2p1_even", 1), ("tf_same_s2", 1),
                                            ("dilated", 1), ("dense_3x3s1p1_wide", 9)])
-def test_a_few_channel_weight_gradient_is_one_matmul_for_all_taps(case, matmuls):
-    """ExecuTorch's lowering: a dense conv's weight gradient with at most 8 input channels is one matmul over
-    all kernel taps (XNNPACK's matmul by a narrow per-tap window cost ~0.85 ms a tap at mnist_cnn's stem),
-    a wider one a matmul per tap; both equal autograd's."""
+def test_a_few_channel_conv_is_one_matmul_for_all_taps(case, matmuls):
+    """ExecuTorch's lowering: a dense conv with a computed kernel and at most 8 input channels runs its forward and
+    its weight gradient as one matmul over all kernel taps (XNNPACK's matmuls this narrow cost ~0.5-0.85 ms a tap
+    at mnist_cnn's stem), a wider one a matmul per tap; both equal autograd's."""
     rule, wt, _, x, g, ref = _weight_grad_case(case)
+    w = _Trained({"weight": wt})
     with _CountOps() as seen:
-        _, grads = rule.backward(g, {"x": x}, _Trained({"weight": wt}), Need((False,), frozenset({"weight"})))
+        y = rule.compute([x], w)
+    assert seen.counts.get(torch.ops.aten.bmm, 0) == matmuls, seen.counts
+    t, b, l, r = rule.pads
+    assert rel_err(y, F.conv2d(F.pad(x, (l, r, t, b)), wt, None, rule.stride, 0, rule.dilation)) < 1e-5
+    with _CountOps() as seen:
+        _, grads = rule.backward(g, {"x": x}, w, Need((False,), frozenset({"weight"})))
     assert seen.counts.get(torch.ops.aten.bmm, 0) == matmuls, seen.counts
     assert grads["weight"].shape == ref.shape and rel_err(grads["weight"], ref) < 1e-5
 

@@ -144,6 +144,8 @@ class Conv2d(Rule):
         as_linear = self._int8_linear(xs[0], w)
         if as_linear is not None:
             y = as_linear
+        elif self._as_matmul(w) and w.trainable("weight") and self._few_channels_one_mm(w):
+            y = self._forward_one_mm(xs[0], w["weight"])
         elif self._as_matmul(w) and w.trainable("weight"):
             y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)
         elif kernel_pads is not None:  # no pad op: the padding lives in the conv and zero kernel taps
@@ -198,7 +200,7 @@ class Conv2d(Rule):
         if "bias" in need.params:
             grads["bias"] = bias_grad(g, self.out_chw, w)
         if "weight" in need.params:
-            grads["weight"] = (self._weight_grad_one_mm(kept["x"], g) if self._weight_grad_as_one_mm(w)
+            grads["weight"] = (self._weight_grad_one_mm(kept["x"], g) if self._few_channels_one_mm(w)
                                else self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
                                else self._weight_grad(kept["x"], g))
         gx = None
@@ -407,9 +409,22 @@ class Conv2d(Rule):
                 for a in range(kh) for b in range(kw)]
         return torch.stack(taps, -1).reshape(cout, -1, kh, kw)
 
-    def _weight_grad_as_one_mm(self, w) -> bool:
-        limit = lowering_of(w).weight_grad_one_matmul_max_cin
+    def _few_channels_one_mm(self, w) -> bool:
+        limit = lowering_of(w).few_channel_conv_one_matmul_max_cin
         return self._as_matmul(w) and self.groups == 1 and limit is not None and self.in_chw[0] <= limit
+
+    def _forward_one_mm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """conv2d(x, weight) for all taps as one batched matmul: the taps' channels-last windows of the padded
+        input side by side (1, N*Ho*Wo, kh*kw*Cin) by the kernel (1, kh*kw*Cin, Cout)."""
+        n, cin, (cout, ho, wo), (kh, kw) = int(x.shape[0]), self.in_chw[0], self.out_chw, self.kernel
+        t, b, l, r = self.pads
+        xc = x.permute(0, 2, 3, 1)  # (N, H, W, Cin)
+        xc = F.pad(xc, (0, 0, l, r, t, b)) if any(self.pads) else xc
+        windows = [xc[:, rows, cols] for rows, cols in
+                   (self._window(a, c, (ho, wo), self.stride) for a in range(kh) for c in range(kw))]
+        cols = torch.cat(windows, -1).reshape(1, n * ho * wo, kh * kw * cin)
+        kernel = weight.permute(2, 3, 1, 0).reshape(1, kh * kw * cin, cout)
+        return torch.bmm(cols, kernel).reshape(n, ho, wo, cout).permute(0, 3, 1, 2)
 
     def _weight_grad_one_mm(self, x: Tensor, g: Tensor) -> Tensor:
         """dW for all taps as one batched matmul: the taps' windows of the padded input, channels first and
