@@ -352,7 +352,7 @@ class Conv2d(Rule):
             k = weight.reshape(c, kh, kw).permute(1, 2, 0)
             return lambda a, b: k[a, b].reshape(1, c, 1, 1)
         k = weight.permute(2, 3, 1, 0)  # (kh, kw, Cin, Cout)
-        return lambda a, b: k[a, b].unsqueeze(0)
+        return lambda a, b: k[a : a + 1, b : b + 1].reshape(1, *k.shape[2:])
 
     def _flipped_taps(self, weight: Tensor) -> Callable[[int, int], Tensor]:
         """The taps of the flipped, transposed kernel (the stride-1 input gradient's): dense (1, Cout, Cin)."""
@@ -361,7 +361,7 @@ class Conv2d(Rule):
             fwd = self._forward_taps(weight)
             return lambda a, b: fwd(kh - 1 - a, kw - 1 - b)
         k = weight.permute(2, 3, 0, 1)  # (kh, kw, Cout, Cin)
-        return lambda a, b: k[kh - 1 - a, kw - 1 - b].unsqueeze(0)
+        return lambda a, b: k[kh - 1 - a : kh - a, kw - 1 - b : kw - b].reshape(1, *k.shape[2:])
 
     def _taps(self, x: Tensor, tap: Callable[[int, int], Tensor], pads: tuple[int, int, int, int],
               out_hw: tuple[int, int], stride: tuple[int, int]) -> Tensor:
