@@ -4,6 +4,7 @@ import torch.nn as nn
 
 import edgetl
 from edgetl.lowering import runs_nchwc
+from edgetl.memory import Tracker
 
 
 def _tiny():
@@ -283,7 +284,7 @@ def test_a_mask_dies_once_its_float_copy_exists():
     assert 3.2 * a < m.transient_peak_bytes < 3.3 * a
 
 
-class _Events(__import__("edgetl.memory", fromlist=["Tracker"]).Tracker):
+class _Events(Tracker):
     """A tracker that records the order of its holds and releases by name."""
 
     def __init__(self):
