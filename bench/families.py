@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,14 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", action="store_true", help="print the table from --json only")
     p.add_argument("--readme", action="store_true", help="also write the table into README.md's Model families")
     args = p.parse_args(argv)
-    path = Path(args.json)
+    todo = None if args.render else grid(args.families, args.recipes, args.targets)
+    text = run_grid_cli(Path(args.json), todo, "family", lambda f: fam_all[f], table)
+    return _show(text, args.readme)
+
+
+def grid(names: list[str], recipes: list[str], targets: list[str]) -> list[tuple[str, str, str]]:
+    """The (model name, recipe, target) rows to run, target by target."""
+    return [(n, r, t) for t in targets for n in names for r in recipes]
+
+
+def run_grid_cli(path: Path, todo: list[tuple[str, str, str]] | None, key: str, make,
+                 table: Callable[[list[dict]], str]) -> str:
+    """The table of the rows saved at `path` (`todo` None: render only), or of them with `todo` run anew
+    (`run_grid`): saved rows not in `todo` are kept."""
     saved = json.loads(path.read_text()) if path.exists() else []
-    if args.render:
-        return _show(table(saved), args.readme)
-    todo = [(f, r, t) for t in args.targets for f in args.families for r in args.recipes]
-    rows = [x for x in saved if (x["family"], x["recipe"], x["target"]) not in set(todo)]
-    rows += run_grid(todo, "family", lambda f: fam_all[f], rows, path)
-    return _show(table(rows), args.readme)
+    if todo is None:
+        return table(saved)
+    rerun = set(todo)
+    rows = [x for x in saved if (x[key], x["recipe"], x["target"]) not in rerun]
+    rows += run_grid(todo, key, make, rows, path)
+    return table(rows)
 
 
 def run_grid(todo: list[tuple[str, str, str]], key: str, make, kept: list[dict], path: Path) -> list[dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -358,14 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", action="store_true", help="print the table from --json only")
     p.add_argument("--benchmarks", action="store_true", help="also write the table into BENCHMARKS.md's section")
     args = p.parse_args(argv)
-    path = Path(args.json)
-    saved = json.loads(path.read_text()) if path.exists() else []
-    if args.render:
-        return _show(table(saved), args.benchmarks)
-    todo = [(a, r, t) for t in args.targets for a in args.architectures for r in args.recipes]
-    rows = [x for x in saved if (x["architecture"], x["recipe"], x["target"]) not in set(todo)]
-    rows += bench_families.run_grid(todo, "architecture", factory, rows, path)
-    return _show(table(rows), args.benchmarks)
+    todo = None if args.render else bench_families.grid(args.architectures, args.recipes, args.targets)
+    text = bench_families.run_grid_cli(Path(args.json), todo, "architecture", factory, table)
+    return _show(text, args.benchmarks)
 
 
 def _show(text: str, benchmarks: bool) -> int:

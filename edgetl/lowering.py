@@ -98,6 +98,16 @@ class Lowering:
     # portable conv kernel is ~50x slower than torch (mnist_cnn `full`: 95% of the step). Dense convs
     # (groups 1) and depthwise ones; a stride-2 conv's input gradient stays a transposed conv.
     computed_conv_as_matmul: bool = False
+    # ... and a dense one with at most this many input channels: its forward and its weight gradient as one matmul
+    # for all kernel taps, not one per tap: forward, the taps' channels-last windows side by side (1, N*Ho*Wo,
+    # kh*kw*Cin) @ the kernel (1, kh*kw*Cin, Cout); weight gradient, the windows stacked channels first
+    # (1, kh*kw*Cin, N*Ho*Wo) @ the channels-last gradient (1, N*Ho*Wo, Cout). XNNPACK's matmuls with a dimension
+    # this narrow took ~0.5 (forward) and ~0.85 ms (weight gradient) per tap whatever Cin (3x3, b32 at 28x28, one
+    # thread, bench/et_weight_grad_forms.py; BENCHMARKS.md task N2): weight gradient 1 channel 7.7 ms for the 9 taps,
+    # 0.9 ms as one; 3 channels 8.0 -> 1.7, 8 8.5 -> 4.7, 16 10.4 -> 9.4; 32 channels at 14x14 2.6 -> 4.5, so wide
+    # inputs keep a matmul per tap; forward 1 channel 4.8 -> 1.7, 3 4.9 -> 2.0, 8 5.7 -> 4.1, 16 7.9 -> 7.4. The
+    # taps' windows are all alive at once: kh*kw*Cin*N*Ho*Wo floats (mnist b32: 0.9 MB). None: a matmul per tap
+    few_channel_conv_one_matmul_max_cin: int | None = None
     # max pooling (with an input gradient) in float arithmetic XNNPACK runs, no bool op: the pool itself, each
     # tap's "is the window's first maximum" as 1 + floor(max(v - max, -1)), and the backward's "tap t is the
     # kept position" as relu(1 - |position - t|), the position kept as int8 (quantized inside XNNPACK, scale 1).

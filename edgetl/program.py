@@ -298,8 +298,8 @@ class Program:
             if self.replay and self.lowering.pin_schedule and getattr(n.rule, "drops_grad", False):
                 # the rule drops the incoming gradient where onnxruntime frees it, inside its backward
                 tracker.release(f"grad:{n.name}")
-            if self.replay and self.lowering.pin_schedule and getattr(n.rule, "drops_kept", False):
-                for key in k:  # the rule drops what it kept (popped from `k`) where onnxruntime frees it
+            if self.replay and self.lowering.pin_schedule:
+                for key in getattr(n.rule, "drops_kept", ()):  # popped from `k` by the rule, freed inside it
                     tracker.release(f"kept:{n.name}:{key}")
             gin, gp = n.rule.backward(grads.pop(n.name), k, w, need)  # the rule's reference is the only one
             w.done()

@@ -105,7 +105,8 @@ INFERENCE_FILE = "inference.pte"
 # weight as a constant of its own, so XNNPACK's weight cache packs each constant one way (task L2).
 DELEGATED = Lowering(bias_as_add=True, pads_in_kernel=True, pads_in_kernel_max_depthwise_taps=25,
                      shifted_strided_input_grad=True, zero_inserted_depthwise_input_grad=True,
-                     computed_conv_as_matmul=True, max_pool_in_arithmetic=True, batch_first_bias_sum=True,
+                     computed_conv_as_matmul=True, few_channel_conv_one_matmul_max_cin=8,
+                     max_pool_in_arithmetic=True, batch_first_bias_sum=True,
                      int8_pointwise_linear=True, zero_inserted_split_bytes=10 * 2**20, batch_parts_carried=True,
                      xnnpack_bias_sum_max_bytes=16 * 2**20, linear_input_grad_own_weight=True,
                      int8_frozen_linear=True)

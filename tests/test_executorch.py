@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from edgetl.optim import OptimizerConfig  # noqa: E402
 from edgetl.runtime import InputError, Trainer  # noqa: E402
 from edgetl.runtime.data import normalize  # noqa: E402
 from edgetl.step import LeanEval  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 B = 8
 RECIPES = {
@@ -192,6 +195,22 @@ def test_edgetl_threads_sizes_the_executorch_pool(bundles, threads):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res == {"pool": threads, "gained": threads - 1}
+
+
+def test_timed_step_returns_the_step_and_one_time_per_instruction(bundles):
+    """`timed` (bench/et_step_profile.py) runs the step one instruction at a time: the same outputs as a
+    plain call, and a CPU time for each instruction the program has, no more."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from et_step_profile import instructions
+
+    t = Trainer.load(bundles["side+mask"][2])
+    (x, y), = _batches(1)
+    inputs = [normalize(x, t.bundle.manifest), y, np.float32(0.05), *t.backend.params, *t.backend.state]
+    outs, ms = t.backend.train.timed(inputs)
+    for a, b in zip(outs, t.backend.train(inputs), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(ms) == len(instructions(t.bundle.program_bytes("train_step")))
+    assert ms.dtype == np.float64 and (ms >= 0).all() and ms.sum() > 0
 
 
 def test_the_pool_is_not_resized_under_a_loaded_program(bundles):

@@ -4,6 +4,7 @@ import torch.nn as nn
 
 import edgetl
 from edgetl.lowering import runs_nchwc
+from edgetl.memory import Tracker
 
 
 def _tiny():
@@ -281,3 +282,41 @@ def test_a_mask_dies_once_its_float_copy_exists():
     m = edgetl.prepare(net, "bias+mask", num_classes=2, input_size=16).memory(batch_size=4)
     a = 4 * 16 * 16 * 16 * 4
     assert 3.2 * a < m.transient_peak_bytes < 3.3 * a
+
+
+class _Events(Tracker):
+    """A tracker that records the order of its holds and releases by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def hold(self, key, t, kind=""):
+        self.events.append(f"hold {key}")
+        super().hold(key, t, kind)
+
+    def release(self, key):
+        if key in self.holders:
+            self.events.append(f"release {key}")
+        super().release(key)
+
+
+@pytest.mark.parametrize("recipe, key, inside", [("bias+mask", "m", True), ("bias", "d", False)])
+def test_an_activation_drops_only_its_mask_inside_its_backward(monkeypatch, recipe, key, inside):
+    """In onnxruntime's schedule a Hard-Swish frees its bool mask inside its backward (cast to float, its last
+    read), but the float derivative it keeps without the mask modifier (its local derivative, made from x
+    early) only after its backward (the product reads it): the replay releases the kept tensor before the
+    input gradient exists only for the mask."""
+    import edgetl.memory as memory
+
+    trackers = []
+    monkeypatch.setattr(memory, "Tracker", lambda: trackers.append(_Events()) or trackers[-1])
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Hardswish(), nn.Flatten(),
+                        nn.Linear(4 * 16, 2))
+    pm = edgetl.prepare(net, recipe, num_classes=2, input_size=4)
+    pm.memory(batch_size=2)
+    act = next(n for n in pm.graph.nodes if n.rule.kind == "hardswish")
+    events = trackers[-1].events
+    dropped = events.index(f"release kept:{act.name}:{key}")
+    grad_in = events.index(f"hold grad:{act.inputs[0]}")
+    assert (dropped < grad_in) == inside, events[grad_in - 3: grad_in + 3]

@@ -19,7 +19,9 @@ def _late_float(m, g):
 
 class _Activation(Rule):
     mask = False  # set by the `mask` recipe modifier
-    drops_kept = True  # the replay of onnxruntime's schedule: the mask dies inside the backward (`Program`)
+    # what the backward pops from `kept` and frees inside it, in the replay of onnxruntime's schedule (`Program`):
+    # the bool mask only; a float keep lives to the end of the rule's backward
+    drops_kept: tuple[str, ...] = ("m",)
     per_sample = True
 
     def keep(self, xs, y, w, need):
@@ -232,6 +234,7 @@ class PReLU(_Activation):
     so while the slope trains it keeps x (even under `mask`)."""
 
     kind = "prelu"
+    drops_kept = ()  # its backward reads the mask to the end
 
     def compute(self, xs, w):
         x = xs[0]

@@ -138,6 +138,8 @@ class Conv2d(Rule):
         as_linear = self._int8_linear(xs[0], w)
         if as_linear is not None:
             y = as_linear
+        elif self._as_matmul(w) and w.trainable("weight") and self._few_channels_one_mm(w):
+            y = self._forward_one_mm(xs[0], w["weight"])
         elif self._as_matmul(w) and w.trainable("weight"):
             y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)
         elif kernel_pads is not None:  # no pad op: the padding lives in the conv and zero kernel taps
@@ -192,7 +194,8 @@ class Conv2d(Rule):
         if "bias" in need.params:
             grads["bias"] = bias_grad(g, self.out_chw, w)
         if "weight" in need.params:
-            grads["weight"] = (self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
+            grads["weight"] = (self._weight_grad_one_mm(kept["x"], g) if self._few_channels_one_mm(w)
+                               else self._weight_grad_taps_mm(kept["x"], g) if self._as_matmul(w)
                                else self._weight_grad(kept["x"], g))
         gx = None
         zero_insertion = self._zero_insertion(w) if need.inputs[0] else None
@@ -347,7 +350,7 @@ class Conv2d(Rule):
             k = weight.reshape(c, kh, kw).permute(1, 2, 0)
             return lambda a, b: k[a, b].reshape(1, c, 1, 1)
         k = weight.permute(2, 3, 1, 0)  # (kh, kw, Cin, Cout)
-        return lambda a, b: k[a, b].unsqueeze(0)
+        return lambda a, b: k[a : a + 1, b : b + 1].reshape(1, *k.shape[2:])
 
     def _flipped_taps(self, weight: Tensor) -> Callable[[int, int], Tensor]:
         """The taps of the flipped, transposed kernel (the stride-1 input gradient's): dense (1, Cout, Cin)."""
@@ -356,7 +359,7 @@ class Conv2d(Rule):
             fwd = self._forward_taps(weight)
             return lambda a, b: fwd(kh - 1 - a, kw - 1 - b)
         k = weight.permute(2, 3, 0, 1)  # (kh, kw, Cout, Cin)
-        return lambda a, b: k[kh - 1 - a, kw - 1 - b].unsqueeze(0)
+        return lambda a, b: k[kh - 1 - a : kh - a, kw - 1 - b : kw - b].reshape(1, *k.shape[2:])
 
     def _taps(self, x: Tensor, tap: Callable[[int, int], Tensor], pads: tuple[int, int, int, int],
               out_hw: tuple[int, int], stride: tuple[int, int]) -> Tensor:
@@ -403,6 +406,36 @@ class Conv2d(Rule):
         taps = [torch.bmm(gm, window(*self._window(a, b, (ho, wo), self.stride)))
                 for a in range(kh) for b in range(kw)]
         return torch.stack(taps, -1).reshape(cout, -1, kh, kw)
+
+    def _few_channels_one_mm(self, w) -> bool:
+        limit = lowering_of(w).few_channel_conv_one_matmul_max_cin
+        return self._as_matmul(w) and self.groups == 1 and limit is not None and self.in_chw[0] <= limit
+
+    def _forward_one_mm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """conv2d(x, weight) for all taps as one batched matmul: the taps' channels-last windows of the padded
+        input side by side (1, N*Ho*Wo, kh*kw*Cin) by the kernel (1, kh*kw*Cin, Cout)."""
+        n, cin, (cout, ho, wo), (kh, kw) = int(x.shape[0]), self.in_chw[0], self.out_chw, self.kernel
+        t, b, l, r = self.pads
+        xc = x.permute(0, 2, 3, 1)  # (N, H, W, Cin)
+        xc = F.pad(xc, (0, 0, l, r, t, b)) if any(self.pads) else xc
+        windows = [xc[:, rows, cols] for rows, cols in
+                   (self._window(a, c, (ho, wo), self.stride) for a in range(kh) for c in range(kw))]
+        cols = torch.cat(windows, -1).reshape(1, n * ho * wo, kh * kw * cin)
+        kernel = weight.permute(2, 3, 1, 0).reshape(1, kh * kw * cin, cout)
+        return torch.bmm(cols, kernel).reshape(n, ho, wo, cout).permute(0, 3, 1, 2)
+
+    def _weight_grad_one_mm(self, x: Tensor, g: Tensor) -> Tensor:
+        """dW for all taps as one batched matmul: the taps' windows of the padded input, channels first and
+        stacked tap by tap (1, kh*kw*Cin, N*Ho*Wo), by the channels-last gradient (1, N*Ho*Wo, Cout)."""
+        n, cin, (cout, ho, wo), (kh, kw) = int(x.shape[0]), self.in_chw[0], self.out_chw, self.kernel
+        t, b, l, r = self.pads
+        xc = x.permute(1, 0, 2, 3)  # (Cin, N, H, W)
+        xc = F.pad(xc, (l, r, t, b)) if any(self.pads) else xc
+        windows = [xc[:, :, rows, cols] for rows, cols in
+                   (self._window(a, c, (ho, wo), self.stride) for a in range(kh) for c in range(kw))]
+        cols = torch.cat(windows, 0).reshape(1, kh * kw * cin, n * ho * wo)
+        gm = g.permute(0, 2, 3, 1).reshape(1, n * ho * wo, cout)
+        return torch.bmm(cols, gm).reshape(kh, kw, cin, cout).permute(3, 2, 0, 1)
 
     def _weight_grad(self, x: Tensor, g: Tensor) -> Tensor:
         # dW[o, i, a, b] = sum over batch and positions of g[n, o, y, x] * xpad[n, i, y*s + a*d, x*s + b*d].

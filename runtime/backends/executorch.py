@@ -575,7 +575,9 @@ class NativeMethod:
             raise EdgeRuntimeError(f"ExecuTorch: {self._error()}")
 
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return self._run(inputs, lambda: self._check(self.L.etl_execute(self.h)))
+        self._set_inputs(inputs)
+        self._check(self.L.etl_execute(self.h))
+        return self._outputs()
 
     def timed(self, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """As a call, run one instruction at a time; also returns each instruction's thread CPU time
@@ -584,17 +586,13 @@ class NativeMethod:
             raise EdgeRuntimeError("this ExecuTorch shim cannot time instructions (a prebuilt one predating it)")
         cap = 1 << 16
         us = np.zeros(cap, np.float64)
+        self._set_inputs(inputs)
+        n = self.L.etl_execute_timed(self.h, us.ctypes.data, cap)  # instructions run; negative on error
+        if n < 0:
+            raise EdgeRuntimeError(f"ExecuTorch: {self._error()}")
+        return self._outputs(), us[: min(n, cap)] / 1000
 
-        def execute() -> None:
-            n = self.L.etl_execute_timed(self.h, us.ctypes.data, cap)
-            if n < 0:
-                raise EdgeRuntimeError(f"ExecuTorch: {self._error()}")
-            execute.n = n
-
-        outs = self._run(inputs, execute)
-        return outs, us[: min(execute.n, cap)] / 1000
-
-    def _run(self, inputs: list[np.ndarray], execute: Callable[[], None]) -> list[np.ndarray]:
+    def _set_inputs(self, inputs: list[np.ndarray]) -> None:
         if len(inputs) != len(self.inputs):
             raise EdgeRuntimeError(f"the program takes {len(self.inputs)} inputs, got {len(inputs)}")
         for i, (a, (dtype, shape)) in enumerate(zip(inputs, self.inputs)):
@@ -603,7 +601,8 @@ class NativeMethod:
                 raise EdgeRuntimeError(f"input {i} must have shape {shape}, got {a.shape}")
             self._check(self.L.etl_set_input(self.h, i, a.ctypes.data, _DTYPES[a.dtype], a.ndim,
                                              (ctypes.c_int64 * max(1, a.ndim))(*a.shape)))
-        execute()
+
+    def _outputs(self) -> list[np.ndarray]:
         outs = []
         dt, nd, sz = ctypes.c_int(), ctypes.c_int(), (ctypes.c_int64 * 16)()
         ptr, nb = ctypes.c_void_p(), ctypes.c_size_t()

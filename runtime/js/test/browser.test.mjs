@@ -8,7 +8,7 @@ import { test } from "node:test";
 import { promisify } from "node:util";
 import { chromium } from "playwright-core";
 import { loadDataFile, loadTrainer } from "../src/node.js";
-import { fixtures, maxDiff, PYTHON, ROOT } from "./fixtures.mjs";
+import { fixtures, maxDiff, PARITY_TOL, PYTHON, ROOT } from "./fixtures.mjs";
 
 const fx = fixtures();
 const FIT = { epochs: 2, schedule: "cosine", seed: 5, lr: 0.05 };
@@ -76,7 +76,7 @@ test("the demo trains the digits bundle in headless Chromium to the Python runti
     const diff = maxDiff(r.trainable, ref.trainable);
     t.diagnostic(`${r.steps} steps in ${(r.totalMs / 1000).toFixed(1)} s in the tab (step median ${r.stepMsMedian.toFixed(1)} ms), ` +
       `WASM memory ${(r.peakWasmBytes / 2 ** 20).toFixed(1)} MB, max |browser - python| = ${diff.toExponential(2)}`);
-    assert.ok(diff <= 1e-5, `max |browser - python| = ${diff}`);
+    assert.ok(diff <= PARITY_TOL, `max |browser - python| = ${diff}`);
     await node.fit(d.x_train, d.y_train, FIT);
     const acc = (await node.evaluate(d.x_test, d.y_test)).accuracy;
     assert.equal(r.testAccuracy, acc);

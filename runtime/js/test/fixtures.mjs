@@ -99,6 +99,10 @@ export function copyBundle(bundle) {
 /** A path `name` in a fresh, empty temp directory. */
 export const tmpFile = (name) => path.join(fs.mkdtempSync(path.join(scratchDir(), "f-")), name);
 
+// How far a JS run's parameters may be from the Python runtime's (`maxDiff`). Measured: onnxruntime-node
+// and the Python runtime agree bit for bit; onnxruntime-web's WASM kernels differ by up to 3e-7 (10 steps).
+export const PARITY_TOL = 1e-6;
+
 // The largest absolute difference between two {name: number[]} maps with the same names and lengths.
 export function maxDiff(a, b) {
   let m = 0;
@@ -120,5 +124,5 @@ export async function assertJsResumesPython(bundle, pyOne, data, fit, ref) {
   t.notice = () => {};
   const r = await t.fit(data.x_train, data.y_train, { ...fit, checkpoint: fileCheckpointStore(pyCkpt) });
   assert.equal(r.losses.length, 5, "the resumed run takes the remaining 5 steps only");
-  assert.ok(maxDiff(t.getState(), ref) <= 1e-5);
+  assert.ok(maxDiff(t.getState(), ref) <= PARITY_TOL);
 }

@@ -6,7 +6,7 @@ import fs from "node:fs";
 import { test } from "node:test";
 import { decodeCheckpoint } from "../src/checkpoint.js";
 import { fileCheckpointStore, loadDataFile, loadTrainer } from "../src/node.js";
-import { assertJsResumesPython, fixtures, maxDiff, python, tmpFile } from "./fixtures.mjs";
+import { assertJsResumesPython, fixtures, maxDiff, PARITY_TOL, python, tmpFile } from "./fixtures.mjs";
 
 const fx = fixtures();
 const FIT = { epochs: 2, schedule: "cosine", seed: 5, lr: 0.05 };
@@ -41,7 +41,7 @@ for (const backend of ["node", "web"]) {
     const py = pythonRef();
     assert.ok(maxDiff(before, py.state) > 1e-3, "training changed nothing: the comparison would be empty");
     const diff = maxDiff(t.getState(), py.state);
-    assert.ok(diff <= 1e-5, `max |js - python| = ${diff}`);
+    assert.ok(diff <= PARITY_TOL, `max |js - python| = ${diff}`);
     assert.equal(r.losses.length, 10);
     r.losses.forEach((l, i) => assert.ok(Math.abs(l - py.losses[i]) <= 1e-5, `loss ${i}: ${l} vs ${py.losses[i]}`));
     // every optimizer step ends on an update: nothing is left accumulated between batches
@@ -77,7 +77,7 @@ test("a micro-batch bundle's checkpoints resume across the JS and Python runtime
   assert.ok("micro_step" in saved && t.bundle.trainable.every((p) => `accum:${p}` in saved));
   const resumed = pythonFit(jsCkpt);
   assert.equal(resumed.losses.length, 5, "the resumed run takes the remaining 5 steps only");
-  assert.ok(maxDiff(resumed.state, ref) <= 1e-5);
+  assert.ok(maxDiff(resumed.state, ref) <= PARITY_TOL);
   // Python's first epoch; JS resumes it
   await assertJsResumesPython(fx.micro, pyOne, d, FIT, ref);
 });

@@ -7,7 +7,7 @@ import { decodeCheckpoint } from "../src/checkpoint.js";
 import { readSafetensorsHeader } from "../src/safetensors.js";
 import { DivergenceError } from "../src/errors.js";
 import { fileCheckpointStore, loadDataFile, loadTrainer } from "../src/node.js";
-import { assertJsResumesPython, fixtures, python, tmpFile } from "./fixtures.mjs";
+import { assertJsResumesPython, fixtures, maxDiff, PARITY_TOL, python, tmpFile } from "./fixtures.mjs";
 
 const fx = fixtures();
 const FIT = { epochs: 2, schedule: "cosine", seed: 5, lr: 0.05 };
@@ -22,15 +22,6 @@ t = Trainer.load(${JSON.stringify(fx.bundle)})
 t.fit(d["x_train"], d["y_train"], epochs=${epochs}, schedule="cosine", seed=${FIT.seed}, lr=${FIT.lr}, checkpoint=${JSON.stringify(ckpt)})
 `]);
   return fs.readFileSync(ckpt);
-}
-
-function maxDiff(a, b) {
-  let m = 0;
-  for (const k of Object.keys(b)) {
-    assert.equal(a[k].length, b[k].length, k);
-    for (let i = 0; i < a[k].length; i++) m = Math.max(m, Math.abs(a[k][i] - b[k][i]));
-  }
-  return m;
 }
 
 const pyRef = tmpFile("py.ckpt");
@@ -54,7 +45,7 @@ for (const backend of ["node", "web"]) {
     const py = await pythonState();
     assert.ok(maxDiff(before, py) > 1e-3, "training changed nothing: the comparison would be empty");
     const diff = maxDiff(t.getState(), py);
-    assert.ok(diff <= 1e-5, `max |js - python| = ${diff}`);
+    assert.ok(diff <= PARITY_TOL, `max |js - python| = ${diff}`);
   });
 }
 
@@ -72,8 +63,8 @@ test("a JS checkpoint resumes in Python, and a Python checkpoint in JS, to the s
   const t = await loadTrainer(fx.bundle);
   await t.fit(d.x_train, d.y_train, { ...FIT, epochs: 1, checkpoint: fileCheckpointStore(jsCkpt) });
   assert.equal(t.step, 5);
-  assert.ok(maxDiff(await stateOf(fs.readFileSync(jsCkpt), jsCkpt), await stateOf(pyOne, "py")) <= 1e-5);
-  assert.ok(maxDiff(await stateOf(pythonFit(jsCkpt), jsCkpt), ref) <= 1e-5);
+  assert.ok(maxDiff(await stateOf(fs.readFileSync(jsCkpt), jsCkpt), await stateOf(pyOne, "py")) <= PARITY_TOL);
+  assert.ok(maxDiff(await stateOf(pythonFit(jsCkpt), jsCkpt), ref) <= PARITY_TOL);
   // Python's first epoch; JS resumes it
   await assertJsResumesPython(fx.bundle, pyOne, d, FIT, ref);
 });
@@ -87,7 +78,7 @@ test("a run interrupted mid-epoch resumes from its checkpoint to the Python runt
   t = await loadTrainer(fx.bundle);
   const r = await t.fit(d.x_train, d.y_train, { ...FIT, checkpoint: fileCheckpointStore(ckpt), checkpointEvery: 3 });
   assert.equal(r.losses.length, 4, "resumed at step 6 of 10");
-  assert.ok(maxDiff(t.getState(), await pythonState()) <= 1e-5);
+  assert.ok(maxDiff(t.getState(), await pythonState()) <= PARITY_TOL);
 });
 
 test("an AdamW bundle (a 0-d step counter) trains to the Python runtime's parameters, and Python reads its checkpoint", async () => {
@@ -107,7 +98,7 @@ b, h = load_checkpoint(${JSON.stringify(jsCkpt)})
 print(json.dumps({"diff": max(float(np.abs(a[k] - b[k]).max()) for k in a), "step": b["step"].tolist(), "shape": list(b["step"].shape), "moved": float(np.abs(a["head.bias"] - t.bundle.initial_state()["head.bias"]).max())}))`]));
   assert.deepEqual([out.step, out.shape], [10, []]);
   assert.ok(out.moved > 1e-3, "training changed nothing: the comparison would be empty");
-  assert.ok(out.diff <= 1e-5, `max |js - python| = ${out.diff}`);
+  assert.ok(out.diff <= PARITY_TOL, `max |js - python| = ${out.diff}`);
 });
 
 test("a checkpoint of another seed, or one altered, is refused", async () => {
