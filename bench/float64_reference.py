@@ -112,7 +112,7 @@ def conv_biases(pm) -> set[str]:
 
 
 def summary(errs: dict[str, float], biases: set[str]) -> dict[str, dict]:
-    """Each group's median error and its worst tensor."""
+    """Each non-empty group's median error and its worst tensor."""
     groups: dict[str, Callable[[str], bool]] = {
         "conv bias momenta": lambda k: k.startswith("momentum:") and k.split(":", 1)[1] in biases,
         "all momenta": lambda k: k.startswith("momentum:"),
@@ -121,6 +121,8 @@ def summary(errs: dict[str, float], biases: set[str]) -> dict[str, dict]:
     out = {}
     for name, keep in groups.items():
         keys = [k for k in errs if keep(k)]
+        if not keys:  # e.g. no trainable conv biases (--recipe head)
+            continue
         worst = max(keys, key=errs.get)
         out[name] = {"median": float(np.median([errs[k] for k in keys])), "max": errs[worst], "worst": worst}
     return out

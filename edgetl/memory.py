@@ -182,7 +182,14 @@ def analyze(prepared, batch_size: int, optimizer: OptimizerConfig | None = None,
             lowering: Lowering | None = None) -> MemoryReport:
     """One step's memory as the step lowered by `lowering` holds it (default: the onnx target's
     schedule); what depends on the target: masks applied with or without a float copy, frozen
-    weights dequantized whole or by row blocks."""
+    weights dequantized whole or by row blocks.
+
+    Every int8 frozen weight counts as a transient fp32 copy where it is used, also those ExecuTorch's XNNPACK
+    reads as int8 (`Lowering.int8_linear_weights`: packed at load, outside the step). That overcounts only where
+    the peak falls at such a layer (mnist_cnn at batch 1: its fc, 1.1 MiB); at mnist_cnn b32 and Lite0 224 b8
+    (bias+mask) the peak is at the first convs and the figures are the same with the int8 weights given to the
+    rules (task Q2). ExecuTorch's measured / analytic compares its plan instead (runtime/profile.py
+    `analytic_step_bytes`)."""
     optimizer = optimizer or OptimizerConfig()
     meta = torch.device("meta")
     x = torch.empty(batch_size, *prepared.graph.input_shape, device=meta)

@@ -5,7 +5,7 @@ The cache names a packed weight by its constant alone. A frozen linear weight re
 the input gradient (g @ W, packed transposed) was one constant packed two ways: each later program that read it
 (the eval program's forward) found the wrong packing under its name and packed it again, and closing the programs
 logged `delete_packed_data: '...' not found`. A small MLP whose middle linear is frozen and passes a gradient back
-to trainable biases, exported with fp32 and with int8 frozen weights."""
+to trainable biases (or, with LoRA, to the first linear's branch), exported with fp32 and with int8 frozen weights."""
 import gc
 
 import numpy as np
@@ -31,9 +31,10 @@ def _mlp() -> nn.Module:
                          nn.Linear(96, 10)).eval()
 
 
-@pytest.mark.parametrize("frozen_dtype", ["fp32", "int8"])
-def test_frozen_linear_weights_are_packed_one_way(tmp_path, capfd, frozen_dtype):
-    pm = edgetl.prepare(_mlp(), "bias", num_classes=10, input_shape=(1, 8, 8), frozen_dtype=frozen_dtype)
+@pytest.mark.parametrize("recipe,frozen_dtype", [("bias", "fp32"), ("bias", "int8"), ("lora", "fp32"),
+                                                  ("lora", "int8")])
+def test_frozen_linear_weights_are_packed_one_way(tmp_path, capfd, recipe, frozen_dtype):
+    pm = edgetl.prepare(_mlp(), recipe, num_classes=10, input_shape=(1, 8, 8), frozen_dtype=frozen_dtype)
     t = Trainer.load(export(pm, "executorch", tmp_path / "b", OPT, batch_size=B))
     g = np.random.default_rng(0)
     x, y = g.random((B, 1, 8, 8), dtype=np.float32), g.integers(0, 10, B).astype(np.int64)

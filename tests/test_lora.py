@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import edgetl
 from edgetl.errors import RecipeError
+from edgetl.lowering import Lowering
 from edgetl.optim import OptimizerConfig
 from edgetl.rules.conv import Conv2d
 from edgetl.rules.linear import Linear
@@ -85,6 +87,40 @@ def test_lora_linear_rule_matches_peft_autograd(shape):
         rule = bind(rule, x, wd)
     kept = _check(rule, PeftLinear(w, bias, a, b, 8 / 3), x, wd, g, ALL)
     assert list(kept) == ["x"] and kept["x"] is x  # only the branch's input, no A·x, no weight gradient
+
+
+class _OwnWeightTensors(dict):
+    """A node's tensors as a program lowered with `linear_input_grad_own_weight` gives them: W frozen."""
+    lowering = Lowering(linear_input_grad_own_weight=True)
+
+    def trainable(self, role: str) -> bool:
+        return role != "weight"
+
+
+class _MatmulOperands(TorchFunctionMode):
+    """The operands of every matmul (`@`) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.operands: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+            self.operands.extend(a for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def test_lora_linear_input_grad_reads_frozen_weight_as_its_own_transposed_constant():
+    """As `Linear`: the input gradient through frozen W is F.linear(g, W^T), never g @ W (XNNPACK would pack W a
+    second way under the same constant: `Lowering.linear_input_grad_own_weight`); exact against autograd."""
+    torch.manual_seed(0)
+    w, bias = torch.randn(6, 12), torch.randn(6)
+    a, b = torch.randn(3, 12), torch.randn(6, 3)
+    x, g = torch.randn(2, 7, 12), torch.randn(2, 7, 6)
+    wd = _OwnWeightTensors(weight=w, bias=bias, lora_a=a, lora_b=b)
+    with _MatmulOperands() as seen:
+        _check(LoraLinear(3, 8 / 3), PeftLinear(w, bias, a, b, 8 / 3), x, wd, g, ALL)
+    assert not any(t is w for t in seen.operands)
 
 
 @pytest.mark.parametrize("hw,stride", [((6, 5), 1), ((7, 9), 2), ((5, 5), (2, 1))])

@@ -138,7 +138,7 @@ class Conv2d(Rule):
         as_linear = self._int8_linear(xs[0], w)
         if as_linear is not None:
             y = as_linear
-        elif self._as_matmul(w) and w.trainable("weight") and self._few_channels_one_mm(w):
+        elif self._few_channels_one_mm(w) and w.trainable("weight"):  # implies _as_matmul
             y = self._forward_one_mm(xs[0], w["weight"])
         elif self._as_matmul(w) and w.trainable("weight"):
             y = self._taps(xs[0], self._forward_taps(w["weight"]), self.pads, self.out_chw[1:], self.stride)

@@ -57,7 +57,7 @@ class Linear(Rule):
     def _input_grad(self, g, w):
         """g @ W, by the weight's row blocks where it comes so; a frozen weight as its own transposed constant where
         the lowering asks (`Lowering.linear_input_grad_own_weight`)."""
-        out = self.out_shape[-1]
+        out = g.shape[-1]
         by_transposed = lowering_of(w).linear_input_grad_own_weight and not w.trainable("weight")
 
         def part(lo: int, hi: int, wr: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ class LoraLinear(Linear):
                 grads["weight"] = g2.t() @ x2
         gx = None
         if need.inputs[0]:
-            gx = g @ w["weight"] + (gb @ a).reshape(*g.shape[:-1], a.shape[1]) * self.scale
+            gx = self._input_grad(g, w) + (gb @ a).reshape(*g.shape[:-1], a.shape[1]) * self.scale
         return [gx], grads
 
     def describe(self) -> str:
