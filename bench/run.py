@@ -377,8 +377,10 @@ def markdown(rows: list[dict], mcu: dict | None, command: str, seconds: float, n
                   f"Planned memory of the training step: {mcu['planned_bytes'] / 1024:.0f} KB "
                   f"({mcu['vs_256kb']:.2f}× the 256 KB SRAM budget of Lin et al.). The weights are not in it: "
                   f"the program file ({mcu['program_bytes'] / 1024:.0f} KB, flash) stores them as int8 + per-channel "
-                  f"scales ({mcu['frozen_weights_bytes'] / 1024:.0f} KB of int8 weights), restored at load into the "
-                  "fp32 constants XNNPACK packs (its packed copy is in RAM). edgetl's analytic peak for the whole step "
+                  f"scales ({mcu['frozen_weights_bytes'] / 1024:.0f} KB of int8 weights; a frozen linear's weight is "
+                  "stored a second time, transposed, for its input gradient), restored at load into fp32 constants "
+                  "for XNNPACK to pack, except the 1×1 convs' and linears', which it packs as int8 (the packed copies "
+                  "are in RAM). edgetl's analytic peak for the whole step "
                   f"(weights as int8, parameters, state, live set): {mcu['analytic_peak_bytes'] / 1024:.0f} KB.", ""]
         lines += mcu_plan_lines(mcu.get("plan") or mcu_plan())
         if mcu.get("portable"):
