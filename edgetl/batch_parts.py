@@ -34,6 +34,10 @@ class BatchParts:
     def joined(self) -> Tensor:
         return torch.cat([make() for make in self.makers], 0)
 
+    def mapped(self, fn: Callable[[Tensor], Tensor]) -> "BatchParts":
+        """`fn` of each part (batch-first, part by part: a reshape), each made when asked for."""
+        return BatchParts(self.sizes, [lambda make=make: fn(make()) for make in self.makers])
+
 
 def joined(v: Tensor | BatchParts) -> Tensor:
     """`v` as one tensor (parts joined by a cat along the batch)."""
