@@ -194,7 +194,8 @@ def test_a_second_strided_depthwise_conv_inside_a_chain_joins_its_own_parts(two_
 
 def test_executorch_step_with_two_strided_depthwise_convs_matches_torch(two_strided_depthwise, tmp_path,
                                                                           monkeypatch):
-    _executorch_steps_match_torch(two_strided_depthwise, TWO_DW_SPLIT, tmp_path, monkeypatch, TWO_DW_SHAPE)
+    ops = _executorch_steps_match_torch(two_strided_depthwise, TWO_DW_SPLIT, tmp_path, monkeypatch, TWO_DW_SHAPE)
+    assert ops.get("aten::cat", 0) == 1, ops  # the earlier conv's two parts inside the later conv's part [2]
 
 
 def test_a_strided_depthwise_conv1d_carries_its_parts_reshaped():
