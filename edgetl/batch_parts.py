@@ -1,6 +1,7 @@
 """A backward gradient carried as near-equal parts along the batch instead of one tensor (see
 `Lowering.batch_parts_carried`): each part is made when its turn comes and runs through the per-sample rules that
-follow on its own, so one part's values are alive at a time."""
+follow on its own, so one part's gradients flow through the chain at a time (each part's gradient at the chain's end
+lives on, as a part, until every part has run the chain)."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
@@ -33,6 +34,10 @@ class BatchParts:
 
     def joined(self) -> Tensor:
         return torch.cat([make() for make in self.makers], 0)
+
+    def mapped(self, fn: Callable[[Tensor], Tensor]) -> "BatchParts":
+        """`fn` of each part (batch-first, part by part: a reshape), each made when asked for."""
+        return BatchParts(self.sizes, [lambda make=make: fn(make()) for make in self.makers])
 
 
 def joined(v: Tensor | BatchParts) -> Tensor:

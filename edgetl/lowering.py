@@ -88,7 +88,9 @@ class Lowering:
     # ... and those parts carried on, not joined: each part runs through the whole chain of per-sample backward
     # rules that follows (`Rule.per_sample`; at Lite0, the ReLU6 mask, the expand conv's bias sum and input
     # gradient, down to the stem), one part after the other, the parameter gradients added over the parts; joined
-    # (a cat) only where another rule reads the gradient (`Program.backward`). The cat of the 112x112 halves, and the
+    # (a cat) where a rule that is not per-sample reads the gradient, or where the value has more than one reader
+    # (a residual sum's input: `Program._per_sample_chain`). Inside a chain each rule returns plain tensors for its
+    # part (a second strided depthwise conv there joins its own parts). The cat of the 112x112 halves, and the
     # halves alive beside it in ExecuTorch's plan, are gone, and smaller parts then run faster too (one part's
     # values at a time, nearer the core: Lite0 224 b8, parts of 10 MiB, BENCHMARKS.md, task K2)
     batch_parts_carried: bool = False
@@ -134,6 +136,12 @@ class Lowering:
     # was re-packed by every later program that read it (the eval program's forward: a third copy, mnist_cnn's fc
     # 1.1 MiB) and its bookkeeping broke (`delete_packed_data ... not found` at exit; BENCHMARKS.md, task L2)
     linear_input_grad_own_weight: bool = False
+
+    def __post_init__(self):
+        # the program runs a chain of batch parts without the pinned schedule's steps (weight pins, gradients and
+        # kept values dropped inside a rule, early local derivatives); no target asks for both
+        if self.batch_parts_carried and self.pin_schedule:
+            raise ValueError("Lowering: batch_parts_carried and pin_schedule are never set together")
 
     def foldable_weights(self, graph) -> set[str]:
         """The frozen int8 tensors of `graph` this lowering dequantizes from constants alone (unpinned)."""

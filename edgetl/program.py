@@ -6,6 +6,7 @@ run on meta tensors with a tracker, the analytic memory model.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -173,15 +174,18 @@ class Program:
                     self.nchwc[v] = (len(r) == len(users), r[-1])
         self.dequantizes = {n.name: any(graph.is_quantized(t) for t in n.params.values()) for n in graph.nodes}
         self.blocks = lowering.row_blocks(graph)
+        # inside a chain of per-sample rules run by batch parts, each rule returns plain tensors for its part
+        self.chain_lowering = dataclasses.replace(lowering, batch_parts_carried=False)
 
-    def weights(self, node, params, tracker, anchor: Tensor | None = None) -> Weights:
+    def weights(self, node, params, tracker, anchor: Tensor | None = None, lowering: Lowering | None = None
+                ) -> Weights:
         # Graph runtimes schedule an op with no data inputs (dequantizing a frozen weight) as
         # early as they like, and then every float copy of the weights is alive at once. An
         # exact zero made from the op's own input pins each dequantization to its use.
         pin = self.pins and anchor is not None and self.dequantizes[node.name]
         zero = anchor.reshape(-1)[:1].sum() * 0.0 if pin else None
-        return Weights(node.params, params, self.frozen, tracker, node.name, zero, self.lowering, self.blocks,
-                       self.replay, self.int8)
+        return Weights(node.params, params, self.frozen, tracker, node.name, zero, lowering or self.lowering,
+                       self.blocks, self.replay, self.int8)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor], train: bool = True, tracker=None
                 ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
@@ -303,13 +307,7 @@ class Program:
                     tracker.release(f"kept:{n.name}:{key}")
             gin, gp = n.rule.backward(grads.pop(n.name), k, w, need)  # the rule's reference is the only one
             w.done()
-            for role, t in gp.items():
-                tracker.hold(f"pgrad:{n.params[role]}", t, "parameter gradients")
-                if on_param_grad is None:
-                    pgrads[n.params[role]] = t
-                else:
-                    on_param_grad(n.params[role], t)
-            t = None
+            _hand_on_param_grads(n, gp, tracker, pgrads, on_param_grad)
             self._pass_on(n, gin, grads, tracker)
             tracker.release(f"grad:{n.name}")
             for key in k:
@@ -347,12 +345,13 @@ class Program:
     def _chain_by_parts(self, first, grads: dict, kept: dict, params, tracker, pgrads: dict,
                         on_param_grad) -> None:
         """The backward of `_per_sample_chain(first)` with `first`'s gradient in batch parts
-        (`Lowering.batch_parts_carried`): each part through the whole chain before the next (so one part's
-        values are alive at a time), each rule given that part of what it kept; parameter gradients added
-        over the parts; the chain's last node's input gradients passed on as parts."""
+        (`Lowering.batch_parts_carried`): each part through the whole chain before the next, each rule given that
+        part of what it kept and its frozen weights made and released around its call (as outside a chain);
+        parameter gradients added over the parts; the chain's last node's input gradients passed on as parts.
+        Within the chain one part's gradients are alive at a time, but each part's input gradients of the last
+        node live on until all parts are done (they are what is passed on)."""
         chain = self._per_sample_chain(first)
         g = grads.pop(first.name)
-        ws = [self.weights(c, params, tracker) for c in chain]
         ks = [kept.pop(c.name, {}) for c in chain]
         sums: list[dict[str, Tensor]] = [{} for _ in chain]
         ends: list[list] = []
@@ -361,28 +360,31 @@ class Program:
             # delegate leaves to ExecuTorch (int8 masks) then sit before the part's whole chain, not inside it
             kept_part = [{key: v[lo:hi] for key, v in k.items()} for k in ks]
             gp = make()
-            for c, w, k, total in zip(chain, ws, kept_part, sums):
-                gin, gparams = c.rule.backward(gp, k, w, self.need[c.name])
-                for role, t in gparams.items():
-                    total[role] = total[role] + t if role in total else t
+            for c, k, total in zip(chain, kept_part, sums):
+                gin = self._part_backward(c, gp, k, params, tracker, total)
                 gp = next((gi for gi, want in zip(gin, self.need[c.name].inputs) if want), None)
             ends.append(gin)
         _release(tracker, f"grad:{first.name}", g)
         del g, gin, gp, kept_part
-        for c, w, k, total in zip(chain, ws, ks, sums):
-            w.done()
+        for c, k, total in zip(chain, ks, sums):
             for key in k:
                 tracker.release(f"kept:{c.name}:{key}")
-            for role, t in total.items():
-                tracker.hold(f"pgrad:{c.params[role]}", t, "parameter gradients")
-                if on_param_grad is None:
-                    pgrads[c.params[role]] = t
-                else:
-                    on_param_grad(c.params[role], t)
+            _hand_on_param_grads(c, total, tracker, pgrads, on_param_grad)
         last = chain[-1]
         gin = [None if any(e[j] is None for e in ends) else BatchParts.of([e[j] for e in ends])
                for j in range(len(last.inputs))]
         self._pass_on(last, gin, grads, tracker)
+
+    def _part_backward(self, n, g: Tensor, k: dict[str, Tensor], params, tracker, total: dict[str, Tensor]) -> list:
+        """Node n's backward for one batch part `g` inside a chain: its input gradients as plain tensors (a rule that
+        would carry batch parts of its own, a second strided depthwise conv, joins them: `Rule.per_sample`), its
+        parameter gradients added into `total`, its frozen weights released right after it."""
+        w = self.weights(n, params, tracker, lowering=self.chain_lowering)
+        gin, gparams = n.rule.backward(g, k, w, self.need[n.name])
+        w.done()
+        for role, t in gparams.items():
+            total[role] = total[role] + t if role in total else t
+        return gin
 
     def _local_derivative(self, name: str, kept: dict[str, dict[str, Tensor]], tracker) -> None:
         """Replace what node `name` kept by its local derivative (`Rule.local_derivative`), if it has one."""
@@ -413,6 +415,17 @@ def cross_entropy_with_grad(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     n = logits.shape[0]
     loss = -(logp * onehot).sum() / n
     return loss, (torch.exp(logp) - onehot) / n
+
+
+def _hand_on_param_grads(n, gp: dict[str, Tensor], tracker, pgrads: dict[str, Tensor],
+                         on_param_grad: Callable[[str, Tensor], None] | None) -> None:
+    """Node n's parameter gradients `gp` (by role): recorded in `pgrads`, or handed to `on_param_grad` as they exist."""
+    for role, t in gp.items():
+        tracker.hold(f"pgrad:{n.params[role]}", t, "parameter gradients")
+        if on_param_grad is None:
+            pgrads[n.params[role]] = t
+        else:
+            on_param_grad(n.params[role], t)
 
 
 def _hold(tracker, key: str, v: Tensor | BatchParts, kind: str) -> None:

@@ -33,7 +33,9 @@ class Rule:
     approximate = False  # its backward is an approximation of autograd's (documented per rule)
     mixes_batch = False  # its output for one sample depends on the others (batch statistics): no micro-batches
     # its backward for a batch part needs only that part of the gradient and of what it kept (batch-first), and its
-    # parameter gradients add over parts (`Lowering.batch_parts_carried`)
+    # parameter gradients add over parts (`Lowering.batch_parts_carried`). Inside such a chain (`Program.
+    # _chain_by_parts`) its backward is given a plain tensor and must return plain tensors: the program hands it
+    # weights whose lowering has `batch_parts_carried` off, so a rule that would carry parts of its own joins them
     per_sample = False
 
     in_shapes: list[tuple[int, ...]] = []

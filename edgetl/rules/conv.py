@@ -570,6 +570,8 @@ class Conv1d(Conv2d):
         (gx,), grads = super().backward(g.reshape(-1, *self.out_chw), kept, _Weight2d(w), need)
         if "weight" in grads:
             grads["weight"] = grads["weight"].squeeze(2)
+        if isinstance(gx, BatchParts):  # carried on (`Lowering.batch_parts_carried`): each part reshaped when made
+            return [gx.mapped(lambda part: part.reshape(-1, c, n))], grads
         return [gx.reshape(-1, c, n) if gx is not None else None], grads
 
     def describe(self) -> str:
