@@ -14,6 +14,9 @@ from .quant import dequantize_per_channel
 
 Tensor = torch.Tensor
 
+# the rule kinds whose frozen weight `Lowering.int8_frozen_linear` reads as stored (rules/linear.py, rules/lora.py)
+LINEAR_KINDS = ("linear", "linear+lora")
+
 
 @dataclass(frozen=True)
 class Lowering:
@@ -128,7 +131,8 @@ class Lowering:
     int8_pointwise_max_positions_per_channel: int = 4
     # a frozen int8 linear layer's weight read as stored, dequantized by the per-channel dequantize op right before
     # its linear, forward and input gradient: XNNPACK's f32_qc8w fully connected, as `int8_pointwise_linear`
-    # (mnist_cnn's fc, 1152 -> 256: packed 2 x 1.1 MiB fp32 -> 2 x 0.3 MiB; BENCHMARKS.md, task L2)
+    # (mnist_cnn's fc, 1152 -> 256: packed 2 x 1.1 MiB fp32 -> 2 x 0.3 MiB; BENCHMARKS.md, task L2). A LoRA linear's
+    # frozen W too (its branch A, B stays fp32 and trains; BENCHMARKS.md, task R2)
     int8_frozen_linear: bool = False
     # a frozen linear's input gradient as a linear over its transposed weight, g . (W^T)^T, not g @ W: the exporter
     # folds W^T into a constant of its own. XNNPACK packs W for the forward and again, transposed, for g @ W, and
@@ -157,10 +161,11 @@ class Lowering:
 
     def int8_linear_weights(self, graph) -> set[str]:
         """The frozen int8 weights of `graph` this lowering hands to a linear as int8: those of the 1x1 convs that
-        run as one (`int8_pointwise_linear`, `int8_linear_conv`) and of linear layers (`int8_frozen_linear`)."""
+        run as one (`int8_pointwise_linear`, `int8_linear_conv`) and of linear layers, LoRA ones included
+        (`int8_frozen_linear`)."""
         return {t for t, (node, role) in graph.weight_roles().items()
                 if role == "weight" and graph.is_quantized(t)
-                and (self.int8_linear_conv(node.rule) or (self.int8_frozen_linear and node.rule.kind == "linear"))}
+                and (self.int8_linear_conv(node.rule) or (self.int8_frozen_linear and node.rule.kind in LINEAR_KINDS))}
 
     def int8_linear_conv(self, rule) -> bool:
         """Whether a conv rule runs as the int8 linear (`int8_pointwise_linear`), given int8 for its weight."""

@@ -15,7 +15,7 @@ the `onnx` target. With `delegate=True` (the default) the frozen compute is lowe
   weights), but a linear's dequantize -> linear as int8 (f32_qc8w): frozen 1x1 convs with few
   positions per input channel run as linears over the channels-last view, forward and input
   gradient, their weights int8 in the program and in XNNPACK (`Lowering.int8_pointwise_linear`), and
-  frozen linear layers read their int8 weights so too (`Lowering.int8_frozen_linear`).
+  frozen linear layers, LoRA ones included, read their int8 weights so too (`Lowering.int8_frozen_linear`).
 * A trainable bias of a frozen-weight conv/linear is emitted as a separate add after the
   bias-free op, so it is a plain program input, never part of a delegated op (XNNPACK bakes
   *constant* biases into its packed weights; in ExecuTorch's joint-graph flow that silently

@@ -17,6 +17,7 @@ import edgetl
 from edgetl.errors import RecipeError
 from edgetl.lowering import Lowering
 from edgetl.optim import OptimizerConfig
+from edgetl.quant import dequantize_per_channel, quantize_per_channel
 from edgetl.rules.conv import Conv2d
 from edgetl.rules.linear import Linear
 from edgetl.rules.lora import LoraConv2d, LoraLinear
@@ -121,6 +122,46 @@ def test_lora_linear_input_grad_reads_frozen_weight_as_its_own_transposed_consta
     with _MatmulOperands() as seen:
         _check(LoraLinear(3, 8 / 3), PeftLinear(w, bias, a, b, 8 / 3), x, wd, g, ALL)
     assert not any(t is w for t in seen.operands)
+
+
+class _Int8WeightTensors(_OwnWeightTensors):
+    """A node's tensors as a program lowered with `int8_frozen_linear` gives them: W frozen, also stored int8 (q, scale)
+    for the rule to read as stored; counts those reads and the reads of W's fp32 (dequantized) copy."""
+    lowering = Lowering(linear_input_grad_own_weight=True, int8_frozen_linear=True)
+
+    def __init__(self, stored, **tensors):
+        super().__init__(**tensors)
+        self.stored, self.int8_reads, self.fp32_reads = stored, 0, 0
+
+    def int8(self, role: str):
+        self.int8_reads += role == "weight"
+        return self.stored if role == "weight" else None
+
+    def __getitem__(self, role: str):
+        self.fp32_reads += role == "weight"
+        return super().__getitem__(role)
+
+
+def test_lora_linear_reads_int8_frozen_weight_as_stored():
+    """`Lowering.int8_frozen_linear`: the forward W x and the input gradient through W read W's int8 (the form
+    ExecuTorch's XNNPACK runs as its f32_qc8w linear), never an fp32 copy; the branch stays fp32. Exact against
+    autograd on the dequantized W."""
+    torch.manual_seed(0)
+    q, scale = quantize_per_channel(torch.randn(6, 12))
+    w, bias = dequantize_per_channel(q, scale), torch.randn(6)
+    a, b = torch.randn(3, 12), torch.randn(6, 3)
+    x, g = torch.randn(2, 7, 12), torch.randn(2, 7, 6)
+    wd = _Int8WeightTensors((q, scale), weight=w, bias=bias, lora_a=a, lora_b=b)
+    _check(LoraLinear(3, 8 / 3), PeftLinear(w, bias, a, b, 8 / 3), x, wd, g, ALL)
+    assert (wd.int8_reads, wd.fp32_reads) == (2, 0)  # forward and input gradient
+
+
+def test_int8_frozen_linear_lowering_takes_lora_linears_frozen_weights():
+    pm = edgetl.prepare("mnist_cnn", "lora", num_classes=10)
+    lora_weights = {n.params["weight"] for n in pm.graph.nodes if isinstance(n.rule, LoraLinear)}
+    assert lora_weights and all(pm.graph.is_quantized(t) for t in lora_weights)
+    assert lora_weights <= Lowering(int8_frozen_linear=True).int8_linear_weights(pm.graph)
+    assert not Lowering().int8_linear_weights(pm.graph)
 
 
 @pytest.mark.parametrize("hw,stride", [((6, 5), 1), ((7, 9), 2), ((5, 5), (2, 1))])

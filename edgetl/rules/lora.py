@@ -6,11 +6,13 @@ samples of x it reads). A·x is recomputed from it in the backward (r·in multip
 position) rather than kept: keeping it too would add r/in of x's bytes for nothing, as the
 gradient of A needs x itself. The frozen weight's gradient is never formed; the input gradient
 goes through W and the branch separately, so W stays a frozen operand (int8 dequantized where
-used, a program constant for ExecuTorch's delegates)."""
+used, a program constant for ExecuTorch's delegates, read as stored where the lowering asks:
+`Lowering.int8_frozen_linear`)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..quant import int8_weight_linear, int8_weight_linear_input_grad
 from .base import Rule, Tensor
 from .conv import Conv2d, bias_grad
 from .linear import Linear
@@ -39,7 +41,9 @@ class LoraLinear(Linear):
 
     def compute(self, xs, w):
         x = xs[0]
-        y = F.linear(x, w["weight"]) + F.linear(F.linear(x, w["lora_a"]), w["lora_b"]) * self.scale
+        stored = self._int8_weight(w)
+        y = int8_weight_linear(x, *stored) if stored is not None else F.linear(x, w["weight"])
+        y = y + F.linear(F.linear(x, w["lora_a"]), w["lora_b"]) * self.scale
         return y + w["bias"] if "bias" in w else y  # the bias as an add: a frozen op with no trainable operand
 
     def keep(self, xs, y, w, need):
@@ -63,7 +67,9 @@ class LoraLinear(Linear):
                 grads["weight"] = g2.t() @ x2
         gx = None
         if need.inputs[0]:
-            gx = self._input_grad(g, w) + (gb @ a).reshape(*g.shape[:-1], a.shape[1]) * self.scale
+            stored = self._int8_weight(w)
+            through_w = int8_weight_linear_input_grad(g, *stored) if stored is not None else self._input_grad(g, w)
+            gx = through_w + (gb @ a).reshape(*g.shape[:-1], a.shape[1]) * self.scale
         return [gx], grads
 
     def describe(self) -> str:
