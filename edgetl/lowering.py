@@ -169,7 +169,7 @@ class Lowering:
 
     def int8_linear_conv(self, rule) -> bool:
         """Whether a conv rule runs as the int8 linear (`int8_pointwise_linear`), given int8 for its weight."""
-        if not (self.int8_pointwise_linear and getattr(rule, "pointwise", False)):
+        if not (self.int8_pointwise_linear and getattr(rule, "int8_as_linear", False) and rule.pointwise):
             return False
         channels, h, w = rule.in_chw
         return h * w <= self.int8_pointwise_max_positions_per_channel * channels

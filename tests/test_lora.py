@@ -164,6 +164,29 @@ def test_int8_frozen_linear_lowering_takes_lora_linears_frozen_weights():
     assert not Lowering().int8_linear_weights(pm.graph)
 
 
+class _Pointwise(nn.Module):
+    """Two 1x1 convs at 8x8 over 32 and 64 channels: few positions per channel, the int8 linears' case."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c2, self.c3 = nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 64, 1), nn.Conv2d(64, 64, 1)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.stem(x)))))).mean((2, 3)))
+
+
+def test_int8_pointwise_lowering_leaves_lora_convs_frozen_weights_fp32():
+    # a LoRA 1x1 conv reads W as fp32 (its branch shares the op): kept int8 it was only dequantized in the step
+    lowering = Lowering(int8_pointwise_linear=True)
+    plain = edgetl.prepare(_Pointwise().eval(), "bias", num_classes=5, input_shape=(3, 16, 16))
+    assert {"c2.weight", "c3.weight"} <= lowering.int8_linear_weights(plain.graph)
+    pm = edgetl.prepare(_Pointwise().eval(), "lora", num_classes=5, input_shape=(3, 16, 16))
+    lora_convs = {n.params["weight"] for n in pm.graph.nodes if isinstance(n.rule, LoraConv2d)}
+    assert lora_convs == {"c2.weight", "c3.weight"}
+    assert not lora_convs & lowering.int8_linear_weights(pm.graph)
+
+
 @pytest.mark.parametrize("hw,stride", [((6, 5), 1), ((7, 9), 2), ((5, 5), (2, 1))])
 def test_lora_conv1x1_rule_matches_peft_autograd(hw, stride):
     torch.manual_seed(0)

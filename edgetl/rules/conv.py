@@ -50,6 +50,9 @@ class Conv2d(Rule):
     kind = "conv2d"
     quantizable = True
     per_sample = True
+    # a pointwise one reads its int8 weight as stored, as a linear, where the lowering asks (`_int8_linear`,
+    # `Lowering.int8_linear_conv`)
+    int8_as_linear = True
 
     def __init__(self, kernel, stride=1, padding=0, dilation=1, groups=1):
         self.kernel = _pair(kernel)

@@ -81,6 +81,8 @@ class LoraConv2d(Conv2d):
     conv's stride, B (Cout, r, 1, 1)."""
 
     kind = "conv2d+lora"
+    # its compute and backward read W as fp32 (a conv XNNPACK delegates only with a constant weight), never as int8
+    int8_as_linear = False
 
     def __init__(self, rank: int, scale: float):
         self.rank, self.scale = rank, float(scale)
