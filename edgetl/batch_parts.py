@@ -25,6 +25,12 @@ class BatchParts:
         out.made = list(parts)
         return out
 
+    @classmethod
+    def split(cls, v: Tensor, sizes: list[int], fn: Callable[[Tensor], Tensor]) -> "BatchParts":
+        """`fn` of each of v's consecutive batch parts of `sizes`, each made when asked for."""
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return cls(sizes, [lambda lo=lo, n=n: fn(v[lo : lo + n]) for lo, n in zip(starts, sizes)])
+
     def bounds(self) -> Iterator[tuple[int, int, Callable[[], Tensor]]]:
         """(first sample, end sample, the function making the part) of each part, in batch order."""
         lo = 0

@@ -248,9 +248,8 @@ def _unexpanded(g: torch.fx.Node) -> torch.fx.Node:
 
 
 _QD = decomposed_quant_ops()
-# The 0/1 mask as int8 with scale 1 and zero point 0: XNNPACK converts float <-> int8 itself, inside
-# the delegates that make and apply the mask, so the plan holds only the int8 mask between them.
-_INT8_01 = SMALL_INT8
+# The 0/1 mask as int8 (SMALL_INT8): XNNPACK converts float <-> int8 itself, inside the delegates that make
+# and apply the mask, so the plan holds only the int8 mask between them.
 
 
 def masks_as_int8(ep) -> int:
@@ -284,7 +283,7 @@ def masks_as_int8(ep) -> int:
                 mask = _indicator(g, node, v, lo, hi)
         else:  # kept: int8 from where it is made until each use
             with g.inserting_before(node.next):
-                mask = _call(g, node, _QD.quantize_per_tensor.default, _indicator(g, node, v, lo, hi), *_INT8_01)
+                mask = _call(g, node, _QD.quantize_per_tensor.default, _indicator(g, node, v, lo, hi), *SMALL_INT8)
         int8_slices = {}  # each batch part's slice of the int8 mask, where the bool mask's slice was written
         for s in {u.args[0] for u, sliced in applied if sliced}:
             with g.inserting_before(s):
@@ -292,7 +291,7 @@ def masks_as_int8(ep) -> int:
         for u, sliced in applied:
             with g.inserting_before(u):
                 m = mask if late else int8_slices[u.args[0]] if sliced else mask
-                m = m if late else _call(g, u, _QD.dequantize_per_tensor.default, m, *_INT8_01)
+                m = m if late else _call(g, u, _QD.dequantize_per_tensor.default, m, *SMALL_INT8)
                 gm = _call(g, u, _ATEN.mul.Tensor, _unexpanded(u.args[1]), m)
             u.replace_all_uses_with(gm)
             g.erase_node(u)
@@ -481,7 +480,7 @@ def _constant_prop_skips() -> set:
     """ExecuTorch's default constant-propagation skips plus the aten-level weight dequantize."""
     from executorch.exir.passes.constant_prop_pass import _DEFAULT_SKIP_TARGETS
 
-    return set(_DEFAULT_SKIP_TARGETS) | {decomposed_quant_ops().dequantize_per_channel.default}
+    return set(_DEFAULT_SKIP_TARGETS) | {_QD.dequantize_per_channel.default}
 
 
 def _weight_only_int8_linear_config():

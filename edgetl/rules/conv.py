@@ -76,8 +76,8 @@ class Conv2d(Rule):
     def _int8_weight(self, w) -> tuple[Tensor, Tensor] | None:
         """The stored (int8 (Cout, Cin), scale) where this conv runs as the int8 linear
         (`Lowering.int8_pointwise_linear`), else None."""
-        stored = int8_of(w, "weight") if lowering_of(w).int8_linear_conv(self) else None
-        if stored is None or in_blocks(w, "weight"):
+        stored = int8_of(w, "weight")  # given only for the weights `Lowering.int8_linear_weights` names
+        if stored is None:
             return None
         q, scale = stored
         return q.reshape(q.shape[0], -1), scale
@@ -320,10 +320,8 @@ class Conv2d(Rule):
         sizes = self._batch_parts(int(g.shape[0]), g[:1].numel() * sh * sw * g.element_size(), split_bytes)
         if len(sizes) == 1:
             return part(g)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        if carried:  # each part made when the program's backward reaches it (`BatchParts`)
-            return BatchParts(sizes, [lambda lo=lo, n=n: part(g[lo : lo + n]) for lo, n in zip(starts, sizes)])
-        return torch.cat([part(g[lo : lo + n]) for lo, n in zip(starts, sizes)], 0)
+        parts = BatchParts.split(g, sizes, part)  # carried: each made when the program's backward reaches it
+        return parts if carried else parts.joined()
 
     @staticmethod
     def _batch_parts(n: int, sample_bytes: int, limit: int | None) -> list[int]:

@@ -18,8 +18,9 @@ class Linear(Rule):
 
     @staticmethod
     def _int8_weight(w):
-        """The stored (int8, scale) where the program reads the weight so (`Lowering.int8_frozen_linear`), else None."""
-        return None if in_blocks(w, "weight") else int8_of(w, "weight")
+        """The stored (int8, scale) where the program reads the weight so (`Lowering.int8_frozen_linear`; never a
+        weight by row blocks), else None."""
+        return int8_of(w, "weight")
 
     def compute(self, xs, w):
         x = xs[0]
@@ -50,13 +51,15 @@ class Linear(Rule):
             grads["weight"] = g2.t() @ x
         gx = None
         if need.inputs[0]:
-            stored = self._int8_weight(w)
-            gx = int8_weight_linear_input_grad(g, *stored) if stored is not None else self._input_grad(g, w)
+            gx = self._input_grad(g, w)
         return [gx], grads
 
     def _input_grad(self, g, w):
-        """g @ W, by the weight's row blocks where it comes so; a frozen weight as its own transposed constant where
-        the lowering asks (`Lowering.linear_input_grad_own_weight`)."""
+        """g @ W: from the stored int8 where the program reads it so, by the weight's row blocks where it comes so,
+        a frozen weight as its own transposed constant where the lowering asks
+        (`Lowering.linear_input_grad_own_weight`)."""
+        if (stored := self._int8_weight(w)) is not None:
+            return int8_weight_linear_input_grad(g, *stored)
         out = g.shape[-1]
         by_transposed = lowering_of(w).linear_input_grad_own_weight and not w.trainable("weight")
 

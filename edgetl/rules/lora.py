@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..quant import int8_weight_linear, int8_weight_linear_input_grad
+from ..quant import int8_weight_linear
 from .base import Rule, Tensor
 from .conv import Conv2d, bias_grad
 from .linear import Linear
@@ -67,9 +67,7 @@ class LoraLinear(Linear):
                 grads["weight"] = g2.t() @ x2
         gx = None
         if need.inputs[0]:
-            stored = self._int8_weight(w)
-            through_w = int8_weight_linear_input_grad(g, *stored) if stored is not None else self._input_grad(g, w)
-            gx = through_w + (gb @ a).reshape(*g.shape[:-1], a.shape[1]) * self.scale
+            gx = self._input_grad(g, w) + (gb @ a).reshape(*g.shape[:-1], a.shape[1]) * self.scale
         return [gx], grads
 
     def describe(self) -> str:
